@@ -1,0 +1,1 @@
+"""lmforge: one toolkit for the whole life of a large language model."""

@@ -1,0 +1,277 @@
+"""Typed, validated configuration: the model, the data, training, evaluation and the run.
+
+A recipe is one YAML file with a section per concern. Every key has a typed default,
+unknown keys are errors, and any key can be overridden from the command line with a
+dotted flag (`--train.lr 3e-4`). The fully resolved recipe is what a run records.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from lmforge.errors import LmforgeError
+
+Family = Literal["gpt2", "llama", "qwen2", "mistral"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RopeScaling(Section):
+    """Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3` in HF configs)."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+class ModelConfig(Section):
+    """One decoder-only Transformer; `family` picks the block design.
+
+    gpt2: learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+    llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
+    qwen2: llama with q/k/v biases.  mistral: llama with sliding-window attention.
+    """
+
+    family: Family = "llama"
+    vocab_size: int | None = None  # None: taken from the tokenizer
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None  # None: n_head (plain multi-head attention)
+    d_model: int = 384
+    head_dim: int | None = None  # None: d_model // n_head
+    d_ff: int | None = None  # None: 4*d_model (gpt2) or ~8/3*d_model rounded to 64 (llama)
+    context: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = True
+    qkv_bias: bool | None = None  # None: the family's default (gpt2, qwen2: yes)
+    sliding_window: int | None = None  # mistral only
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        for name in ("n_layer", "n_head", "d_model", "context"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.kv_heads <= 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.family == "gpt2":
+            if self.kv_heads != self.n_head:
+                raise ValueError("the gpt2 family has no grouped-query attention: leave n_kv_head unset")
+            if not self.tie_embeddings:
+                raise ValueError("the gpt2 family always ties its input and output embeddings")
+        if self.sliding_window is not None and self.family != "mistral":
+            raise ValueError("sliding_window is a mistral-family setting")
+        if self.rope_scaling is not None and not self.uses_rope:
+            raise ValueError("rope_scaling needs a RoPE family (llama, qwen2, mistral)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        return self
+
+    # Derived properties: one place decides what each family means.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.family != "gpt2"
+
+    @property
+    def uses_bias(self) -> bool:
+        """Biases on every linear layer and norm (gpt2)."""
+        return self.family == "gpt2"
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        if self.qkv_bias is not None:
+            return self.qkv_bias
+        return self.family in ("gpt2", "qwen2")
+
+    @property
+    def vocab(self) -> int:
+        if self.vocab_size is None:
+            raise LmforgeError("model.vocab_size is not set: train a tokenizer first or set --model.vocab_size")
+        return self.vocab_size
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    path: str | None = None  # reuse an existing tokenizer.json (or a model directory) instead of training
+
+
+class DataConfig(Section):
+    corpus: str = "shakespeare"  # a built-in corpus name, or a file, directory or glob
+    text_field: str = "text"  # for JSONL inputs
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    val_fraction: float = 0.05
+    dir: str | None = None  # where prepared shards live; None: <run.out>/data/<corpus>-<vocab>
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError("val_fraction must be in (0, 0.5)")
+        return self
+
+
+class TrainConfig(Section):
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup: int = 100
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
+    max_steps: int = 2000
+    max_minutes: float | None = None  # stop early (with a checkpoint) after this much wall time
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
+    compile: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if self.warmup < 0:
+            raise ValueError("warmup must be >= 0")
+        return self
+
+
+class EvalConfig(Section):
+    every: int = 200  # validation every N steps (and at the end)
+    batches: int = 20  # validation batches per evaluation
+
+
+class RunSection(Section):
+    name: str = "run"
+    out: str = "runs"
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunSection = RunSection()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem, naming the dotted key, in words a user can act on."""
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `lmforge train --help`)"
+        problems.append(f"{key}: {msg}")
+    return f"invalid {where}: " + "; ".join(problems)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--train.lr 3e-4 --model.family=gpt2` -> nested dict, values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise LmforgeError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise LmforgeError(f"override --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LmforgeError(f"override --{key} conflicts with another override")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return nested
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = Path(__file__).parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def load_recipe(source: str | Path | None, overrides: list[str] | dict | None = None) -> Recipe:
+    """A recipe from a YAML path or a built-in name (e.g. `quickstart`), plus overrides."""
+    raw: dict[str, Any] = {}
+    where = "recipe"
+    if source is not None:
+        path = Path(source)
+        if not path.exists() and str(source) in builtin_recipes():
+            path = builtin_recipes()[str(source)]
+        if not path.is_file():
+            names = ", ".join(builtin_recipes())
+            raise LmforgeError(f"recipe {source} not found: give a YAML file or a built-in recipe ({names})")
+        where = f"recipe {path}"
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise LmforgeError(f"{path} must be a YAML mapping with sections model/data/train/eval/run")
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = deep_merge(raw, extra)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LmforgeError(describe_validation_error(e, where)) from None

@@ -1,0 +1,232 @@
+"""The one decoder-only Transformer, configured per family (see `ModelConfig`).
+
+- gpt2: learned absolute positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied embeddings.
+- llama: rotary positions (with Llama-3 frequency scaling), RMSNorm, SwiGLU MLP,
+  grouped-query attention, no biases; qwen2 adds q/k/v biases, mistral a sliding window.
+
+Attention is `F.scaled_dot_product_attention`. The query/key/value projections are one
+fused matmul, and so are the SwiGLU gate and up projections: at batch 1 decoding reads
+every weight once per token, and one large matmul reads them faster than three small
+ones. The Hugging Face names and layouts live in `lmforge.interop.hf`, not here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.model.kv_cache import KVCache
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3 scaling when configured."""
+    d = cfg.dim_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Normalizes in fp32 whatever the activation dtype, as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.d = cfg.n_head, cfg.kv_heads, cfg.dim_head
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.d, bias=cfg.has_qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.d, cfg.d_model, bias=cfg.uses_bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, cache: KVCache | None, layer: int, mask, is_causal: bool):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
+        q = q.view(B, T, self.n_head, self.d).transpose(1, 2)  # (B, h, T, d)
+        k = k.view(B, T, self.n_kv, self.d).transpose(1, 2)  # (B, kv, T, d)
+        v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_head,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d))
+
+
+class MLP(nn.Module):
+    """gpt2: fc -> GELU(tanh) -> proj.  llama family: SwiGLU with gate and up fused."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.family != "gpt2"
+        self.hidden = cfg.ffn_dim
+        self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * self.hidden, bias=cfg.uses_bias)
+        self.down = nn.Linear(self.hidden, cfg.d_model, bias=cfg.uses_bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.split(self.hidden, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, layer, mask, is_causal):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, mask, is_causal))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.pos_emb = None if cfg.uses_rope else nn.Embedding(cfg.context, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.uses_rope:
+            # Angles for every position up to the context, in fp32; cos/sin are taken per step.
+            angles = torch.outer(torch.arange(cfg.context, dtype=torch.float32), rope_frequencies(cfg))
+            angles = torch.cat((angles, angles), dim=-1)  # (context, head_dim)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """GPT-2 style init; residual projections scaled by 1/sqrt(2 * n_layer)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                s = std / math.sqrt(2 * self.config.n_layer) if name.endswith(("proj.weight", "down.weight")) else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def _rope(self, positions: torch.Tensor | None, T: int, dtype: torch.dtype):
+        if not self.config.uses_rope:
+            return None
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, d), broadcast over (B, h)
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+        return cos.to(dtype), sin.to(dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                      pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalized hidden states (B, T, d_model); task heads read these."""
+        cfg = self.config
+        B, T = input_ids.shape
+        if kv_cache is None:
+            if T > cfg.context:
+                raise ValueError(f"sequence of {T} tokens is longer than the model's context of {cfg.context}")
+            positions, mask, is_causal = None, None, True
+            if pad_mask is not None:
+                raise ValueError("pad_mask needs a kv_cache (padding is only for batched generation)")
+            if cfg.sliding_window is not None and T > cfg.sliding_window:
+                i = torch.arange(T, device=input_ids.device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - cfg.sliding_window)
+                is_causal = False
+        else:
+            positions = kv_cache.positions(pad_mask, T)
+            mask = kv_cache.attention_mask(T, cfg.sliding_window)
+            # Without a mask, SDPA's is_causal aligns queries to the first keys, which is only
+            # right when nothing is cached yet; a single new token may see every slot.
+            is_causal = mask is None and kv_cache.length == 0 and T > 1
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions if positions is not None else torch.arange(T, device=input_ids.device))
+        x = self.drop(x)
+        rope = self._rope(positions, T, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, kv_cache, i, mask, is_causal)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm_f(x)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab); (B, 1, vocab) with `last_only` (what decoding needs)."""
+        h = self.hidden_states(input_ids, kv_cache, pad_mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        cfg = self.config
+        p = self.lm_head.weight
+        return KVCache(cfg.n_layer, batch, cfg.kv_heads, cfg.dim_head, capacity or cfg.context, p.dtype, p.device)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per weight (lm_head included) plus attention's
+        QK^T and AV over `seq_len` keys; training is 3x the forward pass."""
+        cfg = self.config
+        T = seq_len or cfg.context
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 2 * 2 * cfg.n_layer * T * cfg.n_head * cfg.dim_head
+        forward = 2 * matmul_weights + attention
+        return 3 * forward if training else forward
