@@ -139,13 +139,23 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.uses_rope:
-            # Angles for every position up to the context, in fp32; cos/sin are taken per step.
-            angles = torch.outer(torch.arange(cfg.context, dtype=torch.float32), rope_frequencies(cfg))
-            angles = torch.cat((angles, angles), dim=-1)  # (context, head_dim)
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.init_rope()
         self.reset_parameters()
+
+    def init_rope(self) -> None:
+        """(Re)compute the rotary tables; also after weights were loaded onto a meta-built model."""
+        cfg = self.config
+        if not cfg.uses_rope:
+            return
+        device = self.tok_emb.weight.device
+        if device.type == "meta":
+            device = None
+        # Angles for every position up to the context, in fp32; cos/sin are taken per step.
+        angles = torch.outer(torch.arange(cfg.context, dtype=torch.float32, device=device),
+                             rope_frequencies(cfg).to(device))
+        angles = torch.cat((angles, angles), dim=-1)  # (context, head_dim)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-2 style init; residual projections scaled by 1/sqrt(2 * n_layer)."""

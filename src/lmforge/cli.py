@@ -1,0 +1,212 @@
+"""`lmforge <verb>`: thin commands that parse, validate, call the library and print.
+
+User mistakes raise `LmforgeError`; `main()` prints its one line and exits 2. Anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lmforge.errors import LmforgeError
+
+app = typer.Typer(help="lmforge: data -> tokenizer -> pretrain -> adapt -> compress -> export -> serve -> evaluate.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare and clean corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+@app.command()
+def quickstart(
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 3.0,
+    out: Annotated[Path, typer.Option(help="Where runs and prepared data go.")] = Path("runs"),
+    corpus: Annotated[str, typer.Option(help="shakespeare, synthetic, or a path/glob of text/JSONL files.")] = "shakespeare",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Data -> tokenizer -> pretrain -> eval -> generate -> save and reload, in a few minutes on CPU."""
+    from lmforge.quickstart import run_quickstart
+
+    run_quickstart(minutes=minutes, out=out, corpus=corpus, progress=progress, console=console)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="A recipe YAML file, or a built-in name (quickstart, tiny, gpt2-124m).")],
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Pretrain a model from a recipe. Override any key: `--train.lr 3e-4 --model.n_layer 8`."""
+    from lmforge.config import load_recipe
+    from lmforge.train.trainer import train as run_training
+
+    cfg = load_recipe(recipe, list(ctx.args))
+    result = run_training(cfg, resume=resume, progress=progress, log=console.print)
+    val = result.val
+    console.print(f"[green]done[/]: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
+                  f"validation loss {val.loss:.3f}, perplexity {val.perplexity:.2f}, {val.bits_per_byte:.3f} bits/byte")
+    console.print(f"model: {result.model_dir}   metrics: {result.run_dir / 'metrics.jsonl'}   "
+                  f"plot: {result.run_dir / 'plots' / 'loss.png'}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    corpus: Annotated[str, typer.Argument(help="shakespeare, synthetic, or a text/JSONL file, directory or glob.")],
+    out: Annotated[Path, typer.Option(help="Output directory for shards and tokenizer.")],
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (when training one).")] = 4096,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Reuse this tokenizer.json or model directory.")] = None,
+    text_field: Annotated[str, typer.Option(help="JSON field holding the text in JSONL inputs.")] = "text",
+    val_fraction: Annotated[float, typer.Option(help="Share of each document held out for validation.")] = 0.05,
+    force: Annotated[bool, typer.Option(help="Rebuild even if OUT already holds prepared data.")] = False,
+):
+    """Tokenize a corpus and pack it into memory-mapped train/validation shards."""
+    from lmforge.config import DataConfig, TokenizerConfig
+    from lmforge.data.prepare import prepare, read_index
+
+    cfg = _validated(DataConfig, corpus=corpus, text_field=text_field, val_fraction=val_fraction,
+                     tokenizer=TokenizerConfig(vocab_size=vocab_size, path=tokenizer))
+    folder = prepare(cfg, out, force=force, progress=lambda s: console.print(f"data: {s}"))
+    index = read_index(folder)
+    s = index["splits"]
+    console.print(f"{folder}: {index['documents']} documents, vocabulary {index['vocab_size']}, "
+                  f"train {s['train']['tokens']:,} tokens, validation {s['val']['tokens']:,} tokens ({index['dtype']})")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Argument(help="A model directory.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for a batch.")],
+    max_tokens: Annotated[int, typer.Option(help="New tokens per prompt at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1: off).")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears; repeatable.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt).")] = True,
+):
+    """Continue prompts with the model (KV-cache decoding)."""
+    import lmforge
+    from lmforge.infer.sampling import SamplingParams
+
+    params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
+    m = lmforge.load(model)
+    if stream and len(prompt) == 1:
+        console.print(prompt[0], end="", style="bold", highlight=False)
+        m.complete(prompt, on_text=lambda row, text: console.print(text, end="", highlight=False, markup=False),
+                   **vars(params))
+        console.print()
+        return
+    for p, c in zip(prompt, m.complete(prompt, **vars(params))):
+        console.print(f"[bold]{p}[/]{c.text}", highlight=False)
+        console.rule(style="dim")
+
+
+@app.command()
+def chat(
+    model: Annotated[Path, typer.Argument(help="A model directory.")],
+    system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per reply at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+):
+    """A simple terminal chat through the model's chat template. Empty line or Ctrl-D quits."""
+    import lmforge
+    from lmforge.infer.sampling import SamplingParams
+
+    m = lmforge.load(model)
+    params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed, stop=["<|im_end|>"])
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = console.input("[bold cyan]you> [/]")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not line.strip():
+            return
+        messages.append({"role": "user", "content": line})
+        prompt = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = m.tokenizer.encode(prompt)[-(m.config.context - 1):]
+        console.print("[bold green]model> [/]", end="")
+        (reply,) = m.complete([ids], on_text=lambda r, t: console.print(t, end="", highlight=False, markup=False),
+                              **vars(params))
+        console.print()
+        messages.append({"role": "assistant", "content": reply.text})
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A model directory.")],
+    data: Annotated[Path, typer.Option(help="A UTF-8 text file, or a directory made by `lmforge data prepare`.")],
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Perplexity and bits-per-byte of a model on a text file or a prepared validation split."""
+    import lmforge
+    from lmforge.data.loader import TokenSplit
+    from lmforge.eval.perplexity import evaluate_split, evaluate_text
+
+    m = lmforge.load(model)
+    if data.is_dir():
+        split = TokenSplit(data, "val")
+        if split.vocab_size > m.config.vocab:
+            raise LmforgeError(f"{data} was tokenized with a larger vocabulary than {model} has; "
+                               "prepare it with the model's tokenizer (--tokenizer MODEL)")
+        result = evaluate_split(m.model, split, batch_size=batch_size, max_batches=max_batches)
+    else:
+        result = evaluate_text(m.model, m.tokenizer, data, batch_size=batch_size)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        console.print(f"{result.tokens:,} tokens: loss {result.loss:.4f} nats/token, perplexity "
+                      f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte")
+
+
+def _validated(cls, **kwargs):
+    """Build a config object, turning its validation errors into one user-facing line."""
+    from pydantic import ValidationError
+
+    from lmforge.config import describe_validation_error
+
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        raise LmforgeError(describe_validation_error(e, "options")) from None
+    except ValueError as e:
+        raise LmforgeError(str(e)) from None
+
+
+def main() -> None:
+    from lmforge.train.trainer import TrainingInterrupted
+
+    try:
+        app()
+    except LmforgeError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+    except TrainingInterrupted as e:
+        err_console.print(f"[yellow]{e}[/]", highlight=False)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Perplexity and bits-per-byte, on a prepared validation split or on a text file.
+
+Bits per byte divides the total negative log-likelihood by the text's UTF-8 size, so
+models with different tokenizers can be compared; perplexity is per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.loader import TokenSplit, sequential_windows
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean negative log-likelihood per token, nats
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _result(total_nll: float, tokens: int, bytes_per_token: float) -> EvalResult:
+    loss = total_nll / max(1, tokens)
+    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / math.log(2) / bytes_per_token, tokens)
+
+
+@torch.no_grad()
+def _score_windows(model: Transformer, windows, autocast=None) -> tuple[float, int]:
+    device = model.lm_head.weight.device
+    total, count = 0.0, 0
+    for x, y in windows:
+        x, y = x.to(device), y.to(device)
+        with autocast or torch.autocast("cpu", enabled=False):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    return total, count
+
+
+def evaluate_split(model: Transformer, split: TokenSplit, batch_size: int = 8, max_batches: int | None = None,
+                   seq_len: int | None = None, autocast=None) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    seq_len = min(seq_len or model.config.context, split.tokens - 1)
+    total, count = _score_windows(model, sequential_windows(split, seq_len, batch_size, max_batches), autocast)
+    model.train(was_training)
+    return _result(total, count, split.bytes_per_token)
+
+
+def evaluate_text(model: Transformer, tokenizer: TextTokenizer, path: str | Path, batch_size: int = 8) -> EvalResult:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LmforgeError(f"evaluation file {path} not found") from None
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{path} is not UTF-8 text") from None
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise LmforgeError(f"{path} is too short to evaluate (needs at least 2 tokens)")
+    seq_len = min(model.config.context, len(ids) - 1)
+    windows = []
+    for start in range(0, len(ids) - 1, seq_len):
+        chunk = ids[start:start + seq_len + 1]
+        if len(chunk) >= 2:
+            windows.append((torch.tensor([chunk[:-1]]), torch.tensor([chunk[1:]])))
+    model.eval()
+    total, count = _score_windows(model, windows)
+    return _result(total, count, len(text.encode("utf-8")) / count)
+
+
+def unigram_baseline(train: TokenSplit, val: TokenSplit) -> EvalResult:
+    """The perplexity of predicting every token by its training frequency (add-one smoothed)."""
+    counts = np.ones(train.vocab_size, dtype=np.float64)
+    for shard in train.shards:
+        counts += np.bincount(np.asarray(shard), minlength=train.vocab_size)[: train.vocab_size]
+    logp = np.log(counts / counts.sum())
+    total = 0.0
+    for shard in val.shards:
+        total -= logp[np.asarray(shard, dtype=np.int64)].sum()
+    return _result(float(total), val.tokens, val.bytes_per_token)

@@ -1,0 +1,139 @@
+"""KV-cache generation for a batch of prompts, with streaming and stop strings.
+
+Prompts of different lengths are left-padded so that every row's next token sits in the
+same column; the cache marks the padding so it is never attended to. Each step feeds one
+token per row and computes logits for the last position only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from lmforge.model import Transformer
+
+# on_text(row, new_text): called as each row's text grows (streaming).
+TextCallback = Callable[[int, str], None]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-text token or a stop string) or "length"
+
+
+class _RowText:
+    """Decodes one row incrementally; holds back text that ends in a partial UTF-8 sequence."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special=True)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text = self.text[:at]
+                self.stopped = True
+        # Hold back a possible stop string's prefix and an incomplete character.
+        safe = len(self.text)
+        if not self.stopped:
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        safe = min(safe, len(self.text) - k)
+                        break
+            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+                safe -= 1
+        new, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        return new
+
+    def flush(self) -> str:
+        new, self.emitted = self.text[self.emitted:], len(self.text)
+        return new
+
+
+def encode_prompts(tokenizer: TextTokenizer, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+    encoded = [list(p) if isinstance(p, (list, tuple)) else tokenizer.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            # An empty prompt starts from the end-of-text token, as a document boundary.
+            if tokenizer.eos_id is None:
+                raise LmforgeError(f"prompt {i} is empty and the tokenizer has no end-of-text token to start from")
+            encoded[i] = [tokenizer.eos_id]
+    return encoded
+
+
+@torch.inference_mode()
+def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
+             params: SamplingParams | None = None, on_text: TextCallback | None = None) -> list[Completion]:
+    params = params or SamplingParams()
+    if not prompts:
+        return []
+    context = model.config.context
+    encoded = encode_prompts(tokenizer, prompts)
+    longest = max(len(ids) for ids in encoded)
+    if longest >= context:
+        raise LmforgeError(f"a prompt has {longest} tokens; the model's context is {context}: shorten it")
+    max_new = min(params.max_new_tokens, context - longest)
+    device = model.lm_head.weight.device
+    B = len(encoded)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids = torch.full((B, longest), pad, dtype=torch.long)
+    pad_mask = torch.zeros(B, longest, dtype=torch.bool)
+    for r, row in enumerate(encoded):
+        ids[r, longest - len(row):] = torch.tensor(row)
+        pad_mask[r, longest - len(row):] = True
+    ids, pad_mask = ids.to(device), pad_mask.to(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, pad_mask)
+
+    rows = [_RowText(tokenizer, params.stop) for _ in range(B)]
+    finish = ["length"] * B
+    done = torch.zeros(B, dtype=torch.bool)
+    if max_new == 0:
+        return [Completion("", [], "length") for _ in range(B)]
+    cache = model.new_cache(B, capacity=longest + max_new)
+    logits = model(ids, cache, pad_mask=pad_mask if not bool(pad_mask.all()) else None, last_only=True)[:, -1]
+    for step in range(max_new):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        nxt = sample(logits, params, generator)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        for r, token in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            if token == tokenizer.eos_id:
+                done[r], finish[r] = True, "stop"
+                continue
+            new = rows[r].add(token)
+            if rows[r].stopped:
+                done[r], finish[r] = True, "stop"
+            if new and on_text:
+                on_text(r, new)
+        if bool(done.all()) or step == max_new - 1:
+            break
+        logits = model(nxt[:, None], cache, last_only=True)[:, -1]
+    results = []
+    for r, row in enumerate(rows):
+        tail = row.flush()
+        if tail and on_text:
+            on_text(r, tail)
+        results.append(Completion(row.text, row.ids, finish[r]))
+    return results

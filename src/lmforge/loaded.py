@@ -1,0 +1,48 @@
+"""`lmforge.load(path)`: a model directory as one object with its tokenizer and config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.infer.generate import Completion, TextCallback, generate
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import Transformer
+from lmforge.model_dir import load_model_dir, save_model_dir
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: TextTokenizer
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def complete(self, prompts: list[str] | list[list[int]], on_text: TextCallback | None = None,
+                 **sampling: Any) -> list[Completion]:
+        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), on_text)
+
+    def generate(self, prompts: list[str] | str, **sampling: Any) -> list[str]:
+        """Continuations of each prompt (greedy unless `temperature` > 0)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return [c.text for c in self.complete(prompts, **sampling)]
+
+    def save(self, out: str | Path, **provenance: Any) -> Path:
+        parents = [str(self.path)] if self.path else []
+        return save_model_dir(self.model, self.tokenizer, out, {"parents": parents, **provenance})
+
+
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load any model directory (ours or a Hugging Face one of a supported family)."""
+    model, tokenizer, meta = load_model_dir(path, device=device, dtype=dtype)
+    return LoadedModel(model, tokenizer, Path(path), meta)

@@ -1,0 +1,292 @@
+"""The pretraining loop: one plain loop, no callbacks.
+
+    prepare data -> build model -> (resume) -> for each step: accumulate, clip, step,
+    log, validate, checkpoint -> final model directory + loss plot
+
+Everything a resumed run needs is in the checkpoint (weights, optimizer, RNG, step; the
+data cursor is the step itself, see `BatchLoader`), so on CPU an interrupted-and-resumed
+run ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import Recipe
+from lmforge.data.loader import BatchLoader, TokenSplit
+from lmforge.data.prepare import prepare, read_index
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.eval.perplexity import EvalResult, evaluate_split
+from lmforge.model import Transformer
+from lmforge.model_dir import save_model_dir
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.optim import build_optimizer, lr_at
+
+
+class TrainingInterrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the checkpoint is safely written."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}; continue with --resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    train_loss: float
+    val: EvalResult | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype_name: str):
+    """fp32 on CPU (bf16 matmuls are slow without AMX/AVX-512), bf16 autocast on GPU."""
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype_name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype_name))
+
+
+def data_dir_for(recipe: Recipe) -> Path:
+    if recipe.data.dir:
+        return Path(recipe.data.dir)
+    name = Path(recipe.data.corpus.rstrip("/")).name.replace("*", "_") or "corpus"
+    tok = f"tok-{Path(recipe.data.tokenizer.path).name}" if recipe.data.tokenizer.path else f"v{recipe.data.tokenizer.vocab_size}"
+    return Path(recipe.run.out) / "data" / f"{name}-{tok}"
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "plots" / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print,
+          interrupt_at: int | None = None) -> TrainResult:
+    """Run a recipe. `interrupt_at` stops as a signal would at that step (for tests)."""
+    run_dir = recipe.run.dir
+    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
+                           "or choose another --run.name")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
+    tc = recipe.train
+    device = resolve_device(tc.device)
+
+    data_dir = prepare(recipe.data, data_dir_for(recipe), progress=lambda s: log(f"data: {s}"))
+    tokenizer = TextTokenizer.load(data_dir)
+    index = read_index(data_dir)
+    if recipe.model.vocab_size is None:
+        recipe.model.vocab_size = tokenizer.vocab_size
+    elif recipe.model.vocab_size < tokenizer.vocab_size:
+        raise LmforgeError(f"model.vocab_size {recipe.model.vocab_size} is smaller than the tokenizer's "
+                           f"{tokenizer.vocab_size}; leave it unset to follow the tokenizer")
+    train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+    seq_len = recipe.model.context
+    loader = BatchLoader(train_split, tc.batch_size, seq_len, tc.seed)
+
+    torch.manual_seed(tc.seed)
+    model = Transformer(recipe.model).to(device)
+    model.train()
+    optimizer = build_optimizer(model, tc, device)
+    autocast = autocast_for(device, tc.dtype)
+    step_fn = torch.compile(model) if tc.compile else model
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
+    provenance = {"recipe": recipe.model_dump(mode="json"),
+                  "data": {"dir": str(data_dir), "fingerprint": index["fingerprint"], "corpus": recipe.data.corpus}}
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    tokens_per_step = tc.batch_size * tc.grad_accum * seq_len
+    flops_per_token = model.flops_per_token(seq_len, training=True)
+
+    def trainer_state(step: int, elapsed: float) -> dict[str, Any]:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "tokens": tokens_seen, "elapsed": elapsed}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def checkpoint(step: int, elapsed: float) -> Path:
+        return save_checkpoint(run_dir, step, model, tokenizer, trainer_state(step, elapsed),
+                               provenance, tc.keep_checkpoints)
+
+    def validate(step: int) -> EvalResult:
+        result = evaluate_split(model, val_split, batch_size=tc.batch_size, max_batches=recipe.eval.batches,
+                                seq_len=seq_len, autocast=autocast_for(device, tc.dtype))
+        metrics.write({"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
+                       "val_bpb": result.bits_per_byte})
+        return result
+
+    bar = _progress_bar(progress)
+    task = bar.add_task("train", total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
+    start = time.perf_counter()
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    last_loss, val = float("nan"), None
+    step = start_step
+    try:
+        with _StopFlag() as stop, bar:
+            while step < tc.max_steps:
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(tc.grad_accum):
+                    x, y = loader.batch(step * tc.grad_accum + micro)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast:
+                        logits = step_fn(x)
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    (loss / tc.grad_accum).backward()
+                    loss_sum += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                last_loss = loss_sum / tc.grad_accum
+                if not math.isfinite(last_loss):
+                    raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
+                window_loss += last_loss
+                window_steps += 1
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    now = time.perf_counter()
+                    tps = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    metrics.write({"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
+                                   "tokens_per_s": tps, "flops_per_s": tps * flops_per_token, "tokens": tokens_seen,
+                                   "elapsed_s": elapsed_before + now - start})
+                    bar.update(task, loss=window_loss / window_steps, tps=tps)
+                    window_loss, window_steps, window_start = 0.0, 0, now
+                bar.update(task, completed=step)
+                if step % recipe.eval.every == 0 and step < tc.max_steps:
+                    val = validate(step)
+                elapsed = elapsed_before + time.perf_counter() - start
+                out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
+                interrupted = stop.signal is not None or (interrupt_at is not None and step >= interrupt_at)
+                if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
+                    path = checkpoint(step, elapsed)
+                    if interrupted:
+                        plot_losses(run_dir)
+                        raise TrainingInterrupted(step, path)
+                if out_of_time:
+                    log(f"train.max_minutes reached at step {step}")
+                    break
+        seconds = elapsed_before + time.perf_counter() - start
+        val = validate(step)
+        if not (run_dir / "latest").exists() or latest_checkpoint(run_dir).name != f"step-{step:06d}":
+            checkpoint(step, seconds)
+        provenance["metrics"] = {"val_loss": val.loss, "val_ppl": val.perplexity, "val_bpb": val.bits_per_byte,
+                                 "train_loss": last_loss, "steps": step, "tokens": tokens_seen, "seconds": seconds}
+        model_dir = save_model_dir(model, tokenizer, run_dir / "model", provenance)
+    finally:
+        metrics.close()
+    plot_losses(run_dir)
+    return TrainResult(run_dir, model_dir, step, tokens_seen, seconds, last_loss, val)
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
