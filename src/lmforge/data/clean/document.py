@@ -1,0 +1,29 @@
+"""One document flowing through the refinery, with its per-text caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.data.clean import text as textlib
+
+
+@dataclass(slots=True)
+class Document:
+    text: str
+    id: str  # "<source>:<line or row>", stable across runs
+    language: str | None = None
+    language_score: float | None = None
+    meta: dict = field(default_factory=dict)
+    _words: list[str] | None = None
+    _words_of: str | None = None
+
+    def words(self) -> list[str]:
+        """Word tokens of the current text (recomputed only when the text changed)."""
+        if self._words_of is not self.text:
+            self._words = textlib.words(self.text)
+            self._words_of = self.text
+        return self._words
+
+    @property
+    def cjk(self) -> bool:
+        return textlib.is_cjk(self.language, self.text)

@@ -1,0 +1,70 @@
+"""C4 line rules (Raffel et al. 2020; defaults as datatrove's C4QualityFilter, as FineWeb ran it).
+
+Edits the document: lines that fail a line rule are removed; the document is dropped
+when a document rule fires or too few sentences remain. `filter_no_terminal_punct`
+defaults to off, as in FineWeb, because it deletes headings, lists and code lines.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lmforge.data.clean.document import Document
+from lmforge.data.clean.filters import Filter, FilterParams
+from lmforge.data.clean.text import SENTENCE_END_RE, words
+
+_CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+_C4_END = (".", "?", "!", '"', "'", "。", "？", "！", "”", "」")
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+
+
+class C4Params(FilterParams):
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = False
+    min_num_sentences: int | None = 5
+    min_words_per_line: int | None = 3
+    max_word_length: int | None = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class C4Filter(Filter):
+    name = "c4"
+    Params = C4Params
+
+    def apply(self, doc: Document) -> str | None:
+        p = self.params_for(doc)
+        lowered = doc.text.lower()
+        if p.filter_lorem_ipsum and "lorem ipsum" in lowered:
+            return "lorem_ipsum"
+        if p.filter_curly_bracket and "{" in doc.text:
+            return "curly_bracket"
+        kept = []
+        for line in doc.text.split("\n"):
+            line = line.strip()
+            if not line:
+                continue
+            if p.remove_citations:
+                line = _CITATION_RE.sub("", line)
+            if p.filter_no_terminal_punct and (not line.endswith(_C4_END) or line.endswith("...")):
+                continue
+            line_words = words(line)
+            if p.min_words_per_line is not None and len(line_words) < p.min_words_per_line:
+                continue
+            if p.max_word_length is not None and any(len(w) > p.max_word_length for w in line_words):
+                continue
+            low = line.lower()
+            if p.filter_javascript and "javascript" in low:
+                continue
+            if p.filter_policy and any(phrase in low for phrase in _POLICY):
+                continue
+            kept.append(line)
+        text = "\n".join(kept)
+        if not text:
+            return "no_lines_left"
+        if p.min_num_sentences is not None and len(SENTENCE_END_RE.findall(text)) < p.min_num_sentences:
+            return "min_num_sentences"
+        doc.text = text
+        return None
