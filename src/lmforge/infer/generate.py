@@ -75,24 +75,31 @@ def encode_prompts(tokenizer: TextTokenizer, prompts: list[str] | list[list[int]
     return encoded
 
 
+# on_token(row, token) -> True to finish that row (a stop string was seen).
+TokenCallback = Callable[[int, int], bool]
+
+
 @torch.inference_mode()
-def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
-             params: SamplingParams | None = None, on_text: TextCallback | None = None) -> list[Completion]:
-    params = params or SamplingParams()
-    if not prompts:
-        return []
+def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
+                 pad_id: int = 0, on_token: TokenCallback | None = None) -> tuple[list[list[int]], list[str]]:
+    """The decoding loop on token ids: (new ids per row, finish reason per row).
+
+    A row finishes on `eos_id` (not included in its ids), when `on_token` says so, or at
+    `max_new_tokens` / the context limit ("length")."""
     context = model.config.context
-    encoded = encode_prompts(tokenizer, prompts)
-    longest = max(len(ids) for ids in encoded)
+    longest = max(len(ids) for ids in prompts)
     if longest >= context:
         raise LmforgeError(f"a prompt has {longest} tokens; the model's context is {context}: shorten it")
     max_new = min(params.max_new_tokens, context - longest)
+    B = len(prompts)
+    out: list[list[int]] = [[] for _ in range(B)]
+    finish = ["length"] * B
+    if max_new == 0:
+        return out, finish
     device = model.lm_head.weight.device
-    B = len(encoded)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids = torch.full((B, longest), pad, dtype=torch.long)
+    ids = torch.full((B, longest), pad_id, dtype=torch.long)
     pad_mask = torch.zeros(B, longest, dtype=torch.bool)
-    for r, row in enumerate(encoded):
+    for r, row in enumerate(prompts):
         ids[r, longest - len(row):] = torch.tensor(row)
         pad_mask[r, longest - len(row):] = True
     ids, pad_mask = ids.to(device), pad_mask.to(device)
@@ -103,13 +110,9 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
         seen = torch.zeros(B, model.config.vocab, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, pad_mask)
 
-    rows = [_RowText(tokenizer, params.stop) for _ in range(B)]
-    finish = ["length"] * B
-    done = torch.zeros(B, dtype=torch.bool)
-    if max_new == 0:
-        return [Completion("", [], "length") for _ in range(B)]
+    done = [False] * B
     cache = model.new_cache(B, capacity=longest + max_new)
-    logits = model(ids, cache, pad_mask=pad_mask if not bool(pad_mask.all()) else None, last_only=True)[:, -1]
+    logits = model(ids, cache, pad_mask=None if bool(pad_mask.all()) else pad_mask, last_only=True)[:, -1]
     for step in range(max_new):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -119,21 +122,39 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
         for r, token in enumerate(nxt.tolist()):
             if done[r]:
                 continue
-            if token == tokenizer.eos_id:
+            if token == eos_id:
                 done[r], finish[r] = True, "stop"
                 continue
-            new = rows[r].add(token)
-            if rows[r].stopped:
+            out[r].append(token)
+            if on_token is not None and on_token(r, token):
                 done[r], finish[r] = True, "stop"
-            if new and on_text:
-                on_text(r, new)
-        if bool(done.all()) or step == max_new - 1:
+        if all(done) or step == max_new - 1:
             break
         logits = model(nxt[:, None], cache, last_only=True)[:, -1]
+    return out, finish
+
+
+def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
+             params: SamplingParams | None = None, on_text: TextCallback | None = None) -> list[Completion]:
+    """Text continuations of each prompt, streamed through `on_text` as they grow."""
+    params = params or SamplingParams()
+    if not prompts:
+        return []
+    encoded = encode_prompts(tokenizer, prompts)
+    rows = [_RowText(tokenizer, params.stop) for _ in encoded]
+
+    def on_token(r: int, token: int) -> bool:
+        new = rows[r].add(token)
+        if new and on_text:
+            on_text(r, new)
+        return rows[r].stopped
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token)
     results = []
     for r, row in enumerate(rows):
         tail = row.flush()
         if tail and on_text:
             on_text(r, tail)
-        results.append(Completion(row.text, row.ids, finish[r]))
+        results.append(Completion(row.text, ids[r], finish[r]))
     return results
