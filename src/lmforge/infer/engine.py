@@ -1,0 +1,359 @@
+"""A continuous-batching generation engine: what the HTTP server runs.
+
+One background thread owns the model. At every decoding step it admits waiting requests
+into free cache slots (each new prompt is prefilled alone, exactly as `generate` does it),
+samples one token for every running sequence with that sequence's own parameters and
+random generator, streams what is new, retires the sequences that finished or were
+cancelled, and runs one batched forward over the rest. So requests join and leave the
+running batch at every step, and a lone request gives the same tokens as
+`lmforge.infer.generate.generate`.
+
+Callers on any thread `submit` requests and get events through a callback; `stream` is
+the asyncio form. The waiting queue is bounded: past `max_queue` a submit raises
+`EngineOverloaded` at once (the server answers 503) instead of queueing without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import _RowText
+from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from lmforge.infer.slots import SlotCache
+from lmforge.model import Transformer
+
+
+class EngineOverloaded(LmforgeError):
+    """The waiting queue is full; try again later."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: int | None = None  # None: none; k: each sampled token's logprob and its k best alternatives
+    prompt_logprobs: bool = False  # also the logprob of every prompt token given the ones before (echo)
+
+
+@dataclass
+class Event:
+    """What one step adds to one request. The last event of a request has `finish_reason`."""
+
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)  # sampled this step (the end-of-text token too)
+    prompt: list[TokenLogprob | None] | None = None  # first event only, when asked; the first token has None
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+EventCallback = Callable[[Event], None]
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]  # the generated tokens, without the end-of-text token
+    finish_reason: str
+    tokens: list[TokenLogprob]
+    prompt: list[TokenLogprob | None] | None
+    completion_tokens: int  # tokens sampled, the end-of-text token included
+
+
+class Sequence:
+    """One request in the engine; `cancel()` from any thread retires it at the next step."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: Request, max_new: int, on_event: EventCallback, tokenizer: TextTokenizer):
+        self.id = next(self._ids)
+        self.request, self.params, self.max_new, self.on_event = request, request.params, max_new, on_event
+        self.row = _RowText(tokenizer, request.params.stop)
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # for the repetition penalty
+        self.logits: torch.Tensor | None = None  # (1, V): the distribution of the next token
+        self.sampled = 0
+        self.cancelled = False
+        self.finish_reason: str | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _logprob_entry(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """logprobs (V,) -> the token's logprob and the k best alternatives."""
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256):
+        if max_batch < 1 or max_queue < 0:
+            raise LmforgeError("max_batch must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.context = model.config.context
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = SlotCache.for_model(model, max_batch)
+        self.device = model.lm_head.weight.device
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # index == cache slot
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- submitting ------------------------------------------------------------------------------
+    def check(self, request: Request) -> int:
+        """Validate a request; returns how many tokens it may generate."""
+        n = len(request.prompt)
+        if n == 0:
+            raise LmforgeError("the prompt is empty")
+        if n >= self.context:
+            raise LmforgeError(f"the prompt has {n} tokens; the model's context is {self.context}: shorten it")
+        vocab = self.model.config.vocab
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise LmforgeError(f"a prompt token id is outside the vocabulary [0, {vocab})")
+        return min(request.params.max_new_tokens, self.context - n)
+
+    def submit_many(self, requests: list[Request], on_event: list[EventCallback]) -> list[Sequence]:
+        """Queue requests together (all or none: the queue bound counts them all)."""
+        seqs = [Sequence(r, self.check(r), cb, self.tokenizer) for r, cb in zip(requests, on_event)]
+        with self._wake:
+            if self._stopping or self._thread is None:
+                raise EngineOverloaded("the engine is not running")
+            if len(self._waiting) + len(seqs) > self.max_queue + self.max_batch - len(self._running):
+                raise EngineOverloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); "
+                                       "retry shortly")
+            self._waiting.extend(seqs)
+            self._wake.notify()
+        return seqs
+
+    def submit(self, request: Request, on_event: EventCallback) -> Sequence:
+        return self.submit_many([request], [on_event])[0]
+
+    def wake(self) -> None:
+        """Let the loop notice a cancellation now rather than at its next step."""
+        with self._wake:
+            self._wake.notify()
+
+    async def stream(self, requests: list[Request]) -> AsyncIterator[tuple[int, Event]]:
+        """(index, event) for several requests as the engine makes them; cancels them all
+        if the consumer stops early (a client that disconnected)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def callback(i: int) -> EventCallback:
+            return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+        seqs = self.submit_many(requests, [callback(i) for i in range(len(requests))])
+        open_ = len(seqs)
+        try:
+            while open_:
+                i, ev = await queue.get()
+                if ev.finish_reason is not None:
+                    open_ -= 1
+                yield i, ev
+        finally:
+            if open_:
+                for s in seqs:
+                    s.cancel()
+                self.wake()
+
+    def generate(self, requests: list[Request], timeout: float | None = None) -> list[Result]:
+        """Blocking: run requests through the engine and collect their results."""
+        results: list[Result | None] = [None] * len(requests)
+        parts: list[list[Event]] = [[] for _ in requests]
+        done = threading.Semaphore(0)
+
+        def callback(i: int) -> EventCallback:
+            def on_event(ev: Event) -> None:
+                parts[i].append(ev)
+                if ev.finish_reason is not None:
+                    done.release()
+            return on_event
+
+        self.submit_many(requests, [callback(i) for i in range(len(requests))])
+        for _ in requests:
+            if not done.acquire(timeout=timeout):
+                raise TimeoutError("the engine did not finish in time")
+        for i, evs in enumerate(parts):
+            tokens = [t for ev in evs for t in ev.tokens]
+            eos = self.tokenizer.eos_id
+            results[i] = Result(text="".join(ev.text for ev in evs),
+                                token_ids=[t.token for t in tokens if t.token != eos],
+                                finish_reason=evs[-1].finish_reason or "error", tokens=tokens,
+                                prompt=evs[0].prompt, completion_tokens=len(tokens))
+        return results  # type: ignore[return-value]
+
+    # -- the loop --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                self._admit()
+                self._step()
+            except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+                for seq in self._running:
+                    self._emit(seq, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                self._running = []
+        for seq in [*self._running, *self._waiting]:
+            self._emit(seq, Event(finish_reason="cancelled"))
+        self._running, self._waiting = [], deque()
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        if event.finish_reason is not None:
+            seq.finish_reason = event.finish_reason
+        try:
+            seq.on_event(event)
+        except Exception:  # a consumer that went away (closed event loop) must not stop the engine
+            seq.cancelled = True
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._emit(seq, Event(finish_reason="cancelled"))
+                continue
+            try:
+                self._prefill(seq, len(self._running))
+            except Exception as e:  # this request alone fails (say, out of memory on a long prompt)
+                self._emit(seq, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+
+    def _prefill(self, seq: Sequence, slot: int) -> None:
+        req = seq.request
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
+        self.cache.bind_prefill(slot, ids.shape[1])
+        logits = self.model(ids, self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
+        seq.logits = logits[:, -1].clone() if req.prompt_logprobs else logits[:, -1]
+        params = seq.params
+        if params.temperature > 0:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        if params.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(1, self.model.config.vocab, dtype=torch.bool, device=self.device)
+            seq.seen[0, ids[0]] = True
+        if req.prompt_logprobs:
+            lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): token t+1 given 0..t
+            k = req.logprobs or 0
+            prompt = [None] + [_logprob_entry(lp[t], req.prompt[t + 1], k) for t in range(len(req.prompt) - 1)]
+            self._emit(seq, Event(prompt=prompt))
+        self._running.append(seq)
+
+    def _sample(self, seq: Sequence) -> int:
+        logits = seq.logits
+        if seq.seen is not None:
+            logits = apply_repetition_penalty(logits, seq.seen, seq.params.repetition_penalty)
+        token = int(sample(logits, seq.params, seq.generator)[0])
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+        return token
+
+    def _step(self) -> None:
+        eos = self.tokenizer.eos_id
+        for seq in self._running:
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+                self._emit(seq, Event(finish_reason="cancelled"))
+                continue
+            if seq.max_new == 0:
+                self._emit(seq, Event(finish_reason="length"))
+                continue
+            token = self._sample(seq)
+            seq.sampled += 1
+            tokens = []
+            if seq.request.logprobs is not None:
+                lp = torch.log_softmax(seq.logits[0].float(), dim=-1)
+                tokens = [_logprob_entry(lp, token, seq.request.logprobs)]
+            else:
+                tokens = [TokenLogprob(token, 0.0, [])]
+            finish = None
+            text = ""
+            if token == eos:
+                finish = "stop"
+            else:
+                text = seq.row.add(token)
+                if seq.row.stopped:
+                    finish = "stop"
+                elif seq.sampled >= seq.max_new:
+                    finish = "length"
+            if finish is not None:
+                text += seq.row.flush()
+            self._emit(seq, Event(text=text, tokens=tokens, finish_reason=finish))
+        self._retire()
+        n = len(self._running)
+        if n == 0:
+            return
+        last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
+        self.cache.bind_decode(n)
+        logits = self.model(last, self.cache, last_only=True)[:, -1]  # (n, V)
+        for i, seq in enumerate(self._running):
+            seq.logits = logits[i:i + 1]
+        self.steps += 1
+
+    def _retire(self) -> None:
+        """Drop finished sequences and move the rest down so they fill slots 0..n-1."""
+        keep = [s for s in self._running if s.finish_reason is None]
+        if len(keep) == len(self._running):
+            return
+        old_slot = {s.id: i for i, s in enumerate(self._running)}
+        for new, seq in enumerate(keep):
+            if old_slot[seq.id] != new:
+                self.cache.move(old_slot[seq.id], new)
+        self._running = keep

@@ -1,0 +1,112 @@
+"""A key/value cache with one slot per sequence, each at its own length (continuous batching).
+
+`KVCache` (model/kv_cache.py) gives a batch one shared write cursor, which suits a fixed
+batch started together. A serving engine instead admits and retires sequences at every
+step, so here every slot keeps its own length. The engine keeps its running sequences in
+slots 0..n-1 (it compacts when one leaves), so a decode step works on the plain view
+`[:n]` and never gathers rows.
+
+The object speaks the interface `Transformer.hidden_states` expects of a cache
+(`length`, `positions`, `attention_mask`, `update`, `advance`); before each forward the
+engine says which rows it runs: `bind_prefill(slot, t)` for one new sequence's prompt,
+`bind_decode(n)` for one token in each of slots 0..n-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (slots, n_kv_head, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.lengths = [0] * slots
+        self._rows = slice(0, 0)
+        self._starts: list[int] = []
+        self._t = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, slots: int, capacity: int | None = None) -> "SlotCache":
+        cfg = model.config
+        p = model.lm_head.weight
+        return cls(cfg.n_layer, slots, cfg.kv_heads, cfg.dim_head, capacity or cfg.context, p.dtype, p.device)
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    # -- what the engine calls ---------------------------------------------------------------
+    def bind_prefill(self, slot: int, t: int) -> None:
+        """The next forward writes a fresh prompt of t tokens into `slot`."""
+        self.lengths[slot] = 0
+        self._bind(slice(slot, slot + 1), t)
+
+    def bind_decode(self, n: int) -> None:
+        """The next forward feeds one token to each of slots 0..n-1."""
+        self._bind(slice(0, n), 1)
+
+    def _bind(self, rows: slice, t: int) -> None:
+        self._rows, self._t = rows, t
+        self._starts = self.lengths[rows]
+        if max(self._starts) + t > self.capacity:
+            raise ValueError(f"KV cache slot full: {max(self._starts)} + {t} tokens exceed its capacity of {self.capacity}")
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy a sequence from slot `src` to slot `dst` (compaction after others left)."""
+        n = self.lengths[src]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst] = n
+
+    # -- what Transformer.hidden_states calls ------------------------------------------------
+    @property
+    def length(self) -> int:
+        """0 only for a prompt written into an empty slot: then plain causal attention is right."""
+        return max(self._starts)
+
+    def positions(self, pad_mask: torch.Tensor | None, t: int) -> torch.Tensor:
+        if pad_mask is not None:
+            raise ValueError("a SlotCache takes no pad_mask: each slot has its own length")
+        starts = torch.tensor(self._starts, device=self.device)
+        return starts[:, None] + torch.arange(t, device=self.device)[None, :]  # (n, t)
+
+    def attention_mask(self, t: int, window: int | None) -> torch.Tensor | None:
+        starts = self._starts
+        end = max(starts) + t
+        same_length = min(starts) == max(starts)
+        if same_length and (t == 1 or starts[0] == 0) and (window is None or end <= window):
+            return None  # causal over all slots: exactly what a lone sequence computes
+        if t != 1:
+            raise ValueError("a prompt is only written into an empty slot")
+        k_slot = torch.arange(end, device=self.device)[None, :]  # (1, end)
+        pos = torch.tensor(starts, device=self.device)[:, None]  # (n, 1): the new token's slot
+        allowed = k_slot <= pos
+        if window is not None:
+            allowed = allowed & (k_slot > pos - window)
+        return allowed[:, None, None, :]  # (n, 1, 1, end)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (n, h, t, d) keys/values and return views over every filled slot."""
+        rows, t = self._rows, self._t
+        end = max(self._starts) + t
+        K, V = self.k[layer], self.v[layer]
+        if t > 1 or len(set(self._starts)) == 1:
+            s = self._starts[0]
+            K[rows, :, s:s + t] = k
+            V[rows, :, s:s + t] = v
+        else:
+            row_idx = torch.arange(rows.start, rows.stop, device=self.device)
+            col_idx = torch.tensor(self._starts, device=self.device)
+            K[row_idx, :, col_idx] = k[:, :, 0]
+            V[row_idx, :, col_idx] = v[:, :, 0]
+        return K[rows, :, :end], V[rows, :, :end]
+
+    def advance(self, t: int) -> None:
+        for i in range(self._rows.start, self._rows.stop):
+            self.lengths[i] += t

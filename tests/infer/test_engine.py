@@ -1,0 +1,128 @@
+"""The continuous-batching engine against `generate`, the reference for a lone request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.infer.engine import Engine, EngineOverloaded, Request
+from lmforge.infer.generate import generate
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import Transformer
+
+TEXT = ["To be, or not to be, that is the question.", "ROMEO: But soft, what light through yonder window breaks?",
+        "The king is dead; long live the king!", "Now is the winter of our discontent."] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXT, vocab_size=400)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "mistral"])
+def model(request, tokenizer):
+    extra = {"sliding_window": 24} if request.param == "mistral" else {}
+    cfg = ModelConfig(family=request.param, n_layer=2, n_head=4, n_kv_head=None if request.param == "gpt2" else 2,
+                      d_model=64, context=96, vocab_size=tokenizer.vocab_size, **extra)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    m.reset_parameters(seed=0)
+    return m.eval()
+
+
+PROMPTS = ["To be", "ROMEO:", "The king is", "Now", "question", "But soft, what light", "long live", "window",
+           "To be, or not to be, that is", "R", "king", "discontent.", "yonder", "light through", "is the", "be"]
+
+
+def test_sixteen_concurrent_greedy_requests_equal_each_alone(model, tokenizer):
+    params = [SamplingParams(max_new_tokens=8 + 3 * i) for i in range(len(PROMPTS))]
+    alone = [generate(model, tokenizer, [p], sp)[0] for p, sp in zip(PROMPTS, params)]
+    with Engine(model, tokenizer, max_batch=16) as engine:
+        results = engine.generate([Request(tokenizer.encode(p), sp) for p, sp in zip(PROMPTS, params)], timeout=120)
+    for a, r in zip(alone, results):
+        assert r.token_ids == a.token_ids
+        assert r.text == a.text
+        assert r.finish_reason == a.finish_reason
+
+
+def test_requests_join_a_running_batch_and_seeded_sampling_matches(model, tokenizer):
+    """A small batch forces waiting requests to join as others leave; seeded sampling is per request."""
+    params = [SamplingParams(max_new_tokens=5 + 2 * i, temperature=0.9, top_k=20, top_p=0.9, seed=i) for i in range(8)]
+    alone = [generate(model, tokenizer, [p], sp)[0] for p, sp in zip(PROMPTS, params)]
+    with Engine(model, tokenizer, max_batch=3) as engine:
+        results = engine.generate([Request(tokenizer.encode(p), sp) for p, sp in zip(PROMPTS, params)], timeout=120)
+        assert engine.running == 0 and engine.queue_depth == 0
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+
+
+def test_stop_strings_and_repetition_penalty_match_generate(model, tokenizer):
+    ref = generate(model, tokenizer, ["To be"], SamplingParams(max_new_tokens=30))[0]
+    stop = ref.text[5:8]
+    assert stop
+    for sp in (SamplingParams(max_new_tokens=30, stop=[stop]), SamplingParams(max_new_tokens=20, repetition_penalty=1.3)):
+        (a,) = generate(model, tokenizer, ["To be"], sp)
+        with Engine(model, tokenizer) as engine:
+            (r,) = engine.generate([Request(tokenizer.encode("To be"), sp)], timeout=60)
+        assert (r.text, r.finish_reason) == (a.text, a.finish_reason)
+    assert r.token_ids == a.token_ids
+
+
+def test_logprobs_and_prompt_logprobs_are_the_models_own(model, tokenizer):
+    prompt = tokenizer.encode("To be, or not to be")
+    with Engine(model, tokenizer) as engine:
+        (r,) = engine.generate([Request(prompt, SamplingParams(max_new_tokens=3), logprobs=5, prompt_logprobs=True)])
+    full = prompt + [t.token for t in r.tokens]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([full]))[0].float(), -1)
+    expected = [lp[i, full[i + 1]].item() for i in range(len(full) - 1)]
+    got = [e.logprob for e in r.prompt[1:]] + [t.logprob for t in r.tokens]
+    assert r.prompt[0] is None
+    assert got == pytest.approx(expected, abs=1e-4)
+    for t in r.tokens:  # greedy: the sampled token is the best alternative
+        assert len(t.top) == 5 and t.top[0][0] == t.token and t.top[0][1] == pytest.approx(t.logprob)
+
+
+def test_bad_requests_are_refused(model, tokenizer):
+    with Engine(model, tokenizer) as engine:
+        with pytest.raises(LmforgeError, match="context"):
+            engine.submit(Request([1] * model.config.context), lambda ev: None)
+        with pytest.raises(LmforgeError, match="empty"):
+            engine.submit(Request([]), lambda ev: None)
+        with pytest.raises(LmforgeError, match="vocabulary"):
+            engine.submit(Request([10**9]), lambda ev: None)
+
+
+def test_cancellation_and_backpressure(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=2).start()
+    try:
+        events: list = []
+        first_token = threading.Event()
+
+        def on_event(ev):
+            events.append(ev)
+            first_token.set()
+
+        long = engine.submit(Request(tokenizer.encode("To be"), SamplingParams(max_new_tokens=90)), on_event)
+        assert first_token.wait(30)
+        # One running, two may wait; the fourth is refused at once.
+        waiting = [engine.submit(Request([5], SamplingParams(max_new_tokens=2)), lambda ev: None) for _ in range(2)]
+        with pytest.raises(EngineOverloaded):
+            engine.submit(Request([5]), lambda ev: None)
+        long.cancel()
+        engine.wake()
+        deadline = time.monotonic() + 30
+        while not all(w.finish_reason for w in waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events[-1].finish_reason == "cancelled"
+        assert all(w.finish_reason == "length" for w in waiting)
+        results = engine.generate([Request([5], SamplingParams(max_new_tokens=2))], timeout=30)
+        assert results[0].finish_reason == "length"
+        assert long.sampled < 90
+    finally:
+        engine.stop()
