@@ -1,8 +1,8 @@
 """Language identification with py3langid (its naive-Bayes model ships inside the wheel).
 
 Each document gets an ISO 639-1 code and a normalized probability. Only the first
-`max_chars` characters are classified: enough for a stable answer, and the cost stays
-bounded for very long documents.
+`max_chars` characters are classified (1000 by default): enough for a stable answer, and
+the cost stays bounded for long documents (py3langid is pure Python, ~1 MB/s).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ def _identifier():
     return LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
 
 
-def identify(text: str, max_chars: int = 20_000) -> tuple[str, float]:
+def identify(text: str, max_chars: int = 1000) -> tuple[str, float]:
     language, score = _identifier().classify(text[:max_chars])
     return language, float(score)
 
 
-def label(doc: Document) -> None:
-    doc.language, doc.language_score = identify(doc.text)
+def label(doc: Document, max_chars: int = 1000) -> None:
+    doc.language, doc.language_score = identify(doc.text, max_chars)
 
 
 def keep(doc: Document, languages: list[str] | None, min_score: float) -> str | None:

@@ -22,7 +22,10 @@ EMPTY = np.uint32(0xFFFFFFFF)  # signature value of a document without shingles
 
 def token_hashes(text: str) -> np.ndarray:
     tokens = words(text.lower())
-    return np.fromiter((xxhash.xxh64_intdigest(t.encode()) for t in tokens), dtype=np.uint64, count=len(tokens))
+    unique = dict.fromkeys(tokens)  # hash each distinct token once
+    for token in unique:
+        unique[token] = xxhash.xxh64_intdigest(token.encode())
+    return np.fromiter(map(unique.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:

@@ -117,7 +117,7 @@ def _clean_shard(shard: Shard) -> dict:
                 stats.passed(step, len(original), len(doc.text))
                 if recipe.langid.enabled:
                     step = "langid"
-                    langid_mod.label(doc)
+                    langid_mod.label(doc, recipe.langid.max_chars)
                     stats.languages[doc.language] += 1
                     stats.hist["lang_score"][score_bin(doc.language_score)] += 1
                     reason = langid_mod.keep(doc, recipe.langid.languages, recipe.langid.min_score)
@@ -353,7 +353,7 @@ def clean(inputs: list[str], out: str | Path, recipe: CleanRecipe, *, workers: i
     stats = merge([*shard_stats, tail.to_dict()], recipe.output.samples_per_filter)
     stats = finish_stats(stats, plan, parts, dedup_summary, stage1_steps(recipe) + dedup_steps(recipe),
                          elapsed=time.time() - started)
-    stats["plots"] = write_plots(stats, out / "plots")
+    stats["plots"] = write_plots(stats, out / "plots") if recipe.output.plots else []
     _atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=1, ensure_ascii=False))
     if not recipe.output.keep_work:
         shutil.rmtree(work, ignore_errors=True)

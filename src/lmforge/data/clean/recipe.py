@@ -41,6 +41,7 @@ class LangidConfig(_Strict):
     enabled: bool = True
     languages: list[str] | None = None
     min_score: float = Field(0.65, ge=0.0, le=1.0)
+    max_chars: int = Field(1000, gt=0)  # classify the head of the document: stable answer, bounded cost
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -78,6 +79,7 @@ class DecontaminateConfig(_Strict):
 class OutputConfig(_Strict):
     samples_per_filter: int = Field(5, ge=0)
     keep_work: bool = False
+    plots: bool = True
 
 
 class CleanRecipe(_Strict):

@@ -8,7 +8,6 @@ off for those languages through `by_language`.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from lmforge.data.clean.filters import Filter, FilterParams
 from lmforge.data.clean.text import STOP_WORDS
 
 _CJK_QUALITY = {"min_avg_word_length": None, "max_avg_word_length": None}
+_NON_ALPHA_WORD_RE = re.compile(r"(?<!\w)[\d_]+(?!\w)")  # a word token with no letter in it
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "-", "*", "·", "‣", "⁃", "◦")
 
 
@@ -68,7 +68,7 @@ class GopherQualityFilter(Filter):
             if ellipsis / len(lines) > p.max_ellipsis_lines_ratio:
                 return "max_ellipsis_lines_ratio"
         if p.max_non_alpha_words_ratio is not None:
-            alpha = sum(any(ch.isalpha() for ch in w) for w in words)
+            alpha = n_words - len(_NON_ALPHA_WORD_RE.findall(text))
             if alpha / n_words < p.max_non_alpha_words_ratio:
                 return "max_non_alpha_words_ratio"
         if p.min_stop_words is not None:
@@ -102,15 +102,27 @@ def duplicated(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def top_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> float:
+def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
+    """Polynomial hash of every n-gram of word ids (uint64 wraps around by design)."""
+    m = len(word_ids)
+    grams = np.zeros(m - n + 1, dtype=np.uint64)
+    for k in range(n):
+        grams = grams * np.uint64(1_000_003) + word_ids[k : m - n + 1 + k]
+    return grams
+
+
+def top_ngram_char_fraction(word_ids: np.ndarray, word_lengths: np.ndarray, n: int) -> float:
     """Characters in the most frequent n-gram, times its count, over all word characters."""
-    if len(words) < n or total_chars == 0:
+    m = len(word_ids)
+    if m < n:
         return 0.0
-    counts = Counter(zip(*(words[i:] for i in range(n))))
-    gram, count = counts.most_common(1)[0]
-    if count < 2:
+    grams = _ngram_hashes(word_ids, n)
+    _, first, counts = np.unique(grams, return_index=True, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < 2:
         return 0.0
-    return count * sum(map(len, gram)) / total_chars
+    start = first[top]
+    return float(counts[top] * word_lengths[start : start + n].sum() / word_lengths.sum())
 
 
 def duplicated_ngram_char_fraction(word_ids: np.ndarray, word_lengths: np.ndarray, n: int) -> float:
@@ -122,9 +134,7 @@ def duplicated_ngram_char_fraction(word_ids: np.ndarray, word_lengths: np.ndarra
     m = len(word_ids)
     if m < n:
         return 0.0
-    gram_hash = np.zeros(m - n + 1, dtype=np.uint64)
-    for k in range(n):  # polynomial hash of the n word ids; uint64 wraps around by design
-        gram_hash = gram_hash * np.uint64(1_000_003) + word_ids[k : m - n + 1 + k]
+    gram_hash = _ngram_hashes(word_ids, n)
     _, first = np.unique(gram_hash, return_index=True)
     repeated = np.ones(len(gram_hash), dtype=bool)
     repeated[first] = False
@@ -163,15 +173,13 @@ class GopherRepetitionFilter(Filter):
         words = doc.words()
         if not words:
             return None
-        total_word_chars = sum(map(len, words))
+        vocabulary = {w: i for i, w in enumerate(dict.fromkeys(words))}
+        ids = np.fromiter(map(vocabulary.__getitem__, words), np.uint64, len(words))
+        lengths = np.fromiter(map(len, words), np.int64, len(words))
         for n, limit in p.top_n_grams:
-            if top_ngram_char_fraction(words, n, total_word_chars) > limit:
+            if top_ngram_char_fraction(ids, lengths, n) > limit:
                 return f"top_{n}_gram"
-        if p.dup_n_grams:
-            vocabulary: dict[str, int] = {}
-            ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in words), np.uint64, len(words))
-            lengths = np.fromiter(map(len, words), np.int64, len(words))
-            for n, limit in p.dup_n_grams:
-                if duplicated_ngram_char_fraction(ids, lengths, n) > limit:
-                    return f"dup_{n}_gram"
+        for n, limit in p.dup_n_grams:
+            if duplicated_ngram_char_fraction(ids, lengths, n) > limit:
+                return f"dup_{n}_gram"
         return None
