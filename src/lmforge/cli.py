@@ -21,7 +21,7 @@ app = typer.Typer(help="lmforge: data -> tokenizer -> pretrain -> adapt -> compr
 data_app = typer.Typer(help="Prepare and clean corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -176,6 +176,12 @@ def evaluate(
     else:
         console.print(f"{result.tokens:,} tokens: loss {result.loss:.4f} nats/token, perplexity "
                       f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte")
+
+
+from lmforge.interop import commands as _interop  # noqa: E402  (import, export, verify, encrypt, decrypt)
+
+for _verb in ("import_", "export", "verify", "encrypt", "decrypt"):
+    app.command(_verb.rstrip("_"))(getattr(_interop, _verb))
 
 
 def _validated(cls, **kwargs):

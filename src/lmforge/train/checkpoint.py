@@ -19,6 +19,7 @@ import torch
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.interop.hf import to_hf_config
 from lmforge.model import Transformer
 from lmforge.model_dir import atomic_directory, load_model_dir, write_model_files
 
@@ -64,7 +65,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(folder: Path, model: Transformer) -> dict[str, Any]:
     """Copy the checkpoint's weights into `model` and return its trainer state."""
     loaded, _, _ = load_model_dir(folder, device=model.lm_head.weight.device)
-    if loaded.config.model_dump() != model.config.model_dump():
+    if to_hf_config(loaded.config) != to_hf_config(model.config):
         raise LmforgeError(f"checkpoint {folder} is of a different model than the recipe describes; "
                            "resume with the run's own recipe.yaml")
     with torch.no_grad():

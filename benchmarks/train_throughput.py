@@ -1,0 +1,108 @@
+"""Training tokens/s: lmforge's model and loop against `transformers` GPT2LMHeadModel.
+
+Same configuration (GPT-2 family, 6 layers x 384, vocab 8192 by default), same batches
+from the same prepared shards, same AdamW settings, gradient clipping on both, fp32 on CPU.
+Ours runs through the real trainer (`lmforge.train.trainer.train`), whose metrics.jsonl
+gives tokens/s; theirs through an equivalent plain PyTorch loop.
+
+    python benchmarks/train_throughput.py
+    python benchmarks/train_throughput.py --layers 2 --d-model 128 --steps 10   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine
+
+from lmforge.config import load_recipe
+from lmforge.data.loader import BatchLoader, TokenSplit
+from lmforge.data.prepare import prepare
+from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.trainer import read_metrics, train
+
+
+def recipe_for(args, out: Path, name: str):
+    return load_recipe(None, {
+        "model": {"family": "gpt2", "n_layer": args.layers, "n_head": args.heads, "d_model": args.d_model,
+                  "context": args.seq, "vocab_size": args.vocab},
+        "data": {"corpus": "synthetic", "dir": str(out / "data"), "tokenizer": {"vocab_size": 512}},
+        "train": {"batch_size": args.batch, "max_steps": args.steps + args.warmup_steps, "warmup": 5,
+                  "log_every": 1, "checkpoint_every": 10**6, "compile": args.compile, "seed": 0},
+        "eval": {"every": 10**6, "batches": 1},
+        "run": {"name": name, "out": str(out)},
+    })
+
+
+def ours_rate(args, out: Path, i: int) -> float:
+    recipe = recipe_for(args, out, f"ours-{i}")
+    result = train(recipe, progress=False, log=lambda *_: None)
+    steps = [r for r in read_metrics(result.run_dir) if "tokens_per_s" in r][args.warmup_steps:]
+    return statistics.median(r["tokens_per_s"] for r in steps)
+
+
+def theirs_rate(args, out: Path) -> float:
+    import transformers
+
+    recipe = recipe_for(args, out, "theirs")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.d_model,
+                                     n_layer=args.layers, n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    opt = build_optimizer(model, recipe.train, torch.device("cpu"))
+    loader = BatchLoader(TokenSplit(out / "data", "train"), args.batch, args.seq, 0)
+    rates = []
+    for step in range(args.steps + args.warmup_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.train)
+        t = time.perf_counter()
+        x, y = loader.batch(step)
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(x.numel() / (time.perf_counter() - t))
+    return statistics.median(rates[args.warmup_steps:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per round")
+    ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model (train.compile)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        prepare(recipe_for(args, out, "data").data, out / "data")
+        ours, theirs = [], []
+        for i in range(args.rounds):  # alternate, so drift hits both alike
+            ours.append(ours_rate(args, out, i))
+            theirs.append(theirs_rate(args, out))
+    o, t = statistics.median(ours), statistics.median(theirs)
+    print(f"machine: {machine()}")
+    print(f"model: gpt2 family, {args.layers} layers x {args.d_model}, vocab {args.vocab}, "
+          f"batch {args.batch} x {args.seq}, AdamW, fp32{', compiled' if args.compile else ''}")
+    print(f"      lmforge: {o:8.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in ours)})")
+    print(f" transformers: {t:8.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in theirs)})")
+    print(f"ratio lmforge / transformers: {o / t:.2f}x  (target >= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
