@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmforge.errors import LmforgeError
 
-Family = Literal["gpt2", "llama", "qwen2", "mistral"]
+Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3"]
 
 
 class Section(BaseModel):
@@ -39,6 +39,7 @@ class ModelConfig(Section):
     gpt2: learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
     llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
     qwen2: llama with q/k/v biases.  mistral: llama with sliding-window attention.
+    phi3: llama with an optional sliding window (Hugging Face stores its q/k/v and gate/up fused).
     """
 
     family: Family = "llama"
@@ -55,7 +56,7 @@ class ModelConfig(Section):
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
     qkv_bias: bool | None = None  # None: the family's default (gpt2, qwen2: yes)
-    sliding_window: int | None = None  # mistral only
+    sliding_window: int | None = None  # mistral and phi3 only
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -73,8 +74,8 @@ class ModelConfig(Section):
                 raise ValueError("the gpt2 family has no grouped-query attention: leave n_kv_head unset")
             if not self.tie_embeddings:
                 raise ValueError("the gpt2 family always ties its input and output embeddings")
-        if self.sliding_window is not None and self.family != "mistral":
-            raise ValueError("sliding_window is a mistral-family setting")
+        if self.sliding_window is not None and self.family not in ("mistral", "phi3"):
+            raise ValueError("sliding_window is a mistral- or phi3-family setting")
         if self.rope_scaling is not None and not self.uses_rope:
             raise ValueError("rope_scaling needs a RoPE family (llama, qwen2, mistral)")
         if not 0.0 <= self.dropout < 1.0:

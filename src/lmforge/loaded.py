@@ -42,7 +42,9 @@ class LoadedModel:
         return save_model_dir(self.model, self.tokenizer, out, {"parents": parents, **provenance})
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load any model directory (ours or a Hugging Face one of a supported family)."""
-    model, tokenizer, meta = load_model_dir(path, device=device, dtype=dtype)
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, key: bytes | str | None = None,
+         allow_pickle: bool = False) -> LoadedModel:
+    """Load any model directory: ours, a Hugging Face one of a supported family, or an encrypted
+    one given its `key` (32 bytes, or their hex/base64 text)."""
+    model, tokenizer, meta = load_model_dir(path, device=device, dtype=dtype, allow_pickle=allow_pickle, key=key)
     return LoadedModel(model, tokenizer, Path(path), meta)

@@ -7,7 +7,9 @@
 
 A directory is written under a temporary name and renamed into place when complete, so
 a crash never leaves a half-written model where a complete one is expected. Only
-safetensors is read: pickle checkpoints can run code when loaded.
+safetensors is read (headers validated first, tensors streamed one by one, see
+`lmforge.interop.weights`): pickle checkpoints can run code when loaded, and are read
+only when the caller allows it, and then with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from lmforge.interop.hf import from_hf_config, split_rule, to_hf_config, weight_map
+from lmforge.interop.weights import MemoryTensors, SafetensorsFiles, TensorSource, load_weights
 from lmforge.model import Transformer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.ckpt", "pytorch_model.bin.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_SHARD_BYTES = 4 << 30
+ENCRYPTION_FILE = "encryption.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -77,14 +81,47 @@ def atomic_directory(out: str | Path):
         raise
 
 
+def write_weights(d: Path, model: Transformer, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, str]:
+    """Hugging Face-named safetensors, sharded with an index past `max_shard_bytes`.
+
+    Renamed and split tensors are made one shard at a time. Returns {file: sha256}.
+    """
+    cfg = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    shards: list[list] = [[]]
+    size = 0
+    for rule in weight_map(cfg):
+        nbytes = state[rule.ours].numel() * state[rule.ours].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(rule)
+        size += nbytes
+    names = [WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map_index: dict[str, str] = {}
+    total = 0
+    for name, rules in zip(names, shards):
+        tensors: dict[str, torch.Tensor] = {}
+        for rule in rules:
+            tensors.update(split_rule(rule, state[rule.ours].to("cpu").contiguous()))
+        save_file(tensors, str(d / name), metadata={"format": "pt"})
+        weight_map_index.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map_index}
+        (d / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+    return {name: sha256_file(d / name) for name in names}
+
+
 def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
-                      provenance: dict[str, Any] | None = None) -> None:
+                      provenance: dict[str, Any] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write the model-directory files into an existing folder `d` (not atomic on its own)."""
     cfg = model.config
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    hf_state = to_hf_state_dict(state, cfg)
-    (d / "config.json").write_text(json.dumps(to_hf_config(cfg, tokenizer.special_ids()), indent=2))
-    save_file(hf_state, str(d / WEIGHTS), metadata={"format": "pt"})
+    dtype = model.tok_emb.weight.dtype
+    (d / "config.json").write_text(json.dumps(to_hf_config(cfg, tokenizer.special_ids(), dtype), indent=2))
+    hashes = write_weights(d, model, max_shard_bytes)
     tokenizer.save(d, model_max_length=cfg.context)
     generation = {k: v for k, v in tokenizer.special_ids().items() if v is not None}
     (d / "generation_config.json").write_text(json.dumps({**generation, "max_length": cfg.context}, indent=2))
@@ -94,15 +131,15 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
         "model": cfg.model_dump(mode="json"),
         "parameters": model.num_params(),
         **(provenance or {}),
-        "weights": {WEIGHTS: sha256_file(d / WEIGHTS)},
+        "weights": hashes,
     }
     (d / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def save_model_dir(model: Transformer, tokenizer: TextTokenizer, out: str | Path,
-                   provenance: dict[str, Any] | None = None) -> Path:
+                   provenance: dict[str, Any] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     with atomic_directory(out) as d:
-        write_model_files(d, model, tokenizer, provenance)
+        write_model_files(d, model, tokenizer, provenance, max_shard_bytes)
     return Path(out)
 
 
@@ -116,56 +153,101 @@ def _version() -> str:
 
 
 def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model directory (the shards, in index order, when sharded)."""
     if (folder / WEIGHTS_INDEX).is_file():
-        index = read_json(folder / WEIGHTS_INDEX)
-        names = sorted(set((index.get("weight_map") or {}).values()))
-        if not names:
-            raise LmforgeError(f"{folder / WEIGHTS_INDEX} has no weight_map")
-        return [folder / n for n in names]
+        weight_map_index = _index(folder)
+        return [folder / n for n in sorted(set(weight_map_index.values()))]
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
-    pickled = [n for n in PICKLE_NAMES if (folder / n).exists()]
-    if pickled:
-        raise LmforgeError(f"{folder} holds only pickle weights ({pickled[0]}), which can run code when loaded; "
-                           "lmforge reads safetensors: convert them first")
+    if pickle_files(folder):
+        raise LmforgeError(f"{folder} holds only pickle weights ({pickle_files(folder)[0].name}), which can run "
+                           "code when loaded. lmforge reads safetensors; if you trust the file, pass "
+                           "--allow-pickle (allow_pickle=True) to read it with torch.load(weights_only=True)")
     raise LmforgeError(f"no {WEIGHTS} in {folder}; is this a model directory?")
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def _index(folder: Path) -> dict[str, str]:
+    weight_map_index = read_json(folder / WEIGHTS_INDEX).get("weight_map")
+    if not isinstance(weight_map_index, dict) or not weight_map_index:
+        raise LmforgeError(f"{folder / WEIGHTS_INDEX} has no weight_map")
+    for name, file in weight_map_index.items():
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise LmforgeError(f"{folder / WEIGHTS_INDEX}: tensor {name!r} points at {file!r}, "
+                               "not a .safetensors file in this directory")
+    return weight_map_index
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def read_pickle_weights(files: list[Path]) -> MemoryTensors:
+    """Only behind --allow-pickle, and even then no arbitrary objects: weights_only=True."""
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        if not path.is_file():
-            raise LmforgeError(f"weight file {path} is missing")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LmforgeError(f"{path} is corrupt or truncated ({str(e)[:160]}); re-create or re-download it") from None
-    return tensors
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle raises many types; the message is what matters
+            raise LmforgeError(f"{path} could not be read as weights-only pickle: {str(e).splitlines()[0][:200]}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise LmforgeError(f"{path} does not hold a plain {{name: tensor}} state dict")
+        tensors.update(state)
+    return MemoryTensors(tensors, str(files[0].parent))
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+def weight_source(folder: Path, allow_pickle: bool = False, key: bytes | None = None) -> TensorSource:
+    if (folder / ENCRYPTION_FILE).is_file():
+        from lmforge.interop.crypto import decrypted_source
+
+        return decrypted_source(folder, key)
+    if allow_pickle and not (folder / WEIGHTS).is_file() and not (folder / WEIGHTS_INDEX).is_file() \
+            and pickle_files(folder):
+        return read_pickle_weights(pickle_files(folder))
+    files = weight_files(folder)
+    return SafetensorsFiles(files, _index(folder) if (folder / WEIGHTS_INDEX).is_file() else None)
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   allow_pickle: bool = False,
+                   key: bytes | str | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+    """Load any model directory: ours, a Hugging Face one of a supported family, or an encrypted one (+ key)."""
     folder = Path(path)
     if not folder.is_dir():
         raise LmforgeError(f"model directory {path} not found")
     cfg: ModelConfig = from_hf_config(read_json(folder / "config.json"))
-    hf_state = read_safetensors(weight_files(folder))
-    state = from_hf_state_dict(hf_state, cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
-            raise LmforgeError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
-                               f"{tuple(expected[name].shape)}: config and weights do not match")
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.init_rope()
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
-    tokenizer = TextTokenizer.load(folder)
+    if isinstance(key, str):
+        from lmforge.interop.crypto import parse_key
+
+        key = parse_key(key)
+    model = load_weights(weight_source(folder, allow_pickle, key), cfg, dtype).to(device)
+    tokenizer = load_tokenizer(folder)
     meta = read_json(folder / "lmforge.json") if (folder / "lmforge.json").is_file() else {}
     return model, tokenizer, meta
+
+
+def load_tokenizer(folder: Path) -> TextTokenizer:
+    """tokenizer.json + tokenizer_config.json; newer transformers keep the chat template in chat_template.jinja."""
+    tokenizer = TextTokenizer.load(folder)
+    template = folder / "chat_template.jinja"
+    if tokenizer.chat_template is None and template.is_file():
+        tokenizer.config["chat_template"] = template.read_text()
+    return tokenizer
+
+
+def verify_model_dir(path: str | Path) -> dict[str, str]:
+    """Check every weight file against the sha256 lmforge.json (or encryption.json) recorded."""
+    folder = Path(path)
+    record = folder / ENCRYPTION_FILE if (folder / ENCRYPTION_FILE).is_file() else folder / "lmforge.json"
+    hashes = read_json(record).get("weights") if record.is_file() else None
+    if not isinstance(hashes, dict) or not hashes:
+        raise LmforgeError(f"{record} records no sha256 per weight file; nothing to verify against")
+    for name, digest in hashes.items():
+        file = folder / name
+        if Path(name).name != name or not file.is_file():
+            raise LmforgeError(f"{file} is missing")
+        if sha256_file(file) != digest:
+            raise LmforgeError(f"{file} does not match the sha256 in {record.name}: it changed after it was "
+                               "written (corrupt, truncated or tampered with)")
+    return hashes

@@ -1,0 +1,67 @@
+"""`lmforge import` and `lmforge export`: a model directory in from anywhere, out to anything.
+
+import: a Hugging Face directory (any supported family; single-file or sharded
+safetensors; pickle only with allow_pickle) or a `.gguf` file -> an lmforge model directory.
+export: a model directory -> hf (a directory transformers loads), gguf (llama.cpp) or onnx.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Format = Literal["hf", "gguf", "onnx"]
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise LmforgeError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def import_model(src: str | Path, out: str | Path, dtype: str | None = None, allow_pickle: bool = False,
+                 key: bytes | str | None = None) -> Path:
+    """Read a foreign model and write it as an lmforge model directory at `out`."""
+    import lmforge
+    from lmforge.model_dir import save_model_dir
+
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise LmforgeError(f"{src} not found")
+    if src.resolve() == out.resolve():
+        raise LmforgeError("--out must differ from the source")
+    if src.is_file() and src.suffix == ".gguf":
+        from lmforge.interop.gguf_import import load_gguf
+
+        model, tokenizer = load_gguf(src, parse_dtype(dtype))
+        return save_model_dir(model, tokenizer, out, {"parents": [str(src)], "imported_from": "gguf"})
+    if src.is_file():
+        raise LmforgeError(f"{src} is a file: give a model directory (config.json + weights) or a .gguf file")
+    loaded = lmforge.load(src, dtype=parse_dtype(dtype), key=key, allow_pickle=allow_pickle)
+    return loaded.save(out, imported_from=loaded.config.family)
+
+
+def export_model(model: str | Path, fmt: Format, out: str | Path, dtype: str | None = None,
+                 gguf_type: str = "f16", quantize: str | None = None, key: bytes | str | None = None) -> Path:
+    import lmforge
+
+    out = Path(out)
+    if fmt not in ("hf", "gguf", "onnx"):
+        raise LmforgeError(f"--format {fmt!r} is not one of hf, gguf, onnx")
+    loaded = lmforge.load(model, dtype=parse_dtype(dtype), key=key)
+    if fmt == "hf":
+        return loaded.save(out, exported_as="hf")
+    if fmt == "gguf":
+        from lmforge.interop.gguf_export import export_gguf
+
+        return export_gguf(loaded, out, gguf_type)
+    from lmforge.interop.onnx_export import export_onnx
+
+    return export_onnx(loaded, out, quantize=quantize)

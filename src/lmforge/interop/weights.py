@@ -1,0 +1,176 @@
+"""Streaming weight loading: Hugging Face tensors -> a `Transformer`, one tensor at a time.
+
+The model is built on the meta device, every shape is checked against the files'
+headers, and only then is memory allocated, once, in the target dtype. Each of our
+tensors is then filled straight from disk through its family `Rule` (a fused q/k/v
+matrix is filled slice by slice), so the peak is the model plus at most one tensor.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.interop.families import Rule
+from lmforge.interop.hf import check_names, normalize_names, weight_map
+from lmforge.interop.safetensors_io import Header, TensorEntry, read_header, read_into, read_tensor
+from lmforge.model import Transformer
+
+
+class TensorSource(Protocol):
+    description: str
+
+    def names(self) -> list[str]: ...
+    def entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
+    def where(self, name: str) -> str: ...
+    def read_into(self, name: str, dest: torch.Tensor) -> None: ...
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+class SafetensorsFiles:
+    """The tensors of one safetensors file or of a sharded checkpoint's shards."""
+
+    def __init__(self, files: list[Path], index: dict[str, str] | None = None):
+        self.description = str(files[0].parent if len(files) > 1 else files[0])
+        self.entries: dict[str, tuple[Path, TensorEntry]] = {}
+        for path in files:
+            if not path.is_file():
+                raise LmforgeError(f"weight file {path} is missing")
+            header: Header = read_header(path)
+            for name, entry in header.tensors.items():
+                if name in self.entries:
+                    raise LmforgeError(f"tensor {name!r} is in both {self.entries[name][0].name} and {path.name}")
+                self.entries[name] = (path, entry)
+        if index is not None:
+            for name, file in index.items():
+                if name not in self.entries or self.entries[name][0].name != file:
+                    raise LmforgeError(f"the index says tensor {name!r} is in {file}, but it is not there")
+            unlisted = sorted(set(self.entries) - set(index))
+            if unlisted:
+                raise LmforgeError(f"tensor {unlisted[0]!r} in {self.entries[unlisted[0]][0].name} is not in the index")
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        e = self.entries[name][1]
+        return e.dtype, e.shape
+
+    def where(self, name: str) -> str:
+        return str(self.entries[name][0])
+
+    def _file(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(open(path, "rb"))
+        return self._handles[path]
+
+    def read_into(self, name: str, dest: torch.Tensor) -> None:
+        path, entry = self.entries[name]
+        if dest.dtype == entry.dtype and dest.is_contiguous():
+            read_into(self._file(path), entry, dest, path)
+        else:
+            dest.copy_(read_tensor(self._file(path), entry, path).view(dest.shape))
+
+    def read(self, name: str) -> torch.Tensor:
+        path, entry = self.entries[name]
+        return read_tensor(self._file(path), entry, path)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+
+class MemoryTensors:
+    """Tensors already in memory (a GGUF file dequantized, or an allowed pickle)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], description: str):
+        self.tensors, self.description = tensors, description
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.tensors[name].dtype, tuple(self.tensors[name].shape)
+
+    def where(self, name: str) -> str:
+        return self.description
+
+    def read_into(self, name: str, dest: torch.Tensor) -> None:
+        dest.copy_(self.tensors[name])
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def close(self) -> None:
+        pass
+
+
+def _check_shapes(rule: Rule, expected: tuple[int, ...], source: TensorSource, names: dict[str, str]) -> None:
+    entries = [(n, *source.entry(names[n])) for n in rule.theirs]
+    for n, dtype, shape in entries:
+        if not dtype.is_floating_point:
+            raise LmforgeError(f"{source.where(names[n])}: tensor {n!r} is {dtype}; weights must be floating point")
+    shapes = [shape for _, _, shape in entries]
+    if rule.kind == "same":
+        ok, want = shapes[0] == expected, [expected]
+    elif rule.kind == "transpose":
+        ok, want = shapes[0] == expected[::-1], [expected[::-1]]
+    else:
+        want = [(size, *expected[1:]) for size in rule.sizes]
+        ok = shapes == want
+    if not ok:
+        bad = next(i for i, s in enumerate(shapes) if s != want[i])
+        name = rule.theirs[bad]
+        raise LmforgeError(f"{source.where(names[name])}: tensor {name!r} has shape {shapes[bad]} but config.json "
+                           f"implies {want[bad]}: config and weights do not match")
+
+
+def default_dtype(source: TensorSource) -> torch.dtype:
+    """The dtype most of the weights are stored in (by element count)."""
+    counts: dict[torch.dtype, int] = {}
+    for name in source.names():
+        dtype, shape = source.entry(name)
+        if dtype in (torch.float32, torch.float16, torch.bfloat16):
+            counts[dtype] = counts.get(dtype, 0) + int(torch.Size(shape).numel())
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def load_weights(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model for `cfg` and fill it from `source` (Hugging Face names), validated first."""
+    names = normalize_names(source.names(), cfg)
+    check_names(set(names), cfg, source.description)
+    rules = weight_map(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for rule in rules:
+        _check_shapes(rule, expected[rule.ours], source, names)
+    # Allocate once, in the target dtype; untouched pages cost nothing until filled.
+    model = model.to(dtype or default_dtype(source)).to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    try:
+        with torch.no_grad():
+            for rule in rules:
+                dest = params[rule.ours]
+                if rule.kind == "transpose":
+                    dest.copy_(source.read(names[rule.theirs[0]]).t())
+                elif rule.kind == "concat":
+                    offset = 0
+                    for name, size in zip(rule.theirs, rule.sizes):
+                        source.read_into(names[name], dest[offset:offset + size])
+                        offset += size
+                else:
+                    source.read_into(names[rule.theirs[0]], dest)
+    finally:
+        source.close()
+    model.init_rope()
+    return model.eval()

@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face models of every supported family, made with `transformers`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.data.tokenizer import train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320
+TEXT = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
+        "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 20
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+FAMILIES = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                            bos_token_id=0, eos_token_id=0),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_scaling=LLAMA3_SCALING, rope_theta=500000.0),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, sliding_window=8),
+    "phi3": lambda: transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, pad_token_id=0, bos_token_id=1,
+        eos_token_id=0),
+}
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = train_tokenizer(TEXT, VOCAB)
+    tok.config["chat_template"] = CHAT_TEMPLATE
+    return tok
+
+
+def make_hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # random norms and biases too, so a swapped tensor cannot hide
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name or "ln_" in name else 0.0))
+    return model.eval()
+
+
+def save_hf_dir(model, tokenizer, folder: Path, shard: str | None = None) -> Path:
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory, tokenizer):
+    """{family: (transformers model, its saved directory)}; llama saved sharded."""
+    out = {}
+    for family in FAMILIES:
+        model = make_hf_model(family)
+        folder = tmp_path_factory.mktemp(f"hf-{family}")
+        out[family] = (model, save_hf_dir(model, tokenizer, folder, shard="20KB" if family == "llama" else None))
+    return out
+
+
+def probe_ids(n: int = 24, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
