@@ -36,7 +36,9 @@ class KVCache:
             self.has_padding = True
         self.valid[:, start:start + t] = new_valid
         seen = self.valid[:, :start].sum(dim=1, keepdim=True) if self.has_padding else start
-        return seen + torch.cumsum(new_valid.long(), dim=1) - 1
+        # Left padding would get position -1: clamp it (its slots are masked anyway), since a
+        # learned position table (gpt2) cannot be indexed with it.
+        return (seen + torch.cumsum(new_valid.long(), dim=1) - 1).clamp_(min=0)
 
     def attention_mask(self, t: int, window: int | None) -> torch.Tensor | None:
         """Boolean (B, 1, t, length+t) mask of the slots each new query may attend to, or None

@@ -1,0 +1,130 @@
+"""Shared fixtures: a private cache, one tiny prepared dataset per session, tiny models.
+
+Everything here is small on purpose (d_model 32-64, 1-2 layers, context 32-64) so the
+whole suite runs in about a minute on a busy 2-core CPU. Tests never touch the network:
+the `synthetic` corpus is generated in code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import DataConfig, ModelConfig, TokenizerConfig, deep_merge, load_recipe
+from lmforge.data.prepare import prepare
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.model import Transformer
+from lmforge.model_dir import save_model_dir
+
+DATA_VOCAB = 512  # the `tiny` recipe's vocabulary, so its runs reuse the session's prepared data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """Corpora and downloads go to a throwaway cache (subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("lmforge-cache")
+    previous = os.environ.get("LMFORGE_CACHE")
+    os.environ["LMFORGE_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("LMFORGE_CACHE", None)
+    else:
+        os.environ["LMFORGE_CACHE"] = previous
+
+
+def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
+    fields = dict(family=family, vocab_size=320, n_layer=2, n_head=4, d_model=32, context=32)
+    if family != "gpt2":
+        fields["n_kv_head"] = 2
+    return ModelConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def make_config():
+    """make_config(family, **overrides) -> a tiny ModelConfig (vocab 320, 2 layers, d_model 32, context 32)."""
+    return tiny_config
+
+
+@pytest.fixture
+def make_model():
+    """make_model(family, seed=0, **config overrides) -> a tiny Transformer in eval mode."""
+
+    def build(family: str = "llama", seed: int = 0, **overrides) -> Transformer:
+        torch.manual_seed(seed)
+        return Transformer(tiny_config(family, **overrides)).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The synthetic corpus prepared once: tokenizer.json, train/val shards, index.json."""
+    cfg = DataConfig(corpus="synthetic", tokenizer=TokenizerConfig(vocab_size=DATA_VOCAB))
+    return prepare(cfg, tmp_path_factory.mktemp("data") / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_data) -> TextTokenizer:
+    return TextTokenizer.load(tiny_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_data, tokenizer, tmp_path_factory) -> Path:
+    """A randomly initialized llama-family model directory with the session's tokenizer."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("llama", vocab_size=tokenizer.vocab_size, context=64))
+    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def build_tiny_recipe(data_dir: Path, out: Path, name: str = "run", **sections):
+    """The `tiny` recipe, shrunk further, writing runs under `out` and reusing prepared `data_dir`."""
+    base = {
+        "model": {"n_layer": 1, "d_model": 32, "context": 32},
+        "data": {"dir": str(data_dir)},
+        "train": {"batch_size": 4, "max_steps": 6, "warmup": 2, "checkpoint_every": 3, "log_every": 1},
+        "eval": {"every": 3, "batches": 2},
+        "run": {"name": name, "out": str(out)},
+    }
+    return load_recipe("tiny", deep_merge(base, sections))
+
+
+@pytest.fixture
+def tiny_recipe(tiny_data, tmp_path):
+    """tiny_recipe(name="run", **sections) -> a seconds-long recipe writing under tmp_path/runs.
+
+    It reuses the session's prepared data (same data settings), so a run costs only its steps.
+    """
+    return lambda name="run", **sections: build_tiny_recipe(tiny_data, tmp_path / "runs", name, **sections)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """One short real training run (a few seconds), shared: its loss curve and its model directory."""
+    from lmforge.train.trainer import train
+
+    recipe = build_tiny_recipe(tiny_data, tmp_path_factory.mktemp("trained"), "trained",
+                               model={"d_model": 64, "n_head": 4, "n_kv_head": 2},
+                               train={"batch_size": 8, "max_steps": 50, "warmup": 5, "lr": 1e-2,
+                                      "checkpoint_every": 50, "log_every": 5},
+                               eval={"every": 50, "batches": 4})
+    return train(recipe, progress=False, log=lambda s: None)
+
+
+LMFORGE = Path(sys.executable).with_name("lmforge")
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """cli(*args) runs the installed `lmforge` console script in tmp_path."""
+
+    def run(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+        return subprocess.run([str(LMFORGE), *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
+
+    return run
