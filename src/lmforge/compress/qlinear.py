@@ -1,0 +1,220 @@
+"""Quantized linear layers: the modules that replace `nn.Linear` in a quantized `Transformer`.
+
+Three formats, chosen by measurement (benchmarks/kernels.py, docs/compress.md):
+
+- `int8`  weight-only, one scale per output channel. Decoding (few rows) runs the native
+          kernel in `qmatmul.c`, which quantizes the activations in blocks of 32 on the fly
+          and multiplies int8 by int8, as llama.cpp does.
+- `int4`  weight-only, asymmetric, groups of `group_size` inputs (a multiple of 32):
+          W = scale * (q - zero), q in 0..15, two per byte. Same kernel.
+- `w8a8`  int8 weights per channel and int8 activations quantized per call (fbgemm's
+          dynamic quantized linear): the fastest for batch work, slightly less accurate.
+
+Many rows at once (a prompt, an evaluation batch) are faster as one BLAS matmul on the
+dequantized weight, so `int8`/`int4` switch to that above `DEQUANT_ROWS` rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.compress import native
+from lmforge.errors import LmforgeError
+
+METHODS = ("int8", "int4", "w8a8")
+DEQUANT_ROWS = 16  # above this many rows a BLAS matmul on the dequantized weight wins (kernels.py)
+CHUNK = 32  # int4 weights are packed in runs of 32
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q (N, K) int8, scale (N,) fp32)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def check_group_size(in_features: int, group_size: int, name: str = "layer") -> None:
+    if group_size <= 0 or group_size % CHUNK:
+        raise LmforgeError(f"--group-size must be a positive multiple of {CHUNK} (got {group_size})")
+    if in_features % group_size:
+        raise LmforgeError(f"{name} has {in_features} inputs, not divisible by the group size {group_size}; "
+                           f"choose a group size that divides it (e.g. {CHUNK} if {in_features} % {CHUNK} == 0)")
+
+
+def int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (scale fp32, zero uint8) per group, each (N, K // group_size)."""
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+    zero = torch.round(-lo / scale).clamp(0, 15).to(torch.uint8)
+    return scale, zero
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Integer codes 0..15 (N, K) of `w` on a given per-group grid: W ~ scale * (q - zero)."""
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    q = torch.round(g / scale[..., None]) + zero[..., None].float()
+    return q.clamp(0, 15).reshape(N, K).to(torch.uint8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 -> (N, K/2) bytes; in each run of 32, byte j = q[j] | q[j+16] << 4."""
+    N, K = q.shape
+    runs = q.reshape(N, K // CHUNK, 2, CHUNK // 2)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    N, half = packed.shape
+    runs = packed.reshape(N, half // (CHUNK // 2), 1, CHUNK // 2)
+    return torch.cat((runs & 15, runs >> 4), dim=2).reshape(N, half * 2)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int4: (packed (N, K/2) uint8, scale fp32, zero uint8 (N, K/group_size))."""
+    check_group_size(w.shape[1], group_size)
+    scale, zero = int4_grid(w, group_size)
+    return pack_int4(int4_codes(w, scale, zero, group_size)), scale, zero
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    N, K = q.shape
+    w = (q.reshape(N, K // group_size, group_size) - zero[..., None].float()) * scale[..., None]
+    return w.reshape(N, K)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class QuantizedLinear(nn.Module):
+    """A weight-only int8 or int4 `nn.Linear` replacement (see the module docstring).
+
+    Buffers are what the model directory stores: `qweight` (int8 (N, K) or packed uint8
+    (N, K/2)), `scales` ((N,) or (N, K/G)), `zeros` (uint8 (N, K/G), int4 only) and an fp32 `bias`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0, bias: bool = False):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if bits == 4 else 0
+        if bits == 4:
+            check_group_size(in_features, group_size)
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(out_features, groups))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.zeros(out_features))
+            self.zeros = None
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int = 128,
+                   codes: tuple[torch.Tensor, ...] | None = None) -> "QuantizedLinear":
+        """Round-to-nearest quantization of `linear`, or adopt precomputed `codes` (e.g. from GPTQ)."""
+        m = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None)
+        if codes is None:
+            codes = quantize_int4(linear.weight, group_size) if bits == 4 else quantize_int8(linear.weight)
+        m.qweight.copy_(codes[0])
+        m.scales.copy_(codes[1])
+        if bits == 4:
+            m.zeros.copy_(codes[2])
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight (a fresh tensor: for inspection and compatibility, not speed)."""
+        return self.dequantize()
+
+    def dequantize(self) -> torch.Tensor:
+        lib = native.kernels()
+        if lib is None:
+            if self.bits == 8:
+                return dequantize_int8(self.qweight, self.scales)
+            return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
+        w = torch.empty(self.out_features, self.in_features)
+        lib.dequant(self.bits, native.ptr(self.qweight), native.ptr(self.scales), native.ptr(self.zeros),
+                    self.group_size, self.out_features, self.in_features, native.ptr(w))
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        lib = native.kernels()
+        if (lib is None or rows.shape[0] > DEQUANT_ROWS or self.in_features % CHUNK
+                or x.dtype != torch.float32 or x.device.type != "cpu"):
+            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        rows = rows.contiguous()
+        M, K, N = rows.shape[0], self.in_features, self.out_features
+        y = torch.empty(M, N)
+        lib.qlinear(self.bits, native.ptr(rows), M, K, native.ptr(self.qweight), native.ptr(self.scales),
+                    native.ptr(self.zeros), self.group_size, N, native.ptr(self.bias), native.ptr(y))
+        return y.reshape(*lead, N)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+class DynamicInt8Linear(nn.Module):
+    """w8a8: per-channel int8 weights (stored like `int8`) and activations quantized per call,
+    through fbgemm's prepacked dynamic quantized linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, 8
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.repack())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, codes: tuple[torch.Tensor, ...] | None = None) -> "DynamicInt8Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q, scale = codes or quantize_int8(linear.weight)
+        m.qweight.copy_(q)
+        m.scales.copy_(scale)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        m.repack()
+        return m
+
+    def repack(self) -> None:
+        """fbgemm's packed copy of the weight, rebuilt whenever the stored buffers change."""
+        if self.qweight.device.type == "meta":
+            return
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
+        self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self.repack()
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, True).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 (fbgemm dynamic)"
