@@ -46,12 +46,20 @@ def train(
     recipe: Annotated[str, typer.Argument(help="A recipe YAML file, or a built-in name (quickstart, tiny, gpt2-124m).")],
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (launches torchrun).")] = 1,
 ):
     """Pretrain a model from a recipe. Override any key: `--train.lr 3e-4 --model.n_layer 8`."""
+    import os
+
     from lmforge.config import load_recipe
     from lmforge.train.trainer import train as run_training
 
     cfg = load_recipe(recipe, list(ctx.args))
+    if nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from lmforge.train.distributed import launch
+
+        flags = (["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
+        raise typer.Exit(launch(nproc, ["train", recipe, *flags, *ctx.args]))
     result = run_training(cfg, resume=resume, progress=progress, log=console.print)
     val = result.val
     console.print(f"[green]done[/]: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
@@ -147,6 +155,32 @@ def chat(
                               **vars(params))
         console.print()
         messages.append({"role": "assistant", "content": reply.text})
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="A model directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs API keys.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File of API keys, one a line (or set LMFORGE_API_KEYS).")] = None,
+    allow_no_auth: Annotated[bool, typer.Option(help="Serve a non-loopback address without keys (behind an authenticating proxy).")] = False,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model name clients send (default: the directory name).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")] = 256,
+    requests_per_minute: Annotated[Optional[float], typer.Option(help="Per API key.")] = None,
+    tokens_per_minute: Annotated[Optional[float], typer.Option(help="Per API key (prompt + max_tokens, reserved up front).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable; none by default).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+):
+    """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
+    from lmforge.serve.command import serve as run_server
+
+    run_server(model, host, port, api_key_file, allow_no_auth, device=device, settings={
+        "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
+        "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
+        "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or []})
 
 
 @app.command("eval")

@@ -50,6 +50,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and its k best alternatives
     prompt_logprobs: bool = False  # also the logprob of every prompt token given the ones before (echo)
+    stop_token_ids: list[int] = field(default_factory=list)  # end tokens besides end-of-text (chat turns)
 
 
 @dataclass
@@ -103,6 +104,38 @@ def _logprob_entry(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
         values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(logprobs[token]), top)
+
+
+class EventStream:
+    """(index, event) pairs for several requests, in the asyncio loop that opened it. Leaving
+    the `async for` early (a client that disconnected) cancels the requests still running."""
+
+    def __init__(self, engine: "Engine", requests: list[Request]):
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def callback(i: int) -> EventCallback:
+            return lambda ev: loop.call_soon_threadsafe(self._queue.put_nowait, (i, ev))
+
+        self._engine = engine
+        self.sequences = engine.submit_many(requests, [callback(i) for i in range(len(requests))])
+        self._open = len(self.sequences)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
+        try:
+            while self._open:
+                i, ev = await self._queue.get()
+                if ev.finish_reason is not None:
+                    self._open -= 1
+                yield i, ev
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if self._open:
+            for s in self.sequences:
+                s.cancel()
+            self._engine.wake()
 
 
 class Engine:
@@ -185,28 +218,9 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
-    async def stream(self, requests: list[Request]) -> AsyncIterator[tuple[int, Event]]:
-        """(index, event) for several requests as the engine makes them; cancels them all
-        if the consumer stops early (a client that disconnected)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-
-        def callback(i: int) -> EventCallback:
-            return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
-
-        seqs = self.submit_many(requests, [callback(i) for i in range(len(requests))])
-        open_ = len(seqs)
-        try:
-            while open_:
-                i, ev = await queue.get()
-                if ev.finish_reason is not None:
-                    open_ -= 1
-                yield i, ev
-        finally:
-            if open_:
-                for s in seqs:
-                    s.cancel()
-                self.wake()
+    def stream(self, requests: list[Request]) -> "EventStream":
+        """Submit now (so a full queue or a bad request raises here) and read events with `async for`."""
+        return EventStream(self, requests)
 
     def generate(self, requests: list[Request], timeout: float | None = None) -> list[Result]:
         """Blocking: run requests through the engine and collect their results."""
@@ -325,7 +339,7 @@ class Engine:
                 tokens = [TokenLogprob(token, 0.0, [])]
             finish = None
             text = ""
-            if token == eos:
+            if token == eos or token in seq.request.stop_token_ids:
                 finish = "stop"
             else:
                 text = seq.row.add(token)

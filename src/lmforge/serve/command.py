@@ -1,0 +1,55 @@
+"""`lmforge serve MODEL`: load a model directory and serve it with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.security import KEYS_ENV, ApiKeys
+from lmforge.serve.settings import ServeSettings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu"):
+    import lmforge
+    from lmforge.infer.engine import Engine
+    from lmforge.serve.app import create_app
+
+    m = lmforge.load(model_dir, device=device)
+    engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    return create_app(engine, settings)
+
+
+def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
+          settings: dict, device: str = "cpu", log_level: str = "info") -> None:
+    import uvicorn
+
+    keys = ApiKeys.load(api_key_file)
+    if not keys and not is_loopback(host) and not allow_no_auth:
+        raise LmforgeError(f"refusing to listen on {host} without API keys: give --api-key-file FILE or set "
+                           f"{KEYS_ENV} (or --allow-no-auth, if something in front of the server checks them)")
+    if not settings.get("model_name"):
+        settings["model_name"] = Path(model_dir).resolve().name
+    config = ServeSettings(api_keys=keys, **settings)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("lmforge.serve.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    app = build_app(model_dir, config, device)
+    auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
+    print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, server_header=False,
+                timeout_graceful_shutdown=5)
