@@ -15,6 +15,7 @@ from lmforge.data.clean.text import SENTENCE_END_RE, words
 
 _CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _C4_END = (".", "?", "!", '"', "'", "。", "？", "！", "”", "」")
+_BLANK_LINES_RE = re.compile(r"\n{3,}")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
@@ -45,6 +46,7 @@ class C4Filter(Filter):
         for line in doc.text.split("\n"):
             line = line.strip()
             if not line:
+                kept.append(line)  # paragraph breaks stay
                 continue
             if p.remove_citations:
                 line = _CITATION_RE.sub("", line)
@@ -61,7 +63,7 @@ class C4Filter(Filter):
             if p.filter_policy and any(phrase in low for phrase in _POLICY):
                 continue
             kept.append(line)
-        text = "\n".join(kept)
+        text = _BLANK_LINES_RE.sub("\n\n", "\n".join(kept)).strip()
         if not text:
             return "no_lines_left"
         if p.min_num_sentences is not None and len(SENTENCE_END_RE.findall(text)) < p.min_num_sentences:
