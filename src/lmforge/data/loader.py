@@ -29,6 +29,9 @@ class TokenSplit:
             path = Path(folder) / name
             if not path.is_file():
                 raise LmforgeError(f"{path} is missing; run `lmforge data prepare` again")
+            size = path.stat().st_size
+            if size == 0 or size % dtype.itemsize:  # numpy cannot map these at all
+                raise LmforgeError(f"{path} is truncated ({size} bytes); run `lmforge data prepare` again")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.tokens = sum(len(s) for s in self.shards)
         if self.tokens != info["tokens"]:
