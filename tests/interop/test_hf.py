@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, FAMILIES, hf_logits, probe_ids, transformers
+from tiny_models import CHAT_TEMPLATE, FAMILIES, hf_logits, probe_ids, transformers
 
 import lmforge
 from lmforge.errors import LmforgeError

@@ -1,4 +1,7 @@
-"""Tiny random Hugging Face models of every supported family, made with `transformers`."""
+"""Tiny random Hugging Face models of every supported family, made with `transformers`.
+
+Helpers for the interop tests; the fixtures built from them are in conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +40,6 @@ FAMILIES = {
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    tok = train_tokenizer(TEXT, VOCAB)
-    tok.config["chat_template"] = CHAT_TEMPLATE
-    return tok
-
-
 def make_hf_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     config = FAMILIES[family]()
@@ -60,17 +56,6 @@ def save_hf_dir(model, tokenizer, folder: Path, shard: str | None = None) -> Pat
     model.save_pretrained(folder, **kwargs)
     tokenizer.save(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def hf_dirs(tmp_path_factory, tokenizer):
-    """{family: (transformers model, its saved directory)}; llama saved sharded."""
-    out = {}
-    for family in FAMILIES:
-        model = make_hf_model(family)
-        folder = tmp_path_factory.mktemp(f"hf-{family}")
-        out[family] = (model, save_hf_dir(model, tokenizer, folder, shard="20KB" if family == "llama" else None))
-    return out
 
 
 def probe_ids(n: int = 24, batch: int = 2) -> torch.Tensor:
