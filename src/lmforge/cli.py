@@ -61,6 +61,8 @@ def train(
         flags = (["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
         raise typer.Exit(launch(nproc, ["train", recipe, *flags, *ctx.args]))
     result = run_training(cfg, resume=resume, progress=progress, log=console.print)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     val = result.val
     console.print(f"[green]done[/]: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
                   f"validation loss {val.loss:.3f}, perplexity {val.perplexity:.2f}, {val.bits_per_byte:.3f} bits/byte")
@@ -216,6 +218,15 @@ from lmforge.interop import commands as _interop  # noqa: E402  (import, export,
 
 for _verb in ("import_", "export", "verify", "encrypt", "decrypt"):
     app.command(_verb.rstrip("_"))(getattr(_interop, _verb))
+
+from lmforge.data.clean.command import clean_command  # noqa: E402  (lmforge data clean)
+
+data_app.command("clean")(clean_command)
+
+
+from lmforge.compress.command import register as _register_compress  # noqa: E402 - quantize, prune, distill, compare
+
+_register_compress(app)
 
 
 def _validated(cls, **kwargs):

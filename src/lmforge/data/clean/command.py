@@ -35,9 +35,13 @@ def clean_command(
     bar = Progress(TextColumn("cleaning shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress)
     task = bar.add_task("clean", total=None)
-    with bar:
-        stats = clean(inputs, out, cleaning, workers=workers or os.cpu_count() or 1, overwrite=overwrite,
-                      on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    try:
+        with bar:
+            stats = clean(inputs, out, cleaning, workers=workers or os.cpu_count() or 1, overwrite=overwrite,
+                          on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except KeyboardInterrupt:
+        console.print("[yellow]finished shards are kept: run the same command again to resume[/]")
+        raise
     console.print(summary_table(stats))
     console.print(f"{out}: {len(stats['outputs'])} part files, {stats['docs_out']:,} documents, "
                   f"{stats['chars_out']:,} characters; report: {os.path.join(out, 'stats.json')}")
