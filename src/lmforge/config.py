@@ -159,6 +159,7 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
     compile: bool = False
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # older step checkpoints are deleted; 0 keeps all
     log_every: int = 10

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import to_hf_config
@@ -62,18 +63,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return link.resolve()
 
 
-def load_checkpoint(folder: Path, model: Transformer) -> dict[str, Any]:
-    """Copy the checkpoint's weights into `model` and return its trainer state."""
-    loaded, _, _ = load_model_dir(folder, device=model.lm_head.weight.device)
-    if to_hf_config(loaded.config) != to_hf_config(model.config):
+def load_checkpoint(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, trainer state) of a checkpoint made for a model of `config`."""
+    loaded, _, _ = load_model_dir(folder)
+    if to_hf_config(loaded.config) != to_hf_config(config):
         raise LmforgeError(f"checkpoint {folder} is of a different model than the recipe describes; "
                            "resume with the run's own recipe.yaml")
-    with torch.no_grad():
-        model.load_state_dict(loaded.state_dict())
     path = folder / TRAINER_STATE
     if not path.is_file():
         raise LmforgeError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise LmforgeError(f"{path} is corrupt ({type(e).__name__}); resume from an earlier checkpoint") from None
+    return loaded.state_dict(), state

@@ -30,6 +30,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import EvalResult, evaluate_split
 from lmforge.model import Transformer
 from lmforge.model_dir import save_model_dir
+from lmforge.train import distributed
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.optim import build_optimizer, lr_at
 
@@ -51,14 +52,6 @@ class TrainResult:
     seconds: float
     train_loss: float
     val: EvalResult | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
-    return torch.device(name)
 
 
 def autocast_for(device: torch.device, dtype_name: str):
@@ -102,16 +95,19 @@ class _StopFlag:
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = open(path, "a")
+    """Appends one JSON object per line; a log without a path (other ranks) writes nothing."""
+
+    def __init__(self, path: Path | None):
+        self._f = open(path, "a") if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -159,9 +155,22 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
     if resume and latest_checkpoint(run_dir) is None:
         raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
     tc = recipe.train
-    device = resolve_device(tc.device)
+    if tc.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
+    ctx, device = distributed.setup(tc.parallel, tc.batch_size, tc.device)
+    try:
+        return _train(recipe, resume, progress, log if ctx.is_main else (lambda *_: None), interrupt_at, ctx, device)
+    finally:
+        distributed.teardown(ctx)
 
-    data_dir = prepare(recipe.data, data_dir_for(recipe), progress=lambda s: log(f"data: {s}"))
+
+def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int | None,
+           ctx: distributed.DistContext, device: torch.device) -> TrainResult:
+    run_dir, tc = recipe.run.dir, recipe.train
+    if ctx.is_main:  # one process prepares; the others then find it ready
+        prepare(recipe.data, data_dir_for(recipe), progress=lambda s: log(f"data: {s}"))
+    ctx.barrier()
+    data_dir = prepare(recipe.data, data_dir_for(recipe))
     tokenizer = TextTokenizer.load(data_dir)
     index = read_index(data_dir)
     if recipe.model.vocab_size is None:
@@ -176,17 +185,20 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
     torch.manual_seed(tc.seed)
     model = Transformer(recipe.model).to(device)
     model.train()
-    optimizer = build_optimizer(model, tc, device)
+    wrapped = distributed.parallelize(model, ctx, device)
+    optimizer = build_optimizer(model, tc, device)  # after sharding: FSDP2 replaces the parameters
     autocast = autocast_for(device, tc.dtype)
-    step_fn = torch.compile(model) if tc.compile else model
+    step_fn = torch.compile(wrapped) if tc.compile else wrapped
+    rows = ctx.rows(tc.batch_size)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume:
         ckpt = latest_checkpoint(run_dir)
-        state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
+        weights, state = load_checkpoint(ckpt, model.config)
+        distributed.load_full_state(model, optimizer, weights, state["optimizer"], ctx)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -194,20 +206,22 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
         log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
     provenance = {"recipe": recipe.model_dump(mode="json"),
                   "data": {"dir": str(data_dir), "fingerprint": index["fingerprint"], "corpus": recipe.data.corpus}}
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if ctx.is_main else None)
     tokens_per_step = tc.batch_size * tc.grad_accum * seq_len
     flops_per_token = model.flops_per_token(seq_len, training=True)
 
-    def trainer_state(step: int, elapsed: float) -> dict[str, Any]:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "tokens": tokens_seen, "elapsed": elapsed}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        return state
-
     def checkpoint(step: int, elapsed: float) -> Path:
-        return save_checkpoint(run_dir, step, model, tokenizer, trainer_state(step, elapsed),
-                               provenance, tc.keep_checkpoints)
+        weights, optim = distributed.full_state(model, optimizer, ctx)  # collective under FSDP
+        path = run_dir / "checkpoints" / f"step-{step:06d}"
+        if ctx.is_main:
+            state = {"step": step, "optimizer": optim, "rng_cpu": torch.get_rng_state(),
+                     "tokens": tokens_seen, "elapsed": elapsed}
+            if device.type == "cuda":
+                state["rng_cuda"] = torch.cuda.get_rng_state()
+            path = save_checkpoint(run_dir, step, distributed.plain_copy(weights, model), tokenizer, state,
+                                   provenance, tc.keep_checkpoints)
+        ctx.barrier()
+        return path
 
     def validate(step: int) -> EvalResult:
         result = evaluate_split(model, val_split, batch_size=tc.batch_size, max_batches=recipe.eval.batches,
@@ -216,7 +230,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
                        "val_bpb": result.bits_per_byte})
         return result
 
-    bar = _progress_bar(progress)
+    bar = _progress_bar(progress and ctx.is_main)
     task = bar.add_task("train", total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
     start = time.perf_counter()
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -231,18 +245,20 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
                 loss_sum = 0.0
                 for micro in range(tc.grad_accum):
                     x, y = loader.batch(step * tc.grad_accum + micro)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast:
-                        logits = step_fn(x)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / tc.grad_accum).backward()
+                    x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
+                    with distributed.no_gradient_sync(wrapped, ctx, micro == tc.grad_accum - 1):
+                        with autocast:
+                            logits = step_fn(x)
+                            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                        (loss / tc.grad_accum).backward()
                     loss_sum += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += tokens_per_step
-                last_loss = loss_sum / tc.grad_accum
+                last_loss = ctx.mean(loss_sum / tc.grad_accum)
                 if not math.isfinite(last_loss):
                     raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
                 window_loss += last_loss
@@ -260,25 +276,32 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
                     val = validate(step)
                 elapsed = elapsed_before + time.perf_counter() - start
                 out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
-                interrupted = stop.signal is not None or (interrupt_at is not None and step >= interrupt_at)
+                interrupted = ctx.all_true(stop.signal is not None or (interrupt_at is not None and step >= interrupt_at))
+                out_of_time = ctx.all_true(out_of_time)
                 if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
                     path = checkpoint(step, elapsed)
                     if interrupted:
-                        plot_losses(run_dir)
+                        if ctx.is_main:
+                            plot_losses(run_dir)
                         raise TrainingInterrupted(step, path)
                 if out_of_time:
                     log(f"train.max_minutes reached at step {step}")
                     break
         seconds = elapsed_before + time.perf_counter() - start
         val = validate(step)
-        if not (run_dir / "latest").exists() or latest_checkpoint(run_dir).name != f"step-{step:06d}":
+        latest = latest_checkpoint(run_dir)
+        if latest is None or latest.name != f"step-{step:06d}":
             checkpoint(step, seconds)
         provenance["metrics"] = {"val_loss": val.loss, "val_ppl": val.perplexity, "val_bpb": val.bits_per_byte,
                                  "train_loss": last_loss, "steps": step, "tokens": tokens_seen, "seconds": seconds}
-        model_dir = save_model_dir(model, tokenizer, run_dir / "model", provenance)
+        weights, _ = distributed.full_state(model, optimizer, ctx)
+        model_dir = run_dir / "model"
+        if ctx.is_main:
+            save_model_dir(distributed.plain_copy(weights, model), tokenizer, model_dir, provenance)
+            plot_losses(run_dir)
+        ctx.barrier()
     finally:
         metrics.close()
-    plot_losses(run_dir)
     return TrainResult(run_dir, model_dir, step, tokens_seen, seconds, last_loss, val)
 
 

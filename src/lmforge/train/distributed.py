@@ -1,0 +1,173 @@
+"""Data parallelism applied *to* the model: DDP or FSDP2, under torchrun.
+
+The model file never knows about this module. `setup()` reads torchrun's environment
+(RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group (NCCL on GPUs, gloo on CPU);
+`parallelize()` wraps the model; `full_state()` gathers what a checkpoint needs so that
+any world size can resume it (2 -> 1 -> 2).
+
+A recipe's `train.batch_size` is the global batch: every rank draws the same batch
+(the loader is seeded by the step) and keeps its own rows, so N processes see exactly
+the data one process would, and their averaged gradients equal the single-process ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # none | ddp | fsdp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def rows(self, batch_size: int) -> slice:
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank if any rank says so (e.g. a signal arrived on one of them)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def setup(strategy: str, batch_size: int, device_name: str) -> tuple[DistContext, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                              ("cpu" if device_name == "auto" else device_name))
+        return DistContext(), device
+    if batch_size % world:
+        raise LmforgeError(f"train.batch_size {batch_size} is not divisible by the {world} processes; "
+                           f"use a multiple of {world}")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistContext(rank, world, local_rank, "ddp" if strategy == "auto" else strategy), device
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
+                param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The module the training step calls: the model itself, a DDP wrapper, or the model
+    with each block (and then the whole) sharded by FSDP2."""
+    if not ctx.active or ctx.strategy == "none":
+        return model
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+        kwargs = {"mp_policy": mp} if mp else {}
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    raise LmforgeError(f"unknown train.parallel {ctx.strategy!r}: use auto, ddp or fsdp")
+
+
+def no_gradient_sync(wrapped: torch.nn.Module, ctx: DistContext, last_micro_step: bool):
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    if not ctx.active or last_micro_step:
+        return contextlib.nullcontext()
+    if ctx.strategy == "ddp":
+        return wrapped.no_sync()
+    if ctx.strategy == "fsdp":
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapped.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state(model: Transformer, optimizer: torch.optim.Optimizer, ctx: DistContext) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (collective under FSDP; on CPU)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=ctx.active)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optim_state: dict, ctx: DistContext) -> None:
+    """Load unsharded state into a (possibly sharded) model and optimizer: any world size."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run `lmforge <argv>` under torchrun with `nproc` local processes."""
+    if nproc < 1:
+        raise LmforgeError("--nproc must be at least 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lmforge", *argv]
+    return subprocess.call(cmd)
+
+
+def plain_copy(model_state: dict[str, Any], like: Transformer) -> Transformer:
+    """A plain (unwrapped, unsharded) model holding `model_state`, for writing a model directory."""
+    with torch.device("meta"):
+        copy = Transformer(like.config)
+    copy.load_state_dict(model_state, assign=True)
+    if like.config.tie_embeddings:
+        copy.lm_head.weight = copy.tok_emb.weight
+    copy.init_rope()
+    return copy
