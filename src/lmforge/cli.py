@@ -188,13 +188,25 @@ def serve(
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
-    data: Annotated[Path, typer.Option(help="A UTF-8 text file, or a directory made by `lmforge data prepare`.")],
+    data: Annotated[Optional[Path], typer.Option(help="A UTF-8 text file, or a directory made by `lmforge data prepare`.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    tasks: Annotated[Optional[list[Path]], typer.Option(help="A JSONL task file (multiple choice, generation, perplexity); repeatable.")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate this model on the tasks, side by side; repeatable.")] = None,
+    num_fewshot: Annotated[int, typer.Option(help="Solved examples put before each task prompt.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N examples of each task.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the task results JSON here.")] = None,
 ):
-    """Perplexity and bits-per-byte of a model on a text file or a prepared validation split."""
+    """Perplexity and bits-per-byte on a text file or prepared split (--data), or benchmark tasks (--tasks)."""
     import lmforge
+
+    if tasks:
+        from lmforge.eval.tasks import eval_command
+
+        return eval_command([model, *(compare or [])], tasks, num_fewshot, batch_size, limit, out, as_json, console)
+    if data is None:
+        raise LmforgeError("lmforge eval needs --data FILE_OR_DIR (perplexity) or --tasks FILE.jsonl (benchmarks)")
     from lmforge.data.loader import TokenSplit
     from lmforge.eval.perplexity import evaluate_split, evaluate_text
 
