@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,11 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print,
-          interrupt_at: int | None = None) -> TrainResult:
-    """Run a recipe. `interrupt_at` stops as a signal would at that step (for tests)."""
+          interrupt_at: int | None = None,
+          on_validation: Callable[[int, EvalResult], None] | None = None) -> TrainResult:
+    """Run a recipe. `interrupt_at` stops as a signal would at that step (for tests);
+    `on_validation(step, result)` sees each periodic validation and may raise to stop the
+    run (hyperparameter search prunes trials this way)."""
     run_dir = recipe.run.dir
     if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
@@ -159,13 +163,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
         raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
     ctx, device = distributed.setup(tc.parallel, tc.batch_size, tc.device)
     try:
-        return _train(recipe, resume, progress, log if ctx.is_main else (lambda *_: None), interrupt_at, ctx, device)
+        return _train(recipe, resume, progress, log if ctx.is_main else (lambda *_: None), interrupt_at,
+                      on_validation, ctx, device)
     finally:
         distributed.teardown(ctx)
 
 
 def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int | None,
-           ctx: distributed.DistContext, device: torch.device) -> TrainResult:
+           on_validation, ctx: distributed.DistContext, device: torch.device) -> TrainResult:
     run_dir, tc = recipe.run.dir, recipe.train
     if ctx.is_main:  # one process prepares; the others then find it ready
         prepare(recipe.data, data_dir_for(recipe), progress=lambda s: log(f"data: {s}"))
@@ -274,6 +279,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
                 bar.update(task, completed=step)
                 if step % recipe.eval.every == 0 and step < tc.max_steps:
                     val = validate(step)
+                    if on_validation is not None:
+                        on_validation(step, val)
                 elapsed = elapsed_before + time.perf_counter() - start
                 out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
                 interrupted = ctx.all_true(stop.signal is not None or (interrupt_at is not None and step >= interrupt_at))
