@@ -1,0 +1,75 @@
+"""The chat page at / in headless Chromium (Debian's chromium and chromium-driver, through Selenium).
+
+`scripts/install-chromium.sh` installs them; CI runs it before the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import KEY, MODEL
+
+from lmforge.infer.generate import generate
+from lmforge.infer.sampling import SamplingParams
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                                reason="needs Debian's chromium and chromium-driver (scripts/install-chromium.sh)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def ask(browser, url: str, key: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(url)
+    browser.find_element(By.ID, "key").send_keys(key)
+    for field, value in (("temperature", "0"), ("max_tokens", "12")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.ID, "input").send_keys(text)
+    browser.find_element(By.ID, "send").click()
+
+
+def test_chat_page_streams_a_reply(browser, server, tiny, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model, tokenizer = tiny
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who is Romeo?"}])
+    expected = generate(model, tokenizer, [tokenizer.encode(prompt)], SamplingParams(max_new_tokens=12))[0].text
+
+    ask(browser, server.url + "/", KEY, "Who is Romeo?")
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+    reply = browser.find_element(By.CSS_SELECTOR, ".assistant .text").get_attribute("textContent")
+    assert reply == expected
+    assert browser.find_element(By.CSS_SELECTOR, ".user .text").text == "Who is Romeo?"
+    assert browser.find_element(By.ID, "model").text == f"model: {MODEL}"
+    assert browser.find_element(By.ID, "error").text == ""
+    assert browser.save_screenshot(str(tmp_path / "chat.png"))  # kept in pytest's tmp dir for a person to look at
+
+
+def test_chat_page_shows_a_wrong_key(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ask(browser, server.url + "/", "wrong-key-0123456789abcdef", "hello")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
+    assert "invalid API key" in browser.find_element(By.ID, "error").text
