@@ -160,6 +160,7 @@ class TrainConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
     compile: bool = False
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # older step checkpoints are deleted; 0 keeps all
     log_every: int = 10

@@ -99,3 +99,14 @@ def test_world_size_must_divide_batch(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(LmforgeError, match="not divisible by the 3 processes"):
         distributed.setup("auto", 4, "cpu")
+
+
+def test_activation_checkpointing_trains_identically(tmp_path):
+    """Recomputing activations changes memory, not arithmetic: same losses, same weights."""
+    results = {}
+    for name, ac in (("plain", False), ("checkpointed", True)):
+        ov = overrides(tmp_path, name)
+        ov["train"]["activation_checkpointing"] = ac
+        train(load_recipe(None, ov), progress=False, log=lambda *a: None)
+        results[name] = weights(tmp_path, name)
+    assert_close(results["plain"], results["checkpointed"], tol=1e-6)

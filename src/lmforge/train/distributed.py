@@ -91,10 +91,25 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def checkpoint_activations(model: Transformer) -> None:
+    """Recompute each block's activations during backward instead of keeping them.
+
+    Done by replacing each block's bound `forward`, so parameter names (and so
+    checkpoints) stay the same; applied before any sharding, as FSDP2 expects."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = partial(checkpoint, type(block).forward, block, use_reentrant=False)
+
+
 def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
-                param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+                param_dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> torch.nn.Module:
     """The module the training step calls: the model itself, a DDP wrapper, or the model
     with each block (and then the whole) sharded by FSDP2."""
+    if activation_checkpointing:
+        checkpoint_activations(model)
     if not ctx.active or ctx.strategy == "none":
         return model
     if ctx.strategy == "ddp":

@@ -190,7 +190,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
     torch.manual_seed(tc.seed)
     model = Transformer(recipe.model).to(device)
     model.train()
-    wrapped = distributed.parallelize(model, ctx, device)
+    wrapped = distributed.parallelize(model, ctx, device, activation_checkpointing=tc.activation_checkpointing)
     optimizer = build_optimizer(model, tc, device)  # after sharding: FSDP2 replaces the parameters
     autocast = autocast_for(device, tc.dtype)
     step_fn = torch.compile(wrapped) if tc.compile else wrapped
