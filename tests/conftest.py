@@ -87,7 +87,7 @@ def build_tiny_recipe(data_dir: Path, out: Path, name: str = "run", **sections):
         "model": {"n_layer": 1, "d_model": 32, "context": 32},
         "data": {"dir": str(data_dir)},
         "train": {"batch_size": 4, "max_steps": 6, "warmup": 2, "checkpoint_every": 3, "log_every": 1},
-        "eval": {"every": 3, "batches": 2},
+        "eval": {"every": 1000, "batches": 2},
         "run": {"name": name, "out": str(out)},
     }
     return load_recipe("tiny", deep_merge(base, sections))
@@ -120,11 +120,14 @@ LMFORGE = Path(sys.executable).with_name("lmforge")
 
 @pytest.fixture
 def cli(tmp_path):
-    """cli(*args) runs the installed `lmforge` console script in tmp_path."""
+    """cli(*args) runs the installed `lmforge` console script in tmp_path; popen=True starts it instead."""
 
-    def run(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
-        return subprocess.run([str(LMFORGE), *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=timeout, **kwargs)
+    def run(*args, timeout: float = 300, popen: bool = False):
+        env = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [str(LMFORGE), *map(str, args)]
+        if popen:
+            return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
