@@ -216,7 +216,12 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     folder = Path(path)
     if not folder.is_dir():
         raise LmforgeError(f"model directory {path} not found")
-    cfg: ModelConfig = from_hf_config(read_json(folder / "config.json"))
+    hf_config = read_json(folder / "config.json")
+    if "quantization_config" in hf_config:  # packed integers and scales: lmforge.compress reads those
+        from lmforge.compress.storage import load_quantized
+
+        return load_quantized(folder, hf_config, device, dtype)
+    cfg: ModelConfig = from_hf_config(hf_config)
     if isinstance(key, str):
         from lmforge.interop.crypto import parse_key
 

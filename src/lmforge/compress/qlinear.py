@@ -16,6 +16,8 @@ dequantized weight, so `int8`/`int4` switch to that above `DEQUANT_ROWS` rows.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -201,7 +203,9 @@ class DynamicInt8Linear(nn.Module):
         if self.qweight.device.type == "meta":
             return
         zero = torch.zeros(self.out_features, dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing still takes them
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
         self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
 
     @property

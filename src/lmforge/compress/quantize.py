@@ -1,0 +1,157 @@
+"""`lmforge quantize`: int8 / int4 (round-to-nearest or GPTQ) / w8a8 models.
+
+- int8: symmetric per output channel, round-to-nearest.
+- int4: asymmetric groups of `group_size` inputs, round-to-nearest.
+- gptq: int4 in the same format, each column rounded in turn and its error spread over
+  the columns not yet rounded, weighted by the inverse Hessian of the layer's inputs on
+  calibration data (Frantar et al., 2022). Blocks are quantized in order and each block
+  sees the outputs of the already-quantized blocks before it.
+- w8a8: int8 weights (as int8) run with dynamically quantized int8 activations (fbgemm).
+
+Every matmul is quantized: attention qkv/proj, MLP up/down and lm_head. A tied input
+embedding becomes the dequantized lm_head (stored once, as codes).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
+from lmforge.compress.qlinear import (
+    CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_codes, int4_grid, pack_int4,
+)
+from lmforge.compress.storage import FORMAT, LINEARS, linear_names, quantization_config, set_module
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+
+METHODS = ("int8", "int4", "gptq", "w8a8")
+
+
+def check_quantizable(model: Transformer, method: str, group_size: int) -> None:
+    if method not in METHODS:
+        raise LmforgeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if quantization_config(model) is not None:
+        q = quantization_config(model)
+        raise LmforgeError(f"the model is already quantized ({q.get('method')}); quantize the original fp32 model")
+    for name in linear_names(model):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.Linear):
+            raise LmforgeError(f"{name} is a {type(layer).__name__}, not a plain Linear; merge adapters first")
+        if method in ("int4", "gptq"):
+            check_group_size(layer.in_features, group_size, name)
+        elif layer.in_features % CHUNK:
+            raise LmforgeError(f"{name} has {layer.in_features} inputs; the int8 kernels need a multiple of {CHUNK}")
+
+
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01):
+    """GPTQ for one layer: (packed codes, scales, zeros) in the int4 format of `QuantizedLinear`."""
+    W = w.detach().double().clone()
+    N, K = W.shape
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except RuntimeError:  # not positive definite even after damping: fall back to round-to-nearest
+        Hinv = torch.eye(K, dtype=H.dtype)
+    codes = torch.zeros(N, K, dtype=torch.uint8)
+    scales = torch.zeros(N, K // group_size)
+    zeros = torch.zeros(N, K // group_size, dtype=torch.uint8)
+    for g0 in range(0, K, group_size):  # one block of columns = one quantization group
+        g1 = g0 + group_size
+        W1, Hinv1 = W[:, g0:g1].clone(), Hinv[g0:g1, g0:g1]
+        scale, zero = int4_grid(W1.float(), group_size)
+        scales[:, g0 // group_size], zeros[:, g0 // group_size] = scale[:, 0], zero[:, 0]
+        s, z = scale[:, 0].double(), zero[:, 0].double()
+        errors = torch.zeros_like(W1)
+        for i in range(group_size):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / s) + z, 0, 15)
+            codes[:, g0 + i] = q.to(torch.uint8)
+            err = (col - s * (q - z)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, g1:] -= errors @ Hinv[g0:g1, g1:]
+    return pack_int4(codes), scales, zeros
+
+
+def quantize_layer(linear: nn.Linear, method: str, group_size: int, hessian: torch.Tensor | None = None) -> nn.Module:
+    if method == "w8a8":
+        return DynamicInt8Linear.from_float(linear)
+    if method == "int8":
+        return QuantizedLinear.from_float(linear, 8)
+    codes = gptq_codes(linear.weight, hessian, group_size) if method == "gptq" else None
+    return QuantizedLinear.from_float(linear, 4, group_size, codes)
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, method: str, group_size: int = 128, calibration: torch.Tensor | None = None,
+                   log=lambda s: None) -> Transformer:
+    """Replace every linear of `model` (in place) with its quantized counterpart."""
+    check_quantizable(model, method, group_size)
+    model.eval()
+    if method == "gptq":
+        if calibration is None:
+            raise LmforgeError("gptq needs calibration sequences (--data)")
+        for layer, inputs in blocks_with_inputs(model, calibration):
+            names = [f"blocks.{layer}.{p}" for p in LINEARS] if layer < len(model.blocks) else ["lm_head"]
+            stats = InputStats(model, names, gram=True)
+            if layer < len(model.blocks):
+                replay(model, layer, inputs)
+            else:
+                for x in inputs:
+                    model.lm_head(x)
+            stats.close()
+            for name in names:
+                hessian = stats.gram[name] / stats.count[name]
+                set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size, hessian))
+            log(f"gptq: {'block ' + str(layer) if layer < len(model.blocks) else 'lm_head'} done")
+    else:
+        for name in linear_names(model):
+            set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size))
+    if model.config.tie_embeddings:
+        model.tok_emb.weight = nn.Parameter(model.lm_head.dequantize(), requires_grad=False)
+    bits = 8 if method in ("int8", "w8a8") else 4
+    stored = "int4" if method == "gptq" else method
+    model.quantization = {"quant_method": "lmforge", "format": FORMAT, "method": stored, "bits": bits,
+                          "group_size": group_size if bits == 4 else None,
+                          "algorithm": {"gptq": "gptq", "w8a8": "dynamic"}.get(method, "rtn")}
+    return model
+
+
+def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, samples: int = 256,
+                 seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
+    import lmforge
+    from lmforge.compress.native import kernels
+    from lmforge.compress.storage import is_quantized_dir, save_quantized
+    from lmforge.model_dir import weight_files
+
+    q = is_quantized_dir(model_dir)
+    if q is not None:
+        raise LmforgeError(f"{model_dir} is already quantized ({q.get('method')}); quantize the original fp32 model")
+    m = lmforge.load(model_dir)
+    check_quantizable(m.model, method, group_size)
+    calibration = None
+    if method == "gptq":
+        T = min(seq_len or 512, m.config.context)
+        calibration = calibration_tokens(data, m.tokenizer, m.config.vocab, samples, T, seed)
+        log(f"calibration: {len(calibration)} sequences of {T} tokens")
+    start = time.perf_counter()
+    quantize_model(m.model, method, group_size, calibration, log=log)
+    seconds = time.perf_counter() - start
+    provenance = {"parents": [str(model_dir)], "quantized_in_s": round(seconds, 1)}
+    if calibration is not None:
+        provenance["calibration"] = {"data": str(data), "sequences": len(calibration), "tokens": calibration.shape[1]}
+    save_quantized(m.model, m.tokenizer, out, provenance)
+    before = sum(p.stat().st_size for p in weight_files(m.path))
+    after = sum(p.stat().st_size for p in weight_files(out))
+    if method != "w8a8" and kernels() is None:
+        log("note: the native kernels could not be built here (no C compiler?); this model runs through "
+            "dequantize-then-matmul, which is correct but not faster")
+    return {"method": method, "seconds": seconds, "bytes_before": before, "bytes_after": after, "out": str(out)}

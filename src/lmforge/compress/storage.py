@@ -1,0 +1,157 @@
+"""A quantized model directory: packed integers and scales on disk, back through `lmforge.load`.
+
+Same files as any model directory, with two differences:
+
+- `config.json` carries `quantization_config` = {"quant_method": "lmforge", "method",
+  "bits", "group_size", "format"}; `load_model_dir` sees the key and calls `load_quantized`.
+  (transformers refuses an unknown quant_method instead of loading garbage.)
+- `model.safetensors` holds our own tensor names: per quantized layer `<name>.qweight`
+  (int8, or two int4 codes per byte), `<name>.scales`, `<name>.zeros` (int4) and
+  `<name>.bias`; norms and position embeddings stay fp32. A tied input embedding is not
+  stored: it is rebuilt from the quantized `lm_head` when loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.compress.qlinear import DynamicInt8Linear, QuantizedLinear
+from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.interop.hf import from_hf_config, to_hf_config
+from lmforge.model import Transformer
+from lmforge.model_dir import WEIGHTS, _version, atomic_directory, load_tokenizer, read_json, sha256_file, weight_files
+
+FORMAT = 1
+LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
+
+
+def linear_names(model: Transformer) -> list[str]:
+    """Every matmul of the model, in forward order: the layers quantization replaces."""
+    return [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in LINEARS] + ["lm_head"]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def empty_layer(method: str, in_features: int, out_features: int, bias: bool, group_size: int) -> nn.Module:
+    if method == "w8a8":
+        return DynamicInt8Linear(in_features, out_features, bias)
+    return QuantizedLinear(in_features, out_features, 4 if method_bits(method) == 4 else 8, group_size, bias)
+
+
+def method_bits(method: str) -> int:
+    return 8 if method in ("int8", "w8a8") else 4
+
+
+def quantization_config(model: Transformer) -> dict[str, Any] | None:
+    return getattr(model, "quantization", None)
+
+
+def quantized_params(model: Transformer) -> int:
+    """Parameters counted as the fp32 model would count them (a quantized layer: in x out)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, DynamicInt8Linear)):
+            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    if model.config.tie_embeddings and isinstance(model.lm_head, (QuantizedLinear, DynamicInt8Linear)):
+        total -= model.tok_emb.weight.numel()  # tied: one matrix, counted once
+    return total
+
+
+def save_quantized(model: Transformer, tokenizer: TextTokenizer, out: str | Path,
+                   provenance: dict[str, Any] | None = None) -> Path:
+    qcfg = quantization_config(model)
+    if qcfg is None:
+        raise LmforgeError("this model is not quantized")
+    cfg = model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("tok_emb.weight")  # rebuilt from lm_head's codes when loading
+    with atomic_directory(out) as d:
+        (d / "config.json").write_text(json.dumps({**to_hf_config(cfg, tokenizer.special_ids()),
+                                                   "quantization_config": qcfg}, indent=2))
+        save_file(state, str(d / WEIGHTS), metadata={"format": "pt", "lmforge_quantized": json.dumps(qcfg)})
+        tokenizer.save(d, model_max_length=cfg.context)
+        generation = {k: v for k, v in tokenizer.special_ids().items() if v is not None}
+        (d / "generation_config.json").write_text(json.dumps({**generation, "max_length": cfg.context}, indent=2))
+        meta = {"lmforge_version": _version(), "model": cfg.model_dump(mode="json"),
+                "parameters": quantized_params(model), "quantization": qcfg, **(provenance or {}),
+                "weights": {WEIGHTS: sha256_file(d / WEIGHTS)}}
+        (d / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str))
+    return Path(out)
+
+
+def build_quantized(cfg: ModelConfig, qcfg: dict[str, Any]) -> Transformer:
+    """A Transformer whose linears are empty quantized layers of `qcfg`'s method (weights on meta)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name in linear_names(model):
+        old = model.get_submodule(name)
+        set_module(model, name, empty_layer(qcfg["method"], old.in_features, old.out_features,
+                                            old.bias is not None, qcfg.get("group_size") or 0))
+    model.quantization = qcfg
+    return model
+
+
+def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+    qcfg = hf_config["quantization_config"]
+    if qcfg.get("quant_method") != "lmforge" or qcfg.get("format") != FORMAT:
+        raise LmforgeError(f"{folder}: quantization_config {qcfg.get('quant_method')!r} (format {qcfg.get('format')}) "
+                           "is not one lmforge reads; lmforge reads its own quantized directories")
+    if qcfg.get("method") not in ("int8", "int4", "w8a8"):
+        raise LmforgeError(f"{folder}: unknown quantization method {qcfg.get('method')!r}")
+    if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
+        raise LmforgeError("quantized models run on the CPU in fp32 activations; load without dtype/device")
+    cfg = from_hf_config({k: v for k, v in hf_config.items() if k != "quantization_config"})
+    model = build_quantized(cfg, qcfg)
+    state = read_tensors(weight_files(folder))
+    expected = model.state_dict()
+    if cfg.tie_embeddings:
+        expected.pop("tok_emb.weight")  # rebuilt from lm_head below
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise LmforgeError(f"{folder}: the weights do not match the quantized config "
+                           f"(missing {missing[:1]}, unexpected {extra[:1]}); re-create it with `lmforge quantize`")
+    for name, tensor in state.items():
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise LmforgeError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, the config implies "
+                               f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state, assign=True, strict=False)
+    if cfg.tie_embeddings:
+        model.tok_emb.weight = nn.Parameter(model.lm_head.dequantize(), requires_grad=False)
+    model.init_rope()
+    model.eval()
+    tokenizer = load_tokenizer(folder)
+    meta = read_json(folder / "lmforge.json") if (folder / "lmforge.json").is_file() else {}
+    return model, tokenizer, meta
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LmforgeError(f"{path} is corrupt or truncated ({str(e)[:160]}); re-create it") from None
+    return tensors
+
+
+def is_quantized_dir(path: str | Path) -> dict[str, Any] | None:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    return read_json(config).get("quantization_config")

@@ -1,0 +1,179 @@
+"""Quantization: error bounds, the native kernels against a plain matmul, packed sizes,
+reload and generation, GPTQ against round-to-nearest, and the user mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lmforge
+from lmforge.compress import native
+from lmforge.compress.qlinear import (
+    DynamicInt8Linear, QuantizedLinear, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
+    unpack_int4,
+)
+from lmforge.compress.quantize import gptq_codes, quantize_model, run_quantize
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.model_dir import save_model_dir, weight_files
+
+
+def test_int8_error_is_at_most_half_a_step_per_channel():
+    w = torch.randn(48, 96) * torch.linspace(0.01, 3, 48)[:, None]
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (48,)
+    err = (dequantize_int8(q, scale) - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-6).all())
+
+
+def test_int4_error_is_bounded_by_the_group_step():
+    w = torch.randn(40, 256)
+    packed, scale, zero = quantize_int4(w, 64)
+    assert packed.shape == (40, 128) and packed.dtype == torch.uint8 and scale.shape == zero.shape == (40, 4)
+    err = (dequantize_int4(packed, scale, zero, 64) - w).abs().reshape(40, 4, 64)
+    assert bool((err <= scale[..., None] + 1e-6).all())  # one step at the clamped ends, half inside
+    assert err.mean() < 0.3 * scale.mean()
+
+
+def test_int4_packing_round_trips():
+    codes = torch.randint(0, 16, (7, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 5, 40])
+def test_kernel_matches_matmul_on_the_dequantized_weight(bits, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 37)  # 37 outputs: not a multiple of the kernel's 4-row tile
+    layer = QuantizedLinear.from_float(linear, bits, 64)
+    x = torch.randn(2, rows, 128)
+    expected = F.linear(x, layer.dequantize(), layer.bias)
+    got = layer(x)
+    assert got.shape == (2, rows, 37)
+    # The decode kernel quantizes activations in blocks of 32: about 0.5% relative error.
+    assert ((got - expected).norm() / expected.norm()).item() < 0.02
+
+
+def test_without_the_native_kernels_the_layer_falls_back_to_a_plain_matmul(monkeypatch):
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_float(nn.Linear(64, 16), 4, 32)
+    x = torch.randn(1, 64)
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is None
+        assert torch.allclose(layer(x), F.linear(x, layer.dequantize(), layer.bias), atol=1e-5)
+    finally:
+        monkeypatch.delenv("LMFORGE_NATIVE")
+        native.kernels.cache_clear()
+
+
+def test_w8a8_is_close_to_fp32():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(5, 64)
+    y = DynamicInt8Linear.from_float(linear)(x)
+    assert ((y - linear(x)).norm() / linear(x).norm()).item() < 0.05
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    K, N, G = 128, 64, 32
+    mix = torch.randn(K, K) / K ** 0.5
+    x = torch.randn(2048, K) @ mix + 0.1 * torch.randn(2048, K)  # correlated features, as real activations are
+    w = torch.randn(N, K) * 0.05
+    rtn = dequantize_int4(*quantize_int4(w, G), G)
+    gptq = dequantize_int4(*gptq_codes(w, x.T @ x / len(x), G), G)
+    err = lambda q: ((x @ (q - w).T).norm() / (x @ w.T).norm()).item()  # noqa: E731
+    assert err(gptq) < 0.8 * err(rtn)
+
+
+@pytest.fixture(scope="module")
+def mid_model_dir(tokenizer, tmp_path_factory):
+    """Large enough (2 x 256 wide) that the linears dominate the file, as in real models."""
+    from lmforge.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                      d_model=256, d_ff=768, context=64)
+    return save_model_dir(Transformer(cfg), tokenizer, tmp_path_factory.mktemp("mid") / "fp32")
+
+
+def _size(path):
+    return sum(p.stat().st_size for p in weight_files(path))
+
+
+@pytest.mark.parametrize("method,low,high", [("int8", 3.5, 4.1), ("int4", 6.5, 8.1), ("w8a8", 3.5, 4.1)])
+def test_packed_files_are_a_quarter_and_an_eighth(mid_model_dir, tmp_path, method, low, high):
+    out = tmp_path / method
+    run_quantize(mid_model_dir, method, out, group_size=128, log=lambda s: None)
+    ratio = _size(mid_model_dir) / _size(out)
+    assert low <= ratio <= high, ratio
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["method"] == method and config["quant_method"] == "lmforge"
+    assert config["group_size"] == (128 if method == "int4" else None)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8", "gptq"])
+def test_quantized_model_reloads_and_generates(tiny_model_dir, tiny_data, tmp_path, method):
+    ref = lmforge.load(tiny_model_dir)
+    out = tmp_path / method
+    run_quantize(tiny_model_dir, method, out, group_size=32, data=tiny_data, samples=32, log=lambda s: None)
+    m = lmforge.load(out)
+    assert type(m.model.lm_head).__name__ == ("DynamicInt8Linear" if method == "w8a8" else "QuantizedLinear")
+    ids = torch.randint(0, ref.config.vocab, (2, 20))
+    with torch.no_grad():
+        base, got = ref.model(ids), m.model(ids)
+    tolerance = {"int8": 0.03, "w8a8": 0.06, "int4": 0.3, "gptq": 0.3}[method]
+    assert ((got - base).norm() / base.norm()).item() < tolerance
+    # The same model in memory and reloaded from disk: identical logits.
+    again = lmforge.load(out)
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), got)
+    (text,) = m.generate(["the"], max_new_tokens=8, temperature=0.0)
+    assert isinstance(text, str)
+    assert m.generate(["the"], max_new_tokens=8) == again.generate(["the"], max_new_tokens=8)
+
+
+def test_group_size_that_does_not_divide_a_layer_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(LmforgeError, match="not divisible by the group size 128"):
+        run_quantize(tiny_model_dir, "int4", tmp_path / "q", group_size=128, log=lambda s: None)
+    with pytest.raises(LmforgeError, match="multiple of 32"):
+        run_quantize(tiny_model_dir, "int4", tmp_path / "q", group_size=48, log=lambda s: None)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantizing_a_quantized_model_is_refused(tiny_model_dir, tmp_path):
+    run_quantize(tiny_model_dir, "int8", tmp_path / "q8", log=lambda s: None)
+    with pytest.raises(LmforgeError, match="already quantized"):
+        run_quantize(tmp_path / "q8", "int4", tmp_path / "q4", group_size=32, log=lambda s: None)
+    with pytest.raises(LmforgeError, match="already quantized"):
+        quantize_model(lmforge.load(tmp_path / "q8").model, "int8")
+
+
+def test_gptq_needs_enough_calibration_data(tiny_model_dir, tmp_path):
+    with pytest.raises(LmforgeError, match="calibration data"):
+        run_quantize(tiny_model_dir, "gptq", tmp_path / "q", group_size=32, log=lambda s: None)
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text")
+    with pytest.raises(LmforgeError, match="fewer than"):
+        run_quantize(tiny_model_dir, "gptq", tmp_path / "q", group_size=32, data=short, log=lambda s: None)
+
+
+def test_unknown_method_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(LmforgeError, match="unknown method"):
+        run_quantize(tiny_model_dir, "int3", tmp_path / "q", log=lambda s: None)
+
+
+def test_cli_quantize(cli, tiny_model_dir, tmp_path):
+    r = cli("quantize", tiny_model_dir, "--method", "int8", "--out", tmp_path / "q8")
+    assert r.returncode == 0, r.stderr
+    assert "smaller" in r.stdout
+    r = cli("generate", tmp_path / "q8", "--prompt", "the", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    r = cli("quantize", tiny_model_dir, "--method", "int4", "--out", tmp_path / "q4")
+    assert r.returncode == 2 and "group size" in r.stderr and "Traceback" not in r.stderr
