@@ -38,7 +38,7 @@ def import_model(src: str | Path, out: str | Path, dtype: str | None = None, all
     if src.resolve() == out.resolve():
         raise LmforgeError("--out must differ from the source")
     if src.is_file() and src.suffix == ".gguf":
-        from lmforge.interop.gguf_import import load_gguf
+        from lmforge.interop.gguf_io import load_gguf
 
         model, tokenizer = load_gguf(src, parse_dtype(dtype))
         return save_model_dir(model, tokenizer, out, {"parents": [str(src)], "imported_from": "gguf"})
@@ -59,7 +59,7 @@ def export_model(model: str | Path, fmt: Format, out: str | Path, dtype: str | N
     if fmt == "hf":
         return loaded.save(out, exported_as="hf")
     if fmt == "gguf":
-        from lmforge.interop.gguf_export import export_gguf
+        from lmforge.interop.gguf_io import export_gguf
 
         return export_gguf(loaded, out, gguf_type)
     from lmforge.interop.onnx_export import export_onnx

@@ -1,0 +1,307 @@
+"""GGUF for llama.cpp, written and read through the `gguf` package.
+
+Export: each family maps onto a llama.cpp architecture (gpt2, llama, qwen2, phi3; mistral
+becomes llama, whose llama.cpp graph has no sliding window). Tensors take the names
+`gguf.TensorNameMap` gives, in the layouts llama.cpp's own converter produces: the
+llama architecture's q/k rows permuted for its interleaved RoPE, GPT-2 weights as
+(out, in), Llama-3 RoPE scaling as a `rope_freqs` tensor. 1-D tensors stay f32; 2-D ones
+take the requested type (f32, f16, q8_0, q4_0), or f16 where a row is not a multiple of
+the 32-value quantization block. The byte-level BPE tokenizer goes in as
+`tokenizer.ggml.*` (tokens, token types, merges, special ids, pre-tokenizer name) with
+the chat template. The exact lmforge config rides along as `lmforge.config` so an import
+restores the family; GGUF files from elsewhere are read from the llama.cpp keys alone.
+
+Import dequantizes every tensor to f32 (or the requested dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.interop.hf import split_rule, weight_map
+from lmforge.model import Transformer
+from lmforge.model.transformer import rope_frequencies
+
+ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3"}
+FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+CONFIG_KEY = "lmforge.config"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise LmforgeError("GGUF needs the gguf package: pip install 'lmforge[gguf]'") from None
+    return gguf
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Hugging Face's half-split RoPE rows -> llama.cpp's interleaved pairs (llama.cpp's own converter)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layout(name: str, t: torch.Tensor, cfg: ModelConfig, to_gguf: bool) -> torch.Tensor:
+    """What differs between a Hugging Face tensor and its llama.cpp counterpart."""
+    if cfg.family == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        return t.t().contiguous()
+    if ARCH[cfg.family] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.n_head if name.endswith("q_proj.weight") else cfg.kv_heads
+        return (permute_qk if to_gguf else unpermute_qk)(t, heads).contiguous()
+    return t
+
+
+def _hf_tensors(model: Transformer):
+    """(Hugging Face name, f32 tensor) pairs, one of our tensors at a time."""
+    state = model.state_dict()
+    for rule in weight_map(model.config):
+        yield from split_rule(rule, state[rule.ours].detach().float().cpu()).items()
+
+
+def _pre_tokenizer_name(tokenizer: TextTokenizer) -> str:
+    """llama.cpp picks its pre-tokenizer regex by name."""
+    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
+    text = json.dumps(pre)
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if "\\\\p{N}" in text:
+        return "qwen2"
+    return "default"
+
+
+def _add_tokenizer(writer, tokenizer: TextTokenizer, vocab: int) -> None:
+    gguf = _gguf()
+    model = json.loads(tokenizer.backend.to_str()).get("model") or {}
+    if model.get("type") != "BPE":
+        raise LmforgeError(f"GGUF export supports byte-level BPE tokenizers, not {model.get('type')}")
+    special = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special}
+    id_to_token = {i: t for t, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()}
+    tokens, types = [], []
+    for i in range(vocab):
+        token = id_to_token.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as d:  # SpecialVocab reads merges and special ids from files
+        tokenizer.save(d)
+        gguf.SpecialVocab(d, load_merges=True, n_vocab=vocab).add_to_gguf(writer, quiet=True)
+    writer.add_add_bos_token(False)
+
+
+def _add_hparams(writer, cfg: ModelConfig) -> None:
+    writer.add_context_length(cfg.context)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_head)
+    writer.add_vocab_size(cfg.vocab)
+    if cfg.family == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
+    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.dim_head)
+    writer.add_key_length(cfg.dim_head)
+    writer.add_value_length(cfg.dim_head)
+    if cfg.sliding_window is not None and cfg.family == "phi3":
+        writer.add_sliding_window(cfg.sliding_window)
+
+
+def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
+    gguf = _gguf()
+    if qtype not in TYPES:
+        raise LmforgeError(f"--gguf-type {qtype!r} is not one of {', '.join(TYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise LmforgeError(f"--out {out} should end in .gguf")
+    cfg: ModelConfig = loaded.config
+    ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+    arch = ARCH[cfg.family]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    writer = gguf.GGUFWriter(partial, arch)
+    try:
+        writer.add_name(loaded.path.name if loaded.path else "lmforge-model")
+        writer.add_file_type(file_type[qtype])
+        _add_hparams(writer, cfg)
+        writer.add_string(CONFIG_KEY, json.dumps(cfg.model_dump(mode="json")))
+        _add_tokenizer(writer, loaded.tokenizer, cfg.vocab)
+        tensors = list(_hf_tensors(loaded.model))
+        if cfg.rope_scaling is not None:
+            base = rope_frequencies(cfg.model_copy(update={"rope_scaling": None}))
+            tensors.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
+        for hf_name, t in tensors:
+            name = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
+                names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise RuntimeError(f"no GGUF name for {hf_name}")  # a gap in the family tables: a bug
+            data = _layout(hf_name, t, cfg, to_gguf=True).numpy()
+            kind = ggml[qtype] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+            if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0) and data.shape[-1] % 32:
+                kind = gguf.GGMLQuantizationType.F16
+            if kind == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(name, data.astype(np.float16))
+            elif kind == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(name, data.astype(np.float32))
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- import
+
+def _field(reader, key: str, default=None):
+    field = reader.get_field(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _config(reader, arch: str, tensor_names: set[str]) -> ModelConfig:
+    stored = _field(reader, CONFIG_KEY)
+    if stored is not None:
+        return ModelConfig.model_validate(json.loads(stored))
+    if arch not in FAMILY:
+        raise LmforgeError(f"GGUF architecture {arch!r} is not supported: lmforge reads {', '.join(FAMILY)}")
+    if "rope_freqs.weight" in tensor_names:
+        raise LmforgeError("this GGUF uses per-frequency RoPE factors (rope_freqs) that lmforge cannot map back")
+
+    def key(name: str, default=None):
+        value = _field(reader, f"{arch}.{name}", default)
+        if value is None:
+            raise LmforgeError(f"GGUF metadata lacks {arch}.{name}")
+        return value
+
+    d_model, n_head = key("embedding_length"), key("attention.head_count")
+    common = dict(family=FAMILY[arch], vocab_size=_vocab_size(reader, arch), n_layer=key("block_count"),
+                  n_head=n_head, d_model=d_model, d_ff=key("feed_forward_length"), context=key("context_length"),
+                  tie_embeddings="output.weight" not in tensor_names)
+    if arch == "gpt2":
+        return ModelConfig(**common, norm_eps=key("attention.layer_norm_epsilon"))
+    return ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head),
+                       head_dim=key("attention.key_length", d_model // n_head),
+                       norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=key("rope.freq_base", 10000.0),
+                       qkv_bias=arch == "qwen2" or None,
+                       sliding_window=_field(reader, f"{arch}.attention.sliding_window") if arch == "phi3" else None)
+
+
+def _vocab_size(reader, arch: str) -> int:
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    return _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else 0)
+
+
+PRE_TOKENIZER_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _tokenizer(reader) -> TextTokenizer:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    gguf = _gguf()
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise LmforgeError(f"GGUF tokenizer model {model!r} is not supported (byte-level BPE, 'gpt2', only)")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] not in (gguf.TokenType.UNUSED,)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
+    if pre in PRE_TOKENIZER_REGEX:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL])
+
+    def token(key: str):
+        i = _field(reader, key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config = {"eos_token": token("tokenizer.ggml.eos_token_id"), "bos_token": token("tokenizer.ggml.bos_token_id"),
+              "pad_token": token("tokenizer.ggml.padding_token_id"),
+              "chat_template": _field(reader, "tokenizer.chat_template")}
+    return TextTokenizer(tok, {k: v for k, v in config.items() if v is not None})
+
+
+def read_gguf(path: Path):
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError, TypeError, struct.error) as e:
+        raise LmforgeError(f"{path} is not a readable GGUF file ({str(e)[:160]})") from None
+
+
+def load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer]:
+    from lmforge.interop.weights import MemoryTensors, load_weights
+
+    gguf = _gguf()
+    reader = read_gguf(path)
+    arch = _field(reader, "general.architecture")
+    gguf_tensors = {t.name: t for t in reader.tensors}
+    cfg = _config(reader, arch, set(gguf_tensors))
+    if ARCH[cfg.family] != arch:
+        raise LmforgeError(f"{path}: {CONFIG_KEY} says {cfg.family} but the architecture is {arch}")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
+    hf: dict[str, torch.Tensor] = {}
+    used = set()
+    for rule in weight_map(cfg):
+        for hf_name in rule.theirs:
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name not in gguf_tensors:
+                raise LmforgeError(f"{path}: tensor {name} ({hf_name}) is missing")
+            t = gguf_tensors[name]
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            try:
+                data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            except (ValueError, NotImplementedError) as e:
+                raise LmforgeError(f"{path}: tensor {name} cannot be dequantized ({e})") from None
+            hf[hf_name] = _layout(hf_name, torch.from_numpy(np.array(data, dtype=np.float32)), cfg,
+                                  to_gguf=False)
+            used.add(name)
+    extra = sorted(set(gguf_tensors) - used - {"rope_freqs.weight"})
+    if extra:
+        raise LmforgeError(f"{path}: tensor {extra[0]} is not used by a {cfg.family} model of this config")
+    model = load_weights(MemoryTensors(hf, str(path)), cfg, dtype or torch.float32)
+    return model, _tokenizer(reader)

@@ -1,0 +1,143 @@
+"""GGUF export for llama.cpp: metadata it needs, tensors equal after the reader, import back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import CHAT_TEMPLATE, FAMILIES, probe_ids
+
+import lmforge
+from lmforge.errors import LmforgeError
+from lmforge.interop.convert import import_model
+from lmforge.interop.gguf_io import ARCH, _hf_tensors, _layout, export_gguf
+from lmforge.interop.hf import to_hf_config
+
+gguf = pytest.importorskip("gguf")
+TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+         "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+
+
+def field(reader, key):
+    f = reader.get_field(key)
+    assert f is not None, f"missing {key}"
+    return f.contents()
+
+
+def expected_after(t: torch.Tensor, qtype: str) -> torch.Tensor:
+    """What a tensor becomes after the round trip through its GGUF type."""
+    x = t.numpy()
+    if x.ndim < 2 or qtype == "f32":
+        return t
+    if qtype == "f16":
+        return t.half().float()
+    kind = TYPES[qtype]
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind).reshape(x.shape))
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_dirs):
+    return {family: lmforge.load(hf_dirs[family][1]) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_tensors_and_metadata(family, qtype, loaded, tmp_path):
+    m = loaded[family]
+    path = export_gguf(m, tmp_path / "m.gguf", qtype)
+    reader = gguf.GGUFReader(path)
+    arch = ARCH[family]
+    assert field(reader, "general.architecture") == arch
+    cfg = m.config
+    for key, value in {"context_length": cfg.context, "embedding_length": cfg.d_model, "block_count": cfg.n_layer,
+                       "feed_forward_length": cfg.ffn_dim, "attention.head_count": cfg.n_head}.items():
+        assert field(reader, f"{arch}.{key}") == value
+    if family != "gpt2":
+        assert field(reader, f"{arch}.attention.head_count_kv") == cfg.kv_heads
+        assert field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab and len(field(reader, "tokenizer.ggml.token_type")) == cfg.vocab
+    assert len(field(reader, "tokenizer.ggml.merges")) > 0
+    assert tokens[field(reader, "tokenizer.ggml.eos_token_id")] == "<|endoftext|>"
+    assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
+    stored = {t.name: t for t in reader.tensors}
+    expected_names = set()
+    for hf_name, t in _hf_tensors(m.model):
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        expected_names.add(name)
+        g = stored[name]
+        want = expected_after(_layout(hf_name, t, cfg, to_gguf=True), qtype)
+        got = gguf.quants.dequantize(g.data, g.tensor_type).reshape(tuple(reversed(g.shape.tolist())))
+        assert torch.equal(torch.from_numpy(got.astype("float32")), want.float()), name
+    if family == "llama":  # Llama-3 RoPE scaling travels as per-frequency factors
+        expected_names.add("rope_freqs.weight")
+    assert set(stored) == expected_names
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_import_round_trip(family, loaded, tmp_path):
+    m = loaded[family]
+    ids = probe_ids()
+    path = export_gguf(m, tmp_path / "m.gguf", "f32")
+    back = lmforge.load(import_model(path, tmp_path / "back"))
+    assert to_hf_config(back.config) == to_hf_config(m.config)
+    with torch.no_grad():
+        assert (back.model(ids) - m.model(ids)).abs().max() < 1e-4
+    assert back.tokenizer.encode("To be, or not <|im_end|>") == m.tokenizer.encode("To be, or not <|im_end|>")
+    assert back.tokenizer.chat_template == CHAT_TEMPLATE
+    q8 = lmforge.load(import_model(export_gguf(m, tmp_path / "q8.gguf", "q8_0"), tmp_path / "q8"))
+    with torch.no_grad():
+        assert (q8.model(ids) - m.model(ids)).abs().max() < 0.05  # dequantized
+
+
+def test_foreign_gguf_without_lmforge_config(loaded, tmp_path):
+    """A GGUF from elsewhere carries only llama.cpp's keys; the config is rebuilt from them."""
+    m = loaded["qwen2"]
+    path = export_gguf(m, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(tmp_path / "foreign.gguf", "qwen2")
+    for f in reader.fields.values():
+        if f.name.startswith(("GGUF.", "general.architecture", "lmforge.")):
+            continue
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    back = lmforge.load(import_model(tmp_path / "foreign.gguf", tmp_path / "back"))
+    assert back.config.family == "qwen2" and back.config.tie_embeddings
+    ids = probe_ids()
+    with torch.no_grad():
+        assert (back.model(ids) - m.model(ids)).abs().max() < 1e-4
+
+
+def test_corrupt_gguf_is_a_clean_error(loaded, tmp_path):
+    path = export_gguf(loaded["gpt2"], tmp_path / "m.gguf", "q8_0")
+    raw = path.read_bytes()
+    for cut in (3, 40, len(raw) // 2, len(raw) - 7):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(LmforgeError, match="m.gguf"):
+            import_model(path, tmp_path / f"o{cut}")
+        assert not (tmp_path / f"o{cut}").exists()
+    with pytest.raises(LmforgeError, match="should end in .gguf"):
+        export_gguf(loaded["gpt2"], tmp_path / "m.bin")
+    with pytest.raises(LmforgeError, match="is not one of"):
+        export_gguf(loaded["gpt2"], tmp_path / "x.gguf", "q5_k")
+
+
+def test_llama_cpp_runs_the_export(loaded, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds from source)")
+    m = loaded["llama"]
+    path = export_gguf(m, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    ids = probe_ids(16, 1)[0].tolist()
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = m.model(torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 1e-3
