@@ -110,6 +110,7 @@ def test_prompt_longer_than_context_is_an_error(tiny_model_dir, tmp_path):
         evaluate_task(lm, task)
 
 
+@pytest.mark.slow
 def test_cli_tasks_compare_writes_json_and_table(cli, tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "mc.jsonl", MC)
     write_jsonl(tmp_path / "ppl.jsonl", [{"text": "hello world, hello there"}])
