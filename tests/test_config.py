@@ -1,0 +1,85 @@
+"""Recipes: typed defaults, YAML files, dotted command-line overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.config import Recipe, builtin_recipes, load_recipe, parse_overrides
+from lmforge.errors import LmforgeError
+
+
+def test_overrides_parse_both_spellings_and_yaml_scalars():
+    assert parse_overrides(["--train.lr", "3e-4", "--model.family=gpt2", "--train.compile", "true",
+                            "--model.n_kv_head=", "--run.name", "a b"]) == {
+        "train": {"lr": "3e-4", "compile": True}, "model": {"family": "gpt2", "n_kv_head": None},
+        "run": {"name": "a b"}}
+
+
+def test_overrides_apply_on_top_of_a_recipe():
+    recipe = load_recipe("tiny", ["--train.lr", "3e-4", "--model.family=gpt2", "--model.n_kv_head=",
+                                  "--model.rope_scaling", "null", "--data.tokenizer.vocab_size", "300"])
+    assert recipe.train.lr == pytest.approx(3e-4) and isinstance(recipe.train.lr, float)
+    assert recipe.model.family == "gpt2" and recipe.model.n_kv_head is None
+    assert recipe.data.tokenizer.vocab_size == 300
+    assert recipe.model.d_model == 64  # untouched keys keep the recipe's values
+    assert recipe.train.seed == 0  # and keys the recipe does not set keep the defaults
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--train.lrr", "1"], "train.lrr: unknown key"),
+    (["--trainer.lr", "1"], "trainer: unknown key"),
+    (["--model.n_layer", "many"], "model.n_layer"),
+    (["--train.schedule", "linear"], "train.schedule"),
+    (["--model.d_model", "30"], "divisible"),
+    (["--train.lr"], "needs a value"),
+    (["train.lr", "1"], "unexpected argument"),
+    (["--train.lr=1", "--train.lr.x", "2"], "conflicts"),
+])
+def test_bad_overrides_are_errors_that_name_the_key(args, message):
+    with pytest.raises(LmforgeError, match=message.replace(".", r"\.")) as info:
+        load_recipe("tiny", args)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {family: llama, n_layers: 4}\n")
+    with pytest.raises(LmforgeError, match=r"model\.n_layers: unknown key") as info:
+        load_recipe(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "message"), [("model: [1, 2\n", "not valid YAML"),
+                                               ("- just\n- a list\n", "must be a YAML mapping"),
+                                               ("model: 3\n", "model")])
+def test_malformed_recipe_files_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(LmforgeError, match=message) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_recipe_lists_the_built_in_ones():
+    with pytest.raises(LmforgeError, match="tiny"):
+        load_recipe("no-such-recipe")
+
+
+def test_every_built_in_recipe_loads_and_round_trips(tmp_path):
+    assert {"quickstart", "tiny", "gpt2-124m"} <= set(builtin_recipes())
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(recipe.to_yaml())
+        assert load_recipe(path) == recipe
+
+
+def test_empty_file_and_no_source_mean_all_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_recipe(tmp_path / "empty.yaml") == load_recipe(None) == Recipe()
+
+
+def test_a_file_named_like_a_built_in_recipe_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("train: {lr: 0.5}\n")
+    assert load_recipe("tiny").train.lr == 0.5
