@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +92,8 @@ def _init_worker(recipe_dict: dict, work: str) -> None:
 
 def _shard_paths(work: Path, index: int) -> dict[str, Path]:
     base = work / "stage1" / f"shard-{index:05d}"
-    return {"kept": base.with_suffix(".kept"), "arrays": base.with_suffix(".npz"), "stats": base.with_suffix(".stats.json")}
+    return {"kept": base.with_suffix(".kept"), "signatures": base.with_suffix(".sig"), "hashes": base.with_suffix(".hash"),
+            "stats": base.with_suffix(".stats.json")}
 
 
 def _clean_shard(shard: Shard) -> dict:
@@ -102,9 +103,9 @@ def _clean_shard(shard: Shard) -> dict:
     steps = stage1_steps(recipe)
     stats = ShardStats(steps + dedup_steps(recipe), recipe.output.samples_per_filter)
     paths = _shard_paths(w.work, shard.index)
-    signatures, hashes, lengths = [], [], []
-    tmp_kept = paths["kept"].with_name(paths["kept"].name + ".tmp")
-    with open(tmp_kept, "w", encoding="utf-8") as out:
+    hashes = array("Q")  # 8 bytes a document; signatures go straight to disk
+    tmp = {name: path.with_name(path.name + ".tmp") for name, path in paths.items()}
+    with open(tmp["kept"], "w", encoding="utf-8") as out, open(tmp["signatures"], "wb") as signature_file:
         for doc in read_shard(shard, recipe.reader, stats.reader_issues):
             original = doc.text
             stats.read(len(original))
@@ -162,16 +163,11 @@ def _clean_shard(shard: Shard) -> dict:
                 record["lang"], record["lang_score"] = doc.language, round(doc.language_score, 4)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             if signature is not None:
-                signatures.append(signature)
+                signature_file.write(signature.tobytes())
             hashes.append(content_hash)
-            lengths.append(len(doc.text))
-    num_perm = w.hasher.num_perm
-    tmp_arrays = paths["arrays"].with_name("tmp-" + paths["arrays"].name)
-    np.savez(tmp_arrays,
-             signatures=np.array(signatures, dtype=np.uint32).reshape(-1, num_perm) if recipe.dedup.near else np.zeros((0, num_perm), np.uint32),
-             hashes=np.array(hashes, dtype=np.uint64), lengths=np.array(lengths, dtype=np.int64))
-    os.replace(tmp_arrays, paths["arrays"])
-    os.replace(tmp_kept, paths["kept"])
+    tmp["hashes"].write_bytes(hashes.tobytes())
+    for name in ("kept", "signatures", "hashes"):
+        os.replace(tmp[name], paths[name])
     result = stats.to_dict()
     _atomic_write_text(paths["stats"], json.dumps(result, ensure_ascii=False))  # the "done" marker, last
     return result
@@ -264,23 +260,17 @@ def _run_dedup(shards: list[Shard], recipe: CleanRecipe, work: Path) -> tuple[np
     if verdict_path.exists():
         saved = np.load(verdict_path)
         return saved["verdict"], saved["cluster_size"], json.loads(str(saved["summary"]))
-    hashes, counts = [], []
-    for shard in shards:
-        with np.load(_shard_paths(work, shard.index)["arrays"]) as arrays:
-            hashes.append(arrays["hashes"])
-            counts.append(len(arrays["hashes"]))
-    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    hashes = np.concatenate([np.fromfile(_shard_paths(work, shard.index)["hashes"], dtype=np.uint64)
+                             for shard in shards]) if shards else np.zeros(0, np.uint64)
     num_perm = recipe.dedup.bands * recipe.dedup.rows
     signature_file = work / "signatures.u32"
     signatures = np.zeros((0, num_perm), np.uint32)
     if recipe.dedup.near and len(hashes):
-        signatures = np.lib.format.open_memmap(signature_file, mode="w+", dtype=np.uint32, shape=(len(hashes), num_perm))
-        row = 0
-        for shard, count in zip(shards, counts):
-            with np.load(_shard_paths(work, shard.index)["arrays"]) as arrays:
-                signatures[row : row + count] = arrays["signatures"]
-            row += count
-        signatures.flush()
+        with open(signature_file, "wb") as sink:  # one file, memory-mapped: rows are read on demand
+            for shard in shards:
+                with open(_shard_paths(work, shard.index)["signatures"], "rb") as source:
+                    shutil.copyfileobj(source, sink)
+        signatures = np.memmap(signature_file, dtype=np.uint32, mode="r", shape=(len(hashes), num_perm))
     d = recipe.dedup
     result = deduplicate(signatures, hashes, exact=d.exact, near=d.near, bands=d.bands, rows=d.rows, threshold=d.threshold)
     del signatures

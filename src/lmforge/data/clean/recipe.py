@@ -130,7 +130,10 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> CleanRecipe
         data = _merge(data, user)
         if user_filters is not None:
             data["filters"] = user_filters
-    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "filters" in overrides:  # as in a recipe file: the filters named are the filters that run
+        data["filters"] = overrides.pop("filters")
+    data = _merge(data, overrides)
     try:
         recipe = CleanRecipe.model_validate(data)
     except ValidationError as exc:

@@ -8,6 +8,7 @@ chosen rate, shuffled paragraphs, or a partial rewrite (a hard negative, below t
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ def _zipf_vocabulary(rng: random.Random, size: int) -> tuple[list[str], list[flo
         words.add("".join(rng.choice(letters[: rng.randint(8, 26)]) for _ in range(length)))
     vocabulary = _FUNCTION_WORDS + sorted(words)
     weights = [1.0 / (rank + 1) ** 1.05 for rank in range(len(vocabulary))]
-    return vocabulary, weights
+    return vocabulary, list(itertools.accumulate(weights))
 
 
 @dataclass
@@ -43,14 +44,14 @@ class SyntheticCorpus:
 class _Writer:
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
-        self.vocabulary, self.weights = _zipf_vocabulary(self.rng, 20_000)
+        self.vocabulary, self.cum_weights = _zipf_vocabulary(self.rng, 20_000)
 
     def english(self, paragraphs: int) -> str:
         out = []
         for _ in range(paragraphs):
             sentences = []
             for _ in range(self.rng.randint(3, 6)):
-                words = self.rng.choices(self.vocabulary, self.weights, k=self.rng.randint(8, 20))
+                words = self.rng.choices(self.vocabulary, cum_weights=self.cum_weights, k=self.rng.randint(8, 20))
                 sentences.append(" ".join(words).capitalize() + ".")
             out.append(" ".join(sentences))
         return "\n\n".join(out)
@@ -75,7 +76,7 @@ class _Writer:
             words = paragraph.split(" ")
             for i in range(len(words)):
                 if self.rng.random() < rate:
-                    words[i] = self.rng.choices(self.vocabulary, self.weights)[0]
+                    words[i] = self.rng.choices(self.vocabulary, cum_weights=self.cum_weights)[0]
             paragraphs.append(" ".join(words))
         return "\n\n".join(paragraphs)
 
