@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install test-deps demo test clean
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/lmforge quickstart
 
-test: install
+# What only the tests need outside Python: headless Chromium for the web-page tests.
+test-deps:
+	bash scripts/install-chromium.sh
+
+test: install test-deps
 	$(BIN)/python -m pytest
 
 clean:
