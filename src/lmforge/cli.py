@@ -68,6 +68,9 @@ def train(
                   f"validation loss {val.loss:.3f}, perplexity {val.perplexity:.2f}, {val.bits_per_byte:.3f} bits/byte")
     console.print(f"model: {result.model_dir}   metrics: {result.run_dir / 'metrics.jsonl'}   "
                   f"plot: {result.run_dir / 'plots' / 'loss.png'}")
+    from lmforge.eval.compute import describe_run
+
+    console.print(f"compute: {describe_run(result.run_dir)}")
 
 
 @data_app.command("prepare")
@@ -226,6 +229,31 @@ def evaluate(
                       f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte")
 
 
+@app.command()
+def explain(
+    model: Annotated[Path, typer.Argument(help="A model directory.")],
+    prompt: Annotated[str, typer.Option(help="The text to explain (its predicted next token).")],
+    out: Annotated[Path, typer.Option(help="The HTML report to write.")] = Path("report.html"),
+    steps: Annotated[int, typer.Option(help="Integrated-gradients quadrature points.")] = 32,
+    top_k: Annotated[int, typer.Option(help="Tokens listed per prediction and logit-lens row.")] = 5,
+):
+    """Attention maps, token attributions and a logit lens for one prompt, as a self-contained HTML report."""
+    from lmforge.explain.report import explain_command
+
+    explain_command(model, prompt, out, steps, top_k, console)
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (runs/NAME); several are overlaid.")],
+    out: Annotated[Path, typer.Option(help="Directory for the PNGs.")] = Path("plots"),
+):
+    """Loss, learning rate, gradient norm and throughput curves, with each run's compute summary."""
+    from lmforge.explain.dashboard import plot_command
+
+    plot_command(runs, out, console)
+
+
 from lmforge.interop import commands as _interop  # noqa: E402  (import, export, verify, encrypt, decrypt)
 
 for _verb in ("import_", "export", "verify", "encrypt", "decrypt"):
@@ -235,6 +263,10 @@ from lmforge.data.clean.command import clean_command  # noqa: E402  (lmforge dat
 
 data_app.command("clean")(clean_command)
 
+
+from lmforge.train.hpo import hpo_command  # noqa: E402  (lmforge hpo)
+
+app.command("hpo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(hpo_command)
 
 from lmforge.compress.command import register as _register_compress  # noqa: E402 - quantize, prune, distill, compare
 

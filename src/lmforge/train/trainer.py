@@ -28,6 +28,7 @@ from lmforge.data.loader import BatchLoader, TokenSplit
 from lmforge.data.prepare import prepare, read_index
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.eval.compute import EnergyMeter, write_run_summary
 from lmforge.eval.perplexity import EvalResult, evaluate_split
 from lmforge.model import Transformer
 from lmforge.model_dir import save_model_dir
@@ -238,6 +239,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
     bar = _progress_bar(progress and ctx.is_main)
     task = bar.add_task("train", total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
     start = time.perf_counter()
+    energy = EnergyMeter(device)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     last_loss, val = float("nan"), None
     step = start_step
@@ -306,6 +308,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
         if ctx.is_main:
             save_model_dir(distributed.plain_copy(weights, model), tokenizer, model_dir, provenance)
             plot_losses(run_dir)
+            write_run_summary(run_dir, flops_per_token, tokens_seen, step, seconds, device, energy, seconds - elapsed_before)
         ctx.barrier()
     finally:
         metrics.close()
