@@ -1,15 +1,11 @@
-"""A tiny model, and real uvicorn servers on free loopback ports, for the HTTP tests."""
+"""Fixtures for the HTTP tests: a tiny model, and servers started with given settings."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
-import uvicorn
+from serve_helpers import KEY, MODEL, OTHER_KEY, TEXT, Server
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import train_tokenizer
@@ -18,12 +14,6 @@ from lmforge.model import Transformer
 from lmforge.serve.app import create_app
 from lmforge.serve.security import ApiKeys
 from lmforge.serve.settings import ServeSettings
-
-KEY = "test-key-0123456789abcdef"
-OTHER_KEY = "other-key-0123456789abcdef"
-MODEL = "tiny"
-TEXT = ["To be, or not to be, that is the question.", "ROMEO: But soft, what light through yonder window breaks?",
-        "The king is dead; long live the king!", "Now is the winter of our discontent. Héllo, 世界 ✓"] * 20
 
 
 @pytest.fixture(scope="session")
@@ -34,32 +24,6 @@ def tiny():
     model = Transformer(cfg)
     model.reset_parameters(seed=0)
     return model.eval(), tokenizer
-
-
-class Server:
-    def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="session")

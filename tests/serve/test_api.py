@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import KEY, MODEL, OTHER_KEY
+from serve_helpers import KEY, MODEL, OTHER_KEY
 
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams

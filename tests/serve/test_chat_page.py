@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import KEY, MODEL
+from serve_helpers import KEY, MODEL
 
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from conftest import KEY
+from serve_helpers import KEY
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 

@@ -42,13 +42,13 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     if not settings.get("model_name"):
         settings["model_name"] = Path(model_dir).resolve().name
     config = ServeSettings(api_keys=keys, **settings)
+    app = build_app(model_dir, config, device)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("lmforge.serve.access")
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
-    app = build_app(model_dir, config, device)
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, server_header=False,

@@ -82,11 +82,14 @@ class RequestContext:
             }))
 
     async def _read_body(self, headers, receive) -> bytes | None:
-        """The whole body, or None when it is over the cap."""
+        """The whole body, or None when it is over the cap. An oversized body of moderate size
+        is read to its end and dropped, so that the client can read the 413 (a server that
+        closes on unread data makes the client see a connection reset instead)."""
+        drain_limit = 16 * self.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                if int(declared) > self.max_body_bytes:
+                if int(declared) > drain_limit:
                     return None
             except ValueError:
                 return None
@@ -97,12 +100,13 @@ class RequestContext:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size <= self.max_body_bytes:
+                chunks.append(chunk)
+            elif size > drain_limit:
                 return None
-            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        return b"".join(chunks)
+        return b"".join(chunks) if size <= self.max_body_bytes else None
 
     async def _refuse(self, send, status: int, message: str) -> None:
         body = _error_body(status, message)
