@@ -1,5 +1,7 @@
 """Exact and near-duplicate detection on planted duplicates, English and Chinese."""
 
+import random
+
 import numpy as np
 import pytest
 from clean_samples import CHINESE, ENGLISH
@@ -20,6 +22,26 @@ def run(texts, threshold=0.8, bands=14, rows=8):
     signatures = np.stack([HASHER.signature(t) for t in texts])
     hashes = np.array([exact_key(t) for t in texts], dtype=np.uint64)
     return deduplicate(signatures, hashes, exact=True, near=True, bands=bands, rows=rows, threshold=threshold)
+
+
+def reference_token_hashes(text: str) -> np.ndarray:
+    """The slow, obvious version: regex tokens, a polynomial over code points, then the mixer."""
+    from lmforge.data.clean.minhash import _mix
+    from lmforge.data.clean.text import words
+
+    prime, modulus = 0x100000001B3, 2**64
+    values = [(sum(ord(c) * pow(prime, k, modulus) for k, c in enumerate(token)) + len(token)) % modulus
+              for token in words(text.lower())]
+    return _mix(np.array(values, dtype=np.uint64))
+
+
+def test_vectorized_tokens_match_the_regex_tokenizer():
+    rng = random.Random(0)
+    alphabet = "ab c-'’_1世界。 \n,Ωéテ"
+    texts = [ENGLISH, CHINESE, "Don't stop--well-known 'quoted' end- -start İstanbul x\ud800y 한국어", "", " ... "]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(500)]
+    for text in texts:
+        assert np.array_equal(token_hashes(text), reference_token_hashes(text)), text
 
 
 def test_exact_duplicates_ignore_case_and_whitespace():

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+
 import numpy as np
-import xxhash
 
 from lmforge.data.clean.minhash import EMPTY, band_keys, estimated_jaccard
 
@@ -25,7 +26,8 @@ _VERIFY_CHUNK = 65536
 
 def exact_key(text: str) -> int:
     """Hash of the text with case and whitespace differences removed."""
-    return xxhash.xxh3_64_intdigest(" ".join(text.lower().split()).encode())
+    digest = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @dataclass

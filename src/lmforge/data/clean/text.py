@@ -19,8 +19,10 @@ _CJK_RANGES = (
 )
 _CJK_CHAR = f"[{_CJK_RANGES}]"
 # One CJK character, or a run of other word characters (apostrophes and hyphens inside).
-WORD_RE = re.compile(rf"{_CJK_CHAR}|(?:(?!{_CJK_CHAR})\w)+(?:['’-](?:(?!{_CJK_CHAR})\w)+)*")
-_PLAIN_WORD_RE = re.compile(r"\w+(?:['’-]\w+)*")  # the same tokens for text without CJK, 2x faster
+JOINERS = "'’-"  # join two runs of word characters into one word: don't, well-known
+_NON_CJK_WORD_CHAR = f"[^\\W{_CJK_RANGES}]"  # \w minus the CJK ranges
+WORD_RE = re.compile(rf"{_CJK_CHAR}|{_NON_CJK_WORD_CHAR}+(?:[{JOINERS}]{_NON_CJK_WORD_CHAR}+)*")
+_PLAIN_WORD_RE = re.compile(rf"\w+(?:[{JOINERS}]\w+)*")  # the same tokens for text without CJK, faster
 CJK_RE = re.compile(_CJK_CHAR)
 CJK_LANGUAGES = frozenset({"zh", "ja"})
 
