@@ -54,6 +54,43 @@ def prune(
                   f"{tail}: {out}")
 
 
+def compare(
+    models: Annotated[list[Path], typer.Argument(help="Model directories to compare.")],
+    data: Annotated[Optional[Path], typer.Option(help="Validation data: a prepared data directory (its val split) or a text file.")] = None,
+    max_batches: Annotated[int, typer.Option(help="Validation batches of 8 sequences at most.")] = 20,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per speed measurement.")] = 64,
+    chart: Annotated[Optional[Path], typer.Option(help="Write a PNG bar chart here.")] = Path("compare.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+):
+    """The compression report: parameters, file size, validation perplexity, batch-1 decode speed."""
+    from lmforge.compress.compare import compare as run_compare
+
+    rows = run_compare(models, data, max_batches, new_tokens, chart)
+    if as_json:
+        import json
+
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    print_table(rows)
+    if chart is not None:
+        console.print(f"chart: {chart}")
+
+
+def print_table(rows) -> None:
+    from rich.table import Table
+
+    base = rows[0]
+    table = Table(title="compression report (speed relative to the first model)")
+    for col in ("model", "method", "parameters", "file MB", "size", "perplexity", "tokens/s", "speed"):
+        table.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for r in rows:
+        ppl = f"{r.perplexity:.3f}" if r.perplexity is not None else "-"
+        table.add_row(Path(r.model).name, r.method, f"{r.parameters / 1e6:.2f}M", f"{r.file_mb:.2f}",
+                      f"{base.file_mb / r.file_mb:.2f}x smaller" if r is not base else "", ppl,
+                      f"{r.tokens_per_s:.1f}", f"{r.tokens_per_s / base.tokens_per_s:.2f}x")
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (quantize, prune):
+    for command in (quantize, prune, compare):
         app.command()(command)

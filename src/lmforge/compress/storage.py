@@ -60,12 +60,10 @@ def quantization_config(model: Transformer) -> dict[str, Any] | None:
 
 def quantized_params(model: Transformer) -> int:
     """Parameters counted as the fp32 model would count them (a quantized layer: in x out)."""
-    total = 0
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
     for module in model.modules():
         if isinstance(module, (QuantizedLinear, DynamicInt8Linear)):
             total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
-        else:
-            total += sum(p.numel() for p in module.parameters(recurse=False))
     if model.config.tie_embeddings and isinstance(model.lm_head, (QuantizedLinear, DynamicInt8Linear)):
         total -= model.tok_emb.weight.numel()  # tied: one matrix, counted once
     return total

@@ -1,0 +1,140 @@
+"""`lmforge compare`: the compression report, one row per model directory.
+
+Parameters, weight-file size, validation perplexity and batch-1 greedy decode speed,
+as a table and a PNG bar chart. Models are measured one after another in one process,
+so the speeds are comparable with each other (not across machines or busy periods).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    parameters: int
+    file_mb: float
+    perplexity: float | None
+    tokens_per_s: float
+    weight_mb_per_token: float  # what one decoding step reads: every matmul weight once
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model: Transformer, new_tokens: int = 64, prompt: int = 8, repeats: int = 3) -> float:
+    """Batch-1 greedy decoding speed with the KV cache (median of `repeats` runs after a warm-up)."""
+    new_tokens = max(1, min(new_tokens, model.config.context - prompt - 1))
+    ids = torch.arange(prompt)[None] % model.config.vocab
+    speeds = []
+    for run in range(repeats + 1):
+        cache = model.new_cache(1, capacity=prompt + new_tokens + 1)
+        logits = model(ids, cache, last_only=True)[:, -1]
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, cache, last_only=True)[:, -1]
+        if run:  # the first run warms caches and allocators
+            speeds.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(speeds)
+
+
+def matmul_bytes(model: Transformer) -> int:
+    """Bytes of weights one decoding step reads: each linear's stored weight (+ scales)."""
+    from lmforge.compress.qlinear import DynamicInt8Linear, QuantizedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, DynamicInt8Linear)):
+            total += sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name != "bias")
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def describe(path: Path, meta: dict) -> str:
+    q = meta.get("quantization")
+    if q:
+        algo = q.get("algorithm", "rtn")
+        g = f" g{q['group_size']}" if q.get("group_size") else ""
+        return f"{q['method']}{g}" + (f" ({algo})" if algo not in ("rtn", "dynamic") else "")
+    p = meta.get("pruning")
+    if p:
+        return f"{p['method']} {p['pattern']} {p['sparsity']:.0%}"
+    if meta.get("distillation"):
+        return "distilled"
+    return "fp32"
+
+
+def measure(path: Path, data: Path | None, max_batches: int, new_tokens: int) -> Row:
+    import lmforge
+    from lmforge.compress.storage import quantized_params
+    from lmforge.model_dir import weight_files
+
+    m = lmforge.load(path)
+    perplexity = None
+    if data is not None:
+        perplexity = validation_perplexity(m, data, max_batches)
+    size = sum(f.stat().st_size for f in weight_files(Path(path)))
+    return Row(str(path), describe(path, m.meta), quantized_params(m.model), size / 1e6, perplexity,
+               decode_tokens_per_s(m.model, new_tokens), matmul_bytes(m.model) / 1e6)
+
+
+def validation_perplexity(m, data: Path, max_batches: int) -> float:
+    from lmforge.data.loader import TokenSplit
+    from lmforge.eval.perplexity import evaluate_split, evaluate_text
+
+    if Path(data).is_dir():
+        split = TokenSplit(data, "val")
+        if split.vocab_size > m.config.vocab:
+            raise LmforgeError(f"{data} was tokenized with a larger vocabulary than {m.path} has")
+        return evaluate_split(m.model, split, batch_size=8, max_batches=max_batches).perplexity
+    if not Path(data).is_file():
+        raise LmforgeError(f"evaluation data {data} not found")
+    return evaluate_text(m.model, m.tokenizer, data).perplexity
+
+
+def compare(models: list[Path], data: Path | None = None, max_batches: int = 20, new_tokens: int = 64,
+            chart: Path | None = None) -> list[Row]:
+    if not models:
+        raise LmforgeError("give at least one model directory")
+    rows = [measure(Path(p), data, max_batches, new_tokens) for p in models]
+    if chart is not None:
+        plot(rows, chart)
+    return rows
+
+
+def plot(rows: list[Row], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{Path(r.model).name}\n{r.method}" for r in rows]
+    panels = [("weight files (MB)", [r.file_mb for r in rows]),
+              ("batch-1 decode (tokens/s)", [r.tokens_per_s for r in rows])]
+    if all(r.perplexity is not None for r in rows):
+        panels.insert(1, ("validation perplexity", [r.perplexity for r in rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+    for ax, (title, values) in zip(axes, panels):
+        bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(title)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    fig.suptitle("lmforge compare")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
