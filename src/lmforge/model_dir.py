@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.interop.crypto import ENCRYPTION_FILE
 from lmforge.interop.hf import from_hf_config, split_rule, to_hf_config, weight_map
 from lmforge.interop.weights import MemoryTensors, SafetensorsFiles, TensorSource, load_weights
 from lmforge.model import Transformer
@@ -38,7 +39,6 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_SHARD_BYTES = 4 << 30
-ENCRYPTION_FILE = "encryption.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

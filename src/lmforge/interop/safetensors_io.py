@@ -59,14 +59,18 @@ def _no_duplicate_keys(pairs):
     return out
 
 
-def read_header(path: Path) -> Header:
-    """Parse and validate a safetensors header; raises LmforgeError naming the file and the problem."""
+def read_header(path: Path, opener=None) -> Header:
+    """Parse and validate a safetensors header; raises LmforgeError naming the file and the problem.
+
+    `opener(path)` gives a binary file object (an in-memory one for decrypted weights).
+    """
     def bad(problem: str) -> LmforgeError:
         return LmforgeError(f"{path}: {problem}; the file is corrupt, truncated or not safetensors")
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with (opener(path) if opener else open(path, "rb")) as f:
+            size = f.seek(0, 2)
+            f.seek(0)
             head = f.read(8)
             if len(head) < 8:
                 raise bad(f"only {size} bytes long")
@@ -142,3 +146,32 @@ def read_tensor(f, entry: TensorEntry, path: Path) -> torch.Tensor:
     out = torch.empty(entry.shape, dtype=entry.dtype)
     read_into(f, entry, out, path)
     return out
+
+
+class MemoryFile:
+    """A read-only binary file over a buffer, without copying it (io.BytesIO would)."""
+
+    def __init__(self, buffer: bytearray):
+        self.view, self.pos = memoryview(buffer), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else (self.pos + offset if whence == 1 else len(self.view) + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n < 0 else min(len(self.view), self.pos + n)
+        out = bytes(self.view[self.pos:end])
+        self.pos = max(self.pos, end)
+        return out
+
+    def readinto(self, b) -> int:
+        chunk = self.view[self.pos:self.pos + len(b)]
+        b[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)

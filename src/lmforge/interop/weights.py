@@ -35,13 +35,14 @@ class TensorSource(Protocol):
 class SafetensorsFiles:
     """The tensors of one safetensors file or of a sharded checkpoint's shards."""
 
-    def __init__(self, files: list[Path], index: dict[str, str] | None = None):
+    def __init__(self, files: list[Path], index: dict[str, str] | None = None, opener=None):
         self.description = str(files[0].parent if len(files) > 1 else files[0])
         self.entries: dict[str, tuple[Path, TensorEntry]] = {}
+        self.opener = opener or (lambda p: open(p, "rb"))
         for path in files:
-            if not path.is_file():
+            if opener is None and not path.is_file():
                 raise LmforgeError(f"weight file {path} is missing")
-            header: Header = read_header(path)
+            header: Header = read_header(path, self.opener)
             for name, entry in header.tensors.items():
                 if name in self.entries:
                     raise LmforgeError(f"tensor {name!r} is in both {self.entries[name][0].name} and {path.name}")
@@ -68,7 +69,7 @@ class SafetensorsFiles:
 
     def _file(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(open(path, "rb"))
+            self._handles[path] = self._stack.enter_context(self.opener(path))
         return self._handles[path]
 
     def read_into(self, name: str, dest: torch.Tensor) -> None:
