@@ -58,6 +58,9 @@ def write_plots(stats: dict, folder: Path) -> list[str]:
     ax.bar(centers, hist["chars_read"], width=widths, alpha=0.5, label="read", align="center")
     ax.bar(centers, hist["chars_out"], width=widths, alpha=0.7, label="kept", align="center")
     ax.set_xscale("log")
+    used = [i for i, (a, b) in enumerate(zip(hist["chars_read"], hist["chars_out"])) if a or b]
+    if used:
+        ax.set_xlim(edges[max(0, used[0] - 1)], edges[min(LENGTH_BINS, used[-1] + 2)])
     ax.set_xlabel("document length (characters)")
     ax.set_ylabel("documents")
     ax.legend()
@@ -99,7 +102,7 @@ def summary_table(stats: dict) -> Table:
     table.add_column("removed", justify="right")
     table.add_column("%", justify="right")
     table.add_column("chars out", justify="right")
-    table.add_column("top reasons")
+    table.add_column("top reasons", overflow="fold")
     for name, step in stats["steps"].items():
         share = 100 * step["docs_removed"] / step["docs_in"] if step["docs_in"] else 0.0
         reasons = sorted(step["reasons"].items(), key=lambda kv: -kv[1])[:3]
