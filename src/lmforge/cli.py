@@ -178,11 +178,12 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable; none by default).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: torch's choice).")] = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
     from lmforge.serve.command import serve as run_server
 
-    run_server(model, host, port, api_key_file, allow_no_auth, device=device, settings={
+    run_server(model, host, port, api_key_file, allow_no_auth, device=device, threads=threads, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or []})

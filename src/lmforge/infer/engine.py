@@ -106,9 +106,17 @@ def _logprob_entry(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
+def _merge(a: Event, b: Event) -> Event:
+    """One event for two consecutive events of the same request."""
+    return Event(text=a.text + b.text, tokens=a.tokens + b.tokens, prompt=a.prompt or b.prompt,
+                 finish_reason=b.finish_reason or a.finish_reason, error=a.error or b.error)
+
+
 class EventStream:
-    """(index, event) pairs for several requests, in the asyncio loop that opened it. Leaving
-    the `async for` early (a client that disconnected) cancels the requests still running."""
+    """(index, event) pairs for several requests, in the asyncio loop that opened it. Events
+    of one request that are waiting together are merged into one, so a consumer that falls
+    behind (many streams, a slow client) gets fewer, larger chunks instead of a backlog.
+    Leaving the `async for` early (a client that disconnected) cancels what still runs."""
 
     def __init__(self, engine: "Engine", requests: list[Request]):
         loop = asyncio.get_running_loop()
@@ -124,10 +132,16 @@ class EventStream:
     async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
         try:
             while self._open:
-                i, ev = await self._queue.get()
-                if ev.finish_reason is not None:
-                    self._open -= 1
-                yield i, ev
+                ready = [await self._queue.get()]
+                while not self._queue.empty():
+                    ready.append(self._queue.get_nowait())
+                merged: dict[int, Event] = {}
+                for i, ev in ready:
+                    merged[i] = _merge(merged[i], ev) if i in merged else ev
+                for i, ev in merged.items():
+                    if ev.finish_reason is not None:
+                        self._open -= 1
+                    yield i, ev
         finally:
             self.cancel()
 

@@ -32,9 +32,14 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
 
 
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
-          settings: dict, device: str = "cpu", log_level: str = "info") -> None:
+          settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info") -> None:
+    import torch
     import uvicorn
 
+    if threads is not None:
+        if threads < 1:
+            raise LmforgeError("--threads must be at least 1")
+        torch.set_num_threads(threads)
     keys = ApiKeys.load(api_key_file)
     if not keys and not is_loopback(host) and not allow_no_auth:
         raise LmforgeError(f"refusing to listen on {host} without API keys: give --api-key-file FILE or set "

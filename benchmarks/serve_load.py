@@ -1,0 +1,171 @@
+"""Load on `lmforge serve` over loopback: 1, 4 and 16 concurrent streaming clients.
+
+The server runs as its own process (as in production; the clients' Python does not share
+its interpreter). Every client sends a fixed mix of streaming greedy completions one after
+another. Printed per level: aggregate output tokens/s, time to first token and latency
+(p50, p99), and the ratio of 16-client to 1-client throughput (the target on a 2-core CPU
+with a small model: >= 5x, p99 time to first token < 1 s at 16 clients).
+
+    python benchmarks/serve_load.py                      # a quickstart-shaped random model
+    python benchmarks/serve_load.py --model runs/quickstart/model
+    python benchmarks/serve_load.py --requests-per-client 2 --levels 1 4   # a quick look
+
+llama.cpp side by side: not yet; the project has no GGUF export to give it the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from common import machine
+
+from lmforge.config import load_recipe
+from lmforge.data.corpora import synthetic_documents
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.model import Transformer
+from lmforge.model_dir import save_model_dir
+
+PROMPTS = ["ROMEO:\n", "To be, or not to be", "The king is dead", "Now is the winter of our discontent",
+           "JULIET:\nO Romeo, Romeo", "Friends, Romans, countrymen", "All the world's a stage", "Once more unto"]
+MAX_TOKENS = [32, 64, 96, 128]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    latency: float
+    tokens: int
+
+
+def build_model(out: Path, context: int) -> Path:
+    """The quickstart recipe's model shape and vocabulary size, with random weights."""
+    recipe = load_recipe("quickstart")
+    tokenizer = train_tokenizer(synthetic_documents(), vocab_size=recipe.data.tokenizer.vocab_size)
+    cfg = recipe.model.model_copy(update={"vocab_size": tokenizer.vocab_size, "context": context})
+    torch.manual_seed(0)
+    return save_model_dir(Transformer(cfg), tokenizer, out / "bench-model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, key: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "LMFORGE_API_KEYS": key}
+    cmd = [sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(port), "--max-batch", str(max_batch),
+           "--served-model-name", "bench"] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}: run `{' '.join(cmd)}` to see why")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start in 3 minutes")
+
+
+async def one_request(client: httpx.AsyncClient, i: int) -> Sample:
+    body = {"model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS[i % len(MAX_TOKENS)],
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"request failed: {r.status_code} {await r.aread()!r}")
+        async for line in r.aiter_lines():
+            # Parse only what is measured: the first token's arrival and the closing usage.
+            if first is None and line.startswith('data: {') and '"text": ""' not in line:
+                first = time.perf_counter()
+            if '"usage": {' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return Sample(ttft=(first or end) - start, latency=end - start, tokens=tokens)
+
+
+async def run_level(url: str, key: str, clients: int, per_client: int) -> tuple[float, list[Sample]]:
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
+                                 limits=limits) as client:
+        await one_request(client, 0)  # warm-up
+
+        async def worker(c: int) -> list[Sample]:
+            return [await one_request(client, c * per_client + j) for j in range(per_client)]
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(worker(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    samples = [s for r in results for s in r]
+    return sum(s.tokens for s in samples) / wall, samples
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="a model directory (default: a quickstart-shaped random model)")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--context", type=int, default=256, help="context of the default model")
+    ap.add_argument("--threads", type=int, help="the server's CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+
+    key = secrets.token_urlsafe(24)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_model(Path(tmp), args.context)
+        proc, url = start_server(model, key, max(args.levels), args.threads)
+        try:
+            print(f"# serve_load: {machine()}")
+            print(f"# model {model}, server threads {args.threads or 'default'}, {args.requests_per_client} streaming greedy requests per client, "
+                  f"max_tokens cycling {MAX_TOKENS}")
+            print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+                  f"{'lat p50':>8} {'lat p99':>8}")
+            rates = {}
+            for clients in args.levels:
+                rate, samples = asyncio.run(run_level(url, key, clients, args.requests_per_client))
+                rates[clients] = rate
+                ttft = [s.ttft for s in samples]
+                lat = [s.latency for s in samples]
+                print(f"{clients:>7} {len(samples):>8} {rate:>8.1f} {pct(ttft, 50):>8.3f}s {pct(ttft, 99):>8.3f}s "
+                      f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s", flush=True)
+            lo, hi = min(rates), max(rates)
+            if lo != hi:
+                print(f"throughput ratio {hi} clients / {lo} client: {rates[hi] / rates[lo]:.2f}x")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
