@@ -109,9 +109,9 @@ def trained_run(tiny_data, tmp_path_factory):
 
     recipe = build_tiny_recipe(tiny_data, tmp_path_factory.mktemp("trained"), "trained",
                                model={"d_model": 64, "n_head": 4, "n_kv_head": 2},
-                               train={"batch_size": 8, "max_steps": 50, "warmup": 5, "lr": 1e-2,
-                                      "checkpoint_every": 50, "log_every": 5},
-                               eval={"every": 50, "batches": 4})
+                               train={"batch_size": 8, "max_steps": 30, "warmup": 5, "lr": 1e-2,
+                                      "checkpoint_every": 30, "log_every": 5},
+                               eval={"every": 30, "batches": 4})
     return train(recipe, progress=False, log=lambda s: None)
 
 

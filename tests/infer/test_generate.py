@@ -75,7 +75,7 @@ def test_batched_generation_gives_the_same_tokens_as_each_prompt_alone(make_mode
     # A larger init spreads the logits so that no greedy choice is a near tie.
     model = make_model(family, vocab_size=tokenizer.vocab_size, init_std=0.3, **extra)
     prompts = [ids(n, tokenizer.vocab_size, seed=n) for n in (2, 9, 5)]
-    params = SamplingParams(max_new_tokens=16)
+    params = SamplingParams(max_new_tokens=10)
     batched = generate(model, tokenizer, prompts, params)
     for prompt, together in zip(prompts, batched):
         (alone,) = generate(model, tokenizer, [prompt], params)
@@ -155,10 +155,10 @@ def test_streaming_holds_back_incomplete_characters(tokenizer, make_model):
 
 
 def test_same_seed_same_sample(trained):
-    kwargs = dict(max_new_tokens=20, temperature=1.0, top_p=0.95)
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_p=0.95)
     a = trained.generate(["The king", "A fool"], seed=7, **kwargs)
     b = trained.generate(["The king", "A fool"], seed=7, **kwargs)
-    others = {tuple(trained.generate(["The king", "A fool"], seed=s, **kwargs)) for s in (8, 9, 10)}
+    others = {tuple(trained.generate(["The king", "A fool"], seed=s, **kwargs)) for s in (8, 9)}
     assert a == b
     assert others != {tuple(a)}  # the seed does change the sample
 

@@ -38,11 +38,11 @@ def assert_same_weights(a, b):
 
 def test_loss_falls_on_a_tiny_run(trained_run, tokenizer):
     losses = [r["loss"] for r in read_metrics(trained_run.run_dir) if "loss" in r]
-    assert len(losses) == 10
+    assert len(losses) == 6
     assert losses[0] > 4.0 and losses[-1] < 0.6 * losses[0]
     assert trained_run.val.loss < 0.6 * math.log(tokenizer.vocab_size)
     assert math.isfinite(trained_run.val.bits_per_byte) and trained_run.val.bits_per_byte > 0
-    assert trained_run.steps == 50 and trained_run.tokens == 50 * 8 * 32
+    assert trained_run.steps == 30 and trained_run.tokens == 30 * 8 * 32
 
 
 def test_run_directory_layout(trained_run):
@@ -112,6 +112,12 @@ def test_time_budget_stops_with_a_checkpoint_and_a_model(tiny_recipe):
     assert (result.model_dir / "model.safetensors").is_file()
 
 
+def test_a_run_stopped_before_its_first_log_still_records_its_loss(tiny_recipe):
+    result = run(tiny_recipe(train={"max_steps": 1000, "max_minutes": 1e-6, "log_every": 10}))
+    assert any("loss" in r for r in read_metrics(result.run_dir))
+    assert (result.run_dir / "plots" / "loss.png").is_file()
+
+
 @pytest.mark.slow
 def test_sigint_to_a_real_training_process_checkpoints_and_resumes(cli, tiny_data, tmp_path):
     out = tmp_path / "runs"
@@ -137,6 +143,6 @@ def test_sigint_to_a_real_training_process_checkpoints_and_resumes(cli, tiny_dat
 
     done = cli("train", out / "sig" / "recipe.yaml", "--resume", "--no-progress", "--train.max_steps", step + 2)
     assert done.returncode == 0, done.stderr
-    assert f"resuming {out / 'sig'} from step {step}" in done.stdout.replace("\n", "")
+    assert f"resuming {out / 'sig'} from step {step}" in " ".join(done.stdout.split())
     assert max(r["step"] for r in read_metrics(out / "sig")) == step + 2
     assert (out / "sig" / "model" / "model.safetensors").is_file()
