@@ -172,6 +172,30 @@ def test_two_workers_give_the_same_output_as_one(tmp_path):
     assert parallel["steps"] == serial["steps"] and parallel["docs_out"] == serial["docs_out"] > 0
 
 
+def test_the_same_pipeline_runs_on_a_dask_cluster(tmp_path):
+    """A Dask cluster given by its scheduler address (here: in-process workers, to start fast)."""
+    from dask.distributed import LocalCluster
+
+    inputs = synthetic_inputs(tmp_path / "raw", 80)
+    recipe = small_shards_recipe()
+    serial = clean(inputs, tmp_path / "serial", recipe, workers=1)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        on_dask = clean(inputs, tmp_path / "dask", recipe, engine="dask", scheduler=cluster.scheduler_address)
+        assert len(cluster.workers) == 2
+    assert serial["inputs"]["shards"] >= 4
+    assert read_output(tmp_path / "dask") == read_output(tmp_path / "serial")
+    assert on_dask["steps"] == serial["steps"] and on_dask["accounting_ok"]
+
+
+@pytest.mark.slow  # a local cluster of worker processes, each importing torch through lmforge/__init__
+def test_dask_engine_starts_a_local_cluster_of_processes(tmp_path):
+    inputs = synthetic_inputs(tmp_path / "raw", 40)
+    recipe = small_shards_recipe()
+    on_dask = clean(inputs, tmp_path / "dask", recipe, workers=1, engine="dask")
+    serial = clean(inputs, tmp_path / "serial", recipe, workers=1)
+    assert read_output(tmp_path / "dask") == read_output(tmp_path / "serial") and on_dask["docs_out"] > 0
+
+
 def test_a_bad_recipe_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("filters:\n  gopher_quality: {}\n  perplexity: {}\n")

@@ -18,6 +18,8 @@ def clean_command(
     text_field: Annotated[Optional[str], typer.Option(help="Field holding the text in JSONL/Parquet (overrides the recipe).")] = None,
     languages: Annotated[Optional[str], typer.Option(help="Keep only these languages, e.g. 'en,zh' (overrides the recipe).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Discard a previous run in OUT instead of resuming it.")] = False,
+    engine: Annotated[str, typer.Option(help="'local' processes, or 'dask' (needs dask[distributed]).")] = "local",
+    scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address (engine dask); unset: a local cluster.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> dict:
     """Clean, filter, deduplicate and profile a corpus; re-running resumes an interrupted run."""
@@ -38,7 +40,8 @@ def clean_command(
     try:
         with bar:
             stats = clean(inputs, out, cleaning, workers=workers or os.cpu_count() or 1, overwrite=overwrite,
-                          on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+                          on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                          engine=engine, scheduler=scheduler)
     except KeyboardInterrupt:
         console.print("[yellow]finished shards are kept: run the same command again to resume[/]")
         raise

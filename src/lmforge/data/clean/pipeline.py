@@ -216,7 +216,7 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> bool:
 
 
 def _run_stage1(shards: list[Shard], recipe: CleanRecipe, work: Path, workers: int,
-                on_progress: Callable[[int, int], None] | None) -> list[dict]:
+                on_progress: Callable[[int, int], None] | None, engine: str, scheduler: str | None) -> list[dict]:
     results: dict[int, dict] = {}
     todo = []
     for shard in shards:
@@ -232,7 +232,14 @@ def _run_stage1(shards: list[Shard], recipe: CleanRecipe, work: Path, workers: i
         np.save(tmp, eval_ngrams(recipe.decontaminate))
         os.replace(tmp, work / "decontaminate.npy")
     init_args = (recipe.model_dump(mode="json"), str(work))
-    if workers <= 1 or len(todo) <= 1:
+    if engine == "dask" and todo:
+        from lmforge.data.clean.dask_engine import run_on_dask
+
+        for index, result in run_on_dask(todo, init_args, workers, scheduler):
+            results[index] = result
+            if on_progress:
+                on_progress(len(results), len(shards))
+    elif workers <= 1 or len(todo) <= 1:
         _init_worker(*init_args)
         for shard in todo:
             results[shard.index] = _clean_shard(shard)
@@ -325,8 +332,15 @@ def _write_outputs(shards: list[Shard], recipe: CleanRecipe, out: Path, verdict:
 
 
 def clean(inputs: list[str], out: str | Path, recipe: CleanRecipe, *, workers: int = 1, overwrite: bool = False,
-          on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Clean `inputs` into `out/part-*.jsonl` + `out/stats.json`; returns the stats."""
+          on_progress: Callable[[int, int], None] | None = None, engine: str = "local",
+          scheduler: str | None = None) -> dict:
+    """Clean `inputs` into `out/part-*.jsonl` + `out/stats.json`; returns the stats.
+
+    `engine="local"` cleans shards in `workers` local processes; `engine="dask"` on a Dask
+    cluster (`scheduler` address, or a local cluster of `workers` processes when None).
+    """
+    if engine not in ("local", "dask"):
+        raise LmforgeError(f"unknown engine '{engine}': use 'local' or 'dask'")
     from lmforge.data.clean.report import finish_stats, write_plots
 
     started = time.time()
@@ -336,7 +350,7 @@ def clean(inputs: list[str], out: str | Path, recipe: CleanRecipe, *, workers: i
     if _prepare_out(out, plan, overwrite):
         return json.loads((out / STATS_FILE).read_text())
     work = out / WORK
-    shard_stats = _run_stage1(shards, recipe, work, workers, on_progress)
+    shard_stats = _run_stage1(shards, recipe, work, workers, on_progress, engine, scheduler)
     verdict, _, dedup_summary = _run_dedup(shards, recipe, work)
     tail = ShardStats(dedup_steps(recipe), recipe.output.samples_per_filter)
     parts = _write_outputs(shards, recipe, out, verdict, tail)
