@@ -168,3 +168,13 @@ def test_unknown_filter_or_parameter_is_one_clear_error():
         build_filters({"gopher_qualty": {}})
     with pytest.raises(LmforgeError, match="min_doc_wrds"):
         build_filters({"gopher_quality": {"min_doc_wrds": 3}})
+
+
+def test_duplicated_ngram_fraction_never_grows_with_n():
+    """The early exit in the repetition filter relies on this."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(0, rng.integers(2, 12), size=rng.integers(5, 80)).astype(np.uint64)
+        lengths = rng.integers(1, 9, size=len(ids))
+        fractions = [duplicated_ngram_char_fraction(ids, lengths, n) for n in range(2, 11)]
+        assert all(a >= b for a, b in zip(fractions, fractions[1:]))

@@ -179,7 +179,13 @@ class GopherRepetitionFilter(Filter):
         for n, limit in p.top_n_grams:
             if top_ngram_char_fraction(ids, lengths, n) > limit:
                 return f"top_{n}_gram"
-        for n, limit in p.dup_n_grams:
-            if duplicated_ngram_char_fraction(ids, lengths, n) > limit:
+        ordered = sorted(p.dup_n_grams)
+        for k, (n, limit) in enumerate(ordered):
+            fraction = duplicated_ngram_char_fraction(ids, lengths, n)
+            if fraction > limit:
                 return f"dup_{n}_gram"
+            # what repeated (n+1)-grams cover, repeated n-grams cover too: the fraction only
+            # falls with n, so once it is under every later limit no later rule can fire
+            if all(fraction <= later for _, later in ordered[k + 1 :]):
+                break
         return None
