@@ -48,7 +48,8 @@ def test_bad_jsonl_line_names_the_line(tmp_path):
 @pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
 def test_non_utf8_file_is_a_clear_error(tmp_path, name):
     path = tmp_path / name
-    path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1") if name.endswith("jsonl") else "café".encode("latin-1"))
+    text = '{"text": "café"}\n' if name.endswith("jsonl") else "café"
+    path.write_bytes(text.encode("latin-1"))
     with pytest.raises(LmforgeError, match="not UTF-8"):
         list(iter_documents(str(path)))
 
@@ -61,6 +62,7 @@ def test_missing_corpus_is_a_clear_error(tmp_path, spec):
 
 
 def test_gutenberg_header_and_footer_are_stripped():
-    text = "licence blah\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody line.\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\nfooter"
+    text = ("licence blah\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody line.\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nfooter")
     assert strip_gutenberg(text) == "Body line.\n"
     assert strip_gutenberg("plain text") == "plain text\n"
