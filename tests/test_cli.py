@@ -187,3 +187,18 @@ def test_bad_corpus_leaves_nothing_behind(lmforge_main, tmp_path, case):
 def test_eval_of_a_missing_file(lmforge_main, tiny_model_dir, tmp_path):
     code, _, err = lmforge_main("eval", tiny_model_dir, "--data", tmp_path / "nothing.txt")
     assert code == 2 and "not found" in one_error_line(err)
+
+
+@pytest.mark.parametrize("case", ["empty corpus", "no gpu"])
+def test_train_mistakes_leave_no_files(lmforge_main, tmp_path, case):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("" if case == "empty corpus" else "1. The king loves the sea.\n" * 50)
+    extra = ["--train.device", "cuda"] if case == "no gpu" else []
+    if case == "no gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    runs = tmp_path / "runs"
+    code, _, err = lmforge_main("train", "tiny", "--no-progress", "--run.out", runs, "--data.corpus", corpus, *extra)
+    assert code == 2
+    one_error_line(err)
+    assert [p for p in runs.rglob("*") if p.is_file() or p.name.startswith(".")] == []
