@@ -185,9 +185,12 @@ def test_rate_limits_per_key(start_server):
     assert r.json()["error"]["type"] == "rate_limit_error"
     # The other key has its own allowance, for tokens too.
     other = openai.OpenAI(base_url=server.url + "/v1", api_key=OTHER_KEY, max_retries=0)
-    other.completions.create(model=MODEL, prompt="To be", max_tokens=150)
-    with pytest.raises(openai.RateLimitError):
-        other.completions.create(model=MODEL, prompt="To be", max_tokens=100)
+    used = other.completions.create(model=MODEL, prompt="To be", max_tokens=150, temperature=0).usage.total_tokens
+    left = 200 - used  # what the request reserved but did not use came back
+    with pytest.raises(openai.RateLimitError):  # reserves prompt + max_tokens: more than is left
+        other.completions.create(model=MODEL, prompt="To be", max_tokens=left + 20)
+    with pytest.raises(openai.RateLimitError, match="more than your limit"):
+        other.completions.create(model=MODEL, prompt="To be", max_tokens=150, n=2)  # 2 x 128 > 200
 
 
 @pytest.mark.parametrize("body, param", [

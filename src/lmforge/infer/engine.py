@@ -191,6 +191,10 @@ class Engine:
         self.stop()
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 

@@ -234,12 +234,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
         return job
 
-    def open_stream(job: Job):
+    def open_stream(job: Job, key_id: str):
         try:
             return engine.stream(job.requests)
-        except EngineOverloaded as e:
-            raise APIError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"}) from None
         except LmforgeError as e:
+            token_limiter.give_back(key_id, job.cost)  # nothing ran
+            if isinstance(e, EngineOverloaded):
+                raise APIError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"}) from None
             raise APIError(400, str(e)) from None
 
     def settle(job: Job, key_id: str, request: Request) -> None:
@@ -264,7 +265,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             c.finish_reason = "stop" if ev.finish_reason == "stop" else "length"
 
     async def collect(job: Job, request: Request, key_id: str) -> None:
-        stream = open_stream(job)
+        stream = open_stream(job, key_id)
         try:
             async for i, ev in stream:
                 record(job, i, ev)
@@ -278,7 +279,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def stream_events(job: Job, request: Request, key_id: str, chunks) -> AsyncIterator[str]:
-        stream = open_stream(job)
+        stream = open_stream(job, key_id)
 
         async def gen() -> AsyncIterator[str]:
             try:
@@ -451,8 +452,19 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise APIError(400, f"a token id is outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(key_id: str = Depends(authenticate)):
+        """vLLM's shape, which lm-eval's remote tokenizer backend reads."""
+        cfg = tokenizer.config
+        names = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
+        return {"eos_token": names.get("eos_token"), "bos_token": names.get("bos_token"),
+                "pad_token": names.get("pad_token"), "chat_template": tokenizer.chat_template,
+                "model_max_length": context, "vocab_size": tokenizer.vocab_size}
+
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return error_response(503, "the engine is not running", "server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -19,8 +19,8 @@ from lmforge.serve.metrics import ServerMetrics
 
 access_log = logging.getLogger("lmforge.serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-          "/metrics", "/openapi.json", "/"}
+ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+          "/health", "/metrics", "/openapi.json", "/"}
 
 
 def _error_body(status: int, message: str) -> bytes:
