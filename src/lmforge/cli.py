@@ -108,14 +108,14 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears; repeatable.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt).")] = True,
+    adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
 ):
     """Continue prompts with the model (KV-cache decoding)."""
-    import lmforge
     from lmforge.infer.sampling import SamplingParams
 
     params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
-    m = lmforge.load(model)
+    m = _load_with_adapter(model, adapter)
     if stream and len(prompt) == 1:
         console.print(prompt[0], end="", style="bold", highlight=False)
         m.complete(prompt, on_text=lambda row, text: console.print(text, end="", highlight=False, markup=False),
@@ -135,12 +135,12 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
 ):
     """A simple terminal chat through the model's chat template. Empty line or Ctrl-D quits."""
-    import lmforge
     from lmforge.infer.sampling import SamplingParams
 
-    m = lmforge.load(model)
+    m = _load_with_adapter(model, adapter)
     params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                         seed=seed, stop=["<|im_end|>"])
     messages = [{"role": "system", "content": system}] if system else []
@@ -272,6 +272,22 @@ app.command("hpo", context_settings={"allow_extra_args": True, "ignore_unknown_o
 from lmforge.compress.command import register as _register_compress  # noqa: E402 - quantize, prune, distill, compare
 
 _register_compress(app)
+
+from lmforge.train.commands import register as _register_finetune  # noqa: E402 - finetune, merge
+
+_register_finetune(app)
+
+
+def _load_with_adapter(model: Path, adapter: Path | None):
+    """A model directory, with a LoRA adapter folded in when one is given."""
+    import lmforge
+
+    m = lmforge.load(model)
+    if adapter is not None:
+        from lmforge.model.lora import apply_adapter
+
+        apply_adapter(m, adapter, merge=True)
+    return m
 
 
 def _validated(cls, **kwargs):

@@ -59,6 +59,7 @@ class ModelConfig(Section):
     sliding_window: int | None = None  # mistral and phi3 only
     dropout: float = 0.0
     init_std: float = 0.02
+    causal: bool = True  # False: a bidirectional encoder (masked-LM pretraining, task heads); no KV cache
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -80,6 +81,8 @@ class ModelConfig(Section):
             raise ValueError("rope_scaling needs a RoPE family (llama, qwen2, mistral)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+        if not self.causal and self.sliding_window is not None:
+            raise ValueError("a bidirectional encoder (causal: false) has no sliding window")
         return self
 
     # Derived properties: one place decides what each family means.

@@ -32,6 +32,8 @@ def to_hf_config(cfg: ModelConfig, special_ids: dict[str, int | None] | None = N
     out: dict[str, Any] = {"architectures": [ARCHITECTURES[cfg.family]], "model_type": cfg.family,
                            "vocab_size": cfg.vocab, "torch_dtype": HF_DTYPE_NAMES.get(dtype, "float32")}
     out.update(family_module(cfg.family).config_to_hf(cfg))
+    if not cfg.causal:  # transformers has no such switch: an encoder directory is read back by lmforge only
+        out["lmforge_bidirectional"] = True
     for key, value in (special_ids or {}).items():
         if value is not None:
             out[key] = value
@@ -41,7 +43,8 @@ def to_hf_config(cfg: ModelConfig, special_ids: dict[str, int | None] | None = N
 def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     module = family_module(hf.get("model_type"))
     try:
-        return module.config_from_hf(hf)
+        cfg = module.config_from_hf(hf)
+        return cfg.model_copy(update={"causal": False}) if hf.get("lmforge_bidirectional") else cfg
     except ValidationError as e:
         raise LmforgeError(describe_validation_error(e, "config.json")) from None
     except (TypeError, ValueError) as e:  # a key of the wrong type, e.g. a string where a number belongs

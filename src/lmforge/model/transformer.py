@@ -45,6 +45,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def segment_attention(segment_ids: torch.Tensor, causal: bool,
+                      sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at each segment, and the boolean attention mask (B, 1, T, T)
+    that keeps every token inside its segment (and causal, and within the window, if so)."""
+    B, T = segment_ids.shape
+    i = torch.arange(T, device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    positions = i - torch.where(starts, i, 0).cummax(dim=1).values  # (B, T)
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T): query row, key column
+    if causal:
+        mask &= i[None, :] <= i[:, None]
+    if sliding_window is not None:
+        mask &= i[None, :] > i[:, None] - sliding_window
+    return positions, mask[:, None]
+
+
 class RMSNorm(nn.Module):
     """Normalizes in fp32 whatever the activation dtype, as Llama does."""
 
@@ -181,20 +198,28 @@ class Transformer(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
-                      pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalized hidden states (B, T, d_model); task heads read these."""
+                      pad_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalized hidden states (B, T, d_model); task heads read these.
+
+        `segment_ids` (B, T): tokens attend only within their own segment, and positions restart
+        at each segment (packed sequences; padding as a segment of its own)."""
         cfg = self.config
         B, T = input_ids.shape
         if kv_cache is None:
             if T > cfg.context:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context of {cfg.context}")
-            positions, mask, is_causal = None, None, True
+            positions, mask, is_causal = None, None, cfg.causal
             if pad_mask is not None:
                 raise ValueError("pad_mask needs a kv_cache (padding is only for batched generation)")
-            if cfg.sliding_window is not None and T > cfg.sliding_window:
+            if segment_ids is not None:
+                positions, mask = segment_attention(segment_ids, cfg.causal, cfg.sliding_window)
+                is_causal = False
+            elif cfg.sliding_window is not None and T > cfg.sliding_window:
                 i = torch.arange(T, device=input_ids.device)
                 mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - cfg.sliding_window)
                 is_causal = False
+        elif not cfg.causal:
+            raise ValueError("a bidirectional encoder (causal: false) does not decode with a KV cache")
         else:
             positions = kv_cache.positions(pad_mask, T)
             mask = kv_cache.attention_mask(T, cfg.sliding_window)
@@ -213,9 +238,10 @@ class Transformer(nn.Module):
         return self.norm_f(x)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
-                pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, last_only: bool = False,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab); (B, 1, vocab) with `last_only` (what decoding needs)."""
-        h = self.hidden_states(input_ids, kv_cache, pad_mask)
+        h = self.hidden_states(input_ids, kv_cache, pad_mask, segment_ids)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def clean_command(
     inputs: Annotated[list[str], typer.Argument(help="Text/JSONL(.gz/.zst)/Parquet files, directories or globs.")],
     out: Annotated[str, typer.Option(help="Output directory: part-*.jsonl, stats.json, plots/.")],
-    recipe: Annotated[Optional[str], typer.Option(help="A cleaning recipe YAML; unset keys keep their defaults.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="A cleaning recipe YAML (unset keys keep their defaults), or a preset: books.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes (0: one per CPU core).")] = 0,
     text_field: Annotated[Optional[str], typer.Option(help="Field holding the text in JSONL/Parquet (overrides the recipe).")] = None,
     languages: Annotated[Optional[str], typer.Option(help="Keep only these languages, e.g. 'en,zh' (overrides the recipe).")] = None,

@@ -111,16 +111,23 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"recipe {source}: {what} at '{where}'; fix it or remove it (defaults: {DEFAULT_RECIPE.name})"
 
 
+def presets() -> list[str]:
+    """Names of the recipes shipped beside this module (`--recipe books`)."""
+    return sorted(p.stem for p in DEFAULT_RECIPE.parent.glob("*.yaml"))
+
+
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> CleanRecipe:
-    """Defaults, then the YAML file at `path`, then `overrides` (section -> dict of keys)."""
+    """Defaults, then the YAML file at `path` (or a preset name), then `overrides` (section -> keys)."""
     data = yaml.safe_load(DEFAULT_RECIPE.read_text())
     source = "default"
+    if path is not None and str(path) in presets() and not Path(path).exists():
+        path = DEFAULT_RECIPE.with_name(f"{path}.yaml")
     if path is not None:
         source = str(path)
         try:
             user = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise LmforgeError(f"recipe {path} does not exist; pass an existing YAML file") from None
+            raise LmforgeError(f"recipe {path} does not exist; pass a YAML file or a preset ({', '.join(presets())})") from None
         except yaml.YAMLError as exc:
             raise LmforgeError(f"recipe {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax") from None
         if not isinstance(user, dict):
