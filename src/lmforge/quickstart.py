@@ -107,4 +107,10 @@ def run_quickstart(minutes: float, out: Path, corpus: str, progress: bool, conso
     console.print(f"   lmforge chat {result.model_dir}")
     console.print(f"   lmforge eval {result.model_dir} --data {data_dir}")
     console.print("   lmforge train quickstart --train.max_steps 3000 --run.name longer   (a longer run)")
+    name = Path(result.model_dir).resolve().name  # the name `lmforge serve` gives the model
+    console.print(f"   lmforge serve {result.model_dir}   (OpenAI-compatible API; chat page at http://127.0.0.1:8000/)",
+                  highlight=False, markup=False, soft_wrap=True)
+    console.print("   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
+                  f"-d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 32}}'",
+                  highlight=False, markup=False, soft_wrap=True)
     return result.model_dir
