@@ -8,11 +8,13 @@ matrix is filled slice by slice), so the peak is the model plus at most one tens
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Protocol
+from unittest import mock
 
 import torch
+import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -143,20 +145,41 @@ def default_dtype(source: TensorSource) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+@contextmanager
+def skeleton():
+    """Build modules on the meta device without initializing them, as transformers does:
+    the weights come from the files next, and a random init on meta would only cost
+    seconds importing torch's reference decompositions."""
+    with ExitStack() as stack:
+        for cls in (nn.Linear, nn.Embedding, nn.LayerNorm, Transformer):
+            stack.enter_context(mock.patch.object(cls, "reset_parameters", lambda self, *a, **k: None))
+        stack.enter_context(mock.patch.object(Transformer, "init_rope", lambda self: None))
+        stack.enter_context(torch.device("meta"))
+        yield
+
+
+def _materialize(model: Transformer, dtype: torch.dtype) -> None:
+    """Give each meta parameter uninitialized CPU memory, once, in `dtype` (untouched pages cost
+    nothing until filled). Done by hand: `to_empty` goes through torch's slow reference ops."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=dtype), p.requires_grad)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+
+
 def load_weights(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Transformer:
     """Build the model for `cfg` and fill it from `source` (Hugging Face names), validated first."""
     names = normalize_names(source.names(), cfg)
     check_names(set(names), cfg, source.description)
     rules = weight_map(cfg)
-    with torch.device("meta"):
+    with skeleton():
         model = Transformer(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for rule in rules:
         _check_shapes(rule, expected[rule.ours], source, names)
-    # Allocate once, in the target dtype; untouched pages cost nothing until filled.
-    model = model.to(dtype or default_dtype(source)).to_empty(device="cpu")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    _materialize(model, dtype or default_dtype(source))
     params = dict(model.named_parameters(remove_duplicate=False))
     try:
         with torch.no_grad():
