@@ -114,14 +114,18 @@ class EnergyMeter:
 
 
 def run_summary(flops_per_token: float, tokens: int, steps: int, wall_s: float, device: torch.device | str,
-                measured_j: float | None = None, measured_s: float | None = None, source: str | None = None) -> dict[str, Any]:
-    """The accounting record. `measured_j` covers `measured_s` seconds of the run (a resumed
-    run measures its last session only); the rest is estimated at the default power."""
+                measured_j: float | None = None, measured_s: float | None = None, source: str | None = None,
+                devices: int = 1) -> dict[str, Any]:
+    """The accounting record for `tokens` trained on `devices` devices like `device`.
+    `measured_j` is one device's counter over `measured_s` seconds of the run (a resumed run
+    measures its last session only), scaled by `devices`; the rest is estimated at the
+    default power."""
     profile = device_profile(device)
     total = flops_per_token * tokens
     achieved = total / wall_s if wall_s > 0 else 0.0
-    peak = profile["peak_flops_per_s"]
-    watts = profile["default_power_w"]
+    peak = profile["peak_flops_per_s"] * devices if profile["peak_flops_per_s"] else None
+    watts = profile["default_power_w"] * devices
+    measured_j = measured_j * devices if measured_j is not None else None
     if measured_j is not None:
         joules = measured_j + watts * max(0.0, wall_s - (measured_s or wall_s))
         energy_source = source or "measured"
@@ -130,18 +134,18 @@ def run_summary(flops_per_token: float, tokens: int, steps: int, wall_s: float, 
     kwh = joules / 3.6e6
     g = grid_intensity()
     return {"steps": steps, "tokens": tokens, "wall_s": round(wall_s, 3), "flops_per_token": flops_per_token,
-            "total_flops": total, "achieved_flops_per_s": achieved, "device": profile["name"],
+            "total_flops": total, "achieved_flops_per_s": achieved, "device": profile["name"], "devices": devices,
             "peak_flops_per_s": peak, "mfu": achieved / peak if peak else None, "energy_kwh": kwh,
             "energy_source": energy_source, "grid_g_per_kwh": g, "co2_kg": kwh * g / 1000}
 
 
 def write_run_summary(run_dir: Path, flops_per_token: float, tokens: int, steps: int, wall_s: float,
                       device: torch.device | str, meter: EnergyMeter | None = None,
-                      metered_s: float | None = None) -> Path:
+                      metered_s: float | None = None, devices: int = 1) -> Path:
     """Write `run_dir/summary.json` (atomically) and return its path."""
     measured = meter.joules() if meter is not None else None
     summary = run_summary(flops_per_token, tokens, steps, wall_s, device, measured, metered_s,
-                          meter.source if meter is not None else None)
+                          meter.source if meter is not None else None, devices)
     path = Path(run_dir) / "summary.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
@@ -152,7 +156,8 @@ def write_run_summary(run_dir: Path, flops_per_token: float, tokens: int, steps:
 def describe(summary: dict[str, Any]) -> str:
     """One line for a console."""
     mfu = f"MFU {summary['mfu'] * 100:.2f}% of {summary['peak_flops_per_s']:.3g} FLOP/s" if summary.get("mfu") else "MFU n/a"
-    return (f"{summary['total_flops']:.3g} FLOPs in {summary['wall_s']:.0f} s on {summary['device']} ({mfu}); "
+    where = summary["device"] if summary.get("devices", 1) == 1 else f"{summary['devices']} x {summary['device']}"
+    return (f"{summary['total_flops']:.3g} FLOPs in {summary['wall_s']:.0f} s on {where} ({mfu}); "
             f"{summary['energy_kwh'] * 1000:.2f} Wh {summary['energy_source']}, "
             f"{summary['co2_kg'] * 1000:.2f} g CO2e at {summary['grid_g_per_kwh']:.0f} g/kWh")
 

@@ -258,7 +258,7 @@ def results_table(report: dict[str, Any]):
     table.add_column("metric")
     models = report["models"]
     for m in models:
-        table.add_column(Path(m).name or m, justify="right")
+        table.add_column(m, justify="right")
     first = report["results"][models[0]]
     for task, r in first.items():
         for metric in MAIN_METRIC[r["type"]]:

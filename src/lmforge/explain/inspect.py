@@ -138,8 +138,8 @@ def attributions(model: Transformer, ids: torch.Tensor, head: Head | None = None
     alphas, weights = (nodes + 1) / 2, weights / 2  # [-1, 1] -> [0, 1]
     total = torch.zeros_like(emb)
     for s in range(0, steps, chunk):
-        a = torch.tensor(alphas[s:s + chunk], dtype=emb.dtype)[:, None, None]
-        w = torch.tensor(weights[s:s + chunk], dtype=emb.dtype)[:, None, None]
+        a = torch.tensor(alphas[s:s + chunk], dtype=emb.dtype, device=emb.device)[:, None, None]
+        w = torch.tensor(weights[s:s + chunk], dtype=emb.dtype, device=emb.device)[:, None, None]
         path = (a * emb).requires_grad_(True)  # baseline 0 -> emb
         out = _scores_from_embeddings(model, ids, path, head)[:, target]
         (g,) = torch.autograd.grad(out.sum(), path)
@@ -148,7 +148,7 @@ def attributions(model: Transformer, ids: torch.Tensor, head: Head | None = None
     with torch.no_grad():
         base = _scores_from_embeddings(model, ids, torch.zeros_like(emb), head)[0, target]
     model.train(was_training)
-    return Attribution(target, gxi.detach().numpy(), ig.detach().numpy(), float(scores[target].detach()), float(base))
+    return Attribution(target, gxi.detach().cpu().numpy(), ig.detach().cpu().numpy(), float(scores[target].detach()), float(base))
 
 
 def next_token_distribution(model: Transformer, ids: torch.Tensor, k: int = 10) -> list[tuple[int, float]]:
