@@ -270,7 +270,11 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
                     raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
                 window_loss += last_loss
                 window_steps += 1
-                if step % tc.log_every == 0 or step == tc.max_steps:
+                elapsed = elapsed_before + time.perf_counter() - start
+                out_of_time = ctx.all_true(tc.max_minutes is not None and elapsed >= tc.max_minutes * 60)
+                interrupted = ctx.all_true(stop.signal is not None or (interrupt_at is not None and step >= interrupt_at))
+                # A run that ends early still logs the steps since its last record.
+                if step % tc.log_every == 0 or step == tc.max_steps or out_of_time or interrupted:
                     now = time.perf_counter()
                     tps = window_steps * tokens_per_step / max(now - window_start, 1e-9)
                     metrics.write({"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
@@ -279,14 +283,10 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
                     bar.update(task, loss=window_loss / window_steps, tps=tps)
                     window_loss, window_steps, window_start = 0.0, 0, now
                 bar.update(task, completed=step)
-                if step % recipe.eval.every == 0 and step < tc.max_steps:
+                if step % recipe.eval.every == 0 and step < tc.max_steps and not (out_of_time or interrupted):
                     val = validate(step)
                     if on_validation is not None:
                         on_validation(step, val)
-                elapsed = elapsed_before + time.perf_counter() - start
-                out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
-                interrupted = ctx.all_true(stop.signal is not None or (interrupt_at is not None and step >= interrupt_at))
-                out_of_time = ctx.all_true(out_of_time)
                 if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
                     path = checkpoint(step, elapsed)
                     if interrupted:
