@@ -113,4 +113,10 @@ def run_quickstart(minutes: float, out: Path, corpus: str, progress: bool, conso
     console.print("   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
                   f"-d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 32}}'",
                   highlight=False, markup=False, soft_wrap=True)
+
+    from lmforge.interop.convert import export_for_runtimes
+
+    console.print("Exported for other runtimes (see docs/interop.md):")
+    for line in export_for_runtimes(result.model_dir, recipe.run.dir / "export"):
+        console.print(f"   {line}", highlight=False, markup=False, soft_wrap=True)
     return result.model_dir

@@ -68,3 +68,14 @@ def test_onnx_export_errors(hf_dirs, tmp_path):
     with pytest.raises(LmforgeError, match="only int8"):
         export_onnx(m, tmp_path / "x", quantize="int4")
     assert not (tmp_path / "x").exists()
+
+
+def test_quickstart_exports_run(hf_dirs, tmp_path):
+    from lmforge.interop.convert import export_for_runtimes
+    from lmforge.interop.onnx_run import onnx_generate
+
+    m = lmforge.load(hf_dirs["qwen2"][1])
+    lines = export_for_runtimes(hf_dirs["qwen2"][1], tmp_path / "export")
+    assert (tmp_path / "export" / "model-q8_0.gguf").is_file() and any("onnx_run" in line for line in lines)
+    expected = m.generate("To be", max_new_tokens=12)[0]
+    assert onnx_generate(tmp_path / "export" / "onnx", "To be", max_new_tokens=12) == expected

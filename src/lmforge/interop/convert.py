@@ -65,3 +65,29 @@ def export_model(model: str | Path, fmt: Format, out: str | Path, dtype: str | N
     from lmforge.interop.onnx_export import export_onnx
 
     return export_onnx(loaded, out, quantize=quantize)
+
+
+def export_for_runtimes(model: str | Path, out: str | Path) -> list[str]:
+    """GGUF (q8_0) and ONNX exports of a model directory, and how to run each: lines to print."""
+    import lmforge
+
+    loaded = lmforge.load(model)
+    out = Path(out)
+    lines = []
+    try:
+        from lmforge.interop.gguf_io import export_gguf
+
+        gguf_path = export_gguf(loaded, out / "model-q8_0.gguf", "q8_0")
+        lines += [f"gguf (llama.cpp)    {gguf_path}",
+                  f"   llama-cli -m {gguf_path} -p 'ROMEO:' -n 48   (or llama_cpp.Llama('{gguf_path}') in Python)"]
+    except LmforgeError as e:
+        lines.append(f"gguf: skipped ({e})")
+    try:
+        from lmforge.interop.onnx_export import export_onnx
+
+        onnx_dir = export_onnx(loaded, out / "onnx")
+        lines += [f"onnx (onnxruntime)  {onnx_dir / 'model.onnx'}",
+                  f"   python -m lmforge.interop.onnx_run {onnx_dir} --prompt 'ROMEO:'"]
+    except LmforgeError as e:
+        lines.append(f"onnx: skipped ({e})")
+    return lines
