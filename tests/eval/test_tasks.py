@@ -132,3 +132,11 @@ def test_run_tasks_rejects_duplicate_names(tiny_model_dir, tmp_path):
     p1, p2 = write_jsonl(tmp_path / "mc.jsonl", MC), write_jsonl(tmp_path / "a" / "mc.jsonl", MC)
     with pytest.raises(LmforgeError, match="share a name"):
         run_tasks([tiny_model_dir], [p1, p2])
+
+
+def test_logit_budget_splits_batches_without_changing_scores(make_model):
+    model = make_model("llama")
+    requests = [([1, 2, 3 + i], [4, 5, 6]) for i in range(6)] + [([7], [8])]
+    whole = score_requests(model, requests, batch_size=16)
+    split = score_requests(model, requests, batch_size=16, max_logits=3 * 320 * 2)  # two contexts' rows at a time
+    assert [s.logprob for s in split] == pytest.approx([s.logprob for s in whole], abs=1e-5)

@@ -75,12 +75,13 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
 @torch.inference_mode()
 def score_requests(model: Transformer, requests: Sequence[Request], batch_size: int = 16, pad_id: int = 0,
                    truncate: bool = False, names: Callable[[int], str] | None = None,
-                   max_rows: int = 256) -> list[Score]:
+                   max_logits: int = 1 << 26) -> list[Score]:
     """Score every (context, continuation) request; results in request order.
 
-    `batch_size` distinct contexts run together (at most `max_rows` continuation rows per
-    step). With `truncate`, over-long contexts lose their oldest tokens (what lm-eval's
-    backends do); otherwise they are an error naming the request (`names(i)`).
+    `batch_size` distinct contexts run together, fewer when their continuations' logits
+    (rows x longest continuation x vocabulary) would pass `max_logits` floats (256 MB).
+    With `truncate`, over-long contexts lose their oldest tokens (what lm-eval's backends
+    do); otherwise they are an error naming the request (`names(i)`).
     """
     limit = model.config.context
     name = names or (lambda i: f"request {i}")
@@ -95,11 +96,16 @@ def score_requests(model: Transformer, requests: Sequence[Request], batch_size: 
     was_training = model.training
     model.eval()
     start = 0
+    vocab = model.config.vocab
     while start < len(order):
-        batch, rows = [], 0
-        while start < len(order) and len(batch) < batch_size and (not batch or rows + len(groups[order[start]]) <= max_rows):
+        batch, rows, longest = [], 0, 0
+        while start < len(order) and len(batch) < batch_size:
+            conts = groups[order[start]]
+            r, n = rows + len(conts), max(longest, *(len(c) for _, c in conts))
+            if batch and r * n * vocab > max_logits:
+                break
             batch.append(order[start])
-            rows += len(groups[order[start]])
+            rows, longest = r, n
             start += 1
         _score_batch(model, batch, groups, results, pad_id, device)
     model.train(was_training)
