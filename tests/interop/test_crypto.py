@@ -40,6 +40,9 @@ def test_round_trip_and_load_with_key(plain, tmp_path):
         expected = m.model(ids)
         assert torch.equal(lmforge.load(folder, key=key).model(ids), expected)
         assert torch.equal(lmforge.load(folder, key=key.hex()).model(ids), expected)
+    with pytest.MonkeyPatch.context() as mp:  # what `lmforge serve`, chat and eval read when no key is passed
+        mp.setenv("LMFORGE_MODEL_KEY", key.hex())
+        assert torch.equal(lmforge.load(folder).model(ids), expected)
     decrypt_model_dir(folder, key)
     assert {n: (folder / n).read_bytes() for n in weights} == before
     verify_model_dir(folder)

@@ -30,6 +30,7 @@ TAG = 16
 HEADER = struct.Struct("<8s8sIQ")  # magic, nonce prefix, chunk size, plaintext size
 KEY_CHECK = b"lmforge key check"
 ENCRYPTION_FILE = "encryption.json"
+KEY_ENV = "LMFORGE_MODEL_KEY"  # read when no key is passed, so every command (serve, chat, eval) takes one
 
 
 def _aesgcm(key: bytes):
@@ -147,8 +148,11 @@ def check_key(folder: Path, key: bytes | None) -> dict:
     from lmforge.model_dir import read_json
 
     record = read_json(folder / ENCRYPTION_FILE)
+    if key is None and os.environ.get(KEY_ENV):
+        key = parse_key(os.environ[KEY_ENV])
     if key is None:
-        raise LmforgeError(f"{folder} is encrypted: give its key (--key-file / --key-env, or key= in lmforge.load)")
+        raise LmforgeError(f"{folder} is encrypted: give its key (--key-file / --key-env, key= in lmforge.load, "
+                           f"or the environment variable {KEY_ENV})")
     try:
         blob = bytes.fromhex(record.get("key_check", ""))
         _aesgcm(key).decrypt(blob[:12], blob[12:], None)
@@ -198,6 +202,7 @@ def decrypt_model_dir(folder: str | Path, key: bytes | None) -> list[str]:
     if not (folder / ENCRYPTION_FILE).is_file():
         raise LmforgeError(f"{folder} is not encrypted (no {ENCRYPTION_FILE})")
     record = check_key(folder, key)
+    key = key or parse_key(os.environ[KEY_ENV])
     plain = {name: decrypt_bytes(folder / sealed, key, name) for name, sealed in record["files"].items()}
     for name, data in plain.items():  # all authenticated before anything is replaced
         partial = folder / (name + ".partial")
@@ -216,6 +221,7 @@ def decrypted_source(folder: Path, key: bytes | None):
     from lmforge.model_dir import WEIGHTS_INDEX, _index
 
     record = check_key(folder, key)
+    key = key or parse_key(os.environ[KEY_ENV])
     plain: dict[Path, bytearray] = {}
 
     def opener(path: Path) -> MemoryFile:
