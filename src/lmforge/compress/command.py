@@ -91,6 +91,30 @@ def print_table(rows) -> None:
     console.print(table)
 
 
+def distill(
+    teacher: Annotated[Path, typer.Option(help="The teacher model directory.")],
+    student: Annotated[str, typer.Option(help="A model directory to start from, or a recipe (name or YAML) for a new model.")],
+    data: Annotated[Path, typer.Option(help="A prepared data directory (`lmforge data prepare`, teacher's tokenizer).")],
+    out: Annotated[Path, typer.Option(help="Where the student model directory goes.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 3e-3,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the KL term; 1 - alpha weighs cross-entropy.")] = 0.5,
+    top_k: Annotated[int, typer.Option(help="Keep (and cache) only the teacher's top-k logits per position (0: all).")] = 0,
+    pool: Annotated[int, typer.Option(help="Distinct batches revisited in turn (0: a new batch every step).")] = 0,
+):
+    """Logit distillation: temperature-scaled KL to the teacher plus cross-entropy on the data."""
+    from lmforge.compress.distill import DistillConfig, run_distill
+
+    cfg = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
+                        top_k=top_k, pool=pool)
+    r = run_distill(teacher, student, data, out, cfg, log=lambda s: console.print(f"   {s}", highlight=False))
+    console.print(f"[green]distilled[/] a {r['student_params'] / 1e6:.2f}M student from a {r['teacher_params'] / 1e6:.2f}M "
+                  f"teacher in {r['seconds']:.0f} s: validation perplexity {r['val_perplexity_before']:.2f} -> "
+                  f"{r['val_perplexity_after']:.2f}: {out}")
+
+
 def register(app: typer.Typer) -> None:
-    for command in (quantize, prune, compare):
+    for command in (quantize, prune, distill, compare):
         app.command()(command)
