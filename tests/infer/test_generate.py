@@ -24,7 +24,7 @@ def ids(length: int, vocab: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize(("family", "extra"), FAMILY_CASES, ids=FAMILY_IDS)
 def test_kv_cache_greedy_decode_equals_full_recompute(make_model, family, extra):
-    model = make_model(family, **extra)
+    model = make_model(family, init_std=0.1, **extra)  # logits of order 1, so 1e-5 is a tight bound
     seq = torch.tensor([ids(5, 320, seed=1)])
     cache = model.new_cache(1)
     with torch.no_grad():
@@ -40,7 +40,7 @@ def test_kv_cache_greedy_decode_equals_full_recompute(make_model, family, extra)
 
 @pytest.mark.parametrize(("family", "extra"), FAMILY_CASES, ids=FAMILY_IDS)
 def test_chunked_prefill_equals_one_pass(make_model, family, extra):
-    model = make_model(family, **extra)
+    model = make_model(family, init_std=0.1, **extra)
     seq = torch.tensor([ids(20, 320, seed=2)])
     cache = model.new_cache(1)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_chunked_prefill_equals_one_pass(make_model, family, extra):
 
 @pytest.mark.parametrize(("family", "extra"), FAMILY_CASES, ids=FAMILY_IDS)
 def test_left_padded_batch_gives_each_prompt_its_own_logits(make_model, family, extra):
-    model = make_model(family, **extra)
+    model = make_model(family, init_std=0.1, **extra)
     prompts = [ids(n, 320, seed=n) for n in (3, 11, 1, 7)]
     longest = max(map(len, prompts))
     x = torch.zeros(len(prompts), longest, dtype=torch.long)
@@ -107,13 +107,14 @@ def test_max_new_tokens_and_finish_reason_length(trained):
 
 def test_stop_string_truncates_and_reports_stop(trained):
     (full,) = trained.complete(["Chapter 2.\n1. The queen"], max_new_tokens=40)
-    # Stop at the second line break: the text is everything before it.
-    first = full.text.index("\n")
-    stop = full.text[first:first + 3]
-    assert stop.startswith("\n") and len(stop) == 3
+    assert len(full.text) >= 8 and full.finish_reason == "length"
+    # Stop at the first line break (or mid-text): the result is everything before the stop string.
+    at = full.text.find("\n")
+    at = at if 0 <= at <= len(full.text) - 3 else len(full.text) // 2
+    stop = full.text[at:at + 3]
     (c,) = trained.complete(["Chapter 2.\n1. The queen"], max_new_tokens=40, stop=["never-there", stop])
     assert c.finish_reason == "stop"
-    assert c.text == full.text[:first]
+    assert c.text == full.text[:full.text.find(stop)]
     assert len(c.token_ids) < len(full.token_ids)
 
 
@@ -140,9 +141,10 @@ def test_streamed_pieces_concatenate_to_the_final_text(trained, stop):
                                max_new_tokens=30, temperature=0.8, seed=0, stop=stop)
     for row, c in enumerate(results):
         assert "".join(pieces[row]) == c.text
-        assert len(pieces[row]) > 1 or len(c.token_ids) <= 1
         if stop:
             assert "heart" not in c.text
+        elif len(c.token_ids) > 4:
+            assert len(pieces[row]) > 1  # it did stream
 
 
 def test_streaming_holds_back_incomplete_characters(tokenizer, make_model):
