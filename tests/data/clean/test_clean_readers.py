@@ -47,6 +47,12 @@ def test_every_format_directories_and_globs(tmp_path):
     assert len(by_glob) == 15
 
 
+def test_a_byte_order_mark_is_not_a_malformed_line(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl([{"text": "first"}, {"text": "second"}]))
+    docs, issues, _ = read_all([tmp_path / "bom.jsonl"])
+    assert [d.text for d in docs] == ["first", "second"] and not issues
+
+
 def test_text_field_is_chosen(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(jsonl([{"content": "x y z", "text": 3}]))
     docs, issues, _ = read_all([tmp_path / "a.jsonl"], ReaderConfig(text_field="content"))

@@ -185,6 +185,8 @@ def _read_jsonl(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator
         for offset, line in _lines(stream, limit, piece.start, piece.end, issues):
             if not line.strip():
                 continue
+            if offset == 0 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                line = line[3:]
             try:
                 record = json.loads(line)
             except UnicodeDecodeError:
