@@ -4,7 +4,8 @@ The server runs as its own process (as in production; the clients' Python does n
 its interpreter). Every client sends a fixed mix of streaming greedy completions one after
 another. Printed per level: aggregate output tokens/s, time to first token and latency
 (p50, p99), and the ratio of 16-client to 1-client throughput (the target on a 2-core CPU
-with a small model: >= 5x, p99 time to first token < 1 s at 16 clients).
+with a small model: >= 5x, p99 time to first token < 1 s at 16 clients). The server's CPU
+time per token is printed too: on a shared machine it moves less than wall-clock rates.
 
     python benchmarks/serve_load.py                      # a quickstart-shaped random model
     python benchmarks/serve_load.py --model runs/quickstart/model
@@ -124,6 +125,12 @@ async def run_level(url: str, key: str, clients: int, per_client: int) -> tuple[
     return sum(s.tokens for s in samples) / wall, samples
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux): robust to other load on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
@@ -146,19 +153,25 @@ def main() -> None:
             print(f"# serve_load: {machine()}")
             print(f"# model {model}, server threads {args.threads or 'default'}, {args.requests_per_client} streaming greedy requests per client, "
                   f"max_tokens cycling {MAX_TOKENS}")
+            print(f"# load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-                  f"{'lat p50':>8} {'lat p99':>8}")
-            rates = {}
+                  f"{'lat p50':>8} {'lat p99':>8} {'server CPU ms/tok':>18}")
+            rates, per_cpu = {}, {}
             for clients in args.levels:
+                cpu = cpu_seconds(proc.pid)
                 rate, samples = asyncio.run(run_level(url, key, clients, args.requests_per_client))
-                rates[clients] = rate
+                cpu = cpu_seconds(proc.pid) - cpu
+                tokens = sum(s.tokens for s in samples)
+                rates[clients], per_cpu[clients] = rate, tokens / cpu
                 ttft = [s.ttft for s in samples]
                 lat = [s.latency for s in samples]
                 print(f"{clients:>7} {len(samples):>8} {rate:>8.1f} {pct(ttft, 50):>8.3f}s {pct(ttft, 99):>8.3f}s "
-                      f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s", flush=True)
+                      f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s {1000 * cpu / tokens:>18.2f}", flush=True)
             lo, hi = min(rates), max(rates)
             if lo != hi:
-                print(f"throughput ratio {hi} clients / {lo} client: {rates[hi] / rates[lo]:.2f}x")
+                print(f"throughput ratio {hi} clients / {lo} client: {rates[hi] / rates[lo]:.2f}x "
+                      f"(per server CPU second: {per_cpu[hi] / per_cpu[lo]:.2f}x)")
+            print(f"# load average at end: {os.getloadavg()[0]:.1f}")
         finally:
             proc.send_signal(signal.SIGINT)
             try:

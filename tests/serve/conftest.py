@@ -31,8 +31,8 @@ def start_server(tiny) -> Iterator[Callable[..., Server]]:
     """Start a server with these settings (closed at the end of the session)."""
     servers: list[Server] = []
 
-    def start(max_batch: int = 16, max_queue: int = 64, **settings) -> Server:
-        model, tokenizer = tiny
+    def start(max_batch: int = 16, max_queue: int = 64, tokenizer=None, **settings) -> Server:
+        model, tokenizer = tiny[0], tokenizer or tiny[1]
         settings.setdefault("api_keys", ApiKeys([KEY, OTHER_KEY]))
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         server = Server(create_app(engine, ServeSettings(model_name=MODEL, **settings))).__enter__()

@@ -310,3 +310,15 @@ def test_no_keys_means_open_access(start_server):
 
     server = start_server(api_keys=ApiKeys([]))
     assert httpx.get(server.url + "/v1/models").status_code == 200
+
+
+def test_chat_templates_render_in_a_sandbox(start_server, tiny):
+    from lmforge.data.tokenizer import TextTokenizer
+
+    _, tokenizer = tiny
+    hostile = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    evil = TextTokenizer(tokenizer.backend, {**tokenizer.config, "chat_template": hostile})
+    server = start_server(tokenizer=evil)
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "unsafe" in r.json()["error"]["message"]

@@ -278,7 +278,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     def sse(payload: Any) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    async def stream_events(job: Job, request: Request, key_id: str, chunks) -> AsyncIterator[str]:
+    def stream_events(job: Job, request: Request, key_id: str, chunks) -> AsyncIterator[str]:
+        """Submit now (errors become plain HTTP errors), then yield SSE lines as events come."""
         stream = open_stream(job, key_id)
 
         async def gen() -> AsyncIterator[str]:
@@ -366,7 +367,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             choice["finish_reason"] = job.choices[i].finish_reason if ev.finish_reason else None
             yield {**head, "choices": [choice]}
 
-        return StreamingResponse(await stream_events(job, request, key_id, chunks), media_type="text/event-stream")
+        return StreamingResponse(stream_events(job, request, key_id, chunks), media_type="text/event-stream")
 
     # -- chat --------------------------------------------------------------------------------------
     im_end = tokenizer.backend.token_to_id("<|im_end|>")
@@ -425,7 +426,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                             "finish_reason": job.choices[i].finish_reason}]}
 
-        return StreamingResponse(await stream_events(job, request, key_id, chunks), media_type="text/event-stream")
+        return StreamingResponse(stream_events(job, request, key_id, chunks), media_type="text/event-stream")
 
     # -- the rest ----------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -439,8 +440,6 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either a prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else chat_prompt(body.messages)
-        if len(text) > settings.max_body_bytes:
-            raise APIError(400, "the text is too long", param="prompt")
         ids = tokenizer.encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
