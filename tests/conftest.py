@@ -1,8 +1,8 @@
 """Shared fixtures: a private cache, one tiny prepared dataset per session, tiny models.
 
-Everything here is small on purpose (d_model 32-64, 1-2 layers, context 32-64) so the
-whole suite runs in about a minute on a busy 2-core CPU. Tests never touch the network:
-the `synthetic` corpus is generated in code.
+Everything here is small on purpose (d_model 32-64, 1-2 layers, context 32-64): the tests
+built on these fixtures need about 1.5 CPU-minutes in all, most of it the few that run the
+console script. Tests never touch the network: the `synthetic` corpus is generated in code.
 """
 
 from __future__ import annotations
