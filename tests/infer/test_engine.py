@@ -126,3 +126,22 @@ def test_cancellation_and_backpressure(model, tokenizer):
         assert long.sampled < 90
     finally:
         engine.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+    prompt = tokenizer.encode("To be")
+    forward, calls = model.forward, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    with Engine(model, tokenizer) as engine:
+        monkeypatch.setattr(model, "forward", flaky)
+        (r,) = engine.generate([Request(prompt, SamplingParams(max_new_tokens=10))], timeout=30)
+        assert r.finish_reason == "error"
+        monkeypatch.undo()
+        (r,) = engine.generate([Request(prompt, SamplingParams(max_new_tokens=10))], timeout=30)
+        assert r.finish_reason == "length" and len(r.token_ids) == 10

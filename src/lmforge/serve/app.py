@@ -13,6 +13,7 @@ need to score log-likelihoods through the server.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from lmforge.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRe
 from lmforge.serve.security import RateLimiter
 from lmforge.serve.settings import ServeSettings
 
+log = logging.getLogger("lmforge.serve")
 STATIC = files("lmforge.serve") / "static"
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
@@ -118,7 +120,6 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.metrics = metrics
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -153,6 +154,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
+        log.error("request %s failed", request.state.request_id, exc_info=e)
         return error_response(500, "internal error; the server logged it", "server_error")
 
     # -- auth and limits ---------------------------------------------------------------------------
@@ -181,16 +183,16 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            f"'{settings.model_name}'", "not_found_error", "model", "model_not_found")
 
     # -- generation --------------------------------------------------------------------------------
-    def encode_prompt(prompt: str | list[int], what: str = "prompt") -> list[int]:
+    def encode_prompt(prompt: str | list[int]) -> list[int]:
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise APIError(400, f"the {what} is empty", param=what)
+            raise APIError(400, "the prompt is empty", param="prompt")
         if len(ids) > max_prompt_tokens:
-            raise APIError(400, f"the {what} has {len(ids)} tokens; this server takes at most {max_prompt_tokens} "
-                           f"(the model's context is {context})", param=what, code="context_length_exceeded")
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens} "
+                           f"(the model's context is {context})", param="prompt", code="context_length_exceeded")
         vocab = engine.model.config.vocab
         if isinstance(prompt, list) and any(t >= vocab for t in ids):
-            raise APIError(400, f"a token id in the {what} is outside the vocabulary [0, {vocab})", param=what)
+            raise APIError(400, f"a token id in the prompt is outside the vocabulary [0, {vocab})", param="prompt")
         return ids
 
     def make_job(body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
@@ -253,6 +255,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     def record(job: Job, i: int, ev: Event) -> None:
         c = job.choices[i]
         if ev.error:
+            log.error("generation failed: %s", ev.error)
             raise APIError(500, "generation failed; the server logged it", "server_error")
         if ev.prompt is not None:
             c.prompt = ev.prompt
