@@ -11,7 +11,9 @@ time per token is printed too: on a shared machine it moves less than wall-clock
     python benchmarks/serve_load.py --model runs/quickstart/model
     python benchmarks/serve_load.py --requests-per-client 2 --levels 1 4   # a quick look
 
-llama.cpp side by side: not yet; the project has no GGUF export to give it the same model.
+With `--llama-cpp PYTHON` (an interpreter that has `llama-cpp-python[server]`), the same
+model is exported to GGUF (f32, as ours runs) and served by llama.cpp's OpenAI-compatible
+server under the same load, side by side.
 """
 
 from __future__ import annotations
@@ -69,20 +71,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, key: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "LMFORGE_API_KEYS": key}
-    cmd = [sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(port), "--max-batch", str(max_batch),
-           "--served-model-name", "bench"] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def wait_healthy(proc: subprocess.Popen, url: str, cmd: list[str], key: str) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}: run `{' '.join(cmd)}` to see why")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+            if httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
@@ -90,33 +86,63 @@ def start_server(model: Path, key: str, max_batch: int, threads: int | None) -> 
     raise SystemExit("the server did not start in 3 minutes")
 
 
-async def one_request(client: httpx.AsyncClient, i: int) -> Sample:
-    body = {"model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS[i % len(MAX_TOKENS)],
+def start_lmforge(model: Path, key: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(port), "--max-batch", str(max_batch),
+           "--served-model-name", "bench"] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.Popen(cmd, env={**os.environ, "LMFORGE_API_KEYS": key}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, cmd, key)
+    return proc, url
+
+
+def start_llama_cpp(python: str, model: Path, key: str, threads: int | None, tmp: Path) -> tuple[subprocess.Popen, str]:
+    gguf = tmp / "model.gguf"
+    subprocess.run([sys.executable, "-m", "lmforge", "export", str(model), "--format", "gguf", "--out", str(gguf),
+                    "--gguf-type", "f32"], check=True, stdout=subprocess.DEVNULL)
+    port = free_port()
+    n_ctx = json.loads((model / "config.json").read_text()).get("max_position_embeddings", 2048)
+    cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench", "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads or torch.get_num_threads()),
+           "--api_key", key]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, cmd, key)
+    return proc, url
+
+
+async def one_request(client: httpx.AsyncClient, model: str, i: int) -> Sample:
+    body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS[i % len(MAX_TOKENS)],
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = chunks = 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise SystemExit(f"request failed: {r.status_code} {await r.aread()!r}")
         async for line in r.aiter_lines():
             # Parse only what is measured: the first token's arrival and the closing usage.
-            if first is None and line.startswith('data: {') and '"text": ""' not in line:
-                first = time.perf_counter()
+            if not line.startswith("data: {"):
+                continue
             if '"usage": {' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif '"text": ""' not in line:
+                chunks += 1
+                first = first or time.perf_counter()
     end = time.perf_counter()
-    return Sample(ttft=(first or end) - start, latency=end - start, tokens=tokens)
+    # A server that sends no usage (llama.cpp's) sends one token per chunk.
+    return Sample(ttft=(first or end) - start, latency=end - start, tokens=tokens or chunks)
 
 
-async def run_level(url: str, key: str, clients: int, per_client: int) -> tuple[float, list[Sample]]:
+async def run_level(url: str, key: str, model: str, clients: int, per_client: int) -> tuple[float, list[Sample]]:
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
                                  limits=limits) as client:
-        await one_request(client, 0)  # warm-up
+        await one_request(client, model, 0)  # warm-up
 
         async def worker(c: int) -> list[Sample]:
-            return [await one_request(client, c * per_client + j) for j in range(per_client)]
+            return [await one_request(client, model, c * per_client + j) for j in range(per_client)]
 
         start = time.perf_counter()
         results = await asyncio.gather(*(worker(c) for c in range(clients)))
@@ -143,42 +169,51 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--context", type=int, default=256, help="context of the default model")
     ap.add_argument("--threads", type=int, help="the server's CPU threads (default: torch's choice)")
+    ap.add_argument("--llama-cpp", metavar="PYTHON", help="also serve the model with llama.cpp, through this "
+                    "interpreter's llama-cpp-python[server]")
     args = ap.parse_args()
 
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_model(Path(tmp), args.context)
-        proc, url = start_server(model, key, max(args.levels), args.threads)
-        try:
-            print(f"# serve_load: {machine()}")
-            print(f"# model {model}, server threads {args.threads or 'default'}, {args.requests_per_client} streaming greedy requests per client, "
-                  f"max_tokens cycling {MAX_TOKENS}")
-            print(f"# load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-                  f"{'lat p50':>8} {'lat p99':>8} {'server CPU ms/tok':>18}")
-            rates, per_cpu = {}, {}
-            for clients in args.levels:
-                cpu = cpu_seconds(proc.pid)
-                rate, samples = asyncio.run(run_level(url, key, clients, args.requests_per_client))
-                cpu = cpu_seconds(proc.pid) - cpu
-                tokens = sum(s.tokens for s in samples)
-                rates[clients], per_cpu[clients] = rate, tokens / cpu
-                ttft = [s.ttft for s in samples]
-                lat = [s.latency for s in samples]
-                print(f"{clients:>7} {len(samples):>8} {rate:>8.1f} {pct(ttft, 50):>8.3f}s {pct(ttft, 99):>8.3f}s "
-                      f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s {1000 * cpu / tokens:>18.2f}", flush=True)
-            lo, hi = min(rates), max(rates)
-            if lo != hi:
-                print(f"throughput ratio {hi} clients / {lo} client: {rates[hi] / rates[lo]:.2f}x "
-                      f"(per server CPU second: {per_cpu[hi] / per_cpu[lo]:.2f}x)")
-            print(f"# load average at end: {os.getloadavg()[0]:.1f}")
-        finally:
-            proc.send_signal(signal.SIGINT)
+        print(f"# serve_load: {machine()}")
+        print(f"# model {model}, server threads {args.threads or 'default'}, {args.requests_per_client} "
+              f"streaming greedy requests per client, max_tokens cycling {MAX_TOKENS}")
+        servers = [("lmforge", lambda: start_lmforge(model, key, max(args.levels), args.threads))]
+        if args.llama_cpp:
+            servers.append(("llama.cpp", lambda: start_llama_cpp(args.llama_cpp, model, key, args.threads, Path(tmp))))
+        for name, start in servers:
+            proc, url = start()
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                run_levels(name, proc, url, key, args.levels, args.requests_per_client)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
+
+def run_levels(name: str, proc: subprocess.Popen, url: str, key: str, levels: list[int], per_client: int) -> None:
+    print(f"## {name}; load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'lat p50':>8} {'lat p99':>8} {'server CPU ms/tok':>18}")
+    rates, per_cpu = {}, {}
+    for clients in levels:
+        cpu = cpu_seconds(proc.pid)
+        rate, samples = asyncio.run(run_level(url, key, "bench", clients, per_client))
+        cpu = cpu_seconds(proc.pid) - cpu
+        tokens = sum(s.tokens for s in samples)
+        rates[clients], per_cpu[clients] = rate, tokens / cpu
+        ttft = [s.ttft for s in samples]
+        lat = [s.latency for s in samples]
+        print(f"{clients:>7} {len(samples):>8} {rate:>8.1f} {pct(ttft, 50):>8.3f}s {pct(ttft, 99):>8.3f}s "
+              f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s {1000 * cpu / tokens:>18.2f}", flush=True)
+    lo, hi = min(rates), max(rates)
+    if lo != hi:
+        print(f"{name}: throughput ratio {hi} clients / {lo} client: {rates[hi] / rates[lo]:.2f}x "
+              f"(per server CPU second: {per_cpu[hi] / per_cpu[lo]:.2f}x)")
+    print(f"# load average at end: {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":
     main()
