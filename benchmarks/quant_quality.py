@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", required=True, help="a prepared data directory (calibration: train, scoring: val)")
     ap.add_argument("--samples", type=int, default=256, help="calibration sequences")
     ap.add_argument("--max-batches", type=int, default=40, help="validation batches of 8 sequences")
+    ap.add_argument("--threads", type=int, default=None, help="1 is steadier on a busy machine")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import lmforge
 
     m = lmforge.load(args.model)
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             m.model = saved
 
     fp32 = ppl(m.model)
+    print(f"fp32 {fp32:.3f}", flush=True)
     results = {"fp32": fp32}
     for method in ("int8", "w8a8", "int4", "gptq"):
         results[method] = ppl(quantize_model(copy.deepcopy(m.model), method, group, calibration))

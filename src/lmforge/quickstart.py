@@ -95,6 +95,9 @@ def run_quickstart(minutes: float, out: Path, corpus: str, progress: bool, conso
     reloaded = lmforge.load(result.model_dir).model(probe)
     diff = (reloaded - loaded.model(probe)).abs().max().item()
     console.print(f"5. model directory {result.model_dir} saved and reloaded (max logit difference {diff:.1e})")
+    from lmforge.compress.command import quickstart_report
+
+    quickstart_report(result.model_dir, data_dir, recipe.run.dir, console)
 
     console.rule("[bold]done")
     console.print(f"total time {time.perf_counter() - wall:.0f} s. Everything is in {recipe.run.dir}:")

@@ -76,7 +76,7 @@ def compare(
         console.print(f"chart: {chart}")
 
 
-def print_table(rows) -> None:
+def print_table(rows, out: Console = console) -> None:
     from rich.table import Table
 
     base = rows[0]
@@ -113,6 +113,29 @@ def distill(
     console.print(f"[green]distilled[/] a {r['student_params'] / 1e6:.2f}M student from a {r['teacher_params'] / 1e6:.2f}M "
                   f"teacher in {r['seconds']:.0f} s: validation perplexity {r['val_perplexity_before']:.2f} -> "
                   f"{r['val_perplexity_after']:.2f}: {out}")
+
+
+def quickstart_report(model_dir: Path, data_dir: Path, run_dir: Path, out: Console) -> None:
+    """The quickstart's compression step: int8 and int4 copies of its model, compared."""
+    import lmforge
+    from lmforge.compress.compare import compare as run_compare
+    from lmforge.compress.quantize import run_quantize
+    from lmforge.compress.storage import linear_names
+
+    model = lmforge.load(model_dir).model
+    widths = [model.get_submodule(n).in_features for n in linear_names(model)]
+    group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), None)
+    methods = ["int8"] + (["int4"] if group else [])
+    out.print(f"6. compress: {' and '.join(methods)} (int4 in groups of {group}) -> compare")
+    dirs = [model_dir]
+    for method in methods:
+        target = run_dir / f"model-{method}"
+        run_quantize(model_dir, method, target, group_size=group or 128, log=lambda s: None)
+        dirs.append(target)
+    rows = run_compare(dirs, data_dir, max_batches=8, new_tokens=32, chart=run_dir / "plots" / "compare.png")
+    print_table(rows, out)
+    out.print(f"   chart: {run_dir / 'plots' / 'compare.png'}   "
+              f"(lmforge compare {' '.join(str(d) for d in dirs)} --data {data_dir})")
 
 
 def register(app: typer.Typer) -> None:

@@ -75,6 +75,10 @@ static inline __attribute__((always_inline)) float block_scale(int bits, const f
     return bits == 8 ? 1.0f : scale[n * (K / G) + b * QK / G];
 }
 
+/* Threads only pay off on layers big enough to amortize waking them (and a busy machine
+ * makes every parallel region wait for its slowest thread). */
+#define PARALLEL_MIN (1 << 18)
+
 /* Decoding: one row of x against NR rows of W, NR independent accumulators. */
 #define NR 4
 static inline __attribute__((always_inline)) void tile_1xNR(int bits, const int8_t *xq, const float *xs, int K,
@@ -113,8 +117,9 @@ static inline __attribute__((always_inline)) void tile_MTx1(int bits, const int8
 
 static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, const void *q, const float *scale,
                 const uint8_t *zero, int G, int N, float *out /* (rows, N) */) {
+    int parallel = (size_t)N * K >= PARALLEL_MIN;
     if (rows == 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
         for (int n = 0; n < N - N % NR; n += NR) {
             if (bits == 8) tile_1xNR(8, xq, xs, K, q, scale, zero, G, n, out + n);
             else tile_1xNR(4, xq, xs, K, q, scale, zero, G, n, out + n);
@@ -127,7 +132,7 @@ static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, co
         }
         return;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int n = 0; n < N; n++) {
         float o[MT];
         if (bits == 8) tile_MTx1(8, xq, xs, K, q, scale, zero, G, n, o);
