@@ -32,5 +32,45 @@ def merge(
     console.print(f"merged {adapter} into {base}: {out}")
 
 
+def finetune(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Argument(help="The model directory to adapt, or a fine-tuning YAML "
+                                                    "config (a path or a built-in recipe, e.g. lora-sft).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL (sft, dpo, classify, tag) or text (mlm).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="full | lora | qlora.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="sft | dpo | classify | tag | mlm.")] = None,
+    val: Annotated[Optional[str], typer.Option(help="Validation data (default: hold out --data.val_fraction of it).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: runs/NAME.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Fine-tune a model: SFT, DPO, task heads or masked-LM, in full or with LoRA/QLoRA.
+    Any config key can be set: `--lora.r 16 --train.lr 2e-4 --data.pack true`."""
+    from lmforge.train.finetune import finetune as run_finetune
+    from lmforge.train.finetune import load_finetune_config
+
+    source, overrides = None, {}
+    if model is not None:
+        if Path(model).is_dir():
+            overrides["base"] = model
+        else:
+            source = model
+    for key, value in (("data", {"train": data, "val": val}), ("method", method), ("task", task),
+                       ("run", {"name": name})):
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+        if value:
+            overrides[key] = value
+    from lmforge.config import deep_merge, parse_overrides
+
+    cfg = load_finetune_config(source, deep_merge(parse_overrides(list(ctx.args)), overrides))
+    result = run_finetune(cfg, resume=resume, progress=progress, log=console.print)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    console.print(f"[green]done[/]: {result.steps} steps in {result.seconds:.0f} s; {shown}")
+    console.print(f"{'adapter' if cfg.method != 'full' else 'model'}: {result.output}   "
+                  f"metrics: {result.run_dir / 'metrics.jsonl'}   plot: {result.run_dir / 'plots' / 'loss.png'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(merge)
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(finetune)

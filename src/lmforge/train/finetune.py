@@ -1,0 +1,442 @@
+"""`lmforge finetune`: adapt a pretrained model, or pretrain an encoder, in one plain loop.
+
+    load the base (or build an encoder) -> full | lora | qlora -> the task's data ->
+    for each step: accumulate, clip, step, log, validate, checkpoint -> model/ or adapter/
+
+A task (`train/sft.py`, `dpo.py`, `classify.py`, `mlm.py`) knows its data, its loss and its
+evaluation; the loop, the optimizer and schedule (`train.optim`), the metrics log, the loss
+plot and the run directory are the pretraining trainer's:
+
+    runs/<name>/
+      recipe.yaml      the resolved fine-tuning config (`lmforge finetune runs/<name>/recipe.yaml --resume`)
+      metrics.jsonl    step, loss, lr, grad norm; val_loss and the task's metrics per evaluation
+      checkpoints/step-000100/{trainable.safetensors, trainer.pt}   what trains, optimizer, RNG, step
+      latest -> checkpoints/step-000100
+      model/           full fine-tuning: a model directory (+ head.json/head.safetensors for task heads)
+      adapter/         lora, qlora: a PEFT adapter directory (+ the task head)
+      plots/loss.png
+
+Batches are drawn by step number from a seeded order, so a resumed run sees the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn as nn
+import yaml
+from pydantic import ValidationError, model_validator
+
+from lmforge.config import (
+    EvalConfig, ModelConfig, RunSection, Section, TrainConfig, deep_merge, describe_validation_error, parse_overrides,
+)
+from lmforge.errors import LmforgeError
+from lmforge.model.lora import LoraSettings
+
+TASKS = ("sft", "dpo", "classify", "tag", "mlm")
+TRAINABLE = "trainable.safetensors"
+TRAINER_STATE = "trainer.pt"
+
+
+class QloraSettings(Section):
+    """The frozen base's block linears stored as int8 (per channel) or int4 (groups), via lmforge.compress."""
+
+    bits: Literal[4, 8] = 4
+    group_size: int = 32
+
+
+class DpoSettings(Section):
+    beta: float = 0.1  # strength of the pull toward the reference model
+
+
+class MlmSettings(Section):
+    mask_prob: float = 0.15  # of the tokens, chosen for prediction; of those 80% [mask], 10% random, 10% kept
+
+    @model_validator(mode="after")
+    def _check(self) -> "MlmSettings":
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError("mask_prob must be in (0, 1)")
+        return self
+
+
+class FinetuneData(Section):
+    train: str | None = None  # JSONL (sft, dpo, classify, tag), or text / a prepared directory (mlm)
+    val: str | None = None  # None: hold out val_fraction of train
+    val_fraction: float = 0.1
+    pack: bool = False  # sft: pack several examples per row (attention kept within each)
+    on_long: Literal["truncate", "error"] = "truncate"
+    labels: list[str] | None = None  # classify/tag: the label set (None: the labels seen in train, sorted)
+    text_field: str = "text"
+    label_field: str = "label"
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+
+
+def _finetune_train_defaults() -> TrainConfig:
+    return TrainConfig(batch_size=8, lr=1e-4, warmup=10, max_steps=200, weight_decay=0.0, checkpoint_every=100,
+                       log_every=10, schedule="cosine")
+
+
+class FinetuneConfig(Section):
+    base: str | None = None  # the model directory to adapt
+    model: ModelConfig | None = None  # mlm only: the encoder to build from scratch (vocab from the data)
+    task: Literal["sft", "dpo", "classify", "tag", "mlm"] = "sft"
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraSettings = LoraSettings()
+    qlora: QloraSettings = QloraSettings()
+    dpo: DpoSettings = DpoSettings()
+    mlm: MlmSettings = MlmSettings()
+    data: FinetuneData = FinetuneData()
+    train: TrainConfig = _finetune_train_defaults()
+    eval: EvalConfig = EvalConfig(every=50, batches=20)
+    run: RunSection = RunSection(name="finetune")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.data.train is None:
+            raise ValueError("data.train is required (--data FILE)")
+        if (self.base is None) == (self.model is None):
+            raise ValueError("give either base (a model directory to adapt) or model (an encoder built from "
+                             "scratch, task mlm)")
+        if self.model is not None and self.task != "mlm":
+            raise ValueError("only task mlm builds a model from scratch; other tasks adapt a base model")
+        if self.model is not None and self.method != "full":
+            raise ValueError("a model built from scratch trains in full (method: full)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_finetune_config(source: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
+    """A fine-tuning config from YAML (a path or a built-in recipe name) plus overrides."""
+    from lmforge.config import builtin_recipes
+
+    raw: dict[str, Any] = {}
+    where = "fine-tuning config"
+    if source is not None:
+        path = Path(source)
+        if not path.exists() and str(source) in builtin_recipes():
+            path = builtin_recipes()[str(source)]
+        if not path.is_file():
+            raise LmforgeError(f"fine-tuning config {source} not found")
+        where = f"fine-tuning config {path}"
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise LmforgeError(f"{path} must be a YAML mapping")
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as e:
+        raise LmforgeError(describe_validation_error(e, where)) from None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+class Task(Protocol):
+    """What the loop needs from a task."""
+
+    head: nn.Module | None  # trained with the model (task heads); None for language-model tasks
+    task_type: str  # PEFT's name for it: CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION
+    tokens_per_batch: int
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]: ...
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...  # includes val_loss
+    def head_record(self) -> dict[str, Any]: ...  # what head.json says (labels), {} without a head
+
+
+def make_task(cfg: FinetuneConfig, loaded, device: torch.device, log) -> Task:
+    if cfg.task == "sft":
+        from lmforge.train.sft import SFTTask
+
+        return SFTTask(cfg, loaded, device, log)
+    if cfg.task == "dpo":
+        from lmforge.train.dpo import DPOTask
+
+        return DPOTask(cfg, loaded, device, log)
+    if cfg.task in ("classify", "tag"):
+        from lmforge.train.classify import ClassifyTask, TagTask
+
+        return (ClassifyTask if cfg.task == "classify" else TagTask)(cfg, loaded, device, log)
+    from lmforge.train.mlm import MLMTask
+
+    return MLMTask(cfg, loaded, device, log)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def prepare_model(cfg: FinetuneConfig, device: torch.device, log):
+    """The base (or a new encoder) as a LoadedModel, with LoRA/QLoRA applied as configured."""
+    from lmforge.loaded import LoadedModel
+    from lmforge.model.lora import apply_lora, trainable_parameters
+
+    if cfg.base is not None:
+        import lmforge
+
+        loaded = lmforge.load(cfg.base)
+    else:
+        from lmforge.train.mlm import new_encoder
+
+        loaded = new_encoder(cfg, log)
+    model = loaded.model
+    if cfg.method == "qlora":
+        before = model_bytes(model)
+        quantize_base(model, cfg.qlora)
+        loaded.meta = {**loaded.meta, "qlora_bytes": {"before": before, "after": model_bytes(model)}}
+        log(f"qlora: base stored as int{cfg.qlora.bits}: {before / 2**20:.1f} MiB -> {model_bytes(model) / 2**20:.1f} MiB")
+    if cfg.method in ("lora", "qlora"):
+        apply_lora(model, cfg.lora)
+    model.to(device)
+    trainable, total = trainable_parameters(model)
+    log(f"{cfg.method}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+    return LoadedModel(model, loaded.tokenizer, loaded.path, loaded.meta)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, shared tensors once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_base(model: nn.Module, q: QloraSettings) -> None:
+    """Every block linear of the frozen base becomes an int8/int4 `QuantizedLinear` (lmforge.compress)."""
+    from lmforge.compress.qlinear import QuantizedLinear, check_group_size
+    from lmforge.model.lora import BLOCK_LINEARS, _set_module
+
+    for i in range(len(model.blocks)):
+        for part in BLOCK_LINEARS:
+            name = f"blocks.{i}.{part}"
+            linear = model.get_submodule(name)
+            if q.bits == 4:
+                check_group_size(linear.in_features, q.group_size, name)
+            with torch.no_grad():
+                _set_module(model, name, QuantizedLinear.from_float(linear, q.bits, q.group_size))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def trainable_state(model: nn.Module, head: nn.Module | None) -> dict[str, torch.Tensor]:
+    out = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    if head is not None:
+        out.update({f"head.{n}": p for n, p in head.named_parameters()})
+    return out
+
+
+def save_finetune_checkpoint(run_dir: Path, step: int, model, head, optimizer, state: dict[str, Any],
+                             keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    from lmforge.model_dir import atomic_directory
+    from lmforge.train.checkpoint import _prune, checkpoint_name
+
+    folder = run_dir / "checkpoints" / checkpoint_name(step)
+    with atomic_directory(folder) as d:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, head).items()}
+        save_file(tensors, str(d / TRAINABLE))
+        torch.save({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
+    link, tmp = run_dir / "latest", run_dir / f".latest.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path("checkpoints") / folder.name, tmp)
+    os.replace(tmp, link)
+    _prune(run_dir / "checkpoints", keep, current=folder.name)
+    return folder
+
+
+def load_finetune_checkpoint(folder: Path, model, head, optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    for name in (TRAINABLE, TRAINER_STATE):
+        if not (folder / name).is_file():
+            raise LmforgeError(f"{folder / name} is missing: the checkpoint is incomplete")
+    saved = load_file(str(folder / TRAINABLE))
+    current = trainable_state(model, head)
+    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+        raise LmforgeError(f"checkpoint {folder} does not match this run's model ({len(saved)} tensors saved, "
+                           f"{len(current)} trainable now); resume with the run's own recipe.yaml")
+    with torch.no_grad():
+        for k, p in current.items():
+            p.copy_(saved[k])
+    try:
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise LmforgeError(f"{folder / TRAINER_STATE} is corrupt ({type(e).__name__})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    output: Path  # model/ or adapter/
+    steps: int
+    seconds: float
+    train_loss: float
+    metrics: dict[str, float]
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, log=print,
+             interrupt_at: int | None = None) -> FinetuneResult:
+    """Run a fine-tuning config. `interrupt_at` stops as a signal would at that step (for tests)."""
+    from lmforge.model.lora import save_adapter
+    from lmforge.model_dir import save_model_dir
+    from lmforge.train.checkpoint import latest_checkpoint
+    from lmforge.train.optim import build_optimizer, lr_at
+    from lmforge.train.trainer import (
+        MetricsLog, TrainingInterrupted, _progress_bar, _StopFlag, autocast_for, plot_losses,
+    )
+
+    run_dir, tc = cfg.run.dir, cfg.train
+    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
+                           "or choose another --run.name")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
+    if tc.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
+    device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(tc.seed)
+    loaded = prepare_model(cfg, device, log)
+    model = loaded.model
+    task = make_task(cfg, loaded, device, log)
+    head = task.head.to(device) if task.head is not None else None
+    model.train()
+    trainables = nn.ModuleList([model] + ([head] if head is not None else []))
+    optimizer = build_optimizer(trainables, tc, device)
+    autocast = autocast_for(device, tc.dtype)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    start_step, elapsed_before = 0, 0.0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_finetune_checkpoint(ckpt, model, head, optimizer)
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        start_step, elapsed_before = state["step"], state["elapsed"]
+        log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    def checkpoint(step: int, elapsed: float) -> Path:
+        state = {"step": step, "rng_cpu": torch.get_rng_state(), "elapsed": elapsed}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return save_finetune_checkpoint(run_dir, step, model, head, optimizer, state, tc.keep_checkpoints)
+
+    def validate(step: int) -> dict[str, float]:
+        model.eval()
+        if head is not None:
+            head.eval()
+        with torch.no_grad(), autocast_for(device, tc.dtype):
+            result = task.evaluate(model)
+        model.train()
+        if head is not None:
+            head.train()
+        metrics.write({"step": step, **result})
+        return result
+
+    bar = _progress_bar(progress)
+    bar_task = bar.add_task(cfg.task, total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
+    start = time.perf_counter()
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    last_loss, step, val = float("nan"), start_step, {}
+    try:
+        with _StopFlag() as stop, bar:
+            while step < tc.max_steps:
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(tc.grad_accum):
+                    batch = {k: v.to(device) for k, v in task.batch(step * tc.grad_accum + micro).items()}
+                    with autocast:
+                        loss = task.loss(model, batch)
+                    (loss / tc.grad_accum).backward()
+                    loss_sum += loss.item()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in trainables.parameters() if p.requires_grad], tc.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last_loss = loss_sum / tc.grad_accum
+                if not math.isfinite(last_loss):
+                    raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
+                window_loss += last_loss
+                window_steps += 1
+                elapsed = elapsed_before + time.perf_counter() - start
+                out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
+                interrupted = stop.signal is not None or (interrupt_at is not None and step >= interrupt_at)
+                if step % tc.log_every == 0 or step == tc.max_steps or out_of_time or interrupted:
+                    now = time.perf_counter()
+                    tps = window_steps * tc.grad_accum * task.tokens_per_batch / max(now - window_start, 1e-9)
+                    metrics.write({"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
+                                   "tokens_per_s": tps, "elapsed_s": elapsed})
+                    bar.update(bar_task, loss=window_loss / window_steps, tps=tps)
+                    window_loss, window_steps, window_start = 0.0, 0, now
+                bar.update(bar_task, completed=step)
+                if step % cfg.eval.every == 0 and step < tc.max_steps and not (out_of_time or interrupted):
+                    val = validate(step)
+                if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
+                    path = checkpoint(step, elapsed)
+                    if interrupted:
+                        plot_losses(run_dir)
+                        raise TrainingInterrupted(step, path)
+                if out_of_time:
+                    log(f"train.max_minutes reached at step {step}")
+                    break
+        seconds = elapsed_before + time.perf_counter() - start
+        val = validate(step)
+        latest = latest_checkpoint(run_dir)
+        if latest is None or latest.name != f"step-{step:06d}":
+            checkpoint(step, seconds)
+        provenance = {"finetune": cfg.model_dump(mode="json"),
+                      "metrics": {**val, "train_loss": last_loss, "steps": step, "seconds": seconds}}
+        output = save_outputs(cfg, loaded, task, head, run_dir, provenance, save_adapter, save_model_dir)
+        plot_losses(run_dir)
+    finally:
+        metrics.close()
+    return FinetuneResult(run_dir, output, step, seconds, last_loss, val)
+
+
+def save_outputs(cfg: FinetuneConfig, loaded, task: Task, head, run_dir: Path, provenance: dict[str, Any],
+                 save_adapter, save_model_dir) -> Path:
+    """adapter/ (lora, qlora) or model/ (full), each with the task head beside it when there is one."""
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+
+    model = loaded.model
+    head_tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()} if head else None
+    if cfg.method in ("lora", "qlora"):
+        out = save_adapter(model, run_dir / "adapter", str(cfg.base), loaded.meta, extra=head_tensors,
+                           provenance=provenance, task_type=task.task_type)
+    else:
+        cpu = copy.deepcopy(model).cpu().float()
+        parents = [str(cfg.base)] if cfg.base else []
+        out = save_model_dir(cpu, loaded.tokenizer, run_dir / "model", {"parents": parents, **provenance})
+        if head_tensors:
+            save_file(head_tensors, str(out / "head.safetensors"))
+    if head is not None:
+        (out / "head.json").write_text(json.dumps({"task": cfg.task, **task.head_record()}, indent=2))
+    return out
