@@ -141,3 +141,25 @@ def test_llama_cpp_runs_the_export(loaded, tmp_path):
     with torch.no_grad():
         ours = m.model(torch.tensor([ids]))[0]
     assert (theirs - ours).abs().max() < 1e-3
+
+
+def test_fuzzed_gguf_only_ever_raises_lmforge_error(loaded, tmp_path):
+    """Random bytes changed in the metadata and tensor table: a clean error or a clean load."""
+    import random
+
+    raw = export_gguf(loaded["llama"], tmp_path / "m.gguf", "q8_0").read_bytes()
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    metadata_end = min(int(t.data_offset) for t in reader.tensors)
+    rng = random.Random(0)
+    errors = 0
+    for i in range(100):
+        blob = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            blob[rng.randrange(metadata_end)] = rng.randrange(256)
+        path = tmp_path / "fuzzed.gguf"
+        path.write_bytes(bytes(blob))
+        try:
+            lmforge.load(import_model(path, tmp_path / "out"))
+        except LmforgeError:
+            errors += 1
+    assert errors > 10

@@ -274,6 +274,22 @@ def read_gguf(path: Path):
 
 
 def load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer]:
+    """A GGUF file as a model and tokenizer. The file is untrusted input: whatever its parsing
+    raises becomes one LmforgeError naming the file."""
+    from pydantic import ValidationError
+
+    try:
+        return _load_gguf(path, dtype)
+    except LmforgeError:
+        raise
+    except ValidationError as e:
+        raise LmforgeError(f"{path}: its config is invalid ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # numpy, struct, json, tokenizers: a damaged file can trip any of them
+        raise LmforgeError(f"{path} is corrupt or not a GGUF lmforge can read ({type(e).__name__}: "
+                           f"{str(e)[:160]})") from None
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer]:
     from lmforge.interop.weights import MemoryTensors, load_weights
 
     gguf = _gguf()
