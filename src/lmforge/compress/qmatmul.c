@@ -97,6 +97,48 @@ static inline __attribute__((always_inline)) void tile_1xNR(int bits, const int8
     for (int r = 0; r < NR; r++) out[r] = hsum(acc[r]);
 }
 
+/* int4 decoding. Codes 0..15 are unsigned, which is what vpdpbusd / vpmaddubsw take, so the
+ * zero point leaves the inner loop: sum_k s*(q-z)*x = s*sum_k q*x - s*z*sum_k x, the last
+ * sum being `gsum[g]` (the quantized activations of group g, computed once per call). The
+ * per-block activation scale is shared by all rows, the weight scale applied per group. */
+static inline __m256i udot32(__m256i u, __m256i a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline void q4_tile_1xNR(const int8_t *xq, const float *xs, const float *gsum, int K, const uint8_t *q,
+                                const float *scale, const uint8_t *zero, int G, size_t n, float *out) {
+    const int groups = K / G, per_group = G / QK;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 acc[NR];
+    float corr[NR] = {0};
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256 gacc[NR];
+        for (int r = 0; r < NR; r++) gacc[r] = _mm256_setzero_ps();
+        for (int b = g * per_group; b < (g + 1) * per_group; b++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+            __m256 d = _mm256_set1_ps(xs[b]);
+            for (int r = 0; r < NR; r++) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(q + ((n + r) * K + b * QK) / 2));
+                __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+                gacc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(udot32(u, a)), gacc[r]);
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            size_t i = (n + r) * groups + g;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[i]), gacc[r], acc[r]);
+            corr[r] += scale[i] * (float)zero[i] * gsum[g];
+        }
+    }
+    for (int r = 0; r < NR; r++) out[r] = hsum(acc[r]) - corr[r];
+}
+
 /* Small batches: MT rows of x (zero-padded) against one row of W. */
 static inline __attribute__((always_inline)) void tile_MTx1(int bits, const int8_t *xq, const float *xs, int K,
                                                             const void *q, const float *scale, const uint8_t *zero,
@@ -119,11 +161,21 @@ static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, co
                 const uint8_t *zero, int G, int N, float *out /* (rows, N) */) {
     int parallel = (size_t)N * K >= PARALLEL_MIN;
     if (rows == 1) {
+        float *gsum = NULL;
+        if (bits == 4) {
+            gsum = calloc(K / G, sizeof(float));
+            for (int b = 0; b < K / QK; b++) {
+                int32_t s = 0;
+                for (int j = 0; j < QK; j++) s += xq[b * QK + j];
+                gsum[b * QK / G] += xs[b] * (float)s;
+            }
+        }
 #pragma omp parallel for schedule(static) if (parallel)
         for (int n = 0; n < N - N % NR; n += NR) {
             if (bits == 8) tile_1xNR(8, xq, xs, K, q, scale, zero, G, n, out + n);
-            else tile_1xNR(4, xq, xs, K, q, scale, zero, G, n, out + n);
+            else q4_tile_1xNR(xq, xs, gsum, K, (const uint8_t *)q, scale, zero, G, n, out + n);
         }
+        free(gsum);
         for (int n = N - N % NR; n < N; n++) {  /* leftover rows: a padded tile would read past W */
             float o[MT];
             if (bits == 8) tile_MTx1(8, xq, xs, K, q, scale, zero, G, n, o);
