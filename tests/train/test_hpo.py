@@ -80,7 +80,7 @@ def test_space_reads_yaml_and_accepts_exponents_without_a_dot(base, tmp_path):
 
 
 def test_combined_values_are_checked_per_trial_not_up_front(base):
-    # d_model 48 alone does not divide n_head 4... only with n_head 3 or 6: allowed, judged per trial.
+    # d_model 48 with n_head 4 is fine, 32 with 6 is not: such combinations are judged per trial.
     SearchSpace({"model.d_model": {"type": "categorical", "choices": [32, 48]},
                  "model.n_head": {"type": "categorical", "choices": [4, 6]}}, base)
 
@@ -226,3 +226,11 @@ def test_killed_study_resumes_and_its_lost_trial_is_failed(base, tmp_path):
     assert {t.number for t in study.trials if t.state == TrialState.FAIL} == set(killed)
     assert "1 failed" in again.stdout and "best" in again.stdout
     assert (tmp_path / "runs" / "shared" / "best.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_hyperband_study_runs_to_its_trial_count(base, tmp_path):
+    result = run_hpo(base, LR_SPACE, trials=4, storage=f"sqlite:///{tmp_path / 'hpo.db'}", study="hb",
+                     pruner="hyperband", seed=1, log=quiet)
+    assert result.count("COMPLETE") + result.count("PRUNED") == 4 and result.count("FAIL") == 0
+    assert result.best is not None and (tmp_path / "runs" / "hb" / "best.yaml").is_file()

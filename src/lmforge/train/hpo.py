@@ -55,6 +55,8 @@ class HpoSettings:
     seed: int | None = 0
     workers: int = 1
     heartbeat: int = 10
+    minutes: float | None = None  # stop starting trials after this long (running ones finish)
+    cpu_minutes: float | None = None  # ... or after each worker used this much CPU time
 
     @property
     def study_dir(self) -> Path:
@@ -137,7 +139,7 @@ def make_pruner(name: str, recipe: dict[str, Any], trials: int):
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, trials // 4)), n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, trials // 4)), n_warmup_steps=0)
     if name == "hyperband":
         every, steps = recipe["eval"]["every"], recipe["train"]["max_steps"]
         return optuna.pruners.HyperbandPruner(min_resource=min(every, steps), max_resource=steps,
@@ -245,7 +247,8 @@ def trial_recipe(settings: HpoSettings, values: dict[str, Any], number: int, dev
 
 
 def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:
-    """Run trials until the study has `settings.trials` finished ones (complete or pruned)."""
+    """Run trials until the study has `settings.trials` finished ones (complete or pruned),
+    or until `settings.minutes` have passed or it used `settings.cpu_minutes` of CPU time."""
     import optuna
     import torch
     from optuna.trial import TrialState
@@ -262,6 +265,8 @@ def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:
             device = f"cuda:{index % torch.cuda.device_count()}"  # spread workers over the GPUs
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = math.inf if settings.minutes is None else time.monotonic() + settings.minutes * 60
+    cpu_deadline = math.inf if settings.cpu_minutes is None else time.process_time() + settings.cpu_minutes * 60
     failures_in_a_row, last_error = 0, ""
 
     def objective(trial: optuna.Trial) -> float:
@@ -280,7 +285,7 @@ def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:
             recipe = trial_recipe(settings, values, trial.number, device)
             trial.set_user_attr("run_dir", str(recipe.run.dir))
             if searches_data:
-                _prepare_locked(recipe, settings.study_dir)
+                prepare_locked(recipe)
 
             def on_validation(step, result):
                 trial.report(result.loss, step)
@@ -313,7 +318,7 @@ def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:
     while True:
         optuna.storages.fail_stale_trials(study)  # trials whose worker died
         done, running = _counts(study)
-        if done >= settings.trials:
+        if done >= settings.trials or time.monotonic() >= deadline or time.process_time() >= cpu_deadline:
             return
         if done + running >= settings.trials:
             time.sleep(POLL_SECONDS)  # the last trials are running elsewhere; take over if one fails
@@ -323,17 +328,19 @@ def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:
         study.optimize(objective, n_trials=1, catch=(_TrialFailed,), gc_after_trial=False)
 
 
-def _prepare_locked(recipe: Recipe, study_dir: Path) -> None:
-    """Prepare a trial's data (when data.* is searched) with one worker at a time per machine."""
+def prepare_locked(recipe: Recipe, log=None) -> Path:
+    """Prepare a recipe's data with one process at a time (workers and commands started
+    together would otherwise tokenize into the same directory at once)."""
     import fcntl
 
     from lmforge.data.prepare import prepare
     from lmforge.train.trainer import data_dir_for
 
-    study_dir.mkdir(parents=True, exist_ok=True)
-    with open(study_dir / ".prepare.lock", "w") as lock:
+    folder = data_dir_for(recipe)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        prepare(recipe.data, data_dir_for(recipe))
+        return prepare(recipe.data, folder, progress=log and (lambda s: log(f"data: {s}")))
 
 
 def _worker_main(settings_json: str, index: str) -> None:
@@ -352,17 +359,18 @@ def _worker_main(settings_json: str, index: str) -> None:
 
 def run_hpo(base: Recipe, space: SearchSpace | dict, trials: int, storage: str | None = None,
             study: str | None = None, workers: int = 1, pruner: str = "median", seed: int | None = 0,
-            heartbeat: int = 10, log=print) -> HpoResult:
+            heartbeat: int = 10, minutes: float | None = None, cpu_minutes: float | None = None,
+            log=print) -> HpoResult:
     """Run (or continue) a study until it has `trials` finished trials; export and plot it."""
-    from lmforge.data.prepare import prepare
-    from lmforge.train.trainer import data_dir_for
-
     if trials < 1:
         raise LmforgeError("--trials must be at least 1")
     if workers < 1:
         raise LmforgeError("--workers must be at least 1")
     if heartbeat < 1:
         raise LmforgeError("--heartbeat must be at least 1 second")
+    for name, value in (("--minutes", minutes), ("--cpu-minutes", cpu_minutes)):
+        if value is not None and value <= 0:
+            raise LmforgeError(f"{name} must be positive")
     if pruner not in PRUNERS:
         raise LmforgeError(f"unknown pruner {pruner!r}: use {', '.join(PRUNERS)}")
     if isinstance(space, dict):
@@ -373,12 +381,11 @@ def run_hpo(base: Recipe, space: SearchSpace | dict, trials: int, storage: str |
             raise LmforgeError("the search space changes data settings but the recipe fixes data.dir; "
                                "leave data.dir unset so each data setting gets its own directory")
     else:  # prepare the data once, before any worker starts
-        base.data.dir = str(data_dir_for(base))
-        prepare(base.data, base.data.dir, progress=lambda s: log(f"data: {s}"))
+        base.data.dir = str(prepare_locked(base, log))
     settings = HpoSettings(recipe=base.model_dump(mode="json"), space=json.loads(json.dumps(space.raw)),
                            trials=trials, storage=storage or f"sqlite:///{Path(base.run.out) / 'hpo.db'}",
                            study=study or f"{base.run.name}-hpo", pruner=pruner, seed=seed, workers=workers,
-                           heartbeat=heartbeat)
+                           heartbeat=heartbeat, minutes=minutes, cpu_minutes=cpu_minutes)
     optuna_study = open_study(settings, create=True)
     if not optuna_study.trials and any(settings.study_dir.glob("trial-*")):
         raise LmforgeError(f"{settings.study_dir} holds trials of an earlier study named {settings.study} "
@@ -528,6 +535,8 @@ def hpo_command(
     pruner: Annotated[str, typer.Option(help="Stop poor trials early on validation loss: median, hyperband or none.")] = "median",
     seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
     heartbeat: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats; a trial silent for twice this is failed and replaced.")] = 10,
+    minutes: Annotated[Optional[float], typer.Option(help="Stop starting new trials after this many minutes (running ones finish).")] = None,
+    cpu_minutes: Annotated[Optional[float], typer.Option(help="Stop starting new trials once a worker used this much CPU time (a budget that a busy machine does not shrink).")] = None,
 ):
     """Search hyperparameters with Optuna (TPE, pruning), over workers sharing one storage."""
     from rich.console import Console
@@ -535,7 +544,7 @@ def hpo_command(
     console = Console()
     base = load_recipe(recipe, list(ctx.args))
     result = run_hpo(base, SearchSpace.load(space, base), trials, storage, study, workers, pruner, seed,
-                     heartbeat, log=lambda s: console.print(s, highlight=False, markup=False))
+                     heartbeat, minutes, cpu_minutes, log=lambda s: console.print(s, highlight=False, markup=False))
     console.print(summary_table(result))
     console.print(f"{result.count('COMPLETE')} complete, {result.count('PRUNED')} pruned, "
                   f"{result.count('FAIL')} failed")
