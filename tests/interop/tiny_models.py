@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.data.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,6 +16,7 @@ Import dequantizes every tensor to f32 (or the requested dtype).
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import tempfile
@@ -153,11 +154,11 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
         _add_hparams(writer, cfg)
         writer.add_string(CONFIG_KEY, json.dumps(cfg.model_dump(mode="json")))
         _add_tokenizer(writer, loaded.tokenizer, cfg.vocab)
-        tensors = list(_hf_tensors(loaded.model))
+        extra = []
         if cfg.rope_scaling is not None:
             base = rope_frequencies(cfg.model_copy(update={"rope_scaling": None}))
-            tensors.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
-        for hf_name, t in tensors:
+            extra.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
+        for hf_name, t in itertools.chain(_hf_tensors(loaded.model), extra):  # one f32 copy at a time
             name = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
                 names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
