@@ -115,7 +115,6 @@ def test_cancellation_and_backpressure(model, tokenizer):
         with pytest.raises(EngineOverloaded):
             engine.submit(Request([5]), lambda ev: None)
         long.cancel()
-        engine.wake()
         deadline = time.monotonic() + 30
         while not all(w.finish_reason for w in waiting) and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -125,7 +125,6 @@ class EventStream:
         def callback(i: int) -> EventCallback:
             return lambda ev: loop.call_soon_threadsafe(self._queue.put_nowait, (i, ev))
 
-        self._engine = engine
         self.sequences = engine.submit_many(requests, [callback(i) for i in range(len(requests))])
         self._open = len(self.sequences)
 
@@ -149,7 +148,6 @@ class EventStream:
         if self._open:
             for s in self.sequences:
                 s.cancel()
-            self._engine.wake()
 
 
 class Engine:
@@ -166,7 +164,6 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -230,11 +227,6 @@ class Engine:
 
     def submit(self, request: Request, on_event: EventCallback) -> Sequence:
         return self.submit_many([request], [on_event])[0]
-
-    def wake(self) -> None:
-        """Let the loop notice a cancellation now rather than at its next step."""
-        with self._wake:
-            self._wake.notify()
 
     def stream(self, requests: list[Request]) -> "EventStream":
         """Submit now (so a full queue or a bad request raises here) and read events with `async for`."""
@@ -377,7 +369,6 @@ class Engine:
         logits = self.model(last, self.cache, last_only=True)[:, -1]  # (n, V)
         for i, seq in enumerate(self._running):
             seq.logits = logits[i:i + 1]
-        self.steps += 1
 
     def _retire(self) -> None:
         """Drop finished sequences and move the rest down so they fill slots 0..n-1."""
