@@ -1,0 +1,120 @@
+"""Direct preference optimization (Rafailov et al., 2023) on prompt/chosen/rejected JSONL.
+
+    {"prompt": "Q: 2 + 2?\nA:", "chosen": " 4", "rejected": " 5"}
+
+The loss is -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
+each log-probability summed over the response tokens. The reference is the model as training
+starts (the base, or base + a fresh LoRA adapter, which computes the same function), so its
+log-probabilities are computed once, up front, in eval mode: no second copy of the model is
+kept. Each evaluation reports the loss, the mean reward margin and how often chosen wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.sft import IGNORE, EpochBatches, Row, chunks, collate, encode_pieces, read_jsonl, split_validation
+from lmforge.errors import LmforgeError
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each row's target tokens: (rows,)."""
+    logits = model(batch["input_ids"]).float()
+    y = batch["targets"]
+    keep = y != IGNORE
+    logp = torch.gather(logits.log_softmax(-1), 2, y.clamp(min=0)[..., None])[..., 0]
+    return (logp * keep).sum(-1)
+
+
+class DPOTask:
+    head = None
+    task_type = "CAUSAL_LM"
+
+    def __init__(self, cfg, loaded, device, log):
+        tok, self.context = loaded.tokenizer, loaded.config.context
+        self.pad_id, self.beta = tok.pad_id if tok.pad_id is not None else 0, cfg.dpo.beta
+        self.batch_size, self.eval_batches = cfg.train.batch_size, cfg.eval.batches
+        pairs = self._load(cfg.data.train, tok, cfg.data.on_long)
+        if cfg.data.val:
+            val = self._load(cfg.data.val, tok, cfg.data.on_long)
+        else:
+            pairs, val = split_validation(pairs, cfg.data.val_fraction, cfg.train.seed)
+        self.pairs, self.val_pairs = pairs, val
+        log(f"dpo: {len(pairs)} training pairs, {len(val)} validation pairs; computing reference log-probs")
+        model = loaded.model.to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for group in (self.pairs, self.val_pairs):
+                for chunk in chunks(group, self.batch_size):
+                    ref = sequence_logps(model, {k: v.to(device) for k, v in self._collate(chunk).items()}).cpu()
+                    n = len(chunk)
+                    for pair, c, r in zip(chunk, ref[:n], ref[n:]):
+                        pair["ref"] = (float(c), float(r))
+        model.train(was_training)
+        self.batches = EpochBatches(self.pairs, cfg.train.batch_size, cfg.train.seed)
+        self.tokens_per_batch = 2 * cfg.train.batch_size * self.context
+
+    def _load(self, path: str, tok, on_long: str) -> list[dict]:
+        out, too_long = [], []
+        for line, obj in read_jsonl(path):
+            if not all(isinstance(obj.get(k), str) for k in ("prompt", "chosen", "rejected")):
+                raise LmforgeError(f"{path} line {line}: expected string fields 'prompt', 'chosen' and 'rejected'")
+            if obj["chosen"] == obj["rejected"]:
+                raise LmforgeError(f"{path} line {line}: chosen and rejected are the same text")
+            rows = []
+            for key in ("chosen", "rejected"):
+                ids, labels = encode_pieces(tok, [(obj["prompt"], False), (obj[key], True)])
+                if tok.eos_id is not None:
+                    ids, labels = ids + [tok.eos_id], labels + [tok.eos_id]
+                if len(ids) > self.context + 1:
+                    too_long.append(line)
+                    ids, labels = ids[:self.context + 1], labels[:self.context + 1]
+                if all(label == IGNORE for label in labels[1:]):
+                    raise LmforgeError(f"{path} line {line}: the prompt fills the context, leaving no response "
+                                       "tokens to compare")
+                rows.append(Row(ids[:-1], labels[1:], [1] * (len(ids) - 1)))
+            out.append({"rows": rows, "line": line})
+        if too_long and on_long == "error":
+            raise LmforgeError(f"{Path(path)}: {len(set(too_long))} pair(s) longer than the context of {self.context} "
+                               f"tokens (first at line {too_long[0]}); shorten them or use --data.on_long truncate")
+        return out
+
+    def _collate(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        """Chosen rows first, then rejected rows."""
+        rows = [p["rows"][0] for p in pairs] + [p["rows"][1] for p in pairs]
+        b = collate(rows, self.pad_id, packed=False)
+        if all("ref" in p for p in pairs):
+            b["ref"] = torch.tensor([p["ref"][0] for p in pairs] + [p["ref"][1] for p in pairs])
+        return b
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        return self._collate(self.batches.batch(index))
+
+    def margins(self, model, b) -> torch.Tensor:
+        """beta * ((policy - reference) on chosen - (policy - reference) on rejected), per pair."""
+        diff = sequence_logps(model, b) - b["ref"]
+        n = diff.shape[0] // 2
+        return self.beta * (diff[:n] - diff[n:])
+
+    def loss(self, model, b) -> torch.Tensor:
+        return -F.logsigmoid(self.margins(model, b)).mean()
+
+    def evaluate(self, model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        margins = []
+        for i, chunk in enumerate(chunks(self.val_pairs, self.batch_size)):
+            if i >= self.eval_batches:
+                break
+            margins.append(self.margins(model, {k: v.to(device) for k, v in self._collate(chunk).items()}))
+        if not margins:
+            return {}
+        m = torch.cat(margins)
+        return {"val_loss": float(-F.logsigmoid(m).mean()), "reward_margin": float(m.mean()),
+                "preference_accuracy": float((m > 0).float().mean())}
+
+    def head_record(self) -> dict:
+        return {}
