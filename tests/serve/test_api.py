@@ -322,3 +322,19 @@ def test_chat_templates_render_in_a_sandbox(start_server, tiny):
     r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "unsafe" in r.json()["error"]["message"]
+
+
+def test_streamed_logprobs_match_the_whole_response(client):
+    args = dict(model=MODEL, prompt="The king", max_tokens=12, temperature=0, logprobs=2, echo=True)
+    whole = client.completions.create(**args).choices[0]
+    tokens, token_logprobs, offsets, text = [], [], [], ""
+    for chunk in client.completions.create(**args, stream=True):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                token_logprobs += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert text == whole.text
+    assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    assert token_logprobs == whole.logprobs.token_logprobs

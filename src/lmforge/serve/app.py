@@ -325,7 +325,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 "text_offset": offsets}
 
     def completion_choice(job: Job, i: int, echo: bool, logprobs: int | None, new_tokens: list[TokenLogprob],
-                          text: str, with_prompt: bool) -> dict[str, Any]:
+                          text: str, with_prompt: bool, offset: int = 0) -> dict[str, Any]:
         c = job.choices[i]
         prompt_i = i // job.n
         prefix = job.prompt_texts[prompt_i] if echo and with_prompt else ""
@@ -336,7 +336,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 prompt_entries = c.prompt or [None] * len(job.prompts[prompt_i])
                 entries += list(zip(prompt_entries, job.prompts[prompt_i]))
             entries += [(t, t.token) for t in new_tokens]
-            lp = completion_logprobs(entries, 0)
+            lp = completion_logprobs(entries, offset)
         return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": c.finish_reason}
 
     @app.post("/v1/completions")
@@ -355,18 +355,19 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                        for i, c in enumerate(job.choices)]
             return {**head, "choices": choices, "usage": job.usage()}
 
-        echoed: set[int] = set()
+        offsets: dict[int, int] = {}  # per choice that has started: where its next token's text begins
 
         def chunks(i: int | None, ev: Event | None):
             if i is None:
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": job.usage()}
                 return
-            if not ev.tokens and ev.finish_reason is None and not (body.echo and i not in echoed):
+            first = i not in offsets
+            if not ev.tokens and ev.finish_reason is None and not (body.echo and first):
                 return
-            with_prompt = body.echo and i not in echoed
-            echoed.add(i)
-            choice = completion_choice(job, i, body.echo, body.logprobs, ev.tokens, ev.text, with_prompt)
+            choice = completion_choice(job, i, body.echo, body.logprobs, ev.tokens, ev.text, first, offsets.get(i, 0))
+            lp = choice["logprobs"]
+            offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp and lp["tokens"] else offsets.get(i, 0)
             choice["finish_reason"] = job.choices[i].finish_reason if ev.finish_reason else None
             yield {**head, "choices": [choice]}
 
