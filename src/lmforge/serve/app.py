@@ -48,6 +48,10 @@ PAGE_HEADERS = {
 }
 
 
+# Proxies must pass tokens on as they come (nginx reads X-Accel-Buffering).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -371,7 +375,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             choice["finish_reason"] = job.choices[i].finish_reason if ev.finish_reason else None
             yield {**head, "choices": [choice]}
 
-        return StreamingResponse(stream_events(job, request, key_id, chunks), media_type="text/event-stream")
+        return StreamingResponse(stream_events(job, request, key_id, chunks), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
 
     # -- chat --------------------------------------------------------------------------------------
     im_end = tokenizer.backend.token_to_id("<|im_end|>")
@@ -430,7 +435,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                             "finish_reason": job.choices[i].finish_reason}]}
 
-        return StreamingResponse(stream_events(job, request, key_id, chunks), media_type="text/event-stream")
+        return StreamingResponse(stream_events(job, request, key_id, chunks), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
 
     # -- the rest ----------------------------------------------------------------------------------
     @app.get("/v1/models")
