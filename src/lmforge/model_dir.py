@@ -17,16 +17,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from lmforge.atomic import atomic_directory  # noqa: F401  (re-exported: callers import it from here)
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
@@ -59,26 +56,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LmforgeError(f"{path} must hold a JSON object")
     return data
-
-
-@contextmanager
-def atomic_directory(out: str | Path):
-    """Yield a staging directory that replaces `out` only if the block completes."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_weights(d: Path, model: Transformer, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, str]:

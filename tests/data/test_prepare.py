@@ -196,9 +196,6 @@ def test_sequential_windows_score_every_token_once(tiny_data):
     assert len(list(sequential_windows(split, 64, 8, max_batches=2))) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="prepare encodes special-token text found in a document as the special "
-                   "token itself, so a literal '<|endoftext|>' in the data splits the document and "
-                   "'<|im_start|>' trains a control token (tokenizers: set encode_special_tokens while packing)")
 def test_literal_special_token_text_in_a_document_is_plain_text(tiny_data, tmp_path):
     (tmp_path / "doc.txt").write_text("1. The king wrote <|endoftext|> and <|im_start|> in a letter.\n" * 8)
     out = prepare(DataConfig(corpus=str(tmp_path / "doc.txt"), tokenizer=TokenizerConfig(path=str(tiny_data))),

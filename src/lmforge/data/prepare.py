@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import DataConfig
 from lmforge.data.corpora import iter_documents
 from lmforge.data.tokenizer import TextTokenizer, batched, train_tokenizer
@@ -115,9 +114,7 @@ def prepare(cfg: DataConfig, out: str | Path, force: bool = False, progress=None
         raise LmforgeError("the tokenizer has no end-of-text token; documents could not be separated")
     dtype = np.dtype(np.uint16) if tokenizer.vocab_size <= 65536 else np.dtype(np.uint32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         writers = {s: ShardWriter(staging, s, dtype) for s in ("train", "val")}
         digest = hashlib.sha256()
         n_docs = 0
@@ -130,7 +127,7 @@ def prepare(cfg: DataConfig, out: str | Path, force: bool = False, progress=None
                 digest.update(text.encode("utf-8", "surrogatepass"))
             for split, texts in (("train", [p[0] for p in parts]), ("val", [p[1] for p in parts])):
                 texts = [t for t in texts if t]
-                for ids, text in zip(tokenizer.encode_batch(texts), texts):
+                for ids, text in zip(tokenizer.encode_batch(texts, parse_special=False), texts):
                     writers[split].write(ids + [tokenizer.eos_id], len(text.encode("utf-8", "surrogatepass")))
         splits = {s: w.close() for s, w in writers.items()}
         if splits["train"]["tokens"] == 0 or splits["val"]["tokens"] == 0:
@@ -140,10 +137,4 @@ def prepare(cfg: DataConfig, out: str | Path, force: bool = False, progress=None
                  "eos_id": tokenizer.eos_id, "documents": n_docs, "fingerprint": digest.hexdigest(),
                  "settings": settings_key(cfg), "splits": splits}
         (staging / INDEX).write_text(json.dumps(index, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -87,8 +87,16 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], parse_special: bool = True) -> list[list[int]]:
+        """`parse_special=False` encodes special-token text (a literal "<|endoftext|>" in a
+        document) as plain bytes, so raw corpora cannot inject control tokens."""
+        if parse_special:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        self.backend.encode_special_tokens = True
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.backend.encode_special_tokens = False
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)

@@ -34,7 +34,12 @@ def to_hf_config(cfg: ModelConfig, special_ids: dict[str, int | None] | None = N
     out.update(family_module(cfg.family).config_to_hf(cfg))
     if not cfg.causal:  # transformers has no such switch: an encoder directory is read back by lmforge only
         out["lmforge_bidirectional"] = True
-    for key, value in (special_ids or {}).items():
+    special_ids = dict(special_ids or {})
+    if special_ids.get("bos_token_id") is None:
+        # Our tokenizers have no separate begin token; as in GPT-2, end-of-text begins a text too.
+        # Without this, transformers falls back to its own default id, which may not exist here.
+        special_ids["bos_token_id"] = special_ids.get("eos_token_id")
+    for key, value in special_ids.items():
         if value is not None:
             out[key] = value
     return out
