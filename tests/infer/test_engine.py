@@ -51,6 +51,15 @@ def test_sixteen_concurrent_greedy_requests_equal_each_alone(model, tokenizer):
         assert r.finish_reason == a.finish_reason
 
 
+def test_prompts_longer_than_the_sliding_window_match_generate(model, tokenizer):
+    long = tokenizer.encode(" ".join(TEXT[:4]))[:60]  # mistral's window here is 24
+    alone = [generate(model, tokenizer, [p], SamplingParams(max_new_tokens=12))[0] for p in (long, long[:30])]
+    with Engine(model, tokenizer) as engine:
+        results = engine.generate([Request(long, SamplingParams(max_new_tokens=12)),
+                                   Request(long[:30], SamplingParams(max_new_tokens=12))], timeout=60)
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+
+
 def test_requests_join_a_running_batch_and_seeded_sampling_matches(model, tokenizer):
     """A small batch forces waiting requests to join as others leave; seeded sampling is per request."""
     params = [SamplingParams(max_new_tokens=5 + 2 * i, temperature=0.9, top_k=20, top_p=0.9, seed=i) for i in range(8)]

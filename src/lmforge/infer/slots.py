@@ -82,8 +82,10 @@ class SlotCache:
         same_length = min(starts) == max(starts)
         if same_length and (t == 1 or starts[0] == 0) and (window is None or end <= window):
             return None  # causal over all slots: exactly what a lone sequence computes
-        if t != 1:
-            raise ValueError("a prompt is only written into an empty slot")
+        if t > 1:  # a prompt longer than the sliding window, into an empty slot
+            q_slot = torch.arange(t, device=self.device)[:, None]
+            k_slot = torch.arange(t, device=self.device)[None, :]
+            return ((k_slot <= q_slot) & (k_slot > q_slot - window))[None, None]  # (1, 1, t, t)
         k_slot = torch.arange(end, device=self.device)[None, :]  # (1, end)
         pos = torch.tensor(starts, device=self.device)[:, None]  # (n, 1): the new token's slot
         allowed = k_slot <= pos
