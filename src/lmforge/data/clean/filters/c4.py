@@ -55,7 +55,8 @@ class C4Filter(Filter):
             line_words = words(line)
             if p.min_words_per_line is not None and len(line_words) < p.min_words_per_line:
                 continue
-            if p.max_word_length is not None and any(len(w) > p.max_word_length for w in line_words):
+            too_long = p.max_word_length is not None and len(line) > p.max_word_length  # else no word can be
+            if too_long and line_words and max(map(len, line_words)) > p.max_word_length:
                 continue
             low = line.lower()
             if p.filter_javascript and "javascript" in low:

@@ -74,7 +74,7 @@ class GopherQualityFilter(Filter):
         if p.min_stop_words is not None:
             stop_words = set(p.stop_words) if p.stop_words is not None else STOP_WORDS.get(doc.language or "")
             if stop_words is not None:  # no list for this language: the rule cannot judge it
-                found = sum(1 for w in words if w.lower() in stop_words)
+                found = sum(map(stop_words.__contains__, map(str.lower, words)))
                 if found < p.min_stop_words:
                     return "min_stop_words"
         return None
