@@ -170,7 +170,7 @@ static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, co
                 gsum[b * QK / G] += xs[b] * (float)s;
             }
         }
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(dynamic, 8) if (parallel)
         for (int n = 0; n < N - N % NR; n += NR) {
             if (bits == 8) tile_1xNR(8, xq, xs, K, q, scale, zero, G, n, out + n);
             else q4_tile_1xNR(xq, xs, gsum, K, (const uint8_t *)q, scale, zero, G, n, out + n);
@@ -184,7 +184,7 @@ static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, co
         }
         return;
     }
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(dynamic, 8) if (parallel)
     for (int n = 0; n < N; n++) {
         float o[MT];
         if (bits == 8) tile_MTx1(8, xq, xs, K, q, scale, zero, G, n, o);
