@@ -115,18 +115,26 @@ class FinetuneConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_finetune_config(source: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
-    """A fine-tuning config from YAML (a path or a built-in recipe name) plus overrides."""
-    from lmforge.config import builtin_recipes
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "finetune"
 
+
+def builtin_finetune_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
+
+
+def load_finetune_config(source: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
+    """A fine-tuning config from YAML (a path or a built-in recipe name, e.g. `lora-sft`) plus
+    overrides. Data paths relative to the YAML file are found beside it (the built-in samples)."""
     raw: dict[str, Any] = {}
     where = "fine-tuning config"
     if source is not None:
         path = Path(source)
-        if not path.exists() and str(source) in builtin_recipes():
-            path = builtin_recipes()[str(source)]
+        if not path.exists() and str(source) in builtin_finetune_recipes():
+            path = builtin_finetune_recipes()[str(source)]
         if not path.is_file():
-            raise LmforgeError(f"fine-tuning config {source} not found")
+            names = ", ".join(builtin_finetune_recipes())
+            raise LmforgeError(f"{source} is neither a model directory nor a fine-tuning config (a YAML file or a "
+                               f"built-in recipe: {names})")
         where = f"fine-tuning config {path}"
         try:
             raw = yaml.safe_load(path.read_text()) or {}
@@ -134,6 +142,12 @@ def load_finetune_config(source: str | Path | None, overrides: list[str] | dict 
             raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise LmforgeError(f"{path} must be a YAML mapping")
+        data = raw.get("data")
+        for key in ("train", "val"):
+            value = data.get(key) if isinstance(data, dict) else None
+            if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
+                    and (path.parent / value).exists():
+                data[key] = str(path.parent / value)
     if overrides:
         raw = deep_merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     try:
