@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lmforge.config import deep_merge
 from lmforge.errors import LmforgeError
 
 DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
@@ -94,16 +95,6 @@ class CleanRecipe(_Strict):
     output: OutputConfig = OutputConfig()
 
 
-def _merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
@@ -134,13 +125,13 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> CleanRecipe
             raise LmforgeError(f"recipe {path} must be a mapping of sections (reader, filters, …)")
         # A user's `filters:` section replaces the default list, so a filter can be left out.
         user_filters = user.pop("filters", None)
-        data = _merge(data, user)
+        data = deep_merge(data, user)
         if user_filters is not None:
             data["filters"] = user_filters
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "filters" in overrides:  # as in a recipe file: the filters named are the filters that run
         data["filters"] = overrides.pop("filters")
-    data = _merge(data, overrides)
+    data = deep_merge(data, overrides)
     try:
         recipe = CleanRecipe.model_validate(data)
     except ValidationError as exc:
