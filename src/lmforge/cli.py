@@ -179,11 +179,12 @@ def serve(
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable; none by default).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: torch's choice).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
     from lmforge.serve.command import serve as run_server
 
-    run_server(model, host, port, api_key_file, allow_no_auth, device=device, threads=threads, settings={
+    run_server(model, host, port, api_key_file, allow_no_auth, device=device, threads=threads, adapter=adapter, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or []})

@@ -159,3 +159,26 @@ def test_merge_and_generate_with_adapter_through_the_cli(tmp_path, cli):
     other = save_random_model(tmp_path / "other", "llama", seed=9)
     r = cli("generate", other, "--adapter", adapter, "-p", "x")
     assert r.returncode == 2 and "weights differ" in r.stderr
+
+
+def test_serve_applies_an_adapter(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.command import build_app
+    from lmforge.serve.settings import ServeSettings
+
+    base_dir = save_random_model(tmp_path / "base", "llama")
+    m = lmforge.load(base_dir)
+    apply_lora(m.model, LoraSettings(r=2))
+    randomize_adapters(m.model, scale=1.0)
+    adapter = save_adapter(m.model, tmp_path / "adapter", str(base_dir), m.meta)
+    expected = m.generate(["To be"], max_new_tokens=6)[0]
+    assert expected != lmforge.load(base_dir).generate(["To be"], max_new_tokens=6)[0]
+    app = build_app(base_dir, ServeSettings(model_name="m"), adapter=adapter)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "To be", "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected
+    other = save_random_model(tmp_path / "other", "llama", seed=4)
+    with pytest.raises(LmforgeError, match="weights differ"):
+        build_app(other, ServeSettings(model_name="m"), adapter=adapter)

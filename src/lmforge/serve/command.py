@@ -21,18 +21,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu"):
+def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None):
     import lmforge
     from lmforge.infer.engine import Engine
     from lmforge.serve.app import create_app
 
     m = lmforge.load(model_dir, device=device)
+    if adapter is not None:  # a LoRA adapter, folded into the weights: no cost per token
+        from lmforge.model.lora import apply_adapter
+
+        apply_adapter(m, adapter, merge=True)
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
     return create_app(engine, settings)
 
 
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
-          settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info") -> None:
+          settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info",
+          adapter: Path | None = None) -> None:
     import torch
     import uvicorn
 
@@ -47,7 +52,7 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     if not settings.get("model_name"):
         settings["model_name"] = Path(model_dir).resolve().name
     config = ServeSettings(api_keys=keys, **settings)
-    app = build_app(model_dir, config, device)
+    app = build_app(model_dir, config, device, adapter)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("lmforge.serve.access")
