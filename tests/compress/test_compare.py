@@ -30,3 +30,16 @@ def test_cli_compare(cli, tiny_model_dir, tiny_data, tmp_path):
     assert row["method"] == "fp32" and row["perplexity"] > 1
     r = cli("compare", tmp_path / "nowhere")
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_quickstart_step_quantizes_and_prints_the_report(tiny_model_dir, tiny_data, tmp_path):
+    from rich.console import Console
+
+    from lmforge.compress.command import quickstart_report
+
+    out = Console(record=True, width=200)
+    quickstart_report(tiny_model_dir, tiny_data, tmp_path, out)
+    text = out.export_text()
+    assert "compression report" in text and "int8" in text and "int4 g32" in text
+    assert (tmp_path / "model-int8" / "config.json").is_file() and (tmp_path / "model-int4").is_dir()
+    assert (tmp_path / "plots" / "compare.png").is_file()

@@ -88,7 +88,7 @@ def print_table(rows, out: Console = console) -> None:
         table.add_row(Path(r.model).name, r.method, f"{r.parameters / 1e6:.2f}M", f"{r.file_mb:.2f}",
                       f"{base.file_mb / r.file_mb:.2f}x smaller" if r is not base else "", ppl,
                       f"{r.tokens_per_s:.1f}", f"{r.tokens_per_s / base.tokens_per_s:.2f}x")
-    console.print(table)
+    out.print(table)
 
 
 def distill(
@@ -119,12 +119,9 @@ def quickstart_report(model_dir: Path, data_dir: Path, run_dir: Path, out: Conso
     """The quickstart's compression step: int8 and int4 copies of its model, compared."""
     import lmforge
     from lmforge.compress.compare import compare as run_compare
-    from lmforge.compress.quantize import run_quantize
-    from lmforge.compress.storage import linear_names
+    from lmforge.compress.quantize import fitting_group_size, run_quantize
 
-    model = lmforge.load(model_dir).model
-    widths = [model.get_submodule(n).in_features for n in linear_names(model)]
-    group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), None)
+    group = fitting_group_size(lmforge.load(model_dir).model)
     methods = ["int8"] + (["int4"] if group else [])
     out.print(f"6. compress: {' and '.join(methods)} (int4 in groups of {group}) -> compare")
     dirs = [model_dir]
@@ -132,7 +129,7 @@ def quickstart_report(model_dir: Path, data_dir: Path, run_dir: Path, out: Conso
         target = run_dir / f"model-{method}"
         run_quantize(model_dir, method, target, group_size=group or 128, log=lambda s: None)
         dirs.append(target)
-    rows = run_compare(dirs, data_dir, max_batches=8, new_tokens=32, chart=run_dir / "plots" / "compare.png")
+    rows = run_compare(dirs, data_dir, max_batches=8, new_tokens=16, chart=run_dir / "plots" / "compare.png")
     print_table(rows, out)
     out.print(f"   chart: {run_dir / 'plots' / 'compare.png'}   "
               f"(lmforge compare {' '.join(str(d) for d in dirs)} --data {data_dir})")

@@ -47,6 +47,12 @@ def check_quantizable(model: Transformer, method: str, group_size: int) -> None:
             raise LmforgeError(f"{name} has {layer.in_features} inputs; the int8 kernels need a multiple of {CHUNK}")
 
 
+def fitting_group_size(model: Transformer, candidates=(128, 64, 32)) -> int | None:
+    """The largest int4 group size that divides every layer's inputs (None if none does)."""
+    widths = [model.get_submodule(n).in_features for n in linear_names(model)]
+    return next((g for g in candidates if all(w % g == 0 for w in widths)), None)
+
+
 def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01):
     """GPTQ for one layer: (packed codes, scales, zeros) in the int4 format of `QuantizedLinear`."""
     W = w.detach().double().clone()
