@@ -16,6 +16,7 @@ With `quantize="int8"`, onnxruntime's dynamic quantization turns the MatMul weig
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -110,11 +111,17 @@ def export_onnx(loaded, out: str | Path, quantize: str | None = None) -> Path:
     example_past = empty_past(model, 2, 4)
     dynamic = ({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in example_past))  # *past is one argument
     with atomic_directory(out) as d:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
-            program = torch.onnx.export(DecoderWithCache(model).eval(), (example_ids, *example_past),
-                                        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
-                                        opset_version=OPSET, dynamo=True, verbose=False)
+        exporter_log = logging.getLogger("torch.onnx")
+        level = exporter_log.level
+        exporter_log.setLevel(logging.ERROR)  # its notes on missing torchvision ops, axis names, deprecations
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(DecoderWithCache(model).eval(), (example_ids, *example_past),
+                                            input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
+                                            opset_version=OPSET, dynamo=True, verbose=False)
+        finally:
+            exporter_log.setLevel(level)
         program.save(str(d / MODEL_FILE))
         if quantize == "int8":
             quantize_int8(d / MODEL_FILE, d / QUANTIZED_FILE)
