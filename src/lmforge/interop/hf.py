@@ -1,9 +1,10 @@
 """Hugging Face `config.json` keys and tensor names, through the per-family maps.
 
 Our module names are our own (`blocks.3.attn.qkv`); Hugging Face's differ per family.
-`lmforge.interop.families` holds one weight-name map per family; this module is the
-in-memory front end to them (the streaming loader in `interop.weights` uses the same
-rules on files).
+`lmforge.interop.families` holds one weight-name map per family; this module is their
+front end: config.json both ways, the name checks, and splitting our fused tensors
+into Hugging Face's (the streaming loader in `interop.weights` applies the rules the
+other way, from files).
 """
 
 from __future__ import annotations
@@ -85,18 +86,6 @@ def check_names(present: set[str], cfg: ModelConfig, where: str) -> None:
                            f"e.g. {extra[0]}: does config.json belong to these weights?")
 
 
-def expected_hf_names(cfg: ModelConfig) -> set[str]:
-    return {name for rule in weight_map(cfg) for name in rule.theirs}
-
-
-def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> Hugging Face tensor names and layouts (tied lm_head dropped)."""
-    out: dict[str, torch.Tensor] = {}
-    for rule in weight_map(cfg):
-        out.update(split_rule(rule, state[rule.ours]))
-    return out
-
-
 def split_rule(rule: Rule, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """The Hugging Face tensor(s) one of our tensors becomes."""
     if rule.kind == "transpose":
@@ -104,21 +93,3 @@ def split_rule(rule: Rule, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     if rule.kind == "concat":
         return {name: part.contiguous() for name, part in zip(rule.theirs, tensor.split(list(rule.sizes)))}
     return {rule.theirs[0]: tensor}
-
-
-def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> our state dict. Missing or unexpected tensors are errors."""
-    names = normalize_names(hf, cfg)
-    check_names(set(names), cfg, "state dict")
-    out: dict[str, torch.Tensor] = {}
-    for rule in weight_map(cfg):
-        parts = [hf[names[n]] for n in rule.theirs]
-        if rule.kind == "transpose":
-            out[rule.ours] = parts[0].t()
-        elif rule.kind == "concat":
-            out[rule.ours] = torch.cat(parts)
-        else:
-            out[rule.ours] = parts[0]
-    if cfg.tie_embeddings:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    return out
