@@ -177,3 +177,11 @@ def test_cli_quantize(cli, tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("quantize", tiny_model_dir, "--method", "int4", "--out", tmp_path / "q4")
     assert r.returncode == 2 and "group size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tied_lm_head_weight_is_the_embedding_and_not_stored_twice(tiny_model_dir, tmp_path):
+    run_quantize(tiny_model_dir, "int4", tmp_path / "q", group_size=32, log=lambda s: None)
+    m = lmforge.load(tmp_path / "q")
+    assert m.model.lm_head.weight is m.model.tok_emb.weight
+    assert torch.equal(m.model.lm_head.weight, m.model.lm_head.dequantize())
+    assert "lm_head.tied" not in m.model.state_dict() and "tok_emb.weight" in m.model.state_dict()

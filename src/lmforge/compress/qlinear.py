@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lmforge.compress import native
 from lmforge.errors import LmforgeError
 
-METHODS = ("int8", "int4", "w8a8")
+STORED_METHODS = ("int8", "int4", "w8a8")  # gptq is stored as int4
 DEQUANT_ROWS = 16  # above this many rows a BLAS matmul on the dequantized weight wins (kernels.py)
 CHUNK = 32  # int4 weights are packed in runs of 32
 
@@ -123,6 +123,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(out_features))
             self.zeros = None
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.tied = None  # a tied lm_head: the embedding, which holds exactly this layer's dequantized weight
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int = 128,
@@ -141,8 +142,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized fp32 weight (a fresh tensor: for inspection and compatibility, not speed)."""
-        return self.dequantize()
+        """The dequantized fp32 weight: for inspection and for code that asks `.weight.device`.
+        Free for a tied lm_head (the embedding holds it), a fresh tensor otherwise."""
+        return self.tied[0] if self.tied else self.dequantize()
 
     def dequantize(self) -> torch.Tensor:
         lib = native.kernels()
@@ -185,6 +187,7 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._packed = None
+        self.tied = None
         self.register_load_state_dict_post_hook(lambda module, keys: module.repack())
 
     @classmethod
@@ -210,10 +213,10 @@ class DynamicInt8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales)
+        return self.tied[0] if self.tied else dequantize_int8(self.qweight, self.scales)
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight
+        return dequantize_int8(self.qweight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:

@@ -24,7 +24,7 @@ from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibra
 from lmforge.compress.qlinear import (
     CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_codes, int4_grid, pack_int4,
 )
-from lmforge.compress.storage import FORMAT, LINEARS, linear_names, quantization_config, set_module
+from lmforge.compress.storage import FORMAT, LINEARS, linear_names, quantization_config, set_module, tie_embedding
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
@@ -122,7 +122,7 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128, calib
         for name in linear_names(model):
             set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size))
     if model.config.tie_embeddings:
-        model.tok_emb.weight = nn.Parameter(model.lm_head.dequantize(), requires_grad=False)
+        tie_embedding(model)
     bits = 8 if method in ("int8", "w8a8") else 4
     stored = "int4" if method == "gptq" else method
     model.quantization = {"quant_method": "lmforge", "format": FORMAT, "method": stored, "bits": bits,

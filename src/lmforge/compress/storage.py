@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.compress.qlinear import DynamicInt8Linear, QuantizedLinear
+from lmforge.compress.qlinear import STORED_METHODS, DynamicInt8Linear, QuantizedLinear
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
@@ -69,6 +69,12 @@ def quantized_params(model: Transformer) -> int:
     return total
 
 
+def tie_embedding(model: Transformer) -> None:
+    """A tied input embedding becomes the quantized lm_head's dequantized weight."""
+    model.tok_emb.weight = nn.Parameter(model.lm_head.dequantize(), requires_grad=False)
+    model.lm_head.tied = (model.tok_emb.weight,)  # a tuple: not registered as a second parameter
+
+
 def save_quantized(model: Transformer, tokenizer: TextTokenizer, out: str | Path,
                    provenance: dict[str, Any] | None = None) -> Path:
     qcfg = quantization_config(model)
@@ -110,7 +116,7 @@ def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.
     if qcfg.get("quant_method") != "lmforge" or qcfg.get("format") != FORMAT:
         raise LmforgeError(f"{folder}: quantization_config {qcfg.get('quant_method')!r} (format {qcfg.get('format')}) "
                            "is not one lmforge reads; lmforge reads its own quantized directories")
-    if qcfg.get("method") not in ("int8", "int4", "w8a8"):
+    if qcfg.get("method") not in STORED_METHODS:
         raise LmforgeError(f"{folder}: unknown quantization method {qcfg.get('method')!r}")
     if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
         raise LmforgeError("quantized models run on the CPU in fp32 activations; load without dtype/device")
@@ -130,7 +136,7 @@ def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.
                                f"{tuple(expected[name].shape)}")
     model.load_state_dict(state, assign=True, strict=False)
     if cfg.tie_embeddings:
-        model.tok_emb.weight = nn.Parameter(model.lm_head.dequantize(), requires_grad=False)
+        tie_embedding(model)
     model.init_rope()
     model.eval()
     tokenizer = load_tokenizer(folder)
