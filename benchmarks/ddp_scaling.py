@@ -98,9 +98,11 @@ def main() -> None:
                 env["OMP_NUM_THREADS"] = str(threads)
             cmd = [sys.executable, "-m", "lmforge", "train", str(out / "recipe.yaml"), "--nproc", str(nproc),
                    "--no-progress", "--run.name", run_name]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            log = out / f"{run_name}.log"
+            with open(log, "w") as f:
+                code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+            if code:
+                sys.exit(f"{name} failed (exit code {code}); its output (every rank's) is in {log}")
             rates[name].append(tokens_per_s(out / "runs" / run_name, args.skip))
 
     print(f"# data-parallel scaling, {'NCCL' if on_gpu else 'gloo'}, {args.parallel}: llama {args.layers}x{args.d_model}, "

@@ -19,6 +19,7 @@ its place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -118,8 +119,17 @@ def open_storage(url: str, heartbeat: int = 10):
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                          grace_period=2 * heartbeat)
+        with _creation_lock(url):
+            for attempt in range(5):
+                try:
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, grace_period=2 * heartbeat,
+                                                      heartbeat_interval=heartbeat)
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                        sqlalchemy.exc.OperationalError) as e:
+                    # Workers that open a new database at once race to create its tables; the loser retries.
+                    if attempt == 4 or not isinstance(e, sqlalchemy.exc.IntegrityError) and "already exists" not in str(e):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
     except ImportError as e:
         raise LmforgeError(f"storage {shown} needs a database driver that is not installed ({e.name or e}); "
                            "for PostgreSQL: pip install psycopg2-binary") from None
@@ -131,6 +141,22 @@ def open_storage(url: str, heartbeat: int = 10):
         raise LmforgeError(f"cannot reach storage {shown}: {reason}") from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
         raise LmforgeError(f"cannot use storage {shown}: {str(e).splitlines()[0]}") from None
+    except OSError as e:  # the SQLite lock file cannot be created
+        raise LmforgeError(f"cannot reach storage {shown}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """For a SQLite file, one process at a time opens (and so maybe creates) it."""
+    path = url.partition(":///")[2] if url.startswith("sqlite") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def make_pruner(name: str, recipe: dict[str, Any], trials: int):
