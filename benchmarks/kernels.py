@@ -13,6 +13,8 @@ format. Two tables:
    This is the table that decides; GB/s is over the bytes that format reads.
 
 A candidate that does not install or does not run here is listed with the reason.
+onnxruntime is optional; torchao 0.18 was measured with `pip install --no-deps --target DIR
+torchao` and `PYTHONPATH=DIR` (its wheel declares no torch requirement, so it pulls none).
 """
 
 from __future__ import annotations
@@ -153,7 +155,6 @@ def _onnxruntime(w, x, group):
 def _torchao(linear, x, group):
     import copy
 
-    import torchao  # noqa: F401
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     m = copy.deepcopy(linear)

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
 from lmforge.compress.qlinear import (
-    CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_codes, int4_grid, pack_int4,
+    CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_grid, pack_int4,
 )
 from lmforge.compress.storage import FORMAT, LINEARS, linear_names, quantization_config, set_module, tie_embedding
 from lmforge.errors import LmforgeError
