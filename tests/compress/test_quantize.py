@@ -185,3 +185,10 @@ def test_tied_lm_head_weight_is_the_embedding_and_not_stored_twice(tiny_model_di
     assert m.model.lm_head.weight is m.model.tok_emb.weight
     assert torch.equal(m.model.lm_head.weight, m.model.lm_head.dequantize())
     assert "lm_head.tied" not in m.model.state_dict() and "tok_emb.weight" in m.model.state_dict()
+
+
+def test_gradients_flow_to_the_input_of_a_quantized_layer():
+    layer = QuantizedLinear.from_float(nn.Linear(64, 8), 8)
+    x = torch.randn(1, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad[0], layer.dequantize().sum(0), atol=1e-5)

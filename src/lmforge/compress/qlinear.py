@@ -162,7 +162,8 @@ class QuantizedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         lib = native.kernels()
         if (lib is None or rows.shape[0] > DEQUANT_ROWS or self.in_features % CHUNK
-                or x.dtype != torch.float32 or x.device.type != "cpu"):
+                or x.dtype != torch.float32 or x.device.type != "cpu"
+                or (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
             return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = rows.contiguous()
         M, K, N = rows.shape[0], self.in_features, self.out_features
