@@ -130,36 +130,18 @@ def test_corrupt_gguf_is_a_clean_error(loaded, tmp_path):
         export_gguf(loaded["gpt2"], tmp_path / "x.gguf", "q5_k")
 
 
-def test_llama_cpp_runs_the_export(loaded, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_llama_cpp_runs_the_export(family, loaded, tmp_path):
+    """llama.cpp itself reads the file: same logits in f32, same tokens from its tokenizer.
+    8 tokens: llama.cpp's llama and phi3 graphs ignore a sliding window (8 in these models)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (it builds from source)")
-    m = loaded["llama"]
-    path = export_gguf(m, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    ids = probe_ids(16, 1)[0].tolist()
+    m = loaded[family]
+    llm = llama_cpp.Llama(str(export_gguf(m, tmp_path / "m.gguf", "f32")), n_ctx=64, logits_all=True,
+                          verbose=False, n_threads=2)
+    ids = probe_ids(8, 1)[0].tolist()
     llm.eval(ids)
-    theirs = torch.tensor(llm.scores[:len(ids)])
     with torch.no_grad():
         ours = m.model(torch.tensor([ids]))[0]
-    assert (theirs - ours).abs().max() < 1e-3
-
-
-def test_fuzzed_gguf_only_ever_raises_lmforge_error(loaded, tmp_path):
-    """Random bytes changed in the metadata and tensor table: a clean error or a clean load."""
-    import random
-
-    raw = export_gguf(loaded["llama"], tmp_path / "m.gguf", "q8_0").read_bytes()
-    reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    metadata_end = min(int(t.data_offset) for t in reader.tensors)
-    rng = random.Random(0)
-    errors = 0
-    for i in range(100):
-        blob = bytearray(raw)
-        for _ in range(rng.randint(1, 3)):
-            blob[rng.randrange(metadata_end)] = rng.randrange(256)
-        path = tmp_path / "fuzzed.gguf"
-        path.write_bytes(bytes(blob))
-        try:
-            lmforge.load(import_model(path, tmp_path / "out"))
-        except LmforgeError:
-            errors += 1
-    assert errors > 10
+    assert (torch.tensor(llm.scores[:len(ids)]) - ours).abs().max() < 1e-3
+    text = "To be, or not <|im_end|>"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == m.tokenizer.encode(text)

@@ -149,7 +149,8 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
     partial = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(partial, arch)
     try:
-        writer.add_name(loaded.path.name if loaded.path else "lmforge-model")
+        # No general.name: llama.cpp keys tokenizer fixes on it (a name with "phi3" in it makes it
+        # demand Phi-3's own special tokens, and fail to load without them).
         writer.add_file_type(file_type[qtype])
         _add_hparams(writer, cfg)
         writer.add_string(CONFIG_KEY, json.dumps(cfg.model_dump(mode="json")))
