@@ -192,3 +192,9 @@ def test_gradients_flow_to_the_input_of_a_quantized_layer():
     x = torch.randn(1, 64, requires_grad=True)
     layer(x).sum().backward()
     assert torch.allclose(x.grad[0], layer.dequantize().sum(0), atol=1e-5)
+
+
+def test_writing_over_the_input_model_is_refused(tiny_model_dir):
+    with pytest.raises(LmforgeError, match="the input model itself"):
+        run_quantize(tiny_model_dir, "int8", tiny_model_dir, log=lambda s: None)
+    assert lmforge.load(tiny_model_dir).meta.get("quantization") is None

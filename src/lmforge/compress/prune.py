@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
-from lmforge.compress.storage import LINEARS, is_quantized_dir
+from lmforge.compress.storage import LINEARS, check_out, is_quantized_dir
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
@@ -134,6 +134,7 @@ def run_prune(model_dir, out, sparsity: float, method: str = "magnitude", patter
               seed: int = 0) -> dict[str, Any]:
     import lmforge
 
+    check_out(model_dir, out)
     if is_quantized_dir(model_dir) is not None:
         raise LmforgeError(f"{model_dir} is quantized; prune the fp32 model (then quantize the result)")
     m = lmforge.load(model_dir)

@@ -135,9 +135,10 @@ def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, 
                  seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
     import lmforge
     from lmforge.compress.native import kernels
-    from lmforge.compress.storage import is_quantized_dir, save_quantized
+    from lmforge.compress.storage import check_out, is_quantized_dir, save_quantized
     from lmforge.model_dir import weight_files
 
+    check_out(model_dir, out)
     q = is_quantized_dir(model_dir)
     if q is not None:
         raise LmforgeError(f"{model_dir} is already quantized ({q.get('method')}); quantize the original fp32 model")

@@ -154,6 +154,12 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_out(model_dir, out) -> None:
+    """Refuse to write a result over its own input (the fp32 model would be gone)."""
+    if Path(out).resolve() == Path(model_dir).resolve():
+        raise LmforgeError(f"--out {out} is the input model itself; write the result to a new directory")
+
+
 def is_quantized_dir(path: str | Path) -> dict[str, Any] | None:
     config = Path(path) / "config.json"
     if not config.is_file():
