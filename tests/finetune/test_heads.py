@@ -85,14 +85,27 @@ def test_sequence_classifier_learns_a_separable_task(tmp_path, base, method):
     assert result.metrics["accuracy"] > 0.9 and result.metrics["macro_f1"] > 0.9
     head = json.loads((result.output / "head.json").read_text())
     assert head["labels"] == ["neg", "pos"] and (result.output / "head.safetensors").is_file()
+    from lmforge.train.classify import load_task_model
+
+    tuned = load_task_model(result.output)
+    rows = sentiment_rows(40, 7)
+    predicted = tuned.classify([r["text"] for r in rows])
+    assert sum(p == r["label"] for p, r in zip(predicted, rows)) >= 36
 
 
 @pytest.mark.slow
 def test_token_classifier_reaches_entity_f1(tmp_path, base):
     train = write_jsonl(tmp_path / "train.jsonl", ner_rows(400, 0))
     val = write_jsonl(tmp_path / "val.jsonl", ner_rows(100, 1))
-    result = finetune(head_config(tmp_path, base, "tag", train, val), progress=False, log=lambda s: None)
+    result = finetune(head_config(tmp_path, base, "tag", train, val, {"train": {"max_steps": 90}}), progress=False,
+                      log=lambda s: None)
     assert result.metrics["entity_f1"] > 0.9
+    from lmforge.train.classify import load_task_model
+
+    rows = ner_rows(20, 7)
+    predicted = load_task_model(result.output).tag([r["tokens"] for r in rows])
+    correct = sum(p == g for r, pred in zip(rows, predicted) for p, g in zip(pred, r["tags"]))
+    assert correct >= 0.9 * sum(len(r["tags"]) for r in rows)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum("entity_f1" in r for r in records) >= 2  # reported at every evaluation
 

@@ -230,3 +230,67 @@ class TagTask(_HeadTask):
         if not count:
             return {}
         return {"val_loss": total / count, "accuracy": correct / count, **entity_f1(pred_tags, gold_tags)}
+
+
+class TaskModel:
+    """A fine-tuned backbone with its head, for prediction: `load_task_model(run_dir / "model")`."""
+
+    def __init__(self, loaded, head, record: dict[str, Any]):
+        self.loaded, self.head, self.labels, self.task = loaded, head.eval(), record["labels"], record["task"]
+        self.loaded.model.eval()
+
+    @torch.no_grad()
+    def classify(self, texts: list[str]) -> list[str]:
+        tok, context = self.loaded.tokenizer, self.loaded.config.context
+        out = []
+        for text in texts:
+            ids = (tok.encode(text) or [tok.pad_id or 0])
+            ids = ids[-context:] if self.loaded.config.causal else ids[:context]
+            x, n = torch.tensor([ids]), torch.tensor([len(ids)])
+            out.append(self.labels[int(self.head(backbone_hidden(self.loaded.model, x, n), n).argmax(-1))])
+        return out
+
+    @torch.no_grad()
+    def tag(self, sentences: list[list[str]]) -> list[list[str]]:
+        tok, causal = self.loaded.tokenizer, self.loaded.config.causal
+        out = []
+        for words in sentences:
+            ids, where = [], []
+            for i, word in enumerate(words):
+                piece = tok.encode(word if i == 0 else " " + word) or [tok.pad_id or 0]
+                where.append(len(ids) + (len(piece) - 1 if causal else 0))
+                ids += piece
+            ids = ids[:self.loaded.config.context]
+            x = torch.tensor([ids])
+            pred = self.head(backbone_hidden(self.loaded.model, x, torch.tensor([len(ids)])))[0].argmax(-1)
+            out.append([self.labels[int(pred[j])] for j in where if j < len(ids)])
+        return out
+
+
+def load_task_model(path: str | Path, base: str | Path | None = None) -> TaskModel:
+    """A `model/` (full) or `adapter/` (lora) directory written by `lmforge finetune --task classify|tag`."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import lmforge
+    from lmforge.model.lora import ADAPTER_CONFIG, apply_adapter, read_adapter
+
+    folder = Path(path)
+    if not (folder / "head.json").is_file() or not (folder / "head.safetensors").is_file():
+        raise LmforgeError(f"{folder} has no task head (head.json, head.safetensors): was it trained with "
+                           "--task classify or tag?")
+    record = json.loads((folder / "head.json").read_text())
+    if (folder / ADAPTER_CONFIG).is_file():
+        base = base or read_adapter(folder)[2].get("base", {}).get("path")
+        if not base:
+            raise LmforgeError(f"{folder} is an adapter without a recorded base model; pass base=")
+        loaded = apply_adapter(lmforge.load(base), folder, merge=True)
+    else:
+        loaded = lmforge.load(folder)
+    state = load_file(str(folder / "head.safetensors"))
+    n, d = state["score.weight"].shape
+    head = (SequenceClassifier(d, n, record.get("pooling") or "last") if record["task"] == "classify"
+            else TokenClassifier(d, n))
+    head.load_state_dict(state)
+    return TaskModel(loaded, head, record)

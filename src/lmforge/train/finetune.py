@@ -311,8 +311,6 @@ class FinetuneResult:
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, log=print,
              interrupt_at: int | None = None) -> FinetuneResult:
     """Run a fine-tuning config. `interrupt_at` stops as a signal would at that step (for tests)."""
-    from lmforge.model.lora import save_adapter
-    from lmforge.model_dir import save_model_dir
     from lmforge.train.checkpoint import latest_checkpoint
     from lmforge.train.optim import build_optimizer, lr_at
     from lmforge.train.trainer import (
@@ -425,20 +423,22 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
             checkpoint(step, seconds)
         provenance = {"finetune": cfg.model_dump(mode="json"),
                       "metrics": {**val, "train_loss": last_loss, "steps": step, "seconds": seconds}}
-        output = save_outputs(cfg, loaded, task, head, run_dir, provenance, save_adapter, save_model_dir)
+        output = save_outputs(cfg, loaded, task, head, run_dir, provenance)
         plot_losses(run_dir)
     finally:
         metrics.close()
     return FinetuneResult(run_dir, output, step, seconds, last_loss, val)
 
 
-def save_outputs(cfg: FinetuneConfig, loaded, task: Task, head, run_dir: Path, provenance: dict[str, Any],
-                 save_adapter, save_model_dir) -> Path:
+def save_outputs(cfg: FinetuneConfig, loaded, task: Task, head, run_dir: Path, provenance: dict[str, Any]) -> Path:
     """adapter/ (lora, qlora) or model/ (full), each with the task head beside it when there is one."""
     import copy
     import json
 
     from safetensors.torch import save_file
+
+    from lmforge.model.lora import save_adapter
+    from lmforge.model_dir import save_model_dir
 
     model = loaded.model
     head_tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()} if head else None
