@@ -105,7 +105,7 @@ def start_llama_cpp(python: str, model: Path, key: str, threads: int | None, tmp
     n_ctx = json.loads((model / "config.json").read_text()).get("max_position_embeddings", 2048)
     cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench", "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads or torch.get_num_threads()),
-           "--api_key", key]
+           "--api_key", key, "--interrupt_requests", "False"]  # queue concurrent requests, do not cut them off
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, cmd, key)
@@ -197,18 +197,20 @@ def main() -> None:
 def run_levels(name: str, proc: subprocess.Popen, url: str, key: str, levels: list[int], per_client: int) -> None:
     print(f"## {name}; load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'lat p50':>8} {'lat p99':>8} {'server CPU ms/tok':>18}")
+          f"{'lat p50':>8} {'lat p99':>8} {'server CPU ms/tok':>18} {'client CPU %':>13}")
     rates, per_cpu = {}, {}
     for clients in levels:
-        cpu = cpu_seconds(proc.pid)
+        cpu, client_cpu, wall = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
         rate, samples = asyncio.run(run_level(url, key, "bench", clients, per_client))
         cpu = cpu_seconds(proc.pid) - cpu
+        # The load generator is one Python process: when it nears 100% it, not the server, is the limit.
+        client_cpu = 100 * (time.process_time() - client_cpu) / (time.perf_counter() - wall)
         tokens = sum(s.tokens for s in samples)
         rates[clients], per_cpu[clients] = rate, tokens / cpu
         ttft = [s.ttft for s in samples]
         lat = [s.latency for s in samples]
         print(f"{clients:>7} {len(samples):>8} {rate:>8.1f} {pct(ttft, 50):>8.3f}s {pct(ttft, 99):>8.3f}s "
-              f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s {1000 * cpu / tokens:>18.2f}", flush=True)
+              f"{pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s {1000 * cpu / tokens:>18.2f} {client_cpu:>12.0f}%", flush=True)
     lo, hi = min(rates), max(rates)
     if lo != hi:
         print(f"{name}: throughput ratio {hi} clients / {lo} client: {rates[hi] / rates[lo]:.2f}x "
