@@ -56,7 +56,7 @@ def onnx_decoder(path: Path, cfg: ModelConfig, threads: int):
 def llama_cpp_decoder(path: Path, threads: int, context: int):
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_batch=64, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_batch=64, logits_all=True, verbose=False)
 
     def decode(prompt: list[int], n: int) -> list[int]:
         llm.reset()
