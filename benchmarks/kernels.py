@@ -1,6 +1,6 @@
 """Candidate low-bit CPU matmul kernels side by side, at decode shapes, in one run.
 
-    python benchmarks/kernels.py [--rows 1] [--threads N] [--layers 12] [--shapes 768x2304,...]
+    python benchmarks/kernels.py [--rows 1] [--threads N] [--layers 12] [--shapes 768x2304,... | ""]
 
 Each candidate computes y = x @ W^T for x (rows, K) fp32 and a W (N, K) held in its own
 format. Two tables:
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN")
     ap.add_argument("--threads", type=int, default=None, help="torch/ORT/kernel threads (default: all cores)")
     ap.add_argument("--layers", type=int, default=12, help="layers in the decode workload (0: skip it)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the decode workload")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}  rows {args.rows}  python {sys.version.split()[0]}")
     totals: dict[str, float] = {}
     with torch.inference_mode():
-        for shape in args.shapes.split(","):
+        for shape in filter(None, args.shapes.split(",")):
             K, N = (int(v) for v in shape.split("x"))
             w = torch.randn(N, K) * 0.02
             x = torch.randn(args.rows, K)
@@ -201,9 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                 totals[name] = totals.get(name, 0.0) + us
                 print(f"{name:58s} {us:9.1f} {base / us:7.2f}x {nbytes / us / 1e3:7.1f} {err:8.4f}")
     print("\n## all shapes (sum of us/call, one GPT-2 layer + lm_head, cache-resident)")
-    base = totals.get("fp32 F.linear")
     for name, us in sorted(totals.items(), key=lambda kv: kv[1]):
-        print(f"{name:58s} {us:9.1f} {base / us:7.2f}x")
+        print(f"{name:58s} {us:9.1f} {totals['fp32 F.linear'] / us:7.2f}x")
     if args.layers:
         decode_stack(args)
 
@@ -221,17 +221,22 @@ def decode_stack(args) -> None:
                 if fn is not None:
                     by_name.setdefault(name, []).append(fn)
                     total_bytes[name] = total_bytes.get(name, 0) + nbytes
-        print(f"\n## decode workload: {len(shapes)} matmuls of GPT-2 124M, distinct weights (ms per token)")
+        print(f"\n## decode workload: {len(shapes)} matmuls of GPT-2 124M, distinct weights "
+              f"(ms per token, median of {args.rounds} interleaved rounds)")
         print(f"{'candidate':58s} {'ms/token':>9s} {'vs fp32':>8s} {'GB/s':>7s} {'MB':>7s}")
-        results = {}
-        for name, fns in by_name.items():
-            if len(fns) != len(shapes):
-                continue
-
-            def step(fns=fns):
+        complete = {name: fns for name, fns in by_name.items() if len(fns) == len(shapes)}
+        samples: dict[str, list[float]] = {name: [] for name in complete}
+        for name, fns in complete.items():  # warm-up
+            for fn in fns:
+                fn()
+        # Interleaved rounds: a busy moment of a shared machine hits every candidate alike.
+        for _ in range(args.rounds):
+            for name, fns in complete.items():
+                t = time.perf_counter()
                 for fn in fns:
                     fn()
-            results[name] = timed(step, 20) / 1e3
+                samples[name].append((time.perf_counter() - t) * 1e3)
+        results = {name: statistics.median(v) for name, v in samples.items()}
         base = results["fp32 F.linear"]
         for name, ms in sorted(results.items(), key=lambda kv: kv[1]):
             print(f"{name:58s} {ms:9.2f} {base / ms:7.2f}x {total_bytes[name] / ms / 1e6:7.1f} {total_bytes[name] / 1e6:7.1f}")
