@@ -97,8 +97,16 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
     """Write the model-directory files into an existing folder `d` (not atomic on its own)."""
     cfg = model.config
     dtype = model.tok_emb.weight.dtype
-    (d / "config.json").write_text(json.dumps(to_hf_config(cfg, tokenizer.special_ids(), dtype), indent=2))
-    hashes = write_weights(d, model, max_shard_bytes)
+    hf_config = to_hf_config(cfg, tokenizer.special_ids(), dtype)
+    quantization = getattr(model, "quantization", None)  # set by lmforge.compress on quantized models
+    if quantization:
+        from lmforge.compress.storage import quantized_params, write_quantized_weights
+
+        hf_config["quantization_config"] = quantization
+        hashes, parameters = write_quantized_weights(d, model), quantized_params(model)
+    else:
+        hashes, parameters = write_weights(d, model, max_shard_bytes), model.num_params()
+    (d / "config.json").write_text(json.dumps(hf_config, indent=2))
     tokenizer.save(d, model_max_length=cfg.context)
     generation = {k: v for k, v in tokenizer.special_ids().items() if v is not None}
     (d / "generation_config.json").write_text(json.dumps({**generation, "max_length": cfg.context}, indent=2))
@@ -106,7 +114,8 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
         "lmforge_version": _version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": cfg.model_dump(mode="json"),
-        "parameters": model.num_params(),
+        "parameters": parameters,
+        **({"quantization": quantization} if quantization else {}),
         **(provenance or {}),
         "weights": hashes,
     }

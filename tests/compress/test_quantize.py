@@ -137,6 +137,11 @@ def test_quantized_model_reloads_and_generates(tiny_model_dir, tiny_data, tmp_pa
     (text,) = m.generate(["the"], max_new_tokens=8, temperature=0.0)
     assert isinstance(text, str)
     assert m.generate(["the"], max_new_tokens=8) == again.generate(["the"], max_new_tokens=8)
+    # A loaded quantized model saves as a quantized directory again, with the same logits.
+    resaved = lmforge.load(m.save(tmp_path / f"{method}-resaved"))
+    with torch.no_grad():
+        assert torch.equal(resaved.model(ids), got)
+    assert "quantization_config" in json.loads((tmp_path / f"{method}-resaved" / "config.json").read_text())
 
 
 def test_group_size_that_does_not_divide_a_layer_is_a_clear_error(tiny_model_dir, tmp_path):

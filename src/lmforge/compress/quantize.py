@@ -135,7 +135,8 @@ def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, 
                  seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
     import lmforge
     from lmforge.compress.native import kernels
-    from lmforge.compress.storage import check_out, is_quantized_dir, save_quantized
+    from lmforge.compress.storage import check_out, is_quantized_dir
+    from lmforge.model_dir import save_model_dir
     from lmforge.model_dir import weight_files
 
     check_out(model_dir, out)
@@ -155,7 +156,7 @@ def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, 
     provenance = {"parents": [str(model_dir)], "quantized_in_s": round(seconds, 1)}
     if calibration is not None:
         provenance["calibration"] = {"data": str(data), "sequences": len(calibration), "tokens": calibration.shape[1]}
-    save_quantized(m.model, m.tokenizer, out, provenance)
+    save_model_dir(m.model, m.tokenizer, out, provenance)
     before = sum(p.stat().st_size for p in weight_files(m.path))
     after = sum(p.stat().st_size for p in weight_files(out))
     if method != "w8a8" and kernels() is None:

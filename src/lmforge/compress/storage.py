@@ -26,9 +26,9 @@ from lmforge.compress.qlinear import STORED_METHODS, DynamicInt8Linear, Quantize
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import from_hf_config, to_hf_config
+from lmforge.interop.hf import from_hf_config
 from lmforge.model import Transformer
-from lmforge.model_dir import WEIGHTS, _version, atomic_directory, load_tokenizer, read_json, sha256_file, weight_files
+from lmforge.model_dir import WEIGHTS, load_tokenizer, read_json, sha256_file, weight_files
 
 FORMAT = 1
 LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
@@ -75,27 +75,17 @@ def tie_embedding(model: Transformer) -> None:
     model.lm_head.tied = (model.tok_emb.weight,)  # a tuple: not registered as a second parameter
 
 
-def save_quantized(model: Transformer, tokenizer: TextTokenizer, out: str | Path,
-                   provenance: dict[str, Any] | None = None) -> Path:
+def write_quantized_weights(d: Path, model: Transformer) -> dict[str, str]:
+    """The packed codes and scales as one safetensors file in `d`; returns {file: sha256}.
+
+    The rest of the directory (config.json with `quantization_config`, tokenizer,
+    lmforge.json) is written by `lmforge.model_dir.write_model_files`."""
     qcfg = quantization_config(model)
-    if qcfg is None:
-        raise LmforgeError("this model is not quantized")
-    cfg = model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+    if model.config.tie_embeddings:
         state.pop("tok_emb.weight")  # rebuilt from lm_head's codes when loading
-    with atomic_directory(out) as d:
-        (d / "config.json").write_text(json.dumps({**to_hf_config(cfg, tokenizer.special_ids()),
-                                                   "quantization_config": qcfg}, indent=2))
-        save_file(state, str(d / WEIGHTS), metadata={"format": "pt", "lmforge_quantized": json.dumps(qcfg)})
-        tokenizer.save(d, model_max_length=cfg.context)
-        generation = {k: v for k, v in tokenizer.special_ids().items() if v is not None}
-        (d / "generation_config.json").write_text(json.dumps({**generation, "max_length": cfg.context}, indent=2))
-        meta = {"lmforge_version": _version(), "model": cfg.model_dump(mode="json"),
-                "parameters": quantized_params(model), "quantization": qcfg, **(provenance or {}),
-                "weights": {WEIGHTS: sha256_file(d / WEIGHTS)}}
-        (d / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str))
-    return Path(out)
+    save_file(state, str(d / WEIGHTS), metadata={"format": "pt", "lmforge_quantized": json.dumps(qcfg)})
+    return {WEIGHTS: sha256_file(d / WEIGHTS)}
 
 
 def build_quantized(cfg: ModelConfig, qcfg: dict[str, Any]) -> Transformer:
