@@ -19,9 +19,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/lmforge quickstart
 
-# What only the tests need outside Python: headless Chromium for the web-page tests.
-test-deps:
+# What only the tests need beyond `.[dev]`: headless Chromium for the web-page tests, and
+# llama.cpp's Python binding (built from source, ~5 min the first time) to run our GGUF exports.
+TEST_STAMP := $(VENV)/.test-deps
+test-deps: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
 	bash scripts/install-chromium.sh
+	$(BIN)/pip install -q llama-cpp-python==0.3.36
+	touch $(TEST_STAMP)
 
 test: install test-deps
 	$(BIN)/python -m pytest
