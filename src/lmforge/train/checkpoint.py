@@ -37,6 +37,13 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, tokenizer: Tex
     with atomic_directory(folder) as d:
         write_model_files(d, model, tokenizer, provenance)
         torch.save(trainer_state, d / TRAINER_STATE)
+    commit_checkpoint(run_dir, folder, keep)
+    return folder
+
+
+def commit_checkpoint(run_dir: Path, folder: Path, keep: int) -> None:
+    """Point `latest` at a complete checkpoint (by renaming a new link over the old one),
+    then delete all but the newest `keep` checkpoints."""
     link = run_dir / "latest"
     tmp = run_dir / f".latest.tmp-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
@@ -44,7 +51,6 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, tokenizer: Tex
     os.symlink(Path("checkpoints") / folder.name, tmp)
     os.replace(tmp, link)
     _prune(run_dir / "checkpoints", keep, current=folder.name)
-    return folder
 
 
 def _prune(folder: Path, keep: int, current: str) -> None:

@@ -23,7 +23,6 @@ uninterrupted one would.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,19 +257,14 @@ def save_finetune_checkpoint(run_dir: Path, step: int, model, head, optimizer, s
     from safetensors.torch import save_file
 
     from lmforge.model_dir import atomic_directory
-    from lmforge.train.checkpoint import _prune, checkpoint_name
+    from lmforge.train.checkpoint import checkpoint_name, commit_checkpoint
 
     folder = run_dir / "checkpoints" / checkpoint_name(step)
     with atomic_directory(folder) as d:
         tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, head).items()}
         save_file(tensors, str(d / TRAINABLE))
         torch.save({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
-    link, tmp = run_dir / "latest", run_dir / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(Path("checkpoints") / folder.name, tmp)
-    os.replace(tmp, link)
-    _prune(run_dir / "checkpoints", keep, current=folder.name)
+    commit_checkpoint(run_dir, folder, keep)
     return folder
 
 
