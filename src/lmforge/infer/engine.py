@@ -27,7 +27,7 @@ import torch
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import _RowText
+from lmforge.infer.generate import RowText
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.infer.slots import SlotCache
 from lmforge.model import Transformer
@@ -85,7 +85,7 @@ class Sequence:
     def __init__(self, request: Request, max_new: int, on_event: EventCallback, tokenizer: TextTokenizer):
         self.id = next(self._ids)
         self.request, self.params, self.max_new, self.on_event = request, request.params, max_new, on_event
-        self.row = _RowText(tokenizer, request.params.stop)
+        self.row = RowText(tokenizer, request.params.stop)
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # for the repetition penalty
         self.logits: torch.Tensor | None = None  # (1, V): the distribution of the next token

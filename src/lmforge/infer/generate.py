@@ -28,7 +28,7 @@ class Completion:
     finish_reason: str  # "stop" (end-of-text token or a stop string) or "length"
 
 
-class _RowText:
+class RowText:
     """Decodes one row incrementally; holds back text that ends in a partial UTF-8 sequence."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
@@ -141,7 +141,7 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
     if not prompts:
         return []
     encoded = encode_prompts(tokenizer, prompts)
-    rows = [_RowText(tokenizer, params.stop) for _ in encoded]
+    rows = [RowText(tokenizer, params.stop) for _ in encoded]
 
     def on_token(r: int, token: int) -> bool:
         new = rows[r].add(token)
