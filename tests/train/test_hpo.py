@@ -120,6 +120,17 @@ def test_continuing_a_study_with_another_space_is_refused(base, tmp_path):
 # --- studies -------------------------------------------------------------------------------
 
 
+def trial_states(db) -> list[str]:
+    """Trial states straight from optuna's SQLite tables ([] before the study exists)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return [row[0] for row in conn.execute("SELECT state FROM trials")]
+    except sqlite3.Error:  # no file or no table yet
+        return []
+
+
 def load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -196,18 +207,17 @@ def test_workers_share_one_sqlite_storage_without_duplicates(base, tmp_path):
 def test_killed_study_resumes_and_its_lost_trial_is_failed(base, tmp_path):
     recipe = write_inputs(base, tmp_path)
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
+    # Trials long enough (a few seconds even on a fast, idle machine) to be caught mid-way.
     cmd = hpo_cli(tmp_path, recipe, storage, 4, "--heartbeat", "1", "--pruner", "none",
-                  "--train.max_steps", "20")
+                  "--train.max_steps", "400")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     try:
         while time.time() < deadline:  # kill it in the middle of its third trial
-            time.sleep(0.5)
-            try:
-                states = [t.state for t in load(storage, "shared").trials]
-            except KeyError:  # the study is not created yet
-                continue
-            if states.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states:
+            time.sleep(0.1)
+            assert proc.poll() is None, f"the study ended before it could be killed: {proc.stderr.read()[-2000:]}"
+            states = trial_states(tmp_path / "hpo.db")  # plain SQL: optuna's load_study is too slow to poll
+            if states.count("COMPLETE") >= 2 and "RUNNING" in states:
                 break
         else:
             pytest.fail("the study did not reach its third trial")
