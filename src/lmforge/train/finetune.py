@@ -22,8 +22,6 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -306,10 +304,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
              interrupt_at: int | None = None) -> FinetuneResult:
     """Run a fine-tuning config. `interrupt_at` stops as a signal would at that step (for tests)."""
     from lmforge.train.checkpoint import latest_checkpoint
-    from lmforge.train.optim import build_optimizer, lr_at
-    from lmforge.train.trainer import (
-        MetricsLog, TrainingInterrupted, _progress_bar, _StopFlag, autocast_for, plot_losses,
-    )
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.trainer import MetricsLog, autocast_for, plot_losses, run_steps
 
     run_dir, tc = cfg.run.dir, cfg.train
     if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
@@ -343,7 +339,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
         log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
-    def checkpoint(step: int, elapsed: float) -> Path:
+    def checkpoint(step: int, elapsed: float, tokens: int) -> Path:  # tokens: pretraining's count, not kept here
         state = {"step": step, "rng_cpu": torch.get_rng_state(), "elapsed": elapsed}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
@@ -361,60 +357,27 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
         metrics.write({"step": step, **result})
         return result
 
-    bar = _progress_bar(progress)
-    bar_task = bar.add_task(cfg.task, total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
-    start = time.perf_counter()
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    last_loss, step, val = float("nan"), start_step, {}
+    def train_step(step: int) -> tuple[float, float]:
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            batch = {k: v.to(device) for k, v in task.batch(step * tc.grad_accum + micro).items()}
+            with autocast:
+                loss = task.loss(model, batch)
+            (loss / tc.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in trainables.parameters() if p.requires_grad], tc.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / tc.grad_accum, grad_norm
+
     try:
-        with _StopFlag() as stop, bar:
-            while step < tc.max_steps:
-                lr = lr_at(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(tc.grad_accum):
-                    batch = {k: v.to(device) for k, v in task.batch(step * tc.grad_accum + micro).items()}
-                    with autocast:
-                        loss = task.loss(model, batch)
-                    (loss / tc.grad_accum).backward()
-                    loss_sum += loss.item()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in trainables.parameters() if p.requires_grad], tc.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                last_loss = loss_sum / tc.grad_accum
-                if not math.isfinite(last_loss):
-                    raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
-                window_loss += last_loss
-                window_steps += 1
-                elapsed = elapsed_before + time.perf_counter() - start
-                out_of_time = tc.max_minutes is not None and elapsed >= tc.max_minutes * 60
-                interrupted = stop.signal is not None or (interrupt_at is not None and step >= interrupt_at)
-                if step % tc.log_every == 0 or step == tc.max_steps or out_of_time or interrupted:
-                    now = time.perf_counter()
-                    tps = window_steps * tc.grad_accum * task.tokens_per_batch / max(now - window_start, 1e-9)
-                    metrics.write({"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens_per_s": tps, "elapsed_s": elapsed})
-                    bar.update(bar_task, loss=window_loss / window_steps, tps=tps)
-                    window_loss, window_steps, window_start = 0.0, 0, now
-                bar.update(bar_task, completed=step)
-                if step % cfg.eval.every == 0 and step < tc.max_steps and not (out_of_time or interrupted):
-                    val = validate(step)
-                if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
-                    path = checkpoint(step, elapsed)
-                    if interrupted:
-                        plot_losses(run_dir)
-                        raise TrainingInterrupted(step, path)
-                if out_of_time:
-                    log(f"train.max_minutes reached at step {step}")
-                    break
-        seconds = elapsed_before + time.perf_counter() - start
-        val = validate(step)
-        latest = latest_checkpoint(run_dir)
-        if latest is None or latest.name != f"step-{step:06d}":
-            checkpoint(step, seconds)
+        end = run_steps(train_step, optimizer, tc, eval_every=cfg.eval.every, run_dir=run_dir, start_step=start_step,
+                        start_tokens=0, elapsed_before=elapsed_before,
+                        tokens_per_step=tc.grad_accum * task.tokens_per_batch, metrics=metrics, validate=validate,
+                        checkpoint=checkpoint, log=log, bar_label=cfg.task, progress=progress,
+                        interrupt_at=interrupt_at)
+        step, seconds, last_loss, val = end.steps, end.seconds, end.train_loss, end.val
         provenance = {"finetune": cfg.model_dump(mode="json"),
                       "metrics": {**val, "train_loss": last_loss, "steps": step, "seconds": seconds}}
         output = save_outputs(cfg, loaded, task, head, run_dir, provenance)

@@ -6,6 +6,9 @@
 Everything a resumed run needs is in the checkpoint (weights, optimizer, RNG, step; the
 data cursor is the step itself, see `BatchLoader`), so on CPU an interrupted-and-resumed
 run ends with exactly the weights of an uninterrupted one.
+
+`run_steps` is the step loop itself (schedule, logging, validation, checkpoints, stopping on
+time or a signal); fine-tuning (`finetune.py`) runs its own task's steps through it too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import Recipe
+from lmforge.config import Recipe, TrainConfig
 from lmforge.data.loader import BatchLoader, TokenSplit
 from lmforge.data.prepare import prepare, read_index
 from lmforge.data.tokenizer import TextTokenizer
@@ -33,7 +36,7 @@ from lmforge.eval.perplexity import EvalResult, evaluate_split
 from lmforge.model import Transformer
 from lmforge.model_dir import save_model_dir
 from lmforge.train import distributed
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.optim import build_optimizer, lr_at
 
 
@@ -147,6 +150,84 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
+@dataclass
+class LoopEnd:
+    steps: int
+    tokens: int
+    seconds: float  # of training, resumed runs included
+    train_loss: float  # of the last step
+    val: Any  # what the final `validate` returned
+
+
+def run_steps(train_step: Callable[[int], tuple[float, float]], optimizer: torch.optim.Optimizer, tc: TrainConfig, *,
+              eval_every: int, run_dir: Path, start_step: int, start_tokens: int, elapsed_before: float,
+              tokens_per_step: int, metrics: MetricsLog, validate: Callable[[int], Any],
+              checkpoint: Callable[[int, float, int], Path], log, bar_label: str, progress: bool,
+              ctx: distributed.DistContext | None = None, flops_per_token: float | None = None,
+              interrupt_at: int | None = None,
+              on_validation: Callable[[int, Any], None] | None = None) -> LoopEnd:
+    """The loop pretraining and fine-tuning share, around their own `train_step(step) -> (mean loss,
+    grad norm)` (accumulate, clip, optimizer step): the learning-rate schedule, the metrics record
+    every `log_every` steps, the progress bar, `validate(step)` every `eval_every` steps and at the
+    end, `checkpoint(step, elapsed, tokens)` every `checkpoint_every` steps and at the end, and
+    stopping on train.max_minutes (checkpoint, then finish) or a signal / `interrupt_at`
+    (checkpoint, then raise TrainingInterrupted). Under torch.distributed the loss is averaged and
+    the stop decisions agreed across ranks; only rank 0 draws the bar and the plot."""
+    ctx = ctx or distributed.DistContext()
+    bar = _progress_bar(progress and ctx.is_main)
+    task = bar.add_task(bar_label, total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
+    start = time.perf_counter()
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    last_loss, step, tokens = float("nan"), start_step, start_tokens
+    with _StopFlag() as stop, bar:
+        while step < tc.max_steps:
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(step)
+            step += 1
+            tokens += tokens_per_step
+            last_loss = ctx.mean(loss)
+            if not math.isfinite(last_loss):
+                raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
+            window_loss += last_loss
+            window_steps += 1
+            elapsed = elapsed_before + time.perf_counter() - start
+            out_of_time = ctx.all_true(tc.max_minutes is not None and elapsed >= tc.max_minutes * 60)
+            interrupted = ctx.all_true(stop.signal is not None or (interrupt_at is not None and step >= interrupt_at))
+            # A run that ends early still logs the steps since its last record.
+            if step % tc.log_every == 0 or step == tc.max_steps or out_of_time or interrupted:
+                now = time.perf_counter()
+                tps = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                record = {"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tps}
+                if flops_per_token is not None:
+                    record.update(flops_per_s=tps * flops_per_token, tokens=tokens)
+                metrics.write({**record, "elapsed_s": elapsed_before + now - start})
+                bar.update(task, loss=window_loss / window_steps, tps=tps)
+                window_loss, window_steps, window_start = 0.0, 0, now
+            bar.update(task, completed=step)
+            if step % eval_every == 0 and step < tc.max_steps and not (out_of_time or interrupted):
+                val = validate(step)
+                if on_validation is not None:
+                    on_validation(step, val)
+            if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
+                path = checkpoint(step, elapsed, tokens)
+                if interrupted:
+                    if ctx.is_main:
+                        plot_losses(run_dir)
+                    raise TrainingInterrupted(step, path)
+            if out_of_time:
+                log(f"train.max_minutes reached at step {step}")
+                break
+    seconds = elapsed_before + time.perf_counter() - start
+    val = validate(step)
+    latest = latest_checkpoint(run_dir)
+    if latest is None or latest.name != checkpoint_name(step):
+        checkpoint(step, seconds, tokens)
+    return LoopEnd(step, tokens, seconds, last_loss, val)
+
+
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print,
           interrupt_at: int | None = None,
           on_validation: Callable[[int, EvalResult], None] | None = None) -> TrainResult:
@@ -216,12 +297,12 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
     tokens_per_step = tc.batch_size * tc.grad_accum * seq_len
     flops_per_token = model.flops_per_token(seq_len, training=True)
 
-    def checkpoint(step: int, elapsed: float) -> Path:
+    def checkpoint(step: int, elapsed: float, tokens: int) -> Path:
         weights, optim = distributed.full_state(model, optimizer, ctx)  # collective under FSDP
         path = run_dir / "checkpoints" / f"step-{step:06d}"
         if ctx.is_main:
             state = {"step": step, "optimizer": optim, "rng_cpu": torch.get_rng_state(),
-                     "tokens": tokens_seen, "elapsed": elapsed}
+                     "tokens": tokens, "elapsed": elapsed}
             if device.type == "cuda":
                 state["rng_cuda"] = torch.cuda.get_rng_state()
             path = save_checkpoint(run_dir, step, distributed.plain_copy(weights, model), tokenizer, state,
@@ -236,71 +317,31 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
                        "val_bpb": result.bits_per_byte})
         return result
 
-    bar = _progress_bar(progress and ctx.is_main)
-    task = bar.add_task("train", total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
-    start = time.perf_counter()
+    def train_step(step: int) -> tuple[float, float]:
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = loader.batch(step * tc.grad_accum + micro)
+            x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
+            with distributed.no_gradient_sync(wrapped, ctx, micro == tc.grad_accum - 1):
+                with autocast:
+                    logits = step_fn(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / tc.grad_accum, grad_norm
+
     energy = EnergyMeter(device)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    last_loss, val = float("nan"), None
-    step = start_step
     try:
-        with _StopFlag() as stop, bar:
-            while step < tc.max_steps:
-                lr = lr_at(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(tc.grad_accum):
-                    x, y = loader.batch(step * tc.grad_accum + micro)
-                    x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
-                    with distributed.no_gradient_sync(wrapped, ctx, micro == tc.grad_accum - 1):
-                        with autocast:
-                            logits = step_fn(x)
-                            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                        (loss / tc.grad_accum).backward()
-                    loss_sum += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += tokens_per_step
-                last_loss = ctx.mean(loss_sum / tc.grad_accum)
-                if not math.isfinite(last_loss):
-                    raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
-                window_loss += last_loss
-                window_steps += 1
-                elapsed = elapsed_before + time.perf_counter() - start
-                out_of_time = ctx.all_true(tc.max_minutes is not None and elapsed >= tc.max_minutes * 60)
-                interrupted = ctx.all_true(stop.signal is not None or (interrupt_at is not None and step >= interrupt_at))
-                # A run that ends early still logs the steps since its last record.
-                if step % tc.log_every == 0 or step == tc.max_steps or out_of_time or interrupted:
-                    now = time.perf_counter()
-                    tps = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                    metrics.write({"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens_per_s": tps, "flops_per_s": tps * flops_per_token, "tokens": tokens_seen,
-                                   "elapsed_s": elapsed_before + now - start})
-                    bar.update(task, loss=window_loss / window_steps, tps=tps)
-                    window_loss, window_steps, window_start = 0.0, 0, now
-                bar.update(task, completed=step)
-                if step % recipe.eval.every == 0 and step < tc.max_steps and not (out_of_time or interrupted):
-                    val = validate(step)
-                    if on_validation is not None:
-                        on_validation(step, val)
-                if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
-                    path = checkpoint(step, elapsed)
-                    if interrupted:
-                        if ctx.is_main:
-                            plot_losses(run_dir)
-                        raise TrainingInterrupted(step, path)
-                if out_of_time:
-                    log(f"train.max_minutes reached at step {step}")
-                    break
-        seconds = elapsed_before + time.perf_counter() - start
-        val = validate(step)
-        latest = latest_checkpoint(run_dir)
-        if latest is None or latest.name != f"step-{step:06d}":
-            checkpoint(step, seconds)
+        end = run_steps(train_step, optimizer, tc, eval_every=recipe.eval.every, run_dir=run_dir,
+                        start_step=start_step, start_tokens=tokens_seen, elapsed_before=elapsed_before,
+                        tokens_per_step=tokens_per_step, metrics=metrics, validate=validate, checkpoint=checkpoint,
+                        log=log, bar_label="train", progress=progress, ctx=ctx, flops_per_token=flops_per_token,
+                        interrupt_at=interrupt_at, on_validation=on_validation)
+        step, tokens_seen, seconds, last_loss, val = end.steps, end.tokens, end.seconds, end.train_loss, end.val
         provenance["metrics"] = {"val_loss": val.loss, "val_ppl": val.perplexity, "val_bpb": val.bits_per_byte,
                                  "train_loss": last_loss, "steps": step, "tokens": tokens_seen, "seconds": seconds}
         weights, _ = distributed.full_state(model, optimizer, ctx)
