@@ -106,10 +106,7 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
         hashes, parameters = write_quantized_weights(d, model), quantized_params(model)
     else:
         hashes, parameters = write_weights(d, model, max_shard_bytes), model.num_params()
-    (d / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tokenizer.save(d, model_max_length=cfg.context)
-    generation = {k: v for k, v in tokenizer.special_ids().items() if v is not None}
-    (d / "generation_config.json").write_text(json.dumps({**generation, "max_length": cfg.context}, indent=2))
+    write_config_files(d, hf_config, tokenizer, cfg.context)
     meta = {
         "lmforge_version": _version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -120,6 +117,15 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
         "weights": hashes,
     }
     (d / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def write_config_files(d: Path, hf_config: dict[str, Any], tokenizer: TextTokenizer, context: int) -> None:
+    """config.json, the tokenizer files and generation_config.json: everything but the weights
+    and lmforge.json (sharded training checkpoints keep these beside their own weight shards)."""
+    (d / "config.json").write_text(json.dumps(hf_config, indent=2))
+    tokenizer.save(d, model_max_length=context)
+    generation = {k: v for k, v in tokenizer.special_ids().items() if v is not None}
+    (d / "generation_config.json").write_text(json.dumps({**generation, "max_length": context}, indent=2))
 
 
 def save_model_dir(model: Transformer, tokenizer: TextTokenizer, out: str | Path,

@@ -1,17 +1,31 @@
-"""Checkpoints in the run directory: a model directory plus `trainer.pt` per step.
+"""Checkpoints in the run directory, in one of two layouts, and the model directory made from one.
 
-    runs/<name>/checkpoints/step-000500/   model-directory files + trainer.pt
+    runs/<name>/checkpoints/step-000500/   one process: a model directory + trainer.pt
+    runs/<name>/checkpoints/step-000500/   several: config and tokenizer files, lmforge.json,
+                                           trainer.pt, dcp/ (.metadata + one __R_0.distcp per rank)
     runs/<name>/latest -> checkpoints/step-000500
 
-A checkpoint is written under a temporary name and renamed when complete; `latest` is
-switched (atomically, by renaming a new link over it) only after that. `trainer.pt` holds
-optimizer state, RNG state and the data cursor, and is read with `weights_only=True`.
+A one-process checkpoint is itself a model directory (anything that loads a model loads it);
+`trainer.pt` adds optimizer state, RNG state and the data cursor (the step). Several
+processes write with `torch.distributed.checkpoint` (DCP): each rank writes its own shards
+of the model and optimizer state (an FSDP2 shard, or under DDP its share of the replicated
+tensors), and nothing is gathered; `trainer.pt` then holds only the RNG and the step.
+Loading reads either layout at any world size: DCP reshards to the ranks (and the FSDP or
+DDP layout) that load it, and a one-process checkpoint is loaded whole and then sharded.
+`export_checkpoint` turns either into a model directory.
+
+A checkpoint is written under a temporary name (DCP: rank 0 makes it and every rank writes
+into it) and renamed once every rank's part is written; `latest` is switched (atomically, by
+renaming a new link over it) only after that. `trainer.pt` is read with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +34,65 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import to_hf_config
+from lmforge.interop.hf import from_hf_config, to_hf_config
 from lmforge.model import Transformer
-from lmforge.model_dir import atomic_directory, load_model_dir, write_model_files
+from lmforge.model_dir import (atomic_directory, load_model_dir, load_tokenizer, read_json, save_model_dir,
+                               write_config_files, write_model_files)
+from lmforge.train import distributed
+from lmforge.train.distributed import DistContext
 
 TRAINER_STATE = "trainer.pt"
+SHARDS = "dcp"  # the DCP folder of a checkpoint written by several processes
+PROVENANCE = "lmforge.json"
+# What write_model_files derives from the weights; the rest of lmforge.json is provenance.
+_DERIVED_KEYS = ("lmforge_version", "created", "model", "parameters", "quantization", "weights")
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: Transformer, tokenizer: TextTokenizer,
-                    trainer_state: dict[str, Any], provenance: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                    tokenizer: TextTokenizer, trainer_state: dict[str, Any], provenance: dict[str, Any],
+                    keep: int, ctx: DistContext) -> Path:
+    """Write the checkpoint of `step` (collective when several processes train), make it
+    `latest` and prune old ones. `trainer_state` is rank 0's (step, RNG, ...)."""
     folder = run_dir / "checkpoints" / checkpoint_name(step)
-    with atomic_directory(folder) as d:
-        write_model_files(d, model, tokenizer, provenance)
-        torch.save(trainer_state, d / TRAINER_STATE)
-    commit_checkpoint(run_dir, folder, keep)
+    if ctx.active:
+        _save_sharded(folder, model, optimizer, tokenizer, trainer_state, provenance, ctx)
+    else:
+        weights, optim = distributed.full_state(model, optimizer, ctx)
+        with atomic_directory(folder) as d:
+            write_model_files(d, distributed.plain_copy(weights, model), tokenizer, provenance)
+            torch.save({**trainer_state, "optimizer": optim}, d / TRAINER_STATE)
+    if ctx.is_main:
+        commit_checkpoint(run_dir, folder, keep)
+    ctx.barrier()  # no rank goes on (or exits) before the checkpoint is complete and `latest`
     return folder
+
+
+def _save_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer,
+                  trainer_state: dict[str, Any], provenance: dict[str, Any], ctx: DistContext) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    staging_cm = atomic_directory(folder) if ctx.is_main else contextlib.nullcontext()
+    with staging_cm as staging:
+        staging = Path(ctx.share(str(staging) if ctx.is_main else None))
+        model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP)
+        # Returns on every rank only once all ranks' files and rank 0's .metadata are written.
+        dcp.save({"model": model_state, "optimizer": optim_state},
+                 storage_writer=dcp.FileSystemWriter(staging / SHARDS))
+        if ctx.is_main:
+            cfg = model.config
+            dtype = next(iter(model_state.values())).dtype
+            write_config_files(staging, to_hf_config(cfg, tokenizer.special_ids(), dtype), tokenizer, cfg.context)
+            meta = {"model": cfg.model_dump(mode="json"), **provenance,
+                    "checkpoint": {"format": "dcp", "world": ctx.world, "parallel": ctx.strategy,
+                                   "step": trainer_state["step"]}}
+            (staging / PROVENANCE).write_text(json.dumps(meta, indent=2, default=str))
+            torch.save(trainer_state, staging / TRAINER_STATE)
+    # rank 0 left the block by renaming the staging folder to `folder`
 
 
 def commit_checkpoint(run_dir: Path, folder: Path, keep: int) -> None:
@@ -69,17 +123,103 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return link.resolve()
 
 
-def load_checkpoint(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state dict, trainer state) of a checkpoint made for a model of `config`."""
-    loaded, _, _ = load_model_dir(folder)
-    if to_hf_config(loaded.config) != to_hf_config(config):
+def is_sharded(folder: Path) -> bool:
+    return (folder / SHARDS).is_dir()
+
+
+def load_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer,
+                    ctx: DistContext) -> dict[str, Any]:
+    """Load a checkpoint of either layout into `model` and `optimizer` (as parallelized for
+    this world size; collective when several processes train) and return its trainer state."""
+    _check_same_model(folder, model.config)
+    state = _trainer_state(folder)
+    if is_sharded(folder):
+        _load_sharded(folder, model, optimizer, ctx,
+                      advice="resume with the run's own recipe.yaml, or from an earlier checkpoint")
+    else:
+        if "optimizer" not in state:
+            raise LmforgeError(f"{folder / TRAINER_STATE} holds no optimizer state: the checkpoint is incomplete")
+        loaded, _, _ = load_model_dir(folder)
+        distributed.load_full_state(model, optimizer, loaded.state_dict(), state.pop("optimizer"), ctx)
+    return state
+
+
+def _check_same_model(folder: Path, config: ModelConfig) -> None:
+    if not (folder / "config.json").is_file():
+        raise LmforgeError(f"{folder} has no config.json: not a pretraining checkpoint, or an incomplete one")
+    if to_hf_config(from_hf_config(read_json(folder / "config.json"))) != to_hf_config(config):
         raise LmforgeError(f"checkpoint {folder} is of a different model than the recipe describes; "
                            "resume with the run's own recipe.yaml")
+
+
+def _trainer_state(folder: Path) -> dict[str, Any]:
     path = folder / TRAINER_STATE
     if not path.is_file():
         raise LmforgeError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise LmforgeError(f"{path} is corrupt ({type(e).__name__}); resume from an earlier checkpoint") from None
-    return loaded.state_dict(), state
+
+
+def _load_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer | None,
+                  ctx: DistContext, advice: str) -> None:
+    """DCP load into this rank's part of `model` (and `optimizer`): only the data it holds is read."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    shards = folder / SHARDS
+    if not (shards / ".metadata").is_file():
+        raise LmforgeError(f"{shards / '.metadata'} is missing: the checkpoint is incomplete")
+    optimizers = [optimizer] if optimizer is not None else []
+    # The optimizer's state is created (a zero-lr step) so that DCP has tensors to load into.
+    model_state, optim_state = get_state_dict(model, optimizers)
+    request = {"model": model_state, **({"optimizer": optim_state} if optimizer is not None else {})}
+    _dcp_load(request, shards, ctx, advice)
+    set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def _dcp_load(request: dict[str, Any], shards: Path, ctx: DistContext, advice: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load(request, storage_reader=dcp.FileSystemReader(shards), no_dist=not ctx.active)
+    except (Exception, CheckpointException) as e:  # CheckpointException (any rank failed) is a BaseException
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0].split(". ")[0][:200]
+        raise LmforgeError(f"checkpoint {shards.parent} does not fit this model or is corrupt ({reason}); "
+                           f"{advice}") from None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run directory (its `latest` checkpoint)."""
+    if not path.is_dir():
+        raise LmforgeError(f"checkpoint {path} not found")
+    if (path / "latest").exists() or (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise LmforgeError(f"run directory {path} has no complete checkpoint yet")
+        return latest
+    return path
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """Write the model of a checkpoint (either layout) as a model directory: config.json,
+    model.safetensors with Hugging Face names, tokenizer, lmforge.json. One process; a
+    sharded checkpoint is read whatever the number of processes that wrote it."""
+    folder = resolve_checkpoint(checkpoint)
+    if not (folder / "config.json").is_file():
+        raise LmforgeError(f"{folder} has no config.json: not a pretraining checkpoint (fine-tuning checkpoints "
+                           "hold only what trains; their run writes model/ or adapter/ at the end)")
+    meta = read_json(folder / PROVENANCE) if (folder / PROVENANCE).is_file() else {}
+    if is_sharded(folder):
+        model = Transformer(from_hf_config(read_json(folder / "config.json")))
+        _load_sharded(folder, model, None, DistContext(), advice="export an earlier checkpoint")
+        tokenizer = load_tokenizer(folder)
+    else:
+        model, tokenizer, _ = load_model_dir(folder)
+    provenance = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
+    provenance["parents"] = [str(folder)]
+    return save_model_dir(model, tokenizer, out, provenance)

@@ -1,5 +1,6 @@
-"""`lmforge finetune` and `lmforge merge`: thin commands over `lmforge.train.finetune` and
-`lmforge.model.lora` (registered onto the main app by `register`)."""
+"""`lmforge finetune`, `lmforge merge` and `lmforge export-checkpoint`: thin commands over
+`lmforge.train.finetune`, `lmforge.model.lora` and `lmforge.train.checkpoint` (registered onto
+the main app by `register`)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ def finetune(
                   f"metrics: {result.run_dir / 'metrics.jsonl'}   plot: {result.run_dir / 'plots' / 'loss.png'}")
 
 
+def export_checkpoint(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (runs/NAME/checkpoints/step-000500) or a run "
+                                                    "directory (its latest checkpoint).")],
+    out: Annotated[Path, typer.Option(help="The model directory to write.")],
+):
+    """Write the model of a pretraining checkpoint as a model directory (config.json, model.safetensors
+    with Hugging Face names, tokenizer). Reads the sharded checkpoints of multi-process runs too, on
+    one process, whatever the number of processes that wrote them."""
+    from lmforge.train.checkpoint import export_checkpoint as run_export
+
+    written = run_export(checkpoint, out)
+    console.print(f"exported {checkpoint} to {written}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(merge)
+    app.command("export-checkpoint")(export_checkpoint)
     app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(finetune)

@@ -2,8 +2,10 @@
 
 The model file never knows about this module. `setup()` reads torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group (NCCL on GPUs, gloo on CPU);
-`parallelize()` wraps the model; `full_state()` gathers what a checkpoint needs so that
-any world size can resume it (2 -> 1 -> 2).
+`parallelize()` wraps the model. Checkpoints (`lmforge.train.checkpoint`) are written
+sharded, each rank its own part, and resharded on load, so any world size can resume
+them (2 -> 1 -> 2); `full_model_state()` gathers the whole model only for the final
+model directory.
 
 A recipe's `train.batch_size` is the global batch: every rank draws the same batch
 (the loader is seeded by the step) and keeps its own rows, so N processes see exactly
@@ -63,6 +65,14 @@ class DistContext:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank (any picklable object)."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def setup(strategy: str, batch_size: int, device_name: str) -> tuple[DistContext, torch.device]:
@@ -149,12 +159,17 @@ def no_gradient_sync(wrapped: torch.nn.Module, ctx: DistContext, last_micro_step
 
 def full_state(model: Transformer, optimizer: torch.optim.Optimizer, ctx: DistContext) -> tuple[dict, dict]:
     """Unsharded model and optimizer state dicts (collective under FSDP; on CPU)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=ctx.active)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return full_model_state(model, ctx), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def full_model_state(model: Transformer, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """The unsharded model state dict, on CPU; under FSDP a collective that leaves it on rank 0 only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=ctx.active))
 
 
 def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_state: dict,

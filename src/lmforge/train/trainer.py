@@ -284,8 +284,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume:
         ckpt = latest_checkpoint(run_dir)
-        weights, state = load_checkpoint(ckpt, model.config)
-        distributed.load_full_state(model, optimizer, weights, state["optimizer"], ctx)
+        state = load_checkpoint(ckpt, model, optimizer, ctx)  # collective when several processes train
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -298,17 +297,11 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
     flops_per_token = model.flops_per_token(seq_len, training=True)
 
     def checkpoint(step: int, elapsed: float, tokens: int) -> Path:
-        weights, optim = distributed.full_state(model, optimizer, ctx)  # collective under FSDP
-        path = run_dir / "checkpoints" / f"step-{step:06d}"
-        if ctx.is_main:
-            state = {"step": step, "optimizer": optim, "rng_cpu": torch.get_rng_state(),
-                     "tokens": tokens, "elapsed": elapsed}
-            if device.type == "cuda":
-                state["rng_cuda"] = torch.cuda.get_rng_state()
-            path = save_checkpoint(run_dir, step, distributed.plain_copy(weights, model), tokenizer, state,
-                                   provenance, tc.keep_checkpoints)
-        ctx.barrier()
-        return path
+        state = {"step": step, "rng_cpu": torch.get_rng_state(), "tokens": tokens, "elapsed": elapsed}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return save_checkpoint(run_dir, step, model, optimizer, tokenizer, state, provenance,
+                               tc.keep_checkpoints, ctx)  # collective when several processes train
 
     def validate(step: int) -> EvalResult:
         result = evaluate_split(model, val_split, batch_size=tc.batch_size, max_batches=recipe.eval.batches,
@@ -344,7 +337,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
         step, tokens_seen, seconds, last_loss, val = end.steps, end.tokens, end.seconds, end.train_loss, end.val
         provenance["metrics"] = {"val_loss": val.loss, "val_ppl": val.perplexity, "val_bpb": val.bits_per_byte,
                                  "train_loss": last_loss, "steps": step, "tokens": tokens_seen, "seconds": seconds}
-        weights, _ = distributed.full_state(model, optimizer, ctx)
+        weights = distributed.full_model_state(model, ctx)  # collective under FSDP
         model_dir = run_dir / "model"
         if ctx.is_main:
             save_model_dir(distributed.plain_copy(weights, model), tokenizer, model_dir, provenance)
