@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmforge.compress import native
+from lmforge import native
 from lmforge.compress.qlinear import QuantizedLinear, DynamicInt8Linear, quantize_int4, quantize_int8
 
 DEFAULT_SHAPES = "768x2304,768x768,768x3072,3072x768,768x50257"

@@ -19,7 +19,7 @@ import time
 import torch
 
 from lmforge.compress.compare import decode_tokens_per_s, matmul_bytes
-from lmforge.compress.native import kernels
+from lmforge.native import kernels
 from lmforge.compress.quantize import quantize_model
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer

@@ -109,8 +109,9 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt).")] = True,
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
+    reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
 ):
-    """Continue prompts with the model (KV-cache decoding)."""
+    """Continue prompts with the model (KV-cache decoding; one prompt takes the native fast path)."""
     from lmforge.infer.sampling import SamplingParams
 
     params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
@@ -119,10 +120,10 @@ def generate(
     if stream and len(prompt) == 1:
         console.print(prompt[0], end="", style="bold", highlight=False)
         m.complete(prompt, on_text=lambda row, text: console.print(text, end="", highlight=False, markup=False),
-                   **vars(params))
+                   native=not reference_path, **vars(params))
         console.print()
         return
-    for p, c in zip(prompt, m.complete(prompt, **vars(params))):
+    for p, c in zip(prompt, m.complete(prompt, native=not reference_path, **vars(params))):
         console.print(f"[bold]{p}[/]{c.text}", highlight=False)
         console.rule(style="dim")
 
@@ -136,6 +137,7 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
+    reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
 ):
     """A simple terminal chat through the model's chat template. Empty line or Ctrl-D quits."""
     from lmforge.infer.sampling import SamplingParams
@@ -157,7 +159,7 @@ def chat(
         ids = m.tokenizer.encode(prompt)[-(m.config.context - 1):]
         console.print("[bold green]model> [/]", end="")
         (reply,) = m.complete([ids], on_text=lambda r, t: console.print(t, end="", highlight=False, markup=False),
-                              **vars(params))
+                              native=not reference_path, **vars(params))
         console.print()
         messages.append({"role": "assistant", "content": reply.text})
 
@@ -180,6 +182,7 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: torch's choice).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
+    reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
     from lmforge.serve.command import serve as run_server
@@ -187,7 +190,8 @@ def serve(
     run_server(model, host, port, api_key_file, allow_no_auth, device=device, threads=threads, adapter=adapter, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
-        "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or []})
+        "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or [],
+        "native_decode": not reference_path})
 
 
 @app.command("eval")

@@ -28,8 +28,9 @@ class LoadedModel:
         return self.model.config
 
     def complete(self, prompts: list[str] | list[list[int]], on_text: TextCallback | None = None,
-                 **sampling: Any) -> list[Completion]:
-        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), on_text)
+                 native: bool = True, **sampling: Any) -> list[Completion]:
+        """Completions of each prompt; `native=False` decodes through the PyTorch model only."""
+        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), on_text, native)
 
     def generate(self, prompts: list[str] | str, **sampling: Any) -> list[str]:
         """Continuations of each prompt (greedy unless `temperature` > 0)."""

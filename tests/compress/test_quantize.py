@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lmforge
-from lmforge.compress import native
+from lmforge import native
 from lmforge.compress.qlinear import (
     DynamicInt8Linear, QuantizedLinear, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
     unpack_int4,

@@ -136,18 +136,22 @@ def test_cancellation_and_backpressure(model, tokenizer):
         engine.stop()
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+@pytest.mark.parametrize("native", [False, True], ids=["reference-path", "native-path"])
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer, monkeypatch, native):
     prompt = tokenizer.encode("To be")
-    forward, calls = model.forward, []
+    with Engine(model, tokenizer, native=native) as engine:
+        # A lone sequence decodes through the native decoder, a batch through model.forward.
+        target, name = (engine.native, "step") if native else (model, "forward")
+        assert target is not None
+        real, calls = getattr(target, name), []
 
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return forward(*args, **kwargs)
+        def flaky(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom")
+            return real(*args, **kwargs)
 
-    with Engine(model, tokenizer) as engine:
-        monkeypatch.setattr(model, "forward", flaky)
+        monkeypatch.setattr(target, name, flaky)
         (r,) = engine.generate([Request(prompt, SamplingParams(max_new_tokens=10))], timeout=30)
         assert r.finish_reason == "error"
         monkeypatch.undo()

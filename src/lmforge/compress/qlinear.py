@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.compress import native
+from lmforge import native
 from lmforge.errors import LmforgeError
 
 STORED_METHODS = ("int8", "int4", "w8a8")  # gptq is stored as int4

@@ -134,7 +134,7 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128, calib
 def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, samples: int = 256,
                  seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
     import lmforge
-    from lmforge.compress.native import kernels
+    from lmforge.native import kernels
     from lmforge.compress.storage import check_out, is_quantized_dir
     from lmforge.model_dir import save_model_dir
     from lmforge.model_dir import weight_files

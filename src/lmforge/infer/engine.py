@@ -28,6 +28,7 @@ import torch
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import RowText
+from lmforge.infer.native_decode import NativeDecoder
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.infer.slots import SlotCache
 from lmforge.model import Transformer
@@ -151,13 +152,17 @@ class EventStream:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256,
+                 native: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.context = model.config.context
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = SlotCache.for_model(model, max_batch)
+        # A lone running sequence (slot 0) decodes through the native fast path where it applies.
+        self.native = NativeDecoder.create(model, [k[0] for k in self.cache.k], [v[0] for v in self.cache.v]) \
+            if native else None
         self.device = model.lm_head.weight.device
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # index == cache slot
@@ -364,9 +369,14 @@ class Engine:
         n = len(self._running)
         if n == 0:
             return
-        last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
-        self.cache.bind_decode(n)
-        logits = self.model(last, self.cache, last_only=True)[:, -1]  # (n, V)
+        if n == 1 and self.native is not None:
+            pos = self.cache.lengths[0]
+            logits = self.native.step(self._running[0].row.ids[-1], pos)
+            self.cache.lengths[0] = pos + 1
+        else:
+            last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
+            self.cache.bind_decode(n)
+            logits = self.model(last, self.cache, last_only=True)[:, -1]  # (n, V)
         for i, seq in enumerate(self._running):
             seq.logits = logits[i:i + 1]
 

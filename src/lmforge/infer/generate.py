@@ -14,6 +14,7 @@ import torch
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.infer.native_decode import NativeDecoder, step_cache
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.model import Transformer
 
@@ -81,11 +82,13 @@ TokenCallback = Callable[[int, int], bool]
 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
-                 pad_id: int = 0, on_token: TokenCallback | None = None) -> tuple[list[list[int]], list[str]]:
+                 pad_id: int = 0, on_token: TokenCallback | None = None,
+                 native: bool = True) -> tuple[list[list[int]], list[str]]:
     """The decoding loop on token ids: (new ids per row, finish reason per row).
 
     A row finishes on `eos_id` (not included in its ids), when `on_token` says so, or at
-    `max_new_tokens` / the context limit ("length")."""
+    `max_new_tokens` / the context limit ("length"). A single prompt decodes through the
+    native fast path where the model allows it (`native=False` forces the PyTorch model)."""
     context = model.config.context
     longest = max(len(ids) for ids in prompts)
     if longest >= context:
@@ -113,6 +116,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
     done = [False] * B
     cache = model.new_cache(B, capacity=longest + max_new)
     logits = model(ids, cache, pad_mask=None if bool(pad_mask.all()) else pad_mask, last_only=True)[:, -1]
+    decoder = NativeDecoder.for_cache(model, cache) if native else None
     for step in range(max_new):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -130,12 +134,16 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
                 done[r], finish[r] = True, "stop"
         if all(done) or step == max_new - 1:
             break
-        logits = model(nxt[:, None], cache, last_only=True)[:, -1]
+        if decoder is not None:
+            logits = step_cache(decoder, cache, int(nxt[0]))
+        else:
+            logits = model(nxt[:, None], cache, last_only=True)[:, -1]
     return out, finish
 
 
 def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
-             params: SamplingParams | None = None, on_text: TextCallback | None = None) -> list[Completion]:
+             params: SamplingParams | None = None, on_text: TextCallback | None = None,
+             native: bool = True) -> list[Completion]:
     """Text continuations of each prompt, streamed through `on_text` as they grow."""
     params = params or SamplingParams()
     if not prompts:
@@ -150,7 +158,7 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
         return rows[r].stopped
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token)
+    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token, native)
     results = []
     for r, row in enumerate(rows):
         tail = row.flush()

@@ -31,7 +31,8 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
         from lmforge.model.lora import apply_adapter
 
         apply_adapter(m, adapter, merge=True)
-    engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                    native=settings.native_decode)
     return create_app(engine, settings)
 
 

@@ -1,12 +1,17 @@
-"""The weight-only int8/int4 matmul kernels in `qmatmul.c`, compiled on first use.
+"""lmforge's C kernels, compiled on first use: one shared library from the sources here.
 
-`gcc -O3 -march=native` builds them in about a second for the CPU at hand (AVX2 or
-AVX-512 alike) into the lmforge cache, keyed by the source, the compiler and the CPU's
-flags, so a copied home directory never runs code built for another CPU. Without a C
-compiler, or with LMFORGE_NATIVE=0, `kernels()` is None and `QuantizedLinear` falls back
-to dequantize-then-matmul in PyTorch (correct, not fast); `lmforge quantize` says so.
+- `qmatmul.c`: weight-only int8/int4 matmuls for a few rows (what `QuantizedLinear` calls);
+- `decode.c`: a whole batch-1 decoding step (what `lmforge.infer.native_decode` calls);
+- `kernels.h`: the fp32/int8/int4 inner loops both share.
 
-Called through ctypes: the few microseconds per call are small beside a layer's matmul.
+`gcc -O3 -march=native` builds them in a few seconds for the CPU at hand (AVX2 or AVX-512
+alike) into the lmforge cache, keyed by the sources, the compiler and the CPU's flags, so
+a copied home directory never runs code built for another CPU; `make install` builds
+them once up front. Without a C compiler, or with LMFORGE_NATIVE=0, `kernels()` is None:
+`QuantizedLinear` falls back to dequantize-then-matmul in PyTorch and decoding to the
+PyTorch model (correct, not fast); `lmforge quantize` says so.
+
+Called through ctypes: a few microseconds per call, small beside a matmul or a decode step.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qmatmul.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "qmatmul.c", HERE / "decode.c"]
+HEADERS = [HERE / "kernels.h"]
 _p, _i = ctypes.c_void_p, ctypes.c_int
-SIGNATURES = {
-    "qlinear": [_i, _p, _i, _i, _p, _p, _p, _i, _i, _p, _p],
-    "dequant": [_i, _p, _p, _p, _i, _i, _i, _p],
+SIGNATURES = {  # name: (argument types, result type)
+    "qlinear": ([_i, _p, _i, _i, _p, _p, _p, _i, _i, _p, _p], None),
+    "dequant": ([_i, _p, _p, _p, _i, _i, _i, _p], None),
+    "decode_supported": ([], _i),
+    "decode_step": ([_p, _i, _i, _i, _p], None),
 }
 
 
@@ -45,14 +54,15 @@ def _build(compiler: str) -> Path | None:
     from lmforge.data.corpora import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"qmatmul-{key}.so"
+    code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(code + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"lmforge-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
@@ -67,7 +77,7 @@ def kernels() -> ctypes.CDLL | None:
     if os.environ.get("LMFORGE_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None or not SOURCE.is_file():
+    if compiler is None or not all(p.is_file() for p in SOURCES):
         return None
     torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernels share its threads
     try:
@@ -77,9 +87,9 @@ def kernels() -> ctypes.CDLL | None:
         return None
     if lib is None:
         return None
-    for name, args in SIGNATURES.items():
+    for name, (args, result) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, result
     return lib
 
 

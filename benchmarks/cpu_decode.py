@@ -1,0 +1,196 @@
+"""Batch-1 CPU decoding: lmforge fp32 / int8 / int4 against llama.cpp f32 / q8_0 / q4_0 and
+transformers fp32, on the same weights, in one run.
+
+One random Llama-shaped model (default 12 x 768, 4 KV heads, vocab 32000: ~125M
+parameters) is quantized by lmforge (int8 per channel; int4 groups of 128) and exported
+to GGUF (f32, q8_0, q4_0: llama.cpp's own formats, every matmul weight included), and
+saved for transformers. Each runtime decodes the same prompt greedily with the same
+thread count; runs alternate round by round and medians are reported. Printed per lmforge
+figure: the ratio to its llama.cpp counterpart and the fraction of the bandwidth roofline
+(measured read bandwidth / bytes of weights one token reads). Then time-to-first-token
+for a long prompt (default 512 tokens), prefill included.
+
+Targets (issue 10): fp32 >= 0.8x llama.cpp f32; int8 >= 1.0x q8_0; int4 >= 0.7x q4_0.
+
+    python benchmarks/cpu_decode.py                      # the full run (~5 min)
+    python benchmarks/cpu_decode.py --layers 2 --rounds 1 --new 16 --ttft-prompt 64   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import interleaved, machine, read_bandwidth
+
+from lmforge.compress.compare import matmul_bytes
+from lmforge.compress.quantize import quantize_model
+from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.infer.generate import generate_ids
+from lmforge.infer.native_decode import why_not
+from lmforge.infer.sampling import SamplingParams
+from lmforge.loaded import LoadedModel
+from lmforge.model import Transformer
+from lmforge.model_dir import save_model_dir
+
+TARGETS = {"fp32": ("llama.cpp f32", 0.8), "int8": ("llama.cpp q8_0", 1.0), "int4": ("llama.cpp q4_0", 0.7)}
+
+
+def lmforge_decoder(model: Transformer, native: bool = True):
+    def decode(prompt: list[int], n: int) -> list[int]:
+        out, _ = generate_ids(model, [prompt], SamplingParams(max_new_tokens=n), eos_id=None, native=native)
+        return out[0]
+    return decode
+
+
+def llama_cpp_decoder(path: Path, threads: int, context: int, vocab: int):
+    """Greedy decoding through llama.cpp's C API (logits of the last position only)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          logits_all=False, verbose=False)
+
+    def last_logits() -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,))
+
+    def decode(prompt: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for i in range(n):
+            out.append(int(last_logits().argmax()))
+            if i < n - 1:
+                llm.eval([out[-1]])
+        return out
+
+    return decode
+
+
+def transformers_decoder(folder: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    @torch.inference_mode()
+    def decode(prompt: list[int], n: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    return decode
+
+
+def timed(fn, prompt: list[int], n: int):
+    def run() -> float:
+        t = time.perf_counter()
+        out = fn(prompt, n)
+        assert len(out) == n, (len(out), n)
+        return n / (time.perf_counter() - t)
+    return run
+
+
+def ttft(fn, prompt: list[int]):
+    def run() -> float:  # a rate (1/s) so that `interleaved` can take its median
+        t = time.perf_counter()
+        fn(prompt, 1)
+        return 1.0 / (time.perf_counter() - t)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens for the decode runs")
+    ap.add_argument("--new", type=int, default=128, help="new tokens per decode run")
+    ap.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for time-to-first-token (0: skip)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lmforge.interop.gguf_io import export_gguf
+
+    torch.manual_seed(0)
+    context = max(1024, args.ttft_prompt + 8)
+    cfg = ModelConfig(family="llama", vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+                      n_kv_head=args.kv_heads, d_model=args.d_model, d_ff=args.ffn, context=context,
+                      tie_embeddings=False)
+    fp32 = Transformer(cfg).eval()
+    ours = {"fp32": fp32,
+            "int8": quantize_model(copy.deepcopy(fp32), "int8", args.group_size, log=lambda *a: None),
+            "int4": quantize_model(copy.deepcopy(fp32), "int4", args.group_size, log=lambda *a: None)}
+    for name, model in ours.items():
+        reason = why_not(model)
+        if reason:
+            raise SystemExit(f"lmforge {name} cannot take the native path here: {reason}")
+    tokenizer = train_tokenizer(["placeholder text for the exported files"], vocab_size=300, min_frequency=1)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, args.vocab, (args.prompt,), generator=gen).tolist()
+    long_prompt = torch.randint(0, args.vocab, (args.ttft_prompt,), generator=gen).tolist()
+
+    decoders = {f"lmforge {name}": lmforge_decoder(model) for name, model in ours.items()}
+    decoders["lmforge fp32 (reference path)"] = lmforge_decoder(fp32, native=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        loaded = LoadedModel(fp32, tokenizer)
+        for qtype in ("f32", "q8_0", "q4_0"):
+            path = export_gguf(loaded, tmp / f"model-{qtype}.gguf", qtype)
+            decoders[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads, context, args.vocab)
+        if not args.no_transformers:
+            save_model_dir(fp32, tokenizer, tmp / "hf")
+            decoders["transformers fp32"] = transformers_decoder(tmp / "hf")
+
+        reference = decoders["lmforge fp32 (reference path)"](prompt, 16)
+        agree = {name: sum(a == b for a, b in zip(fn(prompt, 16), reference)) for name, fn in decoders.items()}
+        for fn in decoders.values():
+            fn(prompt, 4)  # warm-up
+        rates = interleaved({name: timed(fn, prompt, args.new) for name, fn in decoders.items()}, args.rounds)
+        first = {}
+        if args.ttft_prompt:
+            pairs = ["lmforge fp32", "llama.cpp f32", "lmforge int8", "llama.cpp q8_0", "lmforge int4", "llama.cpp q4_0"]
+            first = interleaved({name: ttft(decoders[name], long_prompt) for name in pairs}, args.rounds)
+        bandwidth = read_bandwidth()
+
+    print(f"machine: {machine()}")
+    print(f"model: llama {args.layers} x {args.d_model}, {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, "
+          f"{fp32.num_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, batch 1, "
+          f"{args.threads} threads, median of {args.rounds} alternating rounds")
+    print(f"read bandwidth (torch.sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'runtime':>30} {'tok/s':>7} {'MB/token':>9} {'roofline':>9}  vs llama.cpp     greedy tokens = reference")
+    for name, r in rates.items():
+        method = name.split()[1] if name.startswith("lmforge ") else None
+        extra = ""
+        if method in ours and "reference" not in name:
+            mb = matmul_bytes(ours[method])
+            peer, target = TARGETS[method]
+            ratio = r / rates[peer]
+            extra = (f"{mb / 1e6:9.1f} {r * mb / bandwidth:8.0%}  {ratio:4.2f}x {peer.split()[1]:<5} "
+                     f"({'met' if ratio >= target else 'MISSED'}: >= {target}x)")
+        print(f"{name:>30} {r:7.1f} {extra:<48} {agree[name]}/16")
+    if first:
+        print(f"time to first token, {args.ttft_prompt}-token prompt (prefill + 1 token):")
+        for ours_name, peer in (("lmforge fp32", "llama.cpp f32"), ("lmforge int8", "llama.cpp q8_0"),
+                                ("lmforge int4", "llama.cpp q4_0")):
+            a, b = 1 / first[ours_name], 1 / first[peer]
+            print(f"  {ours_name}: {a:.3f} s   {peer}: {b:.3f} s   ({b / a:.2f}x llama.cpp's speed)")
+
+
+if __name__ == "__main__":
+    main()

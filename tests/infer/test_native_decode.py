@@ -1,0 +1,154 @@
+"""The native batch-1 decoder (lmforge/native/decode.c) against the PyTorch reference path:
+every family, odd shapes, long prompts, the cache at the context limit, quantized layers
+within the quantizer's error, the engine and the CLI's switch, and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+from typing import get_args
+
+import pytest
+import torch
+
+from lmforge import native
+from lmforge.compress.quantize import quantize_model
+from lmforge.config import Family
+from lmforge.infer.engine import Engine, Request
+from lmforge.infer.generate import generate_ids
+from lmforge.infer.native_decode import NativeDecoder, step_cache, why_not
+from lmforge.infer.sampling import SamplingParams
+
+FAMILY_CASES = [(f, {"sliding_window": 6} if f in ("mistral", "phi3") else {}) for f in get_args(Family)]
+FAMILY_IDS = [f + ("-window6" if extra else "") for f, extra in FAMILY_CASES]
+
+
+def prompt(length: int, vocab: int, seed: int = 1) -> list[int]:
+    return torch.randint(1, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(model, ids: list[int], n: int, native: bool) -> list[int]:
+    out, _ = generate_ids(model, [ids], SamplingParams(max_new_tokens=n), eos_id=None, native=native)
+    return out[0]
+
+
+@torch.inference_mode()
+def stepwise_logits(model, ids: list[int], feed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (steps, vocab) for feeding `feed` one token at a time after the prompt `ids`:
+    (reference path, native path), each from its own cache."""
+    ref_cache, nat_cache = model.new_cache(1), model.new_cache(1)
+    x = torch.tensor([ids])
+    model(x, ref_cache, last_only=True)
+    model(x, nat_cache, last_only=True)
+    decoder = NativeDecoder.for_cache(model, nat_cache)
+    assert decoder is not None, why_not(model)
+    ref, got = [], []
+    for token in feed:
+        ref.append(model(torch.tensor([[token]]), ref_cache, last_only=True)[0, -1])
+        got.append(step_cache(decoder, nat_cache, token)[0])
+    return torch.stack(ref), torch.stack(got)
+
+
+# Odd shapes: vocabulary 331 and d_model 72 (head_dim 18) divide by none of 8/32/128, so
+# every fp32 kernel runs its remainder loops; ffn 100 likewise.
+@pytest.mark.parametrize(("family", "extra"), FAMILY_CASES, ids=FAMILY_IDS)
+def test_fp32_native_path_gives_the_reference_logits_and_greedy_tokens(make_model, family, extra):
+    model = make_model(family, vocab_size=331, d_model=72, d_ff=100, context=48, init_std=0.3, **extra)
+    ids = prompt(5, 331)
+    ref, got = stepwise_logits(model, ids, prompt(30, 331, seed=2))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    tokens = greedy(model, ids, 40, native=True)
+    assert tokens == greedy(model, ids, 40, native=False)
+    assert len(set(tokens)) >= 5  # a real sequence, not one token repeated
+
+
+def test_long_prompt_and_the_cache_filled_to_the_context_limit(make_model):
+    model = make_model("mistral", context=256, init_std=0.1, sliding_window=40)
+    ids = prompt(200, 320)
+    tokens = greedy(model, ids, 100, native=True)  # stops at the context: 56 new tokens
+    assert len(tokens) == 56
+    assert tokens == greedy(model, ids, 100, native=False)
+
+
+def test_a_step_past_the_cache_capacity_is_refused(make_model):
+    model = make_model("llama")
+    cache = model.new_cache(1, capacity=4)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache)
+        decoder = NativeDecoder.for_cache(model, cache)
+        step_cache(decoder, cache, 5)
+        with pytest.raises(ValueError, match="KV cache full"):
+            step_cache(decoder, cache, 6)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_quantized_native_path_matches_the_dequantized_model_within_the_quantizer_error(make_model, family, method):
+    base = make_model(family, vocab_size=333, d_model=64, context=48, init_std=0.1)
+    model = quantize_model(copy.deepcopy(base), method, 32, log=lambda *a: None)
+    # The reference: the same quantized weights, dequantized into a plain fp32 model.
+    dequantized = copy.deepcopy(base)
+    for name, module in model.named_modules():
+        if hasattr(module, "qweight"):
+            dequantized.get_submodule(name).weight.data.copy_(module.dequantize())
+    ids, feed = prompt(6, 333), prompt(20, 333, seed=3)
+    ref, got = stepwise_logits(model, ids, feed)
+    exact, _ = stepwise_logits(dequantized, ids, feed)
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    # Activations are quantized to int8 per block of 32 on the fly: ~1% of the logits' size,
+    # no worse than the reference path (which for w8a8 is fbgemm's per-tensor activation scale).
+    assert rel(got, exact) < 0.03
+    assert rel(got, exact) <= max(1.5 * rel(ref, exact), 0.01)
+
+
+def test_batches_lora_models_and_encoders_stay_on_the_reference_path(make_model):
+    from lmforge.model.lora import LoraSettings, apply_lora
+
+    model = make_model("llama")
+    assert why_not(model) is None
+    assert NativeDecoder.for_cache(model, model.new_cache(2)) is None  # batch 2
+    lora = apply_lora(copy.deepcopy(model), LoraSettings(r=4))
+    assert "LoraLinear layers are not covered" in why_not(lora)
+    assert greedy(lora, [1, 2, 3], 5, native=True) == greedy(lora, [1, 2, 3], 5, native=False)
+    assert "encoder" in why_not(make_model("llama", causal=False))
+    bf16 = make_model("llama").to(torch.bfloat16)
+    assert "bfloat16" in why_not(bf16)
+
+
+def test_without_native_kernels_generation_falls_back(make_model, monkeypatch):
+    model = make_model("llama", init_std=0.1)
+    expected = greedy(model, [1, 2, 3], 8, native=False)
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    native.kernels.cache_clear()
+    try:
+        assert "not available" in why_not(model)
+        assert greedy(model, [1, 2, 3], 8, native=True) == expected
+    finally:
+        monkeypatch.delenv("LMFORGE_NATIVE")
+        native.kernels.cache_clear()
+
+
+def test_engine_lone_sequence_native_equals_reference(make_model, tokenizer):
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, context=64, init_std=0.1)
+    request = Request(prompt=[5, 6, 7, 8], params=SamplingParams(max_new_tokens=20))
+    results = {}
+    for use_native in (True, False):
+        with Engine(model, tokenizer, max_batch=4, native=use_native) as engine:
+            assert (engine.native is not None) == use_native
+            (results[use_native],) = engine.generate([request], timeout=60)
+    assert results[True].token_ids == results[False].token_ids
+    assert results[True].token_ids == greedy(model, [5, 6, 7, 8], 20, native=False)[:len(results[True].token_ids)]
+
+
+def test_cli_generate_reference_path_flag(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    runner = CliRunner()
+    args = ["generate", str(tiny_model_dir), "-p", "hello", "--max-tokens", "12", "--no-stream"]
+    fast = runner.invoke(app, args)
+    ref = runner.invoke(app, args + ["--reference-path"])
+    assert fast.exit_code == 0 and ref.exit_code == 0, fast.output + ref.output
+    assert fast.output == ref.output
