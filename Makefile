@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	@# Build the C kernels now (a few seconds with gcc) rather than on the first decode.
+	$(BIN)/python -c "from lmforge import native; print('native kernels:', 'built' if native.kernels() else 'not available (no C compiler?): decoding runs on PyTorch alone')"
 	touch $(STAMP)
 
 demo: install

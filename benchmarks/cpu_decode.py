@@ -35,7 +35,7 @@ from lmforge.compress.quantize import quantize_model
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.infer.generate import generate_ids
-from lmforge.infer.native_decode import why_not
+from lmforge.infer.native_decode import NativeDecoder, step_cache, why_not
 from lmforge.infer.sampling import SamplingParams
 from lmforge.loaded import LoadedModel
 from lmforge.model import Transformer
@@ -107,6 +107,38 @@ def ttft(fn, prompt: list[int]):
     return run
 
 
+def profile(model: Transformer, prompt: list[int], n: int) -> tuple[dict[str, float], float]:
+    """Seconds per token in each phase of the native step (decode.c's own timers), and the
+    wall time per token of the whole loop (greedy pick and Python included)."""
+    cache = model.new_cache(1, len(prompt) + n + 1)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache, last_only=True)[:, -1]
+        decoder = NativeDecoder.for_cache(model, cache)
+
+        def steps() -> None:
+            nonlocal logits
+            for _ in range(n):
+                logits = step_cache(decoder, cache, int(logits.argmax()))
+
+        start = time.perf_counter()
+        phases = decoder.profile(steps)
+        wall = time.perf_counter() - start
+    return {k: v / n for k, v in phases.items()}, wall / n
+
+
+def print_profile(ours: dict[str, Transformer], prompt: list[int], n: int) -> None:
+    print(f"where a token's time goes (decode.c's phase timers, {n} steps; each phase includes its barrier wait):")
+    for name, model in ours.items():
+        phases, wall = profile(model, prompt, n)
+        matmul = sum(v for k, v in phases.items() if k.endswith("matmul"))
+        rest = {k: v for k, v in phases.items() if not k.endswith("matmul")}
+        outside = wall - sum(phases.values())
+        print(f"  {name}: {wall * 1e3:.2f} ms/token = matmuls {matmul * 1e3:.2f} ms "
+              f"({matmul / wall:.0%}, weights at {matmul_bytes(model) / matmul / 1e9:.1f} GB/s) + "
+              + " + ".join(f"{k} {v * 1e3:.3f}" for k, v in rest.items())
+              + f" + outside C (sampling, Python) {outside * 1e3:.3f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12)
@@ -122,6 +154,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
+    ap.add_argument("--profile", action="store_true", help="also print where lmforge's decode time goes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -190,6 +223,8 @@ def main() -> None:
                                 ("lmforge int4", "llama.cpp q4_0")):
             a, b = 1 / first[ours_name], 1 / first[peer]
             print(f"  {ours_name}: {a:.3f} s   {peer}: {b:.3f} s   ({b / a:.2f}x llama.cpp's speed)")
+    if args.profile:
+        print_profile(ours, prompt, args.new)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class LmforgeLM(LM):
         self.lm = lmforge.load(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else DEFAULT_BATCH
         self.max_gen_toks = int(max_gen_toks)
-        self._device = self.lm.model.lm_head.weight.device
+        self._device = self.lm.model.tok_emb.weight.device
         tok = self.lm.tokenizer
         self.prefix_id = tok.eos_id if tok.eos_id is not None else (tok.bos_id or 0)
 

@@ -38,7 +38,7 @@ def _result(total_nll: float, tokens: int, bytes_per_token: float) -> EvalResult
 
 @torch.no_grad()
 def _score_windows(model: Transformer, windows, autocast=None) -> tuple[float, int]:
-    device = model.lm_head.weight.device
+    device = model.tok_emb.weight.device
     total, count = 0.0, 0
     for x, y in windows:
         x, y = x.to(device), y.to(device)

@@ -92,7 +92,7 @@ def score_requests(model: Transformer, requests: Sequence[Request], batch_size: 
     # Longest contexts first: similar lengths share a batch, so little padding.
     order = sorted(groups, key=len, reverse=True)
     results: list[Score | None] = [None] * len(requests)
-    device = model.lm_head.weight.device
+    device = model.tok_emb.weight.device
     was_training = model.training
     model.eval()
     start = 0
@@ -143,7 +143,7 @@ def rolling_logprob(model: Transformer, ids: Sequence[int], bos_id: int) -> floa
     `evaluate_text`)."""
     tokens = [bos_id, *ids]
     window = model.config.context
-    device = model.lm_head.weight.device
+    device = model.tok_emb.weight.device
     total = 0.0
     for s in range(0, len(tokens) - 1, window):
         chunk = torch.tensor(tokens[s:s + window + 1], device=device)

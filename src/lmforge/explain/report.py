@@ -127,7 +127,7 @@ def explain(lm, prompt: str, out: str | Path, head: Head | None = None, labels: 
     ids = tok.encode(prompt)
     if len(ids) > model.config.context:
         raise LmforgeError(f"the prompt is {len(ids)} tokens, more than the model's context of {model.config.context}")
-    ids_t = torch.tensor(ids, device=model.lm_head.weight.device)
+    ids_t = torch.tensor(ids, device=model.tok_emb.weight.device)
     tokens = [_show(tok.decode([i])) for i in ids]
     model.eval()
     maps = attention_maps(model, ids_t).cpu()

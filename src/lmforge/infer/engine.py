@@ -163,7 +163,7 @@ class Engine:
         # A lone running sequence (slot 0) decodes through the native fast path where it applies.
         self.native = NativeDecoder.create(model, [k[0] for k in self.cache.k], [v[0] for v in self.cache.v]) \
             if native else None
-        self.device = model.lm_head.weight.device
+        self.device = model.tok_emb.weight.device
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # index == cache slot
         self._wake = threading.Condition()

@@ -99,7 +99,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
     finish = ["length"] * B
     if max_new == 0:
         return out, finish
-    device = model.lm_head.weight.device
+    device = model.tok_emb.weight.device
     ids = torch.full((B, longest), pad_id, dtype=torch.long)
     pad_mask = torch.zeros(B, longest, dtype=torch.bool)
     for r, row in enumerate(prompts):

@@ -41,7 +41,11 @@ class _Model(ctypes.Structure):
                                            "capacity", "window", "layernorm", "swiglu", "rope")] + [
         ("eps", c_float), ("tok_emb", c_void_p), ("pos_emb", c_void_p), ("rope_cos", c_void_p),
         ("rope_sin", c_void_p), ("norm_f_w", c_void_p), ("norm_f_b", c_void_p), ("lm_head", _Linear),
-        ("layers", c_void_p)]
+        ("layers", c_void_p), ("profile", c_void_p)]
+
+# The phases decode.c times when profiling (its enum, in order).
+PROFILE_PHASES = ("norm", "qkv matmul", "rope + cache write", "attention", "out-proj matmul", "up matmul",
+                  "activation", "down matmul", "lm_head matmul")
 
 
 class Unsupported(Exception):
@@ -99,7 +103,7 @@ class NativeDecoder:
             t(None if model.pos_emb is None else model.pos_emb.weight),
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),
             t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), _linear(model.lm_head, keep),
-            ctypes.addressof(layers))
+            ctypes.addressof(layers), None)
         self._layers, self._keep = layers, keep  # the C struct points into these: keep them alive
         self.lib, self.vocab = lib, cfg.vocab
 
@@ -135,6 +139,17 @@ class NativeDecoder:
         logits = torch.empty(1, self.vocab)
         self.lib.decode_step(ctypes.addressof(self.spec), token, pos, torch.get_num_threads(), logits.data_ptr())
         return logits
+
+
+    def profile(self, steps) -> dict[str, float]:
+        """Run `steps()` with the C side timing its phases; seconds per phase, in all."""
+        seconds = torch.zeros(len(PROFILE_PHASES), dtype=torch.float64)
+        self.spec.profile = seconds.data_ptr()
+        try:
+            steps()
+        finally:
+            self.spec.profile = None
+        return dict(zip(PROFILE_PHASES, seconds.tolist()))
 
 
 def step_cache(decoder: NativeDecoder, cache: KVCache, token: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ class SlotCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, slots: int, capacity: int | None = None) -> "SlotCache":
         cfg = model.config
-        p = model.lm_head.weight
+        p = model.tok_emb.weight
         return cls(cfg.n_layer, slots, cfg.kv_heads, cfg.dim_head, capacity or cfg.context, p.dtype, p.device)
 
     @property

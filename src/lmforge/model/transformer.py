@@ -248,7 +248,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         cfg = self.config
-        p = self.lm_head.weight
+        p = self.tok_emb.weight  # not lm_head: a quantized one would dequantize to answer
         return KVCache(cfg.n_layer, batch, cfg.kv_heads, cfg.dim_head, capacity or cfg.context, p.dtype, p.device)
 
     def num_params(self, non_embedding: bool = False) -> int:

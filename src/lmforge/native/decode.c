@@ -46,7 +46,12 @@ typedef struct {
     const float *norm_f_w, *norm_f_b;
     Linear lm_head;
     const Layer *layers;
+    double *profile; /* NULL, or PROFILE_PHASES seconds that each step adds to (thread 0's view) */
 } Model;
+
+/* Where a step's time goes, for benchmarks/cpu_decode.py --profile: each phase ends at a
+ * barrier, so a phase's time includes waiting for the slowest thread. */
+enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, PROFILE_PHASES };
 
 int decode_supported(void) {
 #ifdef __AVX2__
@@ -204,27 +209,47 @@ void decode_step(const Model *m, int token, int pos, int threads, float *logits)
     for (int i = 0; i < d; i++)
         ws.x[i] = m->tok_emb[(size_t)token * d + i] + (m->pos_emb ? m->pos_emb[(size_t)pos * d + i] : 0.0f);
 
+    double *prof = m->profile, last = prof ? omp_get_wtime() : 0.0;
+#define MARK(phase)                                 \
+    if (prof) {                                     \
+        _Pragma("omp master") {                     \
+            double now = omp_get_wtime();           \
+            prof[phase] += now - last, last = now;  \
+        }                                           \
+    }
 #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
     {
         for (int l = 0; l < m->n_layer; l++) {
             const Layer *L = &m->layers[l];
 #pragma omp single
             norm(m, ws.x, L->norm1_w, L->norm1_b, ws.h);
+            MARK(P_NORM)
             matvec(&L->qkv, ws.h, ws.qkv, 0, &ws);
+            MARK(P_QKV)
 #pragma omp single
             rope_and_cache(m, L, pos, &ws);
+            MARK(P_ROPE_CACHE)
             attend(m, L, pos, &ws);
+            MARK(P_ATTENTION)
             matvec(&L->proj, ws.att, ws.x, 1, &ws);
+            MARK(P_PROJ)
 #pragma omp single
             norm(m, ws.x, L->norm2_w, L->norm2_b, ws.h);
+            MARK(P_NORM)
             matvec(&L->up, ws.h, ws.up, 0, &ws);
+            MARK(P_UP)
             mlp_activation(m, &ws);
+            MARK(P_ACTIVATION)
             matvec(&L->down, ws.up, ws.x, 1, &ws);
+            MARK(P_DOWN)
         }
 #pragma omp single
         norm(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h);
+        MARK(P_NORM)
         matvec(&m->lm_head, ws.h, logits, 0, &ws);
+        MARK(P_LM_HEAD)
     }
+#undef MARK
     free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.scores);
     free(ws.xq), free(ws.xs), free(ws.gsum);
 }
