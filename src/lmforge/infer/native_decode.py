@@ -18,11 +18,16 @@ import torch
 import torch.nn as nn
 
 from lmforge import native
+from lmforge.compress.compare import matmul_bytes
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
 
 F32, Q4, Q8 = 0, 4, 8
+# Below this many bytes of weights a step takes microseconds, and its ~20 barriers per
+# layer cost more than a second thread saves (far more on a busy machine, where each
+# barrier waits for a descheduled thread): such models decode on one thread.
+PARALLEL_MIN_BYTES = 4 << 20
 
 
 class _Linear(ctypes.Structure):
@@ -106,6 +111,7 @@ class NativeDecoder:
             ctypes.addressof(layers), None)
         self._layers, self._keep = layers, keep  # the C struct points into these: keep them alive
         self.lib, self.vocab = lib, cfg.vocab
+        self.parallel = matmul_bytes(model) >= PARALLEL_MIN_BYTES
 
     @classmethod
     def create(cls, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor]) -> "NativeDecoder | None":
@@ -137,7 +143,8 @@ class NativeDecoder:
         if not 0 <= pos < self.capacity:
             raise ValueError(f"KV cache full: position {pos} is past its capacity of {self.capacity} tokens")
         logits = torch.empty(1, self.vocab)
-        self.lib.decode_step(ctypes.addressof(self.spec), token, pos, torch.get_num_threads(), logits.data_ptr())
+        threads = torch.get_num_threads() if self.parallel else 1
+        self.lib.decode_step(ctypes.addressof(self.spec), token, pos, threads, logits.data_ptr())
         return logits
 
 
