@@ -97,7 +97,7 @@ class LoadStats:
         return s
 
 
-def _check_messages(messages: Any, line: int, path: Path) -> list[dict[str, str]]:
+def check_messages(messages: Any, line: int, path: Path) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise LmforgeError(f"{path} line {line}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
@@ -125,6 +125,19 @@ def chat_pieces(tokenizer: TextTokenizer, messages: list[dict[str, str]]) -> lis
     return [(text, trained) for text, trained in pieces if text]
 
 
+def reply_pieces(tokenizer: TextTokenizer, messages: list[dict[str, str]], reply: str) -> list[tuple[str, bool]]:
+    """The conversation then the assistant's `reply`, rendered as `chat_pieces` renders it, with only
+    the reply (and what the template adds for its turn) trained: earlier assistant turns are context."""
+    conversation = [*messages, {"role": "assistant", "content": reply}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if tokenizer.apply_chat_template(conversation, add_generation_prompt=False) == prompt:
+        raise LmforgeError("the chat template renders nothing for the assistant's reply, so there is nothing to "
+                           "train on; check the model's chat_template")
+    pieces = chat_pieces(tokenizer, conversation)  # the reply's piece is not empty, so it is the last trained one
+    last = max(i for i, (_, trained) in enumerate(pieces) if trained)
+    return [(text, trained and i == last) for i, (text, trained) in enumerate(pieces)]
+
+
 def encode_pieces(tokenizer: TextTokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
     ids, labels = [], []
     for text, trained in pieces:
@@ -136,7 +149,7 @@ def encode_pieces(tokenizer: TextTokenizer, pieces: list[tuple[str, bool]]) -> t
 
 def encode_example(tokenizer: TextTokenizer, obj: dict[str, Any], line: int, path: Path) -> Example:
     if "messages" in obj:
-        messages = _check_messages(obj["messages"], line, path)
+        messages = check_messages(obj["messages"], line, path)
         if not any(m["role"] == "assistant" for m in messages):
             raise LmforgeError(f"{path} line {line}: the conversation has no assistant turn, so there is nothing "
                                "to learn from it; remove it or add the reply")

@@ -1,6 +1,12 @@
 """Direct preference optimization (Rafailov et al., 2023) on prompt/chosen/rejected JSONL.
 
     {"prompt": "Q: 2 + 2?\nA:", "chosen": " 4", "rejected": " 5"}
+    {"messages": [{"role": "user", "content": "2 + 2?"}], "chosen": "4", "rejected": "5"}
+
+A text prompt is continued as it is, as SFT continues a prompt/completion pair (the reply then
+EOS). A chat (`messages`, or `prompt` given as a list of messages) is rendered with the model's
+chat template exactly as SFT renders a conversation, the reply being the assistant's next turn
+(with the template's end-of-turn marker); earlier assistant turns are context.
 
 The loss is -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
 each log-probability summed over the response tokens. The reference is the model as training
@@ -16,7 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.sft import IGNORE, EpochBatches, Row, chunks, collate, encode_pieces, read_jsonl, split_validation
+from lmforge.data.sft import (
+    IGNORE, EpochBatches, Row, check_messages, chunks, collate, encode_pieces, read_jsonl, reply_pieces,
+    split_validation,
+)
 from lmforge.errors import LmforgeError
 
 
@@ -27,6 +36,29 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = y != IGNORE
     logp = torch.gather(logits.log_softmax(-1), 2, y.clamp(min=0)[..., None])[..., 0]
     return (logp * keep).sum(-1)
+
+
+def _context(obj: dict, line: int, path: str) -> str | list[dict[str, str]]:
+    """The text prompt, or the chat (a list of messages) that the replies answer."""
+    chat = obj.get("messages", obj.get("prompt"))
+    if isinstance(chat, str) and "messages" not in obj:
+        return chat
+    if not isinstance(chat, list):
+        raise LmforgeError(f"{path} line {line}: expected the context as 'prompt' (text) or 'messages' (a chat: "
+                           "a list of role/content messages)")
+    messages = check_messages(chat, line, Path(path))
+    if messages[-1]["role"] == "assistant":
+        raise LmforgeError(f"{path} line {line}: the chat ends with an assistant turn; it should end where the reply "
+                           "('chosen' or 'rejected') begins")
+    return messages
+
+
+def _reply(value, chat: bool):
+    """A reply as text; a chat's reply may also be given as one assistant message (the Hugging Face TRL layout)."""
+    if chat and isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        return value[0].get("content")
+    return value
 
 
 class DPOTask:
@@ -61,15 +93,21 @@ class DPOTask:
     def _load(self, path: str, tok, on_long: str) -> list[dict]:
         out, too_long = [], []
         for line, obj in read_jsonl(path):
-            if not all(isinstance(obj.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise LmforgeError(f"{path} line {line}: expected string fields 'prompt', 'chosen' and 'rejected'")
-            if obj["chosen"] == obj["rejected"]:
+            context = _context(obj, line, path)
+            replies = [_reply(obj.get(k), isinstance(context, list)) for k in ("chosen", "rejected")]
+            if not all(isinstance(r, str) for r in replies):
+                raise LmforgeError(f"{path} line {line}: expected string fields 'chosen' and 'rejected' (the two "
+                                   "replies)")
+            if replies[0] == replies[1]:
                 raise LmforgeError(f"{path} line {line}: chosen and rejected are the same text")
             rows = []
-            for key in ("chosen", "rejected"):
-                ids, labels = encode_pieces(tok, [(obj["prompt"], False), (obj[key], True)])
-                if tok.eos_id is not None:
-                    ids, labels = ids + [tok.eos_id], labels + [tok.eos_id]
+            for reply in replies:
+                if isinstance(context, list):
+                    ids, labels = encode_pieces(tok, reply_pieces(tok, context, reply))
+                else:
+                    ids, labels = encode_pieces(tok, [(context, False), (reply, True)])
+                    if tok.eos_id is not None:
+                        ids, labels = ids + [tok.eos_id], labels + [tok.eos_id]
                 if len(ids) > self.context + 1:
                     too_long.append(line)
                     ids, labels = ids[:self.context + 1], labels[:self.context + 1]
