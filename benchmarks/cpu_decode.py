@@ -118,7 +118,7 @@ def profile(model: Transformer, prompt: list[int], n: int) -> tuple[dict[str, fl
         def steps() -> None:
             nonlocal logits
             for _ in range(n):
-                logits = step_cache(decoder, cache, int(logits.argmax()))
+                logits = step_cache(decoder, cache, [int(logits.argmax())])
 
         start = time.perf_counter()
         phases = decoder.profile(steps)

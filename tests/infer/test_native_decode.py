@@ -32,19 +32,24 @@ def greedy(model, ids: list[int], n: int, native: bool) -> list[int]:
 
 
 @torch.inference_mode()
-def stepwise_logits(model, ids: list[int], feed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (steps, vocab) for feeding `feed` one token at a time after the prompt `ids`:
-    (reference path, native path), each from its own cache."""
-    ref_cache, nat_cache = model.new_cache(1), model.new_cache(1)
-    x = torch.tensor([ids])
-    model(x, ref_cache, last_only=True)
-    model(x, nat_cache, last_only=True)
+def stepwise_logits(model, ids: list[int] | list[list[int]], feed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (steps, batch, vocab) for feeding `feed` one token at a time (the same token to
+    every row) after the prompt(s) `ids`, left-padded: (reference path, native path), each
+    from its own cache."""
+    prompts = ids if isinstance(ids[0], list) else [ids]
+    longest = max(len(p) for p in prompts)
+    x = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    pad = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
+    pad = None if bool(pad.all()) else pad
+    ref_cache, nat_cache = model.new_cache(len(prompts)), model.new_cache(len(prompts))
+    model(x, ref_cache, pad_mask=pad, last_only=True)
+    model(x, nat_cache, pad_mask=pad, last_only=True)
     decoder = NativeDecoder.for_cache(model, nat_cache)
     assert decoder is not None, why_not(model)
     ref, got = [], []
     for token in feed:
-        ref.append(model(torch.tensor([[token]]), ref_cache, last_only=True)[0, -1])
-        got.append(step_cache(decoder, nat_cache, token)[0])
+        ref.append(model(torch.full((len(prompts), 1), token), ref_cache, last_only=True)[:, -1])
+        got.append(step_cache(decoder, nat_cache, [token] * len(prompts)))
     return torch.stack(ref), torch.stack(got)
 
 
@@ -75,9 +80,9 @@ def test_a_step_past_the_cache_capacity_is_refused(make_model):
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), cache)
         decoder = NativeDecoder.for_cache(model, cache)
-        step_cache(decoder, cache, 5)
+        step_cache(decoder, cache, [5])
         with pytest.raises(ValueError, match="KV cache full"):
-            step_cache(decoder, cache, 6)
+            step_cache(decoder, cache, [6])
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
@@ -102,12 +107,31 @@ def test_quantized_native_path_matches_the_dequantized_model_within_the_quantize
     assert rel(got, exact) <= max(1.5 * rel(ref, exact), 0.01)
 
 
-def test_batches_lora_models_and_encoders_stay_on_the_reference_path(make_model):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_a_batch_of_left_padded_prompts_decodes_like_each_prompt_alone(make_model, family):
+    extra = {"sliding_window": 6} if family == "mistral" else {}
+    model = make_model(family, vocab_size=331, d_model=64, context=48, init_std=0.3, **extra)
+    prompts = [prompt(3, 331, seed=4), prompt(9, 331, seed=5), prompt(6, 331, seed=6)]
+    out, _ = generate_ids(model, prompts, SamplingParams(max_new_tokens=20), eos_id=None, native=True)
+    ref, _ = generate_ids(model, prompts, SamplingParams(max_new_tokens=20), eos_id=None, native=False)
+    assert out == ref == [greedy(model, p, 20, native=True) for p in prompts]
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_batch_steps_like_the_reference_batch(make_model, method):
+    model = quantize_model(make_model("llama", vocab_size=331, d_model=64, context=48, init_std=0.3), method, 32,
+                           log=lambda *a: None)
+    prompts = [prompt(3, 331, seed=4), prompt(9, 331, seed=5), prompt(6, 331, seed=6)]
+    ref, got = stepwise_logits(model, prompts, prompt(12, 331, seed=7))
+    # Both quantize each row's activations in blocks of 32; only the summation order differs.
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_lora_models_and_encoders_stay_on_the_reference_path(make_model):
     from lmforge.model.lora import LoraSettings, apply_lora
 
     model = make_model("llama")
     assert why_not(model) is None
-    assert NativeDecoder.for_cache(model, model.new_cache(2)) is None  # batch 2
     lora = apply_lora(copy.deepcopy(model), LoraSettings(r=4))
     assert "LoraLinear layers are not covered" in why_not(lora)
     assert greedy(lora, [1, 2, 3], 5, native=True) == greedy(lora, [1, 2, 3], 5, native=False)
@@ -129,16 +153,18 @@ def test_without_native_kernels_generation_falls_back(make_model, monkeypatch):
         native.kernels.cache_clear()
 
 
-def test_engine_lone_sequence_native_equals_reference(make_model, tokenizer):
-    model = make_model("llama", vocab_size=tokenizer.vocab_size, context=64, init_std=0.1)
-    request = Request(prompt=[5, 6, 7, 8], params=SamplingParams(max_new_tokens=20))
+def test_engine_batches_native_equal_reference(make_model, tokenizer):
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, context=64, init_std=0.3)
+    requests = [Request(prompt=prompt(n, tokenizer.vocab_size, seed=n), params=SamplingParams(max_new_tokens=m))
+                for n, m in ((4, 20), (9, 7), (2, 30), (6, 12))]  # they join and leave at different steps
     results = {}
     for use_native in (True, False):
-        with Engine(model, tokenizer, max_batch=4, native=use_native) as engine:
+        with Engine(model, tokenizer, max_batch=3, native=use_native) as engine:
             assert (engine.native is not None) == use_native
-            (results[use_native],) = engine.generate([request], timeout=60)
-    assert results[True].token_ids == results[False].token_ids
-    assert results[True].token_ids == greedy(model, [5, 6, 7, 8], 20, native=False)[:len(results[True].token_ids)]
+            results[use_native] = [r.token_ids for r in engine.generate(requests, timeout=60)]
+    assert results[True] == results[False]
+    alone = [greedy(model, r.prompt, r.params.max_new_tokens, native=False) for r in requests]
+    assert [ids == a[:len(ids)] for ids, a in zip(results[True], alone)] == [True] * 4
 
 
 def test_cli_generate_reference_path_flag(tiny_model_dir):

@@ -50,7 +50,7 @@ def decode_tokens_per_s(model: Transformer, new_tokens: int = 64, prompt: int = 
         for _ in range(new_tokens):
             nxt = logits.argmax(-1, keepdim=True)
             if decoder is not None:
-                logits = step_cache(decoder, cache, int(nxt[0]))
+                logits = step_cache(decoder, cache, nxt[:, 0].tolist())
             else:
                 logits = model(nxt, cache, last_only=True)[:, -1]
         if run:  # the first run warms caches and allocators

@@ -160,9 +160,8 @@ class Engine:
         self.context = model.config.context
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = SlotCache.for_model(model, max_batch)
-        # A lone running sequence (slot 0) decodes through the native fast path where it applies.
-        self.native = NativeDecoder.create(model, [k[0] for k in self.cache.k], [v[0] for v in self.cache.v]) \
-            if native else None
+        # Decoding steps run through the native decoder where it covers the model.
+        self.native = NativeDecoder.create(model, self.cache.k, self.cache.v) if native else None
         self.device = model.tok_emb.weight.device
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # index == cache slot
@@ -369,10 +368,10 @@ class Engine:
         n = len(self._running)
         if n == 0:
             return
-        if n == 1 and self.native is not None:
-            pos = self.cache.lengths[0]
-            logits = self.native.step(self._running[0].row.ids[-1], pos)
-            self.cache.lengths[0] = pos + 1
+        if self.native is not None:
+            positions = self.cache.lengths[:n]
+            logits = self.native.step([s.row.ids[-1] for s in self._running], positions)
+            self.cache.lengths[:n] = [p + 1 for p in positions]
         else:
             last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
             self.cache.bind_decode(n)

@@ -87,8 +87,8 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
     """The decoding loop on token ids: (new ids per row, finish reason per row).
 
     A row finishes on `eos_id` (not included in its ids), when `on_token` says so, or at
-    `max_new_tokens` / the context limit ("length"). A single prompt decodes through the
-    native fast path where the model allows it (`native=False` forces the PyTorch model)."""
+    `max_new_tokens` / the context limit ("length"). After the prefill, steps run through the
+    native decoder where the model allows it (`native=False` forces the PyTorch model)."""
     context = model.config.context
     longest = max(len(ids) for ids in prompts)
     if longest >= context:
@@ -135,7 +135,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
         if all(done) or step == max_new - 1:
             break
         if decoder is not None:
-            logits = step_cache(decoder, cache, int(nxt[0]))
+            logits = step_cache(decoder, cache, nxt.tolist())
         else:
             logits = model(nxt[:, None], cache, last_only=True)[:, -1]
     return out, finish

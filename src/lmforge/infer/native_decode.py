@@ -1,9 +1,9 @@
-"""The fast path for batch-1 decoding: one call into C (`lmforge/native/decode.c`) per token.
+"""The fast path for decoding: one call into C (`lmforge/native/decode.c`) per step.
 
 The PyTorch model stays the reference and does the prefill (compute-bound: MKL's matmuls
-win there); once the prompt is in the KV cache, each new token goes through `decode_step`,
-which reads the model's own weight and cache tensors in place (nothing is copied) for
-fp32, int8, int4 and w8a8 layers alike. `NativeDecoder.create` returns None, with the
+win there); once the prompts are in the KV cache, each step (one new token for each
+sequence of the batch) goes through `decode_step`, which reads the model's own weight and
+cache tensors in place (nothing is copied) for fp32, int8, int4 and w8a8 layers alike. `NativeDecoder.create` returns None, with the
 reason in `why_not`, for anything the C side does not cover, and callers then stay on
 the reference path: a LoRA-wrapped or training-mode model with dropout, a bidirectional
 encoder, non-fp32 or non-CPU tensors, a CPU without AVX2, no C compiler, LMFORGE_NATIVE=0.
@@ -53,6 +53,11 @@ PROFILE_PHASES = ("norm", "qkv matmul", "rope + cache write", "attention", "out-
                   "activation", "down matmul", "lm_head matmul")
 
 
+class _Rows(ctypes.Structure):
+    _fields_ = [("B", c_int), ("token", c_void_p), ("pos", c_void_p), ("slot", c_void_p), ("first", c_void_p),
+                ("row_stride", ctypes.c_long)]
+
+
 class Unsupported(Exception):
     """Why a model cannot take the native path (the reference path then runs it)."""
 
@@ -82,8 +87,8 @@ def _linear(m: nn.Module, keep: list[torch.Tensor]) -> _Linear:
 
 
 class NativeDecoder:
-    """Decodes one sequence whose cache is `keys[layer]`, `values[layer]`, each
-    (n_kv_head, capacity, head_dim): row 0 of a `KVCache` or one slot of a `SlotCache`."""
+    """Decodes the sequences held in a KV cache: `keys[layer]` and `values[layer]` are each
+    (rows, n_kv_head, capacity, head_dim), row r one sequence (a `KVCache` or `SlotCache`)."""
 
     def __init__(self, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor], lib: ctypes.CDLL):
         cfg = model.config
@@ -100,7 +105,8 @@ class NativeDecoder:
                                _linear(block.attn.qkv, keep), _linear(block.attn.proj, keep),
                                _linear(block.mlp.up, keep), _linear(block.mlp.down, keep),
                                t(keys[i]), t(values[i]))
-        self.capacity = keys[0].shape[1]
+        self.rows, _, self.capacity, _ = keys[0].shape
+        self.row_stride = keys[0].stride(0)
         self.spec = _Model(
             cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head, cfg.ffn_dim, cfg.vocab,
             self.capacity, cfg.sliding_window or 0, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"),
@@ -112,6 +118,7 @@ class NativeDecoder:
         self._layers, self._keep = layers, keep  # the C struct points into these: keep them alive
         self.lib, self.vocab = lib, cfg.vocab
         self.parallel = matmul_bytes(model) >= PARALLEL_MIN_BYTES
+        self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
 
     @classmethod
     def create(cls, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor]) -> "NativeDecoder | None":
@@ -132,21 +139,30 @@ class NativeDecoder:
 
     @classmethod
     def for_cache(cls, model: Transformer, cache: KVCache) -> "NativeDecoder | None":
-        """A decoder for the single unpadded sequence of `cache`, or None."""
-        if cache.batch != 1 or cache.has_padding:
-            return None
-        return cls.create(model, [k[0] for k in cache.k], [v[0] for v in cache.v])
+        """A decoder for the batch in `cache` (prompts already in it, left padding included), or None."""
+        decoder = cls.create(model, cache.k, cache.v)
+        if decoder is not None and cache.has_padding:
+            decoder.first = (~cache.valid[:, :cache.length]).sum(dim=1).tolist()
+        return decoder
 
-    def step(self, token: int, pos: int) -> torch.Tensor:
-        """Feed the token at position `pos` (slots 0..pos-1 hold the sequence so far) and
-        write its keys and values to slot `pos`; its logits (1, vocab)."""
-        if not 0 <= pos < self.capacity:
-            raise ValueError(f"KV cache full: position {pos} is past its capacity of {self.capacity} tokens")
-        logits = torch.empty(1, self.vocab)
+    def step(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """Feed tokens[b] to cache row b (b < len(tokens)) at `positions[b]`, writing its keys and
+        values to slot `slots[b]` (default: the position; row b's sequence fills slots
+        first[b]..slots[b]-1); the logits (len(tokens), vocab)."""
+        B = len(tokens)
+        slots = positions if slots is None else slots
+        if not 0 < B <= self.rows:
+            raise ValueError(f"{B} sequences for a cache of {self.rows} rows")
+        if max(slots) >= self.capacity:
+            raise ValueError(f"KV cache full: slot {max(slots)} is past its capacity of {self.capacity} tokens")
+        ints = ctypes.c_int * B
+        token, pos, slot, first = ints(*tokens), ints(*positions), ints(*slots), ints(*self.first[:B])
+        rows = _Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
+                     ctypes.addressof(first), self.row_stride)
+        logits = torch.empty(B, self.vocab)
         threads = torch.get_num_threads() if self.parallel else 1
-        self.lib.decode_step(ctypes.addressof(self.spec), token, pos, threads, logits.data_ptr())
+        self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())
         return logits
-
 
     def profile(self, steps) -> dict[str, float]:
         """Run `steps()` with the C side timing its phases; seconds per phase, in all."""
@@ -159,11 +175,12 @@ class NativeDecoder:
         return dict(zip(PROFILE_PHASES, seconds.tolist()))
 
 
-def step_cache(decoder: NativeDecoder, cache: KVCache, token: int) -> torch.Tensor:
-    """`decoder.step` on the next position of a batch-1 `KVCache`, keeping its bookkeeping."""
-    pos = cache.length
-    logits = decoder.step(token, pos)
-    cache.valid[0, pos] = True
+def step_cache(decoder: NativeDecoder, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+    """`decoder.step` for the next slot of every row of a `KVCache`, keeping its bookkeeping."""
+    slot = cache.length
+    positions = [slot - first for first in decoder.first[:len(tokens)]]
+    logits = decoder.step(tokens, positions, [slot] * len(tokens))
+    cache.valid[:, slot] = True
     cache.advance(1)
     return logits
 
@@ -172,7 +189,7 @@ def why_not(model: Transformer, keys: list[torch.Tensor] | None = None) -> str |
     """Why `model` cannot decode natively, or None if it can."""
     if keys is None:
         cfg = model.config
-        keys = [torch.zeros(cfg.kv_heads, 1, cfg.dim_head) for _ in range(cfg.n_layer)]
+        keys = [torch.zeros(1, cfg.kv_heads, 1, cfg.dim_head) for _ in range(cfg.n_layer)]
     try:
         NativeDecoder._create(model, keys, keys)
     except Unsupported as e:

@@ -36,7 +36,7 @@ SIGNATURES = {  # name: (argument types, result type)
     "qlinear": ([_i, _p, _i, _i, _p, _p, _p, _i, _i, _p, _p], None),
     "dequant": ([_i, _p, _p, _p, _i, _i, _i, _p], None),
     "decode_supported": ([], _i),
-    "decode_step": ([_p, _i, _i, _i, _p], None),
+    "decode_step": ([_p, _p, _i, _p], None),
 }
 
 

@@ -1,13 +1,14 @@
-/* One batch-1 decoding step of the whole Transformer in C: token in, logits out.
+/* One decoding step of the whole Transformer in C: a token per sequence in, logits out.
  *
  * At batch 1 a step reads every weight once and does little arithmetic per byte, so its
  * speed is set by how fast the weights stream from memory. Through PyTorch, the per-op
  * dispatch (a dozen ops per layer) and MKL's matrix-vector product (which streams an
  * (out, in) weight at well under the machine's bandwidth on two cores) leave most of that
  * speed on the table. Here the step runs inside one OpenMP parallel region: each matmul
- * splits its output rows among the threads (kernels.h), the small per-token work (norms,
- * rotary embedding, the cache write) runs on one thread between barriers, and attention
- * splits the heads.
+ * splits its output rows among the threads (kernels.h), and so do the norms, the rotary
+ * embedding and cache write (by sequence) and attention (by sequence and head), with a
+ * barrier between phases. Several sequences (a serving engine's running batch) share each
+ * weight row while it is in cache, so a batch costs little more memory traffic than one.
  *
  * Covers the families of lmforge.model.Transformer: LayerNorm or RMSNorm, learned or
  * rotary positions, GELU (tanh) or SwiGLU, optional biases, grouped-query attention,
@@ -34,7 +35,7 @@ typedef struct {
 typedef struct {
     const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* the _b are NULL for RMSNorm */
     Linear qkv, proj, up, down;
-    float *k, *v; /* this layer's cache for batch row 0: (n_kv, capacity, head_dim) */
+    float *k, *v; /* this layer's cache, row 0 of (rows, n_kv, capacity, head_dim) */
 } Layer;
 
 typedef struct {
@@ -62,36 +63,51 @@ int decode_supported(void) {
 }
 
 #ifdef __AVX2__
-/* What the team shares within a step: activations and the quantized copy of the current
- * matmul input. */
+/* One decoding step's rows: row b feeds token[b] at rotary/learned position pos[b], writes
+ * its keys and values to cache slot slot[b] of cache row b, and attends to its slots
+ * first[b]..slot[b] (first > 0: a left-padded prompt in a batch started together). */
 typedef struct {
-    float *x, *h, *qkv, *att, *up, *scores, *xs, *gsum;
+    int B;
+    const int *token, *pos, *slot, *first;
+    long row_stride; /* floats from one cache row (sequence) to the next */
+} Rows;
+
+/* What the team shares within a step: activations (B rows each) and the quantized copy of
+ * the current matmul input. */
+typedef struct {
+    float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
     int8_t *xq;
 } Work;
 
 static int max_int(int a, int b) { return a > b ? a : b; }
 
-/* Every thread of the team calls this; the output rows are split among them. y[n] is
- * W[n] . x + bias[n], added to y[n] when `accumulate` (a residual connection). */
-static void matvec(const Linear *L, const float *x, float *y, int accumulate, Work *ws) {
-    const int N = L->N, K = L->K;
+/* Every thread of the team calls this; the output rows n are split among them, and each
+ * weight row, once read, serves all B activation rows from the cache. y[b,n] is
+ * W[n] . x[b] + bias[n], added to y[b,n] when `accumulate` (a residual connection). */
+static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws) {
+    const int N = L->N, K = L->K, groups = L->kind == Q4 ? K / L->G : 0;
     if (L->kind != F32) {
 #pragma omp single
         {
-            quantize_rows(x, 1, K, ws->xq, ws->xs);
-            if (L->kind == Q4) group_sums(ws->xq, ws->xs, K, L->G, ws->gsum);
+            quantize_rows(x, B, K, ws->xq, ws->xs);
+            for (int b = 0; b < B && L->kind == Q4; b++)
+                group_sums(ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK), K, L->G, ws->gsum + (size_t)b * groups);
         }
     }
-    const int groups = L->kind == Q4 ? K / L->G : 0;
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
-        float v;
-        if (L->kind == F32) v = f32_row(x, K, (const float *)L->w + (size_t)n * K);
-        else if (L->kind == Q8) v = q8_row(ws->xq, ws->xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
-        else v = q4_row(ws->xq, ws->xs, ws->gsum, K, (const uint8_t *)L->w + (size_t)n * K / 2,
-                        L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
-        if (L->bias) v += L->bias[n];
-        y[n] = accumulate ? y[n] + v : v;
+        for (int b = 0; b < B; b++) {
+            const int8_t *xq = ws->xq + (size_t)b * K;
+            const float *xs = ws->xs + (size_t)b * (K / QK);
+            float v;
+            if (L->kind == F32) v = f32_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * K);
+            else if (L->kind == Q8) v = q8_row(xq, xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
+            else v = q4_row(xq, xs, ws->gsum + (size_t)b * groups, K, (const uint8_t *)L->w + (size_t)n * K / 2,
+                            L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
+            if (L->bias) v += L->bias[n];
+            float *out = y + (size_t)b * N + n;
+            *out = accumulate ? *out + v : v;
+        }
     }
 }
 
@@ -110,6 +126,11 @@ static void norm(const Model *m, const float *x, const float *w, const float *b,
         float inv = 1.0f / sqrtf(ss / d + m->eps);
         for (int i = 0; i < d; i++) out[i] = w[i] * (x[i] * inv);
     }
+}
+
+static void norm_rows(const Model *m, const float *x, const float *w, const float *bias, float *out, int B) {
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) norm(m, x + (size_t)b * m->d_model, w, bias, out + (size_t)b * m->d_model);
 }
 
 /* x * cos + rotate_half(x) * sin, in place, for one head. */
@@ -131,24 +152,27 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* Attention of one new query per head over the cached slots lo..pos (team-shared). */
-static void attend(const Model *m, const Layer *L, int pos, Work *ws) {
-    const int hd = m->head_dim, group = m->n_head / m->n_kv, cap = m->capacity;
-    const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0;
+/* Attention of each row's new query, per head, over its cached slots (team-shared). */
+static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
+    const int hd = m->head_dim, group = m->n_head / m->n_kv, cap = m->capacity, width = (m->n_head + 2 * m->n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(static)
-    for (int h = 0; h < m->n_head; h++) {
-        const float *q = ws->qkv + (size_t)h * hd;
-        const float *k = L->k + (size_t)(h / group) * cap * hd, *v = L->v + (size_t)(h / group) * cap * hd;
-        float *s = ws->scores + (size_t)h * cap, *out = ws->att + (size_t)h * hd;
+    for (int bh = 0; bh < r->B * m->n_head; bh++) {
+        const int b = bh / m->n_head, h = bh % m->n_head, end = r->slot[b];
+        int lo = r->first[b];
+        if (m->window > 0 && end - m->window + 1 > lo) lo = end - m->window + 1;
+        const float *q = ws->qkv + (size_t)b * width + (size_t)h * hd;
+        const size_t base = (size_t)b * r->row_stride + (size_t)(h / group) * cap * hd;
+        const float *k = L->k + base, *v = L->v + base;
+        float *s = ws->scores + (size_t)bh * cap, *out = ws->att + (size_t)bh * hd;
         float top = -INFINITY, total = 0.0f;
-        for (int j = lo; j <= pos; j++) {
+        for (int j = lo; j <= end; j++) {
             s[j] = dot(q, k + (size_t)j * hd, hd) * scale;
             top = fmaxf(top, s[j]);
         }
-        for (int j = lo; j <= pos; j++) total += s[j] = expf(s[j] - top);
+        for (int j = lo; j <= end; j++) total += s[j] = expf(s[j] - top);
         for (int i = 0; i < hd; i++) out[i] = 0.0f;
-        for (int j = lo; j <= pos; j++) {
+        for (int j = lo; j <= end; j++) {
             __m256 p = _mm256_set1_ps(s[j] / total);
             const float *vj = v + (size_t)j * hd;
             int i = 0;
@@ -161,53 +185,61 @@ static void attend(const Model *m, const Layer *L, int pos, Work *ws) {
 
 static float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 
-static void mlp_activation(const Model *m, Work *ws) {
-    const int f = m->ffn;
+static void mlp_activation(const Model *m, Work *ws, int B) {
+    const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f;
 #pragma omp for schedule(static)
-    for (int i = 0; i < f; i++) {
+    for (int bi = 0; bi < B * f; bi++) {
+        const float *row = ws->up + (size_t)(bi / f) * stride;
+        const int i = bi % f;
         if (m->swiglu) {
-            float g = ws->up[i];
-            ws->up[i] = g / (1.0f + expf(-g)) * ws->up[f + i];
+            float g = row[i];
+            ws->act[bi] = g / (1.0f + expf(-g)) * row[f + i];
         } else {
-            ws->up[i] = gelu_tanh(ws->up[i]);
+            ws->act[bi] = gelu_tanh(row[i]);
         }
     }
 }
 
-/* Rotary embedding of this token's query and key heads, and its key/value into the cache. */
-static void rope_and_cache(const Model *m, const Layer *L, int pos, Work *ws) {
-    const int hd = m->head_dim, nq = m->n_head * hd, nkv = m->n_kv * hd;
-    float *q = ws->qkv, *k = ws->qkv + nq, *v = ws->qkv + nq + nkv;
-    if (m->rope) {
-        const float *cos = m->rope_cos + (size_t)pos * hd, *sin = m->rope_sin + (size_t)pos * hd;
-        for (int h = 0; h < m->n_head; h++) rotate(q + h * hd, cos, sin, hd);
-        for (int h = 0; h < m->n_kv; h++) rotate(k + h * hd, cos, sin, hd);
-    }
-    for (int h = 0; h < m->n_kv; h++) {
-        memcpy(L->k + ((size_t)h * m->capacity + pos) * hd, k + h * hd, sizeof(float) * hd);
-        memcpy(L->v + ((size_t)h * m->capacity + pos) * hd, v + h * hd, sizeof(float) * hd);
+/* Rotary embedding of each row's query and key heads, and its key/value into its cache row. */
+static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *ws) {
+    const int hd = m->head_dim, nq = m->n_head * hd, nkv = m->n_kv * hd, width = nq + 2 * nkv;
+#pragma omp for schedule(static)
+    for (int b = 0; b < r->B; b++) {
+        float *q = ws->qkv + (size_t)b * width, *k = q + nq, *v = q + nq + nkv;
+        if (m->rope) {
+            const float *cos = m->rope_cos + (size_t)r->pos[b] * hd, *sin = m->rope_sin + (size_t)r->pos[b] * hd;
+            for (int h = 0; h < m->n_head; h++) rotate(q + h * hd, cos, sin, hd);
+            for (int h = 0; h < m->n_kv; h++) rotate(k + h * hd, cos, sin, hd);
+        }
+        for (int h = 0; h < m->n_kv; h++) {
+            size_t at = (size_t)b * r->row_stride + ((size_t)h * m->capacity + r->slot[b]) * hd;
+            memcpy(L->k + at, k + h * hd, sizeof(float) * hd);
+            memcpy(L->v + at, v + h * hd, sizeof(float) * hd);
+        }
     }
 }
 
-/* The token at position `pos` (its keys and values go to cache slot `pos`; slots 0..pos-1
- * hold the sequence so far) gives `logits` (vocab,). `threads` <= 0: OpenMP's default. */
-void decode_step(const Model *m, int token, int pos, int threads, float *logits) {
-    const int d = m->d_model, hd = m->head_dim;
+/* One step for the B rows described by `r`: logits (B, vocab). `threads` <= 0: OpenMP's default. */
+void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
+    const int d = m->d_model, hd = m->head_dim, B = r->B;
     const int width = (m->n_head + 2 * m->n_kv) * hd, up_width = (m->swiglu ? 2 : 1) * m->ffn;
     const int widest = max_int(max_int(d, m->ffn), m->n_head * hd);
     Work ws;
-    ws.x = malloc(sizeof(float) * d);
-    ws.h = malloc(sizeof(float) * d);
-    ws.qkv = malloc(sizeof(float) * width);
-    ws.att = malloc(sizeof(float) * m->n_head * hd);
-    ws.up = malloc(sizeof(float) * up_width);
-    ws.scores = malloc(sizeof(float) * (size_t)m->n_head * m->capacity);
-    ws.xq = malloc((size_t)widest + QK);
-    ws.xs = malloc(sizeof(float) * (widest / QK + 1));
-    ws.gsum = malloc(sizeof(float) * (widest / QK + 1));
+    ws.x = malloc(sizeof(float) * B * d);
+    ws.h = malloc(sizeof(float) * B * d);
+    ws.qkv = malloc(sizeof(float) * B * width);
+    ws.att = malloc(sizeof(float) * B * m->n_head * hd);
+    ws.up = malloc(sizeof(float) * B * up_width);
+    ws.act = malloc(sizeof(float) * B * m->ffn);
+    ws.scores = malloc(sizeof(float) * (size_t)B * m->n_head * m->capacity);
+    ws.xq = malloc((size_t)B * widest + QK);
+    ws.xs = malloc(sizeof(float) * B * (widest / QK + 1));
+    ws.gsum = malloc(sizeof(float) * B * (widest / QK + 1));
 
-    for (int i = 0; i < d; i++)
-        ws.x[i] = m->tok_emb[(size_t)token * d + i] + (m->pos_emb ? m->pos_emb[(size_t)pos * d + i] : 0.0f);
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < d; i++)
+            ws.x[(size_t)b * d + i] = m->tok_emb[(size_t)r->token[b] * d + i] +
+                                      (m->pos_emb ? m->pos_emb[(size_t)r->pos[b] * d + i] : 0.0f);
 
     double *prof = m->profile, last = prof ? omp_get_wtime() : 0.0;
 #define MARK(phase)                                 \
@@ -221,40 +253,36 @@ void decode_step(const Model *m, int token, int pos, int threads, float *logits)
     {
         for (int l = 0; l < m->n_layer; l++) {
             const Layer *L = &m->layers[l];
-#pragma omp single
-            norm(m, ws.x, L->norm1_w, L->norm1_b, ws.h);
+            norm_rows(m, ws.x, L->norm1_w, L->norm1_b, ws.h, B);
             MARK(P_NORM)
-            matvec(&L->qkv, ws.h, ws.qkv, 0, &ws);
+            matvec(&L->qkv, ws.h, ws.qkv, B, 0, &ws);
             MARK(P_QKV)
-#pragma omp single
-            rope_and_cache(m, L, pos, &ws);
+            rope_and_cache(m, L, r, &ws);
             MARK(P_ROPE_CACHE)
-            attend(m, L, pos, &ws);
+            attend(m, L, r, &ws);
             MARK(P_ATTENTION)
-            matvec(&L->proj, ws.att, ws.x, 1, &ws);
+            matvec(&L->proj, ws.att, ws.x, B, 1, &ws);
             MARK(P_PROJ)
-#pragma omp single
-            norm(m, ws.x, L->norm2_w, L->norm2_b, ws.h);
+            norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B);
             MARK(P_NORM)
-            matvec(&L->up, ws.h, ws.up, 0, &ws);
+            matvec(&L->up, ws.h, ws.up, B, 0, &ws);
             MARK(P_UP)
-            mlp_activation(m, &ws);
+            mlp_activation(m, &ws, B);
             MARK(P_ACTIVATION)
-            matvec(&L->down, ws.up, ws.x, 1, &ws);
+            matvec(&L->down, ws.act, ws.x, B, 1, &ws);
             MARK(P_DOWN)
         }
-#pragma omp single
-        norm(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h);
+        norm_rows(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h, B);
         MARK(P_NORM)
-        matvec(&m->lm_head, ws.h, logits, 0, &ws);
+        matvec(&m->lm_head, ws.h, logits, B, 0, &ws);
         MARK(P_LM_HEAD)
     }
 #undef MARK
-    free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.scores);
+    free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.act), free(ws.scores);
     free(ws.xq), free(ws.xs), free(ws.gsum);
 }
 #else
-void decode_step(const void *m, int token, int pos, int threads, float *logits) {
-    (void)m, (void)token, (void)pos, (void)threads, (void)logits; /* decode_supported() is 0 */
+void decode_step(const void *m, const void *r, int threads, float *logits) {
+    (void)m, (void)r, (void)threads, (void)logits; /* decode_supported() is 0 */
 }
 #endif

@@ -23,4 +23,4 @@ class ServeSettings:
     cors_origins: list[str] = field(default_factory=list)  # empty: no cross-origin access at all
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 256  # requests waiting beyond that, then 503
-    native_decode: bool = True  # a lone running sequence decodes through lmforge.infer.native_decode
+    native_decode: bool = True  # decoding steps run through lmforge.infer.native_decode
