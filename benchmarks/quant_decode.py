@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from common import read_bandwidth
+
 from lmforge.compress.compare import decode_tokens_per_s, matmul_bytes
 from lmforge.native import kernels
 from lmforge.compress.quantize import quantize_model
@@ -25,17 +27,6 @@ from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 
 TARGETS = {"int8": 1.8, "int4": 2.5}
-
-
-def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read (best of `repeats`)."""
-    buf = torch.ones(int(gigabytes * 1e9 / 4))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best
 
 
 def gpt2_small() -> Transformer:
