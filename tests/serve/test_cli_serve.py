@@ -49,6 +49,7 @@ def test_serve_command(cli, tiny_model_dir, tmp_path):
         _, err = proc.communicate(timeout=30)
     assert KEY not in err  # the access log names keys by digest only
     assert '"path": "/v1/completions"' in err
+    assert "decoding: native fast path" in err
 
 
 def test_serve_refuses_unsafe_or_broken_setups(tiny_model_dir, tmp_path, monkeypatch):

@@ -33,7 +33,19 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
         apply_adapter(m, adapter, merge=True)
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     native=settings.native_decode)
-    return create_app(engine, settings)
+    app = create_app(engine, settings)
+    app.state.engine = engine
+    return app
+
+
+def decode_path(engine) -> str:
+    """What runs the decoding steps, in words (the startup log says it)."""
+    from lmforge.infer.native_decode import why_not
+
+    if engine.native is not None:
+        return "native fast path (lmforge/native/decode.c)"
+    reason = why_not(engine.model) or "--reference-path given"
+    return f"PyTorch reference path ({reason})"
 
 
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
@@ -62,5 +74,6 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     access.propagate = False
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
+    print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, server_header=False,
                 timeout_graceful_shutdown=5)
