@@ -164,6 +164,7 @@ class TrainConfig(Section):
     compile: bool = False
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    loss_chunk: int = 0  # tokens per loss chunk (lm_head + cross-entropy), so all logits never exist at once; 0: off
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # older step checkpoints are deleted; 0 keeps all
     log_every: int = 10
@@ -177,6 +178,8 @@ class TrainConfig(Section):
             raise ValueError("lr must be positive")
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
+        if self.loss_chunk < 0:
+            raise ValueError("loss_chunk must be >= 0 (0 computes the loss in one piece)")
         return self
 
 

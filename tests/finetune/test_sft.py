@@ -160,3 +160,28 @@ def test_finetune_cli_and_config_errors(tmp_path, tok, cli):
     assert r.returncode == 2 and "not a module of this llama model" in r.stderr
     r = cli("finetune", base)
     assert r.returncode == 2 and "data.train is required" in r.stderr
+
+
+def test_sft_with_loss_chunk_ends_where_it_would_without(tmp_path, tok, monkeypatch):
+    """train.loss_chunk (lm_head + cross-entropy a few tokens at a time) is the same training."""
+    from safetensors.torch import load_file
+
+    from lmforge.train import losses
+
+    chunked_calls = []
+    chunked = losses.chunked_cross_entropy
+    monkeypatch.setattr(losses, "chunked_cross_entropy", lambda *a: chunked_calls.append(a[3]) or chunked(*a))
+    base = save_random_model(tmp_path / "base", "llama", tokenizer=tok, vocab_size=tok.vocab_size)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    results = []
+    for chunk in (0, 48):  # 48 does not divide the packed rows
+        over = {"method": "lora", "data": {"pack": True}, "eval": {"every": 2, "batches": 1},
+                "train": {"max_steps": 4, "loss_chunk": chunk}, "run": {"name": f"chunk-{chunk}"}}
+        results.append(finetune(sft_config(tmp_path, base, train, over), progress=False, log=lambda s: None))
+    assert chunked_calls == [48] * 4  # the second run's 4 steps, and only those
+    a, b = (load_file(str(r.output / "adapter_model.safetensors")) for r in results)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert results[0].train_loss == pytest.approx(results[1].train_loss, abs=1e-5)
+    dpo = {"task": "dpo", "train": {"loss_chunk": 8}}
+    with pytest.raises(LmforgeError, match="train.loss_chunk applies to pretraining and task sft"):
+        sft_config(tmp_path, base, train, dpo)

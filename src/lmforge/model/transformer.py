@@ -239,9 +239,13 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab); (B, 1, vocab) with `last_only` (what decoding needs)."""
+                segment_ids: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab); (B, 1, vocab) with `last_only` (what decoding needs).
+        `return_hidden`: the final hidden states (B, T, d_model) instead, through whatever wraps
+        the model (DDP, FSDP), for a loss that applies `lm_head` itself, chunk by chunk."""
         h = self.hidden_states(input_ids, kv_cache, pad_mask, segment_ids)
+        if return_hidden:
+            return h
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

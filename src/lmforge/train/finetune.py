@@ -106,6 +106,9 @@ class FinetuneConfig(Section):
             raise ValueError("only task mlm builds a model from scratch; other tasks adapt a base model")
         if self.model is not None and self.method != "full":
             raise ValueError("a model built from scratch trains in full (method: full)")
+        if self.train.loss_chunk and self.task != "sft":
+            raise ValueError(f"train.loss_chunk applies to pretraining and task sft; task {self.task} computes "
+                             "its own loss (leave it 0)")
         return self
 
     def to_yaml(self) -> str:

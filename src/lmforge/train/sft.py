@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.sft import IGNORE, EpochBatches, chunks, collate, load_sft, split_validation, to_rows
+from lmforge.train.losses import language_model_loss
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -27,6 +28,7 @@ class SFTTask:
         tok, context = loaded.tokenizer, loaded.config.context
         self.pack, self.pad_id = cfg.data.pack, tok.pad_id if tok.pad_id is not None else 0
         self.eval_batches, self.batch_size = cfg.eval.batches, cfg.train.batch_size
+        self.loss_chunk = cfg.train.loss_chunk
         examples, stats = load_sft(cfg.data.train, tok, context, cfg.data.on_long)
         log(f"sft data: {stats.describe()}")
         if cfg.data.val:
@@ -44,7 +46,8 @@ class SFTTask:
         return collate(self.batches.batch(index), self.pad_id, self.pack)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return masked_lm_loss(model(batch["input_ids"], segment_ids=batch.get("segment_ids")), batch["targets"])
+        return language_model_loss(model, model.lm_head, batch["input_ids"], batch["targets"], self.loss_chunk,
+                                   segment_ids=batch.get("segment_ids"))
 
     def evaluate(self, model) -> dict[str, float]:
         if not self.val_rows:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import Recipe, TrainConfig
 from lmforge.data.loader import BatchLoader, TokenSplit
@@ -37,6 +36,7 @@ from lmforge.model import Transformer
 from lmforge.model_dir import save_model_dir
 from lmforge.train import distributed
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer, lr_at
 
 
@@ -317,8 +317,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
             x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
             with distributed.no_gradient_sync(wrapped, ctx, micro == tc.grad_accum - 1):
                 with autocast:
-                    logits = step_fn(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    loss = language_model_loss(step_fn, model.lm_head, x, y, tc.loss_chunk)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -1,0 +1,83 @@
+"""The language-model loss, in one piece or in chunks of tokens (`train.loss_chunk`).
+
+In one piece, the logits of every token, (B*T, vocab) in fp32, exist at once, with their
+log-softmax and, in backward, their gradient: at vocabulary 50257 and 4 x 256 tokens that is
+~200 MB per copy. Chunked, the final hidden states go through `lm_head` and cross-entropy
+`chunk` rows at a time, and each chunk's gradients (with respect to the hidden states and to
+`lm_head`'s weight) are computed right away, while its softmax is at hand: forward keeps one
+chunk's logits at a time, backward only scales the gradients it was handed. No matmul is
+repeated, so a chunked step does the arithmetic of an unchunked one; the gradients equal the
+unchunked ones up to the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.data.sft import IGNORE
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk` rows at a time,
+    with the gradients of that sum computed in the same pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, ignore_index: int, need_hidden: bool, need_weight: bool):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h, weight).float()  # (c, vocab); under autocast the matmul is in its dtype
+            keep = y != ignore_index
+            y = y.clamp(min=0)  # ignored rows: any class; their loss and gradient are zeroed below
+            lse = logits.logsumexp(-1)
+            total += ((lse - logits.gather(1, y[:, None])[:, 0]) * keep).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+            grad_logits *= keep[:, None]  # d(summed loss)/d(logits), (c, vocab)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grad_logits @ weight.to(grad_logits.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
+                None, None, None, None, None)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          ignore_index: int = IGNORE) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` ((N, d) @ (d, vocab)) against `targets`
+    (N,), over the targets that are not `ignore_index`, as `F.cross_entropy` gives it, without
+    ever holding more than `chunk` rows of logits."""
+    grad = torch.is_grad_enabled()
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index,
+                                             grad and hidden.requires_grad, grad and weight.requires_grad)
+    return total / (targets != ignore_index).sum()
+
+
+def language_model_loss(forward: Callable[..., torch.Tensor], head: nn.Linear, input_ids: torch.Tensor,
+                        targets: torch.Tensor, chunk: int = 0, **forward_kwargs) -> torch.Tensor:
+    """Next-token cross-entropy of a Transformer over the targets that are not IGNORE.
+
+    `forward` is the model as the step calls it (possibly wrapped by DDP/FSDP, or compiled), so
+    the wrapper sees the forward pass; `head` is the model's own `lm_head`. With `chunk` > 0
+    the loss is `chunked_cross_entropy` over the final hidden states."""
+    if chunk:
+        hidden = forward(input_ids, return_hidden=True, **forward_kwargs)  # (B, T, C)
+        return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk)
+    logits = forward(input_ids, **forward_kwargs)  # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
