@@ -24,10 +24,12 @@ from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
 
 F32, Q4, Q8 = 0, 4, 8
-# Below this many bytes of weights a step takes microseconds, and its ~20 barriers per
-# layer cost more than a second thread saves (far more on a busy machine, where each
-# barrier waits for a descheduled thread): such models decode on one thread.
-PARALLEL_MIN_BYTES = 4 << 20
+# A step has about a dozen barriers per layer. Below this much work (bytes of weights times
+# sequences in the step) a one-thread step takes well under a millisecond and the barriers
+# cost more than a second thread saves; on a busy machine, where each barrier waits for a
+# descheduled thread, far more (a 2M-parameter model decoded 5x slower on two threads than
+# on one under load). Such steps run on one thread.
+PARALLEL_MIN_WORK = 32 << 20
 
 
 class _Linear(ctypes.Structure):
@@ -117,7 +119,7 @@ class NativeDecoder:
             ctypes.addressof(layers), None)
         self._layers, self._keep = layers, keep  # the C struct points into these: keep them alive
         self.lib, self.vocab = lib, cfg.vocab
-        self.parallel = matmul_bytes(model) >= PARALLEL_MIN_BYTES
+        self.weight_bytes = matmul_bytes(model)
         self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
 
     @classmethod
@@ -160,7 +162,7 @@ class NativeDecoder:
         rows = _Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
                      ctypes.addressof(first), self.row_stride)
         logits = torch.empty(B, self.vocab)
-        threads = torch.get_num_threads() if self.parallel else 1
+        threads = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
         self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())
         return logits
 
