@@ -111,11 +111,12 @@ def test_cancellation_and_backpressure(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=1, max_queue=2).start()
     try:
         events: list = []
-        first_token = threading.Event()
+        first_token, release = threading.Event(), threading.Event()
 
         def on_event(ev):
             events.append(ev)
             first_token.set()
+            release.wait(30)  # hold the engine in its step (decoding is fast) until the others are queued
 
         long = engine.submit(Request(tokenizer.encode("To be"), SamplingParams(max_new_tokens=90)), on_event)
         assert first_token.wait(30)
@@ -124,6 +125,7 @@ def test_cancellation_and_backpressure(model, tokenizer):
         with pytest.raises(EngineOverloaded):
             engine.submit(Request([5]), lambda ev: None)
         long.cancel()
+        release.set()
         deadline = time.monotonic() + 30
         while not all(w.finish_reason for w in waiting) and time.monotonic() < deadline:
             time.sleep(0.01)
