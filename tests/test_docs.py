@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-EXECUTED_PAGES = ["training.md", "eval.md", "explain.md", "scale.md", "finetune.md"]
+EXECUTED_PAGES = ["training.md", "eval.md", "explain.md", "scale.md", "finetune.md", "performance.md"]
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.M | re.S)
 
 
