@@ -46,11 +46,13 @@ def test_int4_packing_round_trips():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 5, 40])
-def test_kernel_matches_matmul_on_the_dequantized_weight(bits, rows):
+@pytest.mark.parametrize(("inputs", "group"), [(128, 64), (416, 32), (384, 128)])
+def test_kernel_matches_matmul_on_the_dequantized_weight(bits, rows, inputs, group):
+    # 416 = 13 blocks of 32 and 384 = 3 groups of 128: the wide (4-block) and narrow loops and their tails
     torch.manual_seed(0)
-    linear = nn.Linear(128, 37)  # 37 outputs: not a multiple of the kernel's 4-row tile
-    layer = QuantizedLinear.from_float(linear, bits, 64)
-    x = torch.randn(2, rows, 128)
+    linear = nn.Linear(inputs, 37)  # 37 outputs: odd
+    layer = QuantizedLinear.from_float(linear, bits, group)
+    x = torch.randn(2, rows, inputs)
     expected = F.linear(x, layer.dequantize(), layer.bias)
     got = layer(x)
     assert got.shape == (2, rows, 37)
