@@ -46,7 +46,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="new tokens per run")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
 
