@@ -151,6 +151,9 @@ def weight_files(folder: Path) -> list[Path]:
         return [folder / n for n in sorted(set(weight_map_index.values()))]
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
+    if (folder / "dcp" / ".metadata").is_file():  # train/checkpoint.py's sharded (multi-process) checkpoint
+        raise LmforgeError(f"{folder} is a sharded training checkpoint, not a model directory: make one with "
+                           f"`lmforge export-checkpoint {folder} --out DIR`")
     if pickle_files(folder):
         raise LmforgeError(f"{folder} holds only pickle weights ({pickle_files(folder)[0].name}), which can run "
                            "code when loaded. lmforge reads safetensors; if you trust the file, pass "

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lmforge
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
 from lmforge.train.trainer import TrainingInterrupted, train
@@ -137,6 +138,8 @@ def test_two_processes_equal_one(two_process_runs, parallel):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
     assert latest(root, parallel).name == "step-000008"
     assert_sharded(latest(root, parallel), per_rank_shards=parallel == "fsdp")
+    with pytest.raises(LmforgeError, match="export-checkpoint"):  # not a model directory, and load says so
+        lmforge.load(latest(root, parallel))
     # The consolidated export of the last checkpoint is the model directory the run wrote.
     assert_export_equals(run, run / "model", root / f"export-{parallel}")
 
