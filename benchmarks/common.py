@@ -6,13 +6,21 @@ reports medians, because this kind of machine is shared and its speed drifts.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+# Worker processes of the memory benchmarks: a fixed mmap threshold makes glibc hand large freed
+# blocks back to the OS, so the peak resident set follows the peak of live tensors.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def machine() -> str:
@@ -60,3 +68,35 @@ def interleaved(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, 
         for name, fn in runs.items():
             rates[name].append(fn())
     return {name: statistics.median(v) for name, v in rates.items()}
+
+
+def peak_bytes(device: str) -> int:
+    """Peak memory of this process: CUDA's allocator peak, or the peak resident set on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def llama_cpp_decoder(path, threads: int, context: int, vocab: int):
+    """Greedy decoding of a GGUF file through llama.cpp's C API (logits of the last position
+    only): decode(prompt ids, n) -> n new ids."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          logits_all=False, verbose=False)
+
+    def last_logits() -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,))
+
+    def decode(prompt: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for i in range(n):
+            out.append(int(last_logits().argmax()))
+            if i < n - 1:
+                llm.eval([out[-1]])
+        return out
+
+    return decode

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import interleaved, machine, read_bandwidth
+from common import interleaved, llama_cpp_decoder, machine, read_bandwidth
 
 from lmforge.compress.compare import matmul_bytes
 from lmforge.compress.quantize import quantize_model
@@ -48,30 +46,6 @@ def lmforge_decoder(model: Transformer, native: bool = True):
     def decode(prompt: list[int], n: int) -> list[int]:
         out, _ = generate_ids(model, [prompt], SamplingParams(max_new_tokens=n), eos_id=None, native=native)
         return out[0]
-    return decode
-
-
-def llama_cpp_decoder(path: Path, threads: int, context: int, vocab: int):
-    """Greedy decoding through llama.cpp's C API (logits of the last position only)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                          logits_all=False, verbose=False)
-
-    def last_logits() -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,))
-
-    def decode(prompt: list[int], n: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for i in range(n):
-            out.append(int(last_logits().argmax()))
-            if i < n - 1:
-                llm.eval([out[-1]])
-        return out
-
     return decode
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import interleaved, machine
+from common import interleaved, llama_cpp_decoder, machine
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import train_tokenizer
@@ -48,23 +48,6 @@ def onnx_decoder(path: Path, cfg: ModelConfig, threads: int):
             logits, *past = session.run(None, {"input_ids": ids, **dict(zip(inputs[1:], past))})
             out.append(int(logits[0, -1].argmax()))
             ids = np.array([[out[-1]]], dtype=np.int64)
-        return out
-
-    return decode
-
-
-def llama_cpp_decoder(path: Path, threads: int, context: int):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_batch=64, logits_all=True, verbose=False)
-
-    def decode(prompt: list[int], n: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for _ in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([out[-1]])
         return out
 
     return decode
@@ -111,7 +94,7 @@ def main() -> None:
 
             for qtype in ("f16", "q8_0"):
                 path = export_gguf(loaded, tmp / f"model-{qtype}.gguf", qtype)
-                decoders[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads, cfg.context)
+                decoders[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads, cfg.context, cfg.vocab)
         except ImportError:
             notes.append("llama.cpp: skipped, llama-cpp-python is not installed (pip install llama-cpp-python)")
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,10 +30,9 @@ from pathlib import Path
 
 import torch
 
+from common import WORKER_ENV, peak_bytes
+
 SETUPS = ("ours-lora", "peft-lora", "ours-full", "ours-qlora")
-# A fixed mmap threshold makes glibc hand large freed blocks back to the OS, so that the peak
-# resident set follows the peak of live tensors instead of the allocator's fragmentation.
-WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def build(args, setup: str):
@@ -67,12 +64,6 @@ def build(args, setup: str):
     model.to(args.device)
     saver = (lambda d: save_adapter(model, d, "benchmark")) if setup != "ours-full" else None
     return model, model, saver
-
-
-def peak_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(args) -> dict:
