@@ -126,7 +126,12 @@ def trial_states(db) -> list[str]:
 
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return [row[0] for row in conn.execute("SELECT state FROM trials")]
+            states = [row[0] for row in conn.execute("SELECT state FROM trials")]
+            # A running trial counts once its worker has written a heartbeat: killed before that,
+            # optuna can never tell it died, and a resumed study waits for it.
+            beating = {row[0] for row in conn.execute("SELECT trial_id FROM trial_heartbeats")}
+            running = [row[0] for row in conn.execute("SELECT trial_id FROM trials WHERE state = 'RUNNING'")]
+            return [st for st in states if st != "RUNNING"] + ["RUNNING" for t in running if t in beating]
     except sqlite3.Error:  # no file or no table yet
         return []
 
