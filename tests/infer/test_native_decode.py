@@ -66,6 +66,17 @@ def test_fp32_native_path_gives_the_reference_logits_and_greedy_tokens(make_mode
     assert len(set(tokens)) >= 5  # a real sequence, not one token repeated
 
 
+@pytest.mark.parametrize(("family", "extra"), FAMILY_CASES, ids=FAMILY_IDS)
+def test_a_batch_of_six_runs_the_tiled_kernel_and_gives_the_reference_logits(make_model, family, extra):
+    # From 4 rows on, fp32 matmuls take two weight rows against four activation rows at a
+    # time: 6 rows are one tile of four plus two rows alone, and the odd vocabulary (331)
+    # leaves a last weight row without a partner; ffn 100 leaves a remainder along K.
+    model = make_model(family, vocab_size=331, d_model=72, d_ff=100, context=48, init_std=0.3, **extra)
+    prompts = [prompt(n, 331, seed=10 + n) for n in (3, 7, 5, 9, 2, 6)]
+    ref, got = stepwise_logits(model, prompts, prompt(15, 331, seed=2))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
 def test_long_prompt_and_the_cache_filled_to_the_context_limit(make_model):
     model = make_model("mistral", context=256, init_std=0.1, sliding_window=40)
     ids = prompt(200, 320)
