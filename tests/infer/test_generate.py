@@ -180,3 +180,32 @@ def test_prompt_as_long_as_the_context_is_refused(trained):
 
 def test_no_prompts_no_work(trained):
     assert trained.complete([]) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_detokenization_equals_decoding_everything(tokenizer, seed):
+    # RowText decodes a short window per token; the pieces must add up to one full decode,
+    # for real text with multi-byte characters and for arbitrary ids that split them.
+    from lmforge.infer.generate import RowText
+
+    text = "Café 東京 🙂 naïve — ünïcödé\n\tdef f(x): return x ** 2  # ✓"
+    streams = [tokenizer.encode(text), torch.randint(0, tokenizer.vocab_size, (200,),
+                                                      generator=torch.Generator().manual_seed(seed)).tolist()]
+    for ids_ in streams:
+        row = RowText(tokenizer, [])
+        pieces = [row.add(t) for t in ids_] + [row.flush()]
+        assert "".join(pieces) == row.text == tokenizer.decode(ids_, skip_special=True)
+        assert all("\ufffd" not in p for p in pieces[:-1] if p) or "\ufffd" in tokenizer.decode(ids_)
+
+
+def test_incremental_detokenization_stops_at_a_stop_string_split_across_tokens(tokenizer):
+    from lmforge.infer.generate import RowText
+
+    ids_ = tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    row = RowText(tokenizer, ["fox j", "zzz"])
+    pieces = []
+    for t in ids_:
+        pieces.append(row.add(t))
+        if row.stopped:
+            break
+    assert row.stopped and "".join(pieces) + row.flush() == "the quick brown "

@@ -30,24 +30,45 @@ class Completion:
 
 
 class RowText:
-    """Decodes one row incrementally; holds back text that ends in a partial UTF-8 sequence."""
+    """Decodes one row incrementally; holds back text that ends in a partial UTF-8 sequence.
+
+    Each token decodes only a short window, the ids from `_prefix` on, and keeps what that
+    adds beyond the text of ids[_prefix:_read] (already emitted). So a token costs the same
+    at the 1000th step as at the first, and decoders that treat a sequence's first token
+    specially (SentencePiece's leading space) see the same first token in both decodes."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # everything decoded so far, cut at a stop string
         self.emitted = 0
         self.stopped = False
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the tail of `text` (context)
+        self._prefix_text = ""
 
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def _append(self, new: str) -> None:
+        before = len(self.text)
+        self.text += new
+        # A stop string can only end inside the new text: search from where it could begin.
         for s in self.stop:
-            at = self.text.find(s)
+            at = self.text.find(s, max(0, before - len(s) + 1))
             if at >= 0:
                 self.text = self.text[:at]
                 self.stopped = True
-        # Hold back a possible stop string's prefix and an incomplete character.
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        if self.stopped:
+            return ""
+        window = self._decode(self.ids[self._prefix:])
+        if len(window) > len(self._prefix_text) and not window.endswith("\ufffd"):
+            self._append(window[len(self._prefix_text):])
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = self._decode(self.ids[self._prefix:self._read])
+        # Hold back a possible stop string's prefix.
         safe = len(self.text)
         if not self.stopped:
             for s in self.stop:
@@ -55,12 +76,16 @@ class RowText:
                     if self.text.endswith(s[:k]):
                         safe = min(safe, len(self.text) - k)
                         break
-            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-                safe -= 1
         new, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
         return new
 
     def flush(self) -> str:
+        """The rest, including an incomplete character at the end (as a replacement character)."""
+        if not self.stopped and self._read < len(self.ids):
+            window = self._decode(self.ids[self._prefix:])
+            self._append(window[len(self._prefix_text):])
+            self._prefix = self._read = len(self.ids)
+            self._prefix_text = ""
         new, self.emitted = self.text[self.emitted:], len(self.text)
         return new
 
