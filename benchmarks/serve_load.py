@@ -7,7 +7,8 @@ another. Printed per level: aggregate output tokens/s, time to first token and l
 with a small model: >= 5x, p99 time to first token < 1 s at 16 clients). The server's CPU
 time per token is printed too: on a shared machine it moves less than wall-clock rates.
 
-    python benchmarks/serve_load.py                      # a quickstart-shaped random model
+    python benchmarks/serve_load.py                      # a quickstart-shaped random model (2M)
+    python benchmarks/serve_load.py --shape small        # 27M parameters, 8 x 512
     python benchmarks/serve_load.py --model runs/quickstart/model
     python benchmarks/serve_load.py --requests-per-client 2 --levels 1 4   # a quick look
 
@@ -56,11 +57,18 @@ class Sample:
     tokens: int
 
 
-def build_model(out: Path, context: int) -> Path:
-    """The quickstart recipe's model shape and vocabulary size, with random weights."""
+# Random-weight models in the quickstart recipe's family and vocabulary. "quickstart" is the
+# recipe's own 2M-parameter shape: its 8 MB of weights stay in cache, so one sequence already
+# keeps the FMA units busy and a batch has little to share. "small" (27M parameters, 8 x 512)
+# streams its weights from memory at batch 1, which a batch then shares.
+SHAPES = {"quickstart": {}, "small": {"d_model": 512, "n_layer": 8, "n_head": 8, "n_kv_head": 8, "d_ff": None}}
+
+
+def build_model(out: Path, context: int, shape: str = "quickstart") -> Path:
+    """A model of the quickstart recipe's family and vocabulary size, with random weights."""
     recipe = load_recipe("quickstart")
     tokenizer = train_tokenizer(synthetic_documents(), vocab_size=recipe.data.tokenizer.vocab_size)
-    cfg = recipe.model.model_copy(update={"vocab_size": tokenizer.vocab_size, "context": context})
+    cfg = recipe.model.model_copy(update={"vocab_size": tokenizer.vocab_size, "context": context, **SHAPES[shape]})
     torch.manual_seed(0)
     return save_model_dir(Transformer(cfg), tokenizer, out / "bench-model")
 
@@ -167,7 +175,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a model directory (default: a quickstart-shaped random model)")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests-per-client", type=int, default=4)
-    ap.add_argument("--context", type=int, default=256, help="context of the default model")
+    ap.add_argument("--context", type=int, default=256, help="context of the built-in model")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="quickstart",
+                    help="the built-in model's shape (quickstart: 2M parameters; small: 27M)")
     ap.add_argument("--threads", type=int, help="the server's CPU threads (default: torch's choice)")
     ap.add_argument("--llama-cpp", metavar="PYTHON", help="also serve the model with llama.cpp, through this "
                     "interpreter's llama-cpp-python[server]")
@@ -175,9 +185,10 @@ def main() -> None:
 
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_model(Path(tmp), args.context)
+        model = args.model or build_model(Path(tmp), args.context, args.shape)
         print(f"# serve_load: {machine()}")
-        print(f"# model {model}, server threads {args.threads or 'default'}, {args.requests_per_client} "
+        weights_mb = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e6
+        print(f"# model {model} ({weights_mb:.0f} MB of weights), server threads {args.threads or 'default'}, {args.requests_per_client} "
               f"streaming greedy requests per client, max_tokens cycling {MAX_TOKENS}")
         servers = [("lmforge", lambda: start_lmforge(model, key, max(args.levels), args.threads))]
         if args.llama_cpp:
