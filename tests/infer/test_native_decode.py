@@ -77,6 +77,24 @@ def test_a_batch_of_six_runs_the_tiled_kernel_and_gives_the_reference_logits(mak
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
+@torch.inference_mode()
+def test_a_prompt_fed_beside_another_sequence_in_one_step_gets_its_own_causal_logits(make_model):
+    # The engine feeds a new prompt's tokens as rows of the running batch's step, all into
+    # one cache row: each must see only the tokens before it (and the sliding window).
+    from lmforge.infer.slots import SlotCache
+
+    model = make_model("mistral", vocab_size=331, d_model=72, d_ff=100, context=48, init_std=0.3, sliding_window=6)
+    cache = SlotCache.for_model(model, 2)
+    decoder = NativeDecoder.create(model, cache.k, cache.v)
+    a, b = prompt(9, 331, seed=1), prompt(4, 331, seed=2)
+    decoder.step(b[:3], [0, 1, 2], cache_rows=[1, 1, 1])
+    logits = decoder.step(a + b[3:], list(range(9)) + [3], cache_rows=[0] * 9 + [1])
+    torch.testing.assert_close(logits[:9], model(torch.tensor([a]))[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[9], model(torch.tensor([b]))[0, -1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="cache row outside"):
+        decoder.step([1], [0], cache_rows=[2])
+
+
 def test_long_prompt_and_the_cache_filled_to_the_context_limit(make_model):
     model = make_model("mistral", context=256, init_std=0.1, sliding_window=40)
     ids = prompt(200, 320)

@@ -35,6 +35,13 @@ from lmforge.infer.slots import SlotCache
 from lmforge.model import Transformer
 
 
+# With the native decoder, a prompt of up to this many tokens is fed inside the next decoding
+# step, beside the running sequences' tokens: that step reads every weight once for all of
+# them, where a prefill of its own would read them all again. Longer prompts, and echo (which
+# needs the logits of every prompt position), are prefilled alone by the PyTorch model.
+PROMPT_IN_STEP_MAX = 64
+
+
 class EngineOverloaded(LmforgeError):
     """The waiting queue is full; try again later."""
 
@@ -93,6 +100,7 @@ class Sequence:
         self.logits: torch.Tensor | None = None  # (1, V): the distribution of the next token
         self.argmax: int | None = None  # its most likely token, when the step computed it for the batch
         self.sampled = 0
+        self.pending = False  # its prompt is still to be fed, in the next step
         self.cancelled = False
         self.finish_reason: str | None = None
 
@@ -116,46 +124,35 @@ def _merge(a: Event, b: Event) -> Event:
 
 
 class _Mailbox:
-    """Hands engine events to one asyncio loop with at most one wake-up pending. Waking the
-    loop is a write to its self-pipe (a system call) and a GIL hand-over; per event, that was
-    a sixth of the engine thread's time at 16 streams. Now the first event of a step
-    schedules a delivery and the others ride along."""
-
-    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
+    """Hands engine events to one asyncio loop, one wake-up per engine step. Waking the loop
+    is a write to its self-pipe: a system call that also hands the GIL to the loop's thread,
+    which the engine must then wait to get back. Once per event, that was an eighth of the
+    engine thread's time at 16 streams; so events wait here and the engine kicks every
+    mailbox after each step (`Engine._kick`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.items: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
-        self.scheduled = False
         self.mutex = threading.Lock()
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Mailbox":
-        with cls._lock:
-            box = cls._by_loop.get(loop)
-            if box is None:
-                box = cls._by_loop[loop] = cls(loop)
-            return box
 
     def post(self, queue: asyncio.Queue, item: tuple[int, Event]) -> None:
         if self.loop.is_closed():
             raise RuntimeError("the event loop is closed")  # the engine then cancels the sequence
         with self.mutex:
             self.items.append((queue, item))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:
-            with self.mutex:
-                self.scheduled = False
-            raise
 
-    def _deliver(self) -> None:
+    def kick(self) -> None:
         with self.mutex:
-            items, self.items, self.scheduled = self.items, [], False
+            if not self.items:
+                return
+            items, self.items = self.items, []
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:  # the loop closed: nobody is left to read these
+            pass
+
+    @staticmethod
+    def _deliver(items) -> None:
         for queue, item in items:
             queue.put_nowait(item)
 
@@ -167,7 +164,7 @@ class EventStream:
     Leaving the `async for` early (a client that disconnected) cancels what still runs."""
 
     def __init__(self, engine: "Engine", requests: list[Request]):
-        box = _Mailbox.of(asyncio.get_running_loop())
+        box = engine.mailbox(asyncio.get_running_loop())
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
         def callback(i: int) -> EventCallback:
@@ -215,6 +212,22 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._mailbox_lock = threading.Lock()
+
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        """Where this engine leaves the events of streams read in `loop` (see _Mailbox)."""
+        with self._mailbox_lock:
+            box = self._mailboxes.get(loop)
+            if box is None:
+                box = self._mailboxes[loop] = _Mailbox(loop)
+            return box
+
+    def _kick(self) -> None:
+        with self._mailbox_lock:
+            boxes = list(self._mailboxes.values())
+        for box in boxes:
+            box.kick()
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -325,9 +338,11 @@ class Engine:
                 for seq in self._running:
                     self._emit(seq, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
                 self._running = []
+            self._kick()
         for seq in [*self._running, *self._waiting]:
             self._emit(seq, Event(finish_reason="cancelled"))
         self._running, self._waiting = [], deque()
+        self._kick()
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         if event.finish_reason is not None:
@@ -352,18 +367,22 @@ class Engine:
                 self._emit(seq, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
 
     def _prefill(self, seq: Sequence, slot: int) -> None:
-        req = seq.request
+        req, params = seq.request, seq.params
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
-        self.cache.bind_prefill(slot, ids.shape[1])
-        logits = self.model(ids, self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
-        seq.logits = logits[:, -1].clone() if req.prompt_logprobs else logits[:, -1]
-        params = seq.params
         if params.temperature > 0:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         if params.repetition_penalty != 1.0:
             seq.seen = torch.zeros(1, self.model.config.vocab, dtype=torch.bool, device=self.device)
             seq.seen[0, ids[0]] = True
+        if self.native is not None and not req.prompt_logprobs and len(req.prompt) <= PROMPT_IN_STEP_MAX:
+            self.cache.lengths[slot] = 0
+            seq.pending = True  # `_step` feeds the prompt with the others' next tokens
+            self._running.append(seq)
+            return
+        self.cache.bind_prefill(slot, ids.shape[1])
+        logits = self.model(ids, self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
+        seq.logits = logits[:, -1].clone() if req.prompt_logprobs else logits[:, -1]
         if req.prompt_logprobs:
             lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): token t+1 given 0..t
             k = req.logprobs or 0
@@ -392,6 +411,8 @@ class Engine:
             if seq.max_new == 0:
                 self._emit(seq, Event(finish_reason="length"))
                 continue
+            if seq.pending:
+                continue
             token = self._sample(seq)
             seq.sampled += 1
             tokens = []
@@ -418,9 +439,28 @@ class Engine:
         if n == 0:
             return
         if self.native is not None:
-            positions = self.cache.lengths[:n]
-            logits = self.native.step([s.row.ids[-1] for s in self._running], positions)
-            self.cache.lengths[:n] = [p + 1 for p in positions]
+            # One row per running sequence, and one per prompt token for those just admitted.
+            tokens: list[int] = []
+            positions: list[int] = []
+            rows: list[int] = []
+            last: list[int] = []  # each sequence's last row: its next token's logits
+            for i, seq in enumerate(self._running):
+                if seq.pending:
+                    prompt = seq.request.prompt
+                    tokens += prompt
+                    positions += range(len(prompt))
+                    rows += [i] * len(prompt)
+                else:
+                    tokens.append(seq.row.ids[-1])
+                    positions.append(self.cache.lengths[i])
+                    rows.append(i)
+                last.append(len(tokens) - 1)
+            logits = self.native.step(tokens, positions, cache_rows=rows)
+            if len(tokens) != n:
+                logits = logits[last]
+            for i, seq in enumerate(self._running):
+                self.cache.lengths[i] = positions[last[i]] + 1
+                seq.pending = False
         else:
             last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
             self.cache.bind_decode(n)

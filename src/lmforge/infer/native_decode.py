@@ -57,7 +57,7 @@ PROFILE_PHASES = ("norm", "qkv matmul", "rope + cache write", "attention", "out-
 
 class _Rows(ctypes.Structure):
     _fields_ = [("B", c_int), ("token", c_void_p), ("pos", c_void_p), ("slot", c_void_p), ("first", c_void_p),
-                ("row_stride", ctypes.c_long)]
+                ("row_stride", ctypes.c_long), ("cache_row", c_void_p)]
 
 
 class Unsupported(Exception):
@@ -147,20 +147,29 @@ class NativeDecoder:
             decoder.first = (~cache.valid[:, :cache.length]).sum(dim=1).tolist()
         return decoder
 
-    def step(self, tokens: list[int], positions: list[int], slots: list[int] | None = None) -> torch.Tensor:
-        """Feed tokens[b] to cache row b (b < len(tokens)) at `positions[b]`, writing its keys and
-        values to slot `slots[b]` (default: the position; row b's sequence fills slots
-        first[b]..slots[b]-1); the logits (len(tokens), vocab)."""
+    def step(self, tokens: list[int], positions: list[int], slots: list[int] | None = None,
+             cache_rows: list[int] | None = None) -> torch.Tensor:
+        """Feed tokens[b] at `positions[b]` to cache row `cache_rows[b]` (default: row b),
+        writing its keys and values to slot `slots[b]` (default: the position; the sequence
+        fills slots first..slots[b]-1 of its row); the logits (len(tokens), vocab).
+
+        Rows that share a cache row are consecutive tokens of one sequence (a prompt fed in
+        the same step as other sequences' next tokens): each attends to the ones before it."""
         B = len(tokens)
         slots = positions if slots is None else slots
-        if not 0 < B <= self.rows:
+        if B == 0 or (cache_rows is None and B > self.rows):
             raise ValueError(f"{B} sequences for a cache of {self.rows} rows")
+        if cache_rows is not None and not all(0 <= r < self.rows for r in cache_rows):
+            raise ValueError(f"a cache row outside 0..{self.rows - 1}")
         if max(slots) >= self.capacity:
             raise ValueError(f"KV cache full: slot {max(slots)} is past its capacity of {self.capacity} tokens")
         ints = ctypes.c_int * B
-        token, pos, slot, first = ints(*tokens), ints(*positions), ints(*slots), ints(*self.first[:B])
+        first = self.first[:B] if cache_rows is None else [self.first[r] for r in cache_rows]
+        token, pos, slot, first = ints(*tokens), ints(*positions), ints(*slots), ints(*first)
+        cache_row = None if cache_rows is None else ints(*cache_rows)
         rows = _Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
-                     ctypes.addressof(first), self.row_stride)
+                     ctypes.addressof(first), self.row_stride,
+                     None if cache_row is None else ctypes.addressof(cache_row))
         logits = torch.empty(B, self.vocab)
         threads = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
         self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())

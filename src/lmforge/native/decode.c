@@ -64,13 +64,21 @@ int decode_supported(void) {
 
 #ifdef __AVX2__
 /* One decoding step's rows: row b feeds token[b] at rotary/learned position pos[b], writes
- * its keys and values to cache slot slot[b] of cache row b, and attends to its slots
- * first[b]..slot[b] (first > 0: a left-padded prompt in a batch started together). */
+ * its keys and values to cache slot slot[b] of cache row cache_row[b] (b when NULL), and
+ * attends to that cache row's slots first[b]..slot[b] (first > 0: a left-padded prompt in
+ * a batch started together). Several rows may share a cache row: a new prompt's tokens fed
+ * in the same step as the running batch's. Every row writes its key and value before any
+ * row attends (a barrier apart), so each of them sees the ones before it. */
 typedef struct {
     int B;
     const int *token, *pos, *slot, *first;
     long row_stride; /* floats from one cache row (sequence) to the next */
+    const int *cache_row;
 } Rows;
+
+static inline size_t cache_base(const Rows *r, int b) {
+    return (size_t)(r->cache_row ? r->cache_row[b] : b) * r->row_stride;
+}
 
 /* What the team shares within a step: activations (B rows each) and the quantized copy of
  * the current matmul input. */
@@ -78,6 +86,8 @@ typedef struct {
     float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
     int8_t *xq;
 } Work;
+
+#define PREFETCH_SLOTS 16 /* cache rows ahead that attention prefetches */
 
 static int max_int(int a, int b) { return a > b ? a : b; }
 
@@ -221,29 +231,54 @@ static float dot(const float *a, const float *b, int n) {
 static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
     const int hd = m->head_dim, group = m->n_head / m->n_kv, cap = m->capacity, width = (m->n_head + 2 * m->n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    const size_t row_bytes = sizeof(float) * hd;
 #pragma omp for schedule(static)
     for (int bh = 0; bh < r->B * m->n_head; bh++) {
         const int b = bh / m->n_head, h = bh % m->n_head, end = r->slot[b];
         int lo = r->first[b];
         if (m->window > 0 && end - m->window + 1 > lo) lo = end - m->window + 1;
         const float *q = ws->qkv + (size_t)b * width + (size_t)h * hd;
-        const size_t base = (size_t)b * r->row_stride + (size_t)(h / group) * cap * hd;
+        const size_t base = cache_base(r, b) + (size_t)(h / group) * cap * hd;
         const float *k = L->k + base, *v = L->v + base;
         float *s = ws->scores + (size_t)bh * cap, *out = ws->att + (size_t)bh * hd;
+        /* The cache rows are read once and come from memory: prefetch the keys ahead, and
+         * each slot's values while its key is scored, for the weighted sum that follows. */
+        for (int j = lo; j < lo + PREFETCH_SLOTS && j <= end; j++)
+            for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(k + (size_t)j * hd) + c, _MM_HINT_T0);
         float top = -INFINITY, total = 0.0f;
         for (int j = lo; j <= end; j++) {
+            const char *kp = (const char *)(k + (size_t)(j + PREFETCH_SLOTS) * hd), *vp = (const char *)(v + (size_t)j * hd);
+            for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch(kp + c, _MM_HINT_T0), _mm_prefetch(vp + c, _MM_HINT_T0);
             s[j] = dot(q, k + (size_t)j * hd, hd) * scale;
             top = fmaxf(top, s[j]);
         }
         for (int j = lo; j <= end; j++) total += s[j] = expf(s[j] - top);
+        const float inv = 1.0f / total;
         for (int i = 0; i < hd; i++) out[i] = 0.0f;
-        for (int j = lo; j <= end; j++) {
-            __m256 p = _mm256_set1_ps(s[j] / total);
+        int j = lo;
+        for (; j + 4 <= end + 1; j += 4) { /* four slots per pass over `out` */
+            const __m256 p0 = _mm256_set1_ps(s[j] * inv), p1 = _mm256_set1_ps(s[j + 1] * inv);
+            const __m256 p2 = _mm256_set1_ps(s[j + 2] * inv), p3 = _mm256_set1_ps(s[j + 3] * inv);
+            const float *v0 = v + (size_t)j * hd, *v1 = v0 + hd, *v2 = v1 + hd, *v3 = v2 + hd;
+            int i = 0;
+            for (; i + 8 <= hd; i += 8) {
+                __m256 o = _mm256_loadu_ps(out + i);
+                o = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + i), o);
+                o = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + i), o);
+                o = _mm256_fmadd_ps(p2, _mm256_loadu_ps(v2 + i), o);
+                o = _mm256_fmadd_ps(p3, _mm256_loadu_ps(v3 + i), o);
+                _mm256_storeu_ps(out + i, o);
+            }
+            for (; i < hd; i++)
+                out[i] += s[j] * inv * v0[i] + s[j + 1] * inv * v1[i] + s[j + 2] * inv * v2[i] + s[j + 3] * inv * v3[i];
+        }
+        for (; j <= end; j++) {
+            const __m256 p = _mm256_set1_ps(s[j] * inv);
             const float *vj = v + (size_t)j * hd;
             int i = 0;
             for (; i + 8 <= hd; i += 8)
                 _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(out + i)));
-            for (; i < hd; i++) out[i] += s[j] / total * vj[i];
+            for (; i < hd; i++) out[i] += s[j] * inv * vj[i];
         }
     }
 }
@@ -277,7 +312,7 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
             for (int h = 0; h < m->n_kv; h++) rotate(k + h * hd, cos, sin, hd);
         }
         for (int h = 0; h < m->n_kv; h++) {
-            size_t at = (size_t)b * r->row_stride + ((size_t)h * m->capacity + r->slot[b]) * hd;
+            size_t at = cache_base(r, b) + ((size_t)h * m->capacity + r->slot[b]) * hd;
             memcpy(L->k + at, k + h * hd, sizeof(float) * hd);
             memcpy(L->v + at, v + h * hd, sizeof(float) * hd);
         }
