@@ -1,12 +1,13 @@
 """A continuous-batching generation engine: what the HTTP server runs.
 
 One background thread owns the model. At every decoding step it admits waiting requests
-into free cache slots (each new prompt is prefilled alone, exactly as `generate` does it),
-samples one token for every running sequence with that sequence's own parameters and
-random generator, streams what is new, retires the sequences that finished or were
-cancelled, and runs one batched forward over the rest. So requests join and leave the
-running batch at every step, and a lone request gives the same tokens as
-`lmforge.infer.generate.generate`.
+into free cache slots, samples one token for every running sequence with that sequence's
+own parameters and random generator, streams what is new, retires the sequences that
+finished or were cancelled, and runs one batched forward over the rest. With the native
+decoder, a new short prompt rides in that same forward (its tokens are extra rows of the
+step, each attending to the ones before it); otherwise it is prefilled alone, as
+`generate` does it. So requests join and leave the running batch at every step, and a
+lone request gives the same tokens as `lmforge.infer.generate.generate`.
 
 Callers on any thread `submit` requests and get events through a callback; `stream` is
 the asyncio form. The waiting queue is bounded: past `max_queue` a submit raises
