@@ -148,13 +148,14 @@ class NativeDecoder:
         return decoder
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int] | None = None,
-             cache_rows: list[int] | None = None) -> torch.Tensor:
+             cache_rows: list[int] | None = None, threads: int | None = None) -> torch.Tensor:
         """Feed tokens[b] at `positions[b]` to cache row `cache_rows[b]` (default: row b),
         writing its keys and values to slot `slots[b]` (default: the position; the sequence
         fills slots first..slots[b]-1 of its row); the logits (len(tokens), vocab).
 
         Rows that share a cache row are consecutive tokens of one sequence (a prompt fed in
-        the same step as other sequences' next tokens): each attends to the ones before it."""
+        the same step as other sequences' next tokens): each attends to the ones before it.
+        `threads` caps the OpenMP team (default: torch's threads, one below PARALLEL_MIN_WORK)."""
         B = len(tokens)
         slots = positions if slots is None else slots
         if B == 0 or (cache_rows is None and B > self.rows):
@@ -171,7 +172,8 @@ class NativeDecoder:
                      ctypes.addressof(first), self.row_stride,
                      None if cache_row is None else ctypes.addressof(cache_row))
         logits = torch.empty(B, self.vocab)
-        threads = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
+        team = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
+        threads = team if threads is None else max(1, min(team, threads))
         self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())
         return logits
 
