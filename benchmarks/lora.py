@@ -13,8 +13,14 @@ timed steps, after warm-up steps. Peak memory is the growth of the process's pea
 set over its size after imports (CPU), or torch.cuda.max_memory_allocated (GPU). Also reported: trainable fraction and adapter file size.
 Targets: LoRA peak memory <= 0.5x full fine-tuning; our LoRA step <= 1.0x PEFT's.
 
+Activations are shared by LoRA and full fine-tuning alike, so at larger batches they, not the
+optimizer state LoRA saves, fill the memory. `--checkpointing` (recompute each block in
+backward; PEFT: transformers' gradient checkpointing) and `--loss-chunk N` (the cross-entropy
+over N positions of logits at a time, `train.loss_chunk`; ours only) apply to every setup.
+
     python benchmarks/lora.py                              # GPT-2 124M, batch 4 x 256
     python benchmarks/lora.py --layers 2 --steps 2         # quick
+    python benchmarks/lora.py --checkpointing --loss-chunk 1024 --setups ours-lora,ours-full
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ SETUPS = ("ours-lora", "peft-lora", "ours-full", "ours-qlora")
 
 
 def build(args, setup: str):
-    """(model, forward(ids) -> logits, adapter saver or None)."""
+    """(model, loss(ids) -> next-token cross-entropy, adapter saver or None)."""
     torch.manual_seed(0)
     if setup == "peft-lora":
         import peft
@@ -45,10 +51,12 @@ def build(args, setup: str):
         cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=1024, n_embd=args.d_model,
                                       n_layer=args.layers, n_head=args.heads)
         hf = transformers.GPT2LMHeadModel(cfg).to(args.device)
+        if args.checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                                                         target_modules=["c_attn", "c_proj", "c_fc"],
                                                         fan_in_fan_out=True))
-        return model, lambda ids: model(input_ids=ids).logits, lambda d: model.save_pretrained(d)
+        return model, logits_loss(lambda ids: model(input_ids=ids).logits), lambda d: model.save_pretrained(d)
     from lmforge.config import ModelConfig
     from lmforge.model import Transformer
     from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
@@ -62,8 +70,26 @@ def build(args, setup: str):
     if setup in ("ours-lora", "ours-qlora"):
         apply_lora(model, LoraSettings(r=args.r, alpha=2 * args.r, targets="all-linear"))
     model.to(args.device)
+    if args.checkpointing:
+        from lmforge.train.distributed import checkpoint_activations
+
+        checkpoint_activations(model)
     saver = (lambda d: save_adapter(model, d, "benchmark")) if setup != "ours-full" else None
-    return model, model, saver
+    if args.loss_chunk:
+        from lmforge.train.losses import chunked_cross_entropy
+
+        def loss_of(ids):
+            hidden = model(ids[:, :-1], return_hidden=True)
+            return chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, ids[:, 1:].flatten(),
+                                         args.loss_chunk)
+        return model, loss_of, saver
+    return model, logits_loss(model), saver
+
+
+def logits_loss(forward):
+    """ids (B, T + 1) -> the next-token cross-entropy of `forward`'s logits."""
+    return lambda ids: torch.nn.functional.cross_entropy(forward(ids[:, :-1]).float().flatten(0, 1),
+                                                         ids[:, 1:].flatten())
 
 
 def worker(args) -> dict:
@@ -75,7 +101,7 @@ def worker(args) -> dict:
     import lmforge.train.finetune  # noqa: F401
 
     baseline = peak_bytes(args.device)
-    model, forward, saver = build(args, args.worker)
+    model, loss_of, saver = build(args, args.worker)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -92,8 +118,7 @@ def worker(args) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        logits = forward(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss_of(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -125,6 +150,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--setups", default=",".join(SETUPS))
+    p.add_argument("--checkpointing", action="store_true", help="recompute each block's activations in backward")
+    p.add_argument("--loss-chunk", type=int, default=0, help="cross-entropy over this many positions at a time "
+                   "(ours; 0: all logits at once)")
     p.add_argument("--worker", choices=SETUPS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -134,7 +162,9 @@ def main() -> None:
 
     flags = ["--layers", args.layers, "--heads", args.heads, "--d-model", args.d_model, "--vocab", args.vocab,
              "--batch", args.batch, "--seq", args.seq, "--r", args.r, "--steps", args.steps, "--warmup", args.warmup,
-             "--threads", args.threads, "--device", args.device]
+             "--threads", args.threads, "--device", args.device, "--loss-chunk", args.loss_chunk]
+    if args.checkpointing:
+        flags.append("--checkpointing")
     flags = [str(f) for f in flags]
     results: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
@@ -146,7 +176,8 @@ def main() -> None:
                 **{k: rs[0][k] for k in ("trainable", "total", "adapter_bytes")}} for s, rs in results.items()}
     print(f"machine: {machine()}; device {args.device}")
     print(f"shape: gpt2 {args.layers} x {args.d_model}, vocab {args.vocab}; batch {args.batch} x {args.seq}; "
-          f"LoRA r {args.r} on c_attn/c_proj/c_fc; {args.steps} timed steps after {args.warmup}, {args.rounds} round(s)")
+          f"LoRA r {args.r} on c_attn/c_proj/c_fc; {args.steps} timed steps after {args.warmup}, {args.rounds} round(s); "
+          f"activation checkpointing {'on' if args.checkpointing else 'off'}, loss chunk {args.loss_chunk or 'off'}")
     print(f"{'setup':<11} {'step s':>8} {'peak MiB':>9} {'trainable':>12} {'fraction':>9} {'adapter':>10}")
     for s, r in rows.items():
         adapter = f"{r['adapter_bytes'] / 2**20:.2f} MiB" if r["adapter_bytes"] else "-"

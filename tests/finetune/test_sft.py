@@ -185,3 +185,25 @@ def test_sft_with_loss_chunk_ends_where_it_would_without(tmp_path, tok, monkeypa
     dpo = {"task": "dpo", "train": {"loss_chunk": 8}}
     with pytest.raises(LmforgeError, match="train.loss_chunk applies to pretraining and task sft"):
         sft_config(tmp_path, base, train, dpo)
+
+
+def test_sft_with_activation_checkpointing_ends_where_it_would_without(tmp_path, tok, monkeypatch):
+    """train.activation_checkpointing (each block recomputed in backward) is the same training."""
+    from safetensors.torch import load_file
+
+    from lmforge.train import distributed
+
+    calls = []
+    real = distributed.checkpoint_activations
+    monkeypatch.setattr(distributed, "checkpoint_activations", lambda m: calls.append(m) or real(m))
+    base = save_random_model(tmp_path / "base", "llama", tokenizer=tok, vocab_size=tok.vocab_size)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    results = []
+    for on in (False, True):
+        over = {"method": "lora", "eval": {"every": 2, "batches": 1},
+                "train": {"max_steps": 4, "activation_checkpointing": on}, "run": {"name": f"ckpt-{on}"}}
+        results.append(finetune(sft_config(tmp_path, base, train, over), progress=False, log=lambda s: None))
+    assert len(calls) == 1  # the second run only
+    a, b = (load_file(str(r.output / "adapter_model.safetensors")) for r in results)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert results[0].train_loss == pytest.approx(results[1].train_loss, abs=1e-5)

@@ -324,6 +324,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     model = loaded.model
     task = make_task(cfg, loaded, device, log)
     head = task.head.to(device) if task.head is not None else None
+    if tc.activation_checkpointing:
+        from lmforge.train.distributed import checkpoint_activations
+
+        checkpoint_activations(model)  # LoRA or full alike: each block recomputed in backward
     model.train()
     trainables = nn.ModuleList([model] + ([head] if head is not None else []))
     optimizer = build_optimizer(trainables, tc, device)
