@@ -43,6 +43,7 @@ import torch
 from pydantic import ValidationError
 
 from common import machine
+from lmforge.compress.distill import DistillConfig
 from lmforge.config import DataConfig, ModelConfig, Recipe, describe_validation_error, load_recipe
 from lmforge.errors import LmforgeError
 
@@ -138,11 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=None,
                     help="peak learning rate of both students (default: the quickstart recipe's, 4e-3)")
     ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha: cross-entropy)")
+    ap.add_argument("--alpha", type=float, default=DistillConfig.alpha, help="weight of the KL term (1 - alpha: cross-entropy)")
     ap.add_argument("--top-k", type=int, default=0, help="teacher logits kept per position (0: all)")
+    ap.add_argument("--hidden-weight", type=float, default=DistillConfig.hidden_weight,
+                    help="weight of the hidden-state term (0: logits only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control", action="store_true",
-                    help="also train the student through the distill loop with alpha 0 (cross-entropy only)")
+                    help="also train the student through the distill loop with alpha 0 and hidden weight 0 "
+                         "(cross-entropy only)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 30 teacher steps, 20 student steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (use 1 on a shared machine)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise LmforgeError("--steps and --teacher-steps must be positive")
 
     import lmforge
-    from lmforge.compress.distill import DistillConfig, distill
+    from lmforge.compress.distill import distill
     from lmforge.data.prepare import prepare
     from lmforge.data.tokenizer import TextTokenizer
     from lmforge.model import Transformer
@@ -200,24 +204,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. The same student, distilled: same initial weights, same batches, same peak learning rate.
     d_cfg = DistillConfig(steps=args.steps, batch_size=tc.batch_size, seq_len=s_cfg.context, lr=tc.lr,
-                          temperature=args.temperature, alpha=args.alpha, top_k=args.top_k, seed=args.seed)
+                          temperature=args.temperature, alpha=args.alpha, top_k=args.top_k,
+                          hidden_weight=args.hidden_weight, seed=args.seed)
 
     def distilled(cfg: DistillConfig, name: str):
         torch.manual_seed(args.seed)  # as the trainer seeds before building its model
         student = Transformer(s_cfg)
         r = distill(teacher.model, student, args.data, cfg, log=lambda s: log(f"   {s}"))
         record = {"teacher": str(teacher_dir), "steps": cfg.steps, "temperature": cfg.temperature,
-                  "alpha": cfg.alpha, "top_k": cfg.top_k, "lr": cfg.lr}
+                  "alpha": cfg.alpha, "top_k": cfg.top_k, "hidden_weight": cfg.hidden_weight, "lr": cfg.lr}
         save_model_dir(student, teacher.tokenizer, out / name, {"parents": [str(teacher_dir)], "distillation": record})
         return student, r.seconds
 
     log(f"3. distilled student: same shape and start, {args.steps} steps by the distill loop "
-        f"(T={args.temperature}, alpha={args.alpha}, top-k={args.top_k or 'all'})")
+        f"(T={args.temperature}, alpha={args.alpha}, top-k={args.top_k or 'all'}, hidden weight {args.hidden_weight})")
     student, distill_seconds = distilled(d_cfg, "student-distilled")
     control = None
     if args.control:
-        log("   control: the distill loop with alpha 0 (cross-entropy only)")
-        control, _ = distilled(DistillConfig(**{**d_cfg.__dict__, "alpha": 0.0}), "student-control")
+        log("   control: the distill loop with alpha 0, hidden weight 0 (cross-entropy only)")
+        control, _ = distilled(DistillConfig(**{**d_cfg.__dict__, "alpha": 0.0, "hidden_weight": 0.0}),
+                               "student-control")
 
     # 4. One evaluation for all.
     log("4. validation perplexity (whole validation split)")
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  scratch      trainer: cosine to {tc.min_lr_ratio:g}x, warmup {tc.warmup}, "
           f"weight decay {tc.weight_decay:g} (matrices), clip {tc.grad_clip:g}; loss = CE")
     print(f"  distilled    distill loop: cosine to 0.1x, warmup {max(1, args.steps // 20)}, "
-          f"weight decay 0.01 (all), clip 1; loss = {args.alpha:g} * T^2 * KL + {1 - args.alpha:g} * CE, "
+          f"weight decay 0.01 (all), clip 1; loss = {args.alpha:g} * T^2 * KL + {1 - args.alpha:g} * CE "
+          f"+ {args.hidden_weight:g} * hidden-state MSE, "
           f"T = {args.temperature:g}, top-k {args.top_k or 'all'}")
     print()
     print(f"{'model':32s} {'perplexity':>11s} {'loss (nats)':>12s}")

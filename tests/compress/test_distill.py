@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.compress.distill import DistillConfig, distill, distill_loss, run_distill
+from lmforge.compress.distill import (DistillConfig, distill, distill_loss, matched_layers, run_distill,
+                                      summarize_teacher)
 from lmforge.errors import LmforgeError
 
 
@@ -16,8 +17,28 @@ def test_distill_loss_is_cross_entropy_at_alpha_zero_and_zero_kl_for_the_teacher
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     assert torch.allclose(distill_loss(logits, targets, (logits, None), 2.0, 0.0), ce)
     assert distill_loss(logits, targets, (logits, None), 2.0, 1.0).abs() < 1e-5
-    values, index = logits.topk(11, dim=-1)  # top-k with k = vocab is the full distribution
-    assert torch.allclose(distill_loss(logits, targets, (values, index), 2.0, 1.0), torch.tensor(0.0), atol=1e-5)
+    # The teacher summarized by its top 3 tokens and the rest bucket is matched by itself too.
+    assert distill_loss(logits, targets, summarize_teacher(logits, 2.0, 3), 2.0, 1.0).abs() < 1e-5
+
+
+def test_top_k_targets_keep_a_rest_bucket_so_the_student_is_scored_over_the_same_outcomes():
+    torch.manual_seed(1)
+    teacher, student, targets = torch.randn(4, 6, 50), torch.randn(4, 6, 50), torch.randint(0, 50, (4, 6))
+    full = distill_loss(student, targets, summarize_teacher(teacher, 2.0, 0), 2.0, 1.0)
+    for k in (1, 5, 20, 49):
+        kl_k = distill_loss(student, targets, summarize_teacher(teacher, 2.0, k), 2.0, 1.0)
+        # Merging outcomes never adds divergence (KL's data-processing inequality): 0 <= KL_k <= KL.
+        assert 0 <= kl_k <= full + 1e-5
+    t = summarize_teacher(teacher, 2.0, 5)
+    assert t.index.shape == (4, 6, 5) and t.lse.shape == (4, 6)
+    assert summarize_teacher(teacher, 2.0, 50).index is None  # k >= vocabulary: the full distribution
+
+
+def test_student_blocks_imitate_evenly_spaced_teacher_blocks_last_to_last():
+    assert matched_layers(2, 4) == [1, 3]
+    assert matched_layers(4, 4) == [0, 1, 2, 3]
+    assert matched_layers(3, 12) == [3, 7, 11]
+    assert matched_layers(1, 6) == [5]
 
 
 @pytest.mark.slow
@@ -51,6 +72,6 @@ def test_mismatched_vocabularies_are_refused(make_model, tiny_data):
 
 
 def test_bad_settings_are_clear_errors():
-    for bad in ({"temperature": 0}, {"alpha": 1.5}, {"steps": 0}, {"top_k": -1}):
+    for bad in ({"temperature": 0}, {"alpha": 1.5}, {"steps": 0}, {"top_k": -1}, {"hidden_weight": -1}):
         with pytest.raises(LmforgeError):
             DistillConfig(**bad)

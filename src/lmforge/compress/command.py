@@ -100,15 +100,19 @@ def distill(
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 3e-3,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
-    alpha: Annotated[float, typer.Option(help="Weight of the KL term; 1 - alpha weighs cross-entropy.")] = 0.5,
+    alpha: Annotated[float, typer.Option(help="Weight of the KL term; 1 - alpha weighs cross-entropy.")] = 0.9,
     top_k: Annotated[int, typer.Option(help="Keep (and cache) only the teacher's top-k logits per position (0: all).")] = 0,
     pool: Annotated[int, typer.Option(help="Distinct batches revisited in turn (0: a new batch every step).")] = 0,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term: each student block imitates "
+                                                 "an evenly spaced teacher block (0: logits only).")] = 3.0,
+    seed: Annotated[int, typer.Option(help="Seed of a new student's weights and of the batch order.")] = 0,
 ):
-    """Logit distillation: temperature-scaled KL to the teacher plus cross-entropy on the data."""
+    """Distillation: temperature-scaled KL to the teacher's logits, cross-entropy on the data, and
+    the teacher's hidden states block by block."""
     from lmforge.compress.distill import DistillConfig, run_distill
 
     cfg = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
-                        top_k=top_k, pool=pool)
+                        top_k=top_k, pool=pool, hidden_weight=hidden_weight, seed=seed)
     r = run_distill(teacher, student, data, out, cfg, log=lambda s: console.print(f"   {s}", highlight=False))
     console.print(f"[green]distilled[/] a {r['student_params'] / 1e6:.2f}M student from a {r['teacher_params'] / 1e6:.2f}M "
                   f"teacher in {r['seconds']:.0f} s: validation perplexity {r['val_perplexity_before']:.2f} -> "
