@@ -91,8 +91,14 @@ def test_a_prompt_fed_beside_another_sequence_in_one_step_gets_its_own_causal_lo
     logits = decoder.step(a + b[3:], list(range(9)) + [3], cache_rows=[0] * 9 + [1])
     torch.testing.assert_close(logits[:9], model(torch.tensor([a]))[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(logits[9], model(torch.tensor([b]))[0, -1], atol=1e-4, rtol=0)
+    # The same step again (it rewrites the same keys and values), asking only for the rows
+    # that have a next token to choose: the prompt's last and the other sequence's.
+    last_rows = decoder.step(a + b[3:], list(range(9)) + [3], cache_rows=[0] * 9 + [1], logits_rows=[8, 9])
+    torch.testing.assert_close(last_rows, logits[[8, 9]], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="cache row outside"):
         decoder.step([1], [0], cache_rows=[2])
+    with pytest.raises(ValueError, match="logits_rows"):
+        decoder.step([1, 2], [0, 1], cache_rows=[0, 0], logits_rows=[1, 0])
 
 
 def test_long_prompt_and_the_cache_filled_to_the_context_limit(make_model):

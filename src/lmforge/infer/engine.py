@@ -465,9 +465,8 @@ class Engine:
                 last.append(len(tokens) - 1)
             small = len(tokens) < SMALL_STEP_ROWS
             logits = self.native.step(tokens, positions, cache_rows=rows,
-                                      threads=max(1, torch.get_num_threads() - 1) if small else None)
-            if len(tokens) != n:
-                logits = logits[last]
+                                      threads=max(1, torch.get_num_threads() - 1) if small else None,
+                                      logits_rows=last if len(tokens) != n else None)
             for i, seq in enumerate(self._running):
                 self.cache.lengths[i] = positions[last[i]] + 1
                 seq.pending = False

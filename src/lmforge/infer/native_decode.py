@@ -57,7 +57,7 @@ PROFILE_PHASES = ("norm", "qkv matmul", "rope + cache write", "attention", "out-
 
 class _Rows(ctypes.Structure):
     _fields_ = [("B", c_int), ("token", c_void_p), ("pos", c_void_p), ("slot", c_void_p), ("first", c_void_p),
-                ("row_stride", ctypes.c_long), ("cache_row", c_void_p)]
+                ("row_stride", ctypes.c_long), ("cache_row", c_void_p), ("out_row", c_void_p), ("n_out", c_int)]
 
 
 class Unsupported(Exception):
@@ -148,14 +148,16 @@ class NativeDecoder:
         return decoder
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int] | None = None,
-             cache_rows: list[int] | None = None, threads: int | None = None) -> torch.Tensor:
+             cache_rows: list[int] | None = None, threads: int | None = None,
+             logits_rows: list[int] | None = None) -> torch.Tensor:
         """Feed tokens[b] at `positions[b]` to cache row `cache_rows[b]` (default: row b),
         writing its keys and values to slot `slots[b]` (default: the position; the sequence
         fills slots first..slots[b]-1 of its row); the logits (len(tokens), vocab).
 
         Rows that share a cache row are consecutive tokens of one sequence (a prompt fed in
         the same step as other sequences' next tokens): each attends to the ones before it.
-        `threads` caps the OpenMP team (default: torch's threads, one below PARALLEL_MIN_WORK)."""
+        `threads` caps the OpenMP team (default: torch's threads, one below PARALLEL_MIN_WORK).
+        `logits_rows` (increasing): only those rows' logits are computed and returned."""
         B = len(tokens)
         slots = positions if slots is None else slots
         if B == 0 or (cache_rows is None and B > self.rows):
@@ -168,10 +170,16 @@ class NativeDecoder:
         first = self.first[:B] if cache_rows is None else [self.first[r] for r in cache_rows]
         token, pos, slot, first = ints(*tokens), ints(*positions), ints(*slots), ints(*first)
         cache_row = None if cache_rows is None else ints(*cache_rows)
+        if logits_rows is not None and (sorted(set(logits_rows)) != list(logits_rows) or not logits_rows
+                                        or logits_rows[0] < 0 or logits_rows[-1] >= B):
+            raise ValueError(f"logits_rows must be increasing row numbers in 0..{B - 1}")
+        out_row = None if logits_rows is None else (ctypes.c_int * len(logits_rows))(*logits_rows)
         rows = _Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
                      ctypes.addressof(first), self.row_stride,
-                     None if cache_row is None else ctypes.addressof(cache_row))
-        logits = torch.empty(B, self.vocab)
+                     None if cache_row is None else ctypes.addressof(cache_row),
+                     None if out_row is None else ctypes.addressof(out_row),
+                     B if logits_rows is None else len(logits_rows))
+        logits = torch.empty(B if logits_rows is None else len(logits_rows), self.vocab)
         team = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
         threads = team if threads is None else max(1, min(team, threads))
         self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())

@@ -74,6 +74,8 @@ typedef struct {
     const int *token, *pos, *slot, *first;
     long row_stride; /* floats from one cache row (sequence) to the next */
     const int *cache_row;
+    const int *out_row; /* the rows whose logits are wanted, n_out of them (NULL: all B, in order) */
+    int n_out;
 } Rows;
 
 static inline size_t cache_base(const Rows *r, int b) {
@@ -372,9 +374,18 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             matvec(&L->down, ws.act, ws.x, B, 1, &ws);
             MARK(P_DOWN)
         }
-        norm_rows(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h, B);
+        /* Only the rows whose next token is wanted go through the output layer (a prompt fed
+         * in the step needs its last row's logits only): gather them to the front of x. */
+        int out = B;
+        if (r->out_row) {
+            out = r->n_out;
+#pragma omp single
+            for (int i = 0; i < out; i++)
+                memmove(ws.x + (size_t)i * d, ws.x + (size_t)r->out_row[i] * d, sizeof(float) * d);
+        }
+        norm_rows(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h, out);
         MARK(P_NORM)
-        matvec(&m->lm_head, ws.h, logits, B, 0, &ws);
+        matvec(&m->lm_head, ws.h, logits, out, 0, &ws);
         MARK(P_LM_HEAD)
     }
 #undef MARK
