@@ -34,7 +34,8 @@ def recipe_for(args, out: Path, name: str):
                   "context": args.seq, "vocab_size": args.vocab},
         "data": {"corpus": "synthetic", "dir": str(out / "data"), "tokenizer": {"vocab_size": 512}},
         "train": {"batch_size": args.batch, "max_steps": args.steps + args.warmup_steps, "warmup": 5,
-                  "log_every": 1, "checkpoint_every": 10**6, "compile": args.compile, "seed": 0},
+                  "log_every": 1, "checkpoint_every": 10**6, "compile": args.compile, "seed": 0,
+                  "loss_chunk": args.loss_chunk},
         "eval": {"every": 10**6, "batches": 1},
         "run": {"name": name, "out": str(out)},
     })
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (train.compile)")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="our train.loss_chunk (0: logits in one piece)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +100,8 @@ def main() -> None:
     o, t = statistics.median(ours), statistics.median(theirs)
     print(f"machine: {machine()}")
     print(f"model: gpt2 family, {args.layers} layers x {args.d_model}, vocab {args.vocab}, "
-          f"batch {args.batch} x {args.seq}, AdamW, fp32{', compiled' if args.compile else ''}")
+          f"batch {args.batch} x {args.seq}, AdamW, fp32{', compiled' if args.compile else ''}; "
+          f"our loss chunk {args.loss_chunk or 'off'}")
     print(f"      lmforge: {o:8.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in ours)})")
     print(f" transformers: {t:8.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in theirs)})")
     print(f"ratio lmforge / transformers: {o / t:.2f}x  (target >= 1.2x)")
