@@ -287,18 +287,50 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
 
 static float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 
+/* e^x for eight floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n
+ * through the exponent bits (relative error ~2e-7, like expf; inputs clamped to +-88). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* act = silu(gate) * up (SwiGLU) or gelu_tanh(h), both as x / (1 + e^-z): silu's z is the
+ * gate itself, gelu's (tanh form) is 2 * 0.79788456 * (x + 0.044715 x^3). Split among the
+ * threads in runs of 64 features of one row (whole vectors, one division per run). */
 static void mlp_activation(const Model *m, Work *ws, int B) {
-    const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f;
+    const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f, runs = (f + 63) / 64;
+    const __m256 one = _mm256_set1_ps(1.0f), c1 = _mm256_set1_ps(-2.0f * 0.7978845608028654f),
+                 c3 = _mm256_set1_ps(0.044715f);
 #pragma omp for schedule(static)
-    for (int bi = 0; bi < B * f; bi++) {
-        const float *row = ws->up + (size_t)(bi / f) * stride;
-        const int i = bi % f;
-        if (m->swiglu) {
-            float g = row[i];
-            ws->act[bi] = g / (1.0f + expf(-g)) * row[f + i];
-        } else {
-            ws->act[bi] = gelu_tanh(row[i]);
+    for (int t = 0; t < B * runs; t++) {
+        const int b = t / runs, lo = (t % runs) * 64, hi = lo + 64 < f ? lo + 64 : f;
+        const float *row = ws->up + (size_t)b * stride;
+        float *out = ws->act + (size_t)b * f;
+        int i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 x = _mm256_loadu_ps(row + i);
+            if (m->swiglu) {
+                const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+                _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(row + f + i)));
+            } else {
+                const __m256 z = _mm256_mul_ps(c1, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x));
+                _mm256_storeu_ps(out + i, _mm256_div_ps(x, _mm256_add_ps(one, exp8(z))));
+            }
         }
+        for (; i < hi; i++)
+            out[i] = m->swiglu ? row[i] / (1.0f + expf(-row[i])) * row[f + i] : gelu_tanh(row[i]);
     }
 }
 
