@@ -246,6 +246,13 @@ def test_failed_sharded_save_leaves_latest_alone(tmp_path, make_model, tokenizer
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
         assert checkpoint.latest_checkpoint(run_dir) == first
 
+    # A save killed mid-write (no exception handler ran) leaves its staging folder; the next
+    # committed checkpoint removes it.
+    (run_dir / "checkpoints" / ".step-000002.tmp-killed" / "dcp").mkdir(parents=True)
+    third = checkpoint.save_checkpoint(run_dir, 3, model, optimizer, tokenizer, {"step": 3}, {}, 0, ctx)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001", "step-000003"]
+    assert checkpoint.latest_checkpoint(run_dir) == third
+
 
 def test_world_size_must_divide_batch(monkeypatch, tmp_path):
     from lmforge.train import distributed

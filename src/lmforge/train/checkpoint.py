@@ -105,6 +105,10 @@ def commit_checkpoint(run_dir: Path, folder: Path, keep: int) -> None:
     os.symlink(Path("checkpoints") / folder.name, tmp)
     os.replace(tmp, link)
     _prune(run_dir / "checkpoints", keep, current=folder.name)
+    # Saves are collective and one at a time, so once one commits, any staging folder still here
+    # belongs to a save that died (rank 0 killed mid-write): nothing will ever rename it.
+    for stale in (run_dir / "checkpoints").glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _prune(folder: Path, keep: int, current: str) -> None:
