@@ -15,8 +15,9 @@ def test_distill_loss_is_cross_entropy_at_alpha_zero_and_zero_kl_for_the_teacher
     torch.manual_seed(0)
     logits, targets = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    assert torch.allclose(distill_loss(logits, targets, (logits, None), 2.0, 0.0), ce)
-    assert distill_loss(logits, targets, (logits, None), 2.0, 1.0).abs() < 1e-5
+    full = summarize_teacher(logits, 2.0, 0)
+    assert torch.allclose(distill_loss(logits, targets, full, 2.0, 0.0), ce)
+    assert distill_loss(logits, targets, full, 2.0, 1.0).abs() < 1e-5
     # The teacher summarized by its top 3 tokens and the rest bucket is matched by itself too.
     assert distill_loss(logits, targets, summarize_teacher(logits, 2.0, 3), 2.0, 1.0).abs() < 1e-5
 

@@ -98,11 +98,9 @@ def _rest(log_p_top: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-log_p_top.exp().sum(-1).clamp(max=1 - 1e-6))
 
 
-def distill_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTargets | tuple,
+def distill_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTargets,
                  temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL + (1 - alpha) * CE. `teacher` is a TeacherTargets, or (full logits, None)."""
-    if isinstance(teacher, tuple):
-        teacher = TeacherTargets(*teacher)
+    """alpha * T^2 * KL + (1 - alpha) * CE against the teacher's targets (`summarize_teacher`)."""
     V = student_logits.shape[-1]
     s = student_logits.reshape(-1, V).float()
     ce = F.cross_entropy(s, targets.reshape(-1))

@@ -170,8 +170,8 @@ class NativeDecoder:
         first = self.first[:B] if cache_rows is None else [self.first[r] for r in cache_rows]
         token, pos, slot, first = ints(*tokens), ints(*positions), ints(*slots), ints(*first)
         cache_row = None if cache_rows is None else ints(*cache_rows)
-        if logits_rows is not None and (sorted(set(logits_rows)) != list(logits_rows) or not logits_rows
-                                        or logits_rows[0] < 0 or logits_rows[-1] >= B):
+        if logits_rows is not None and not (logits_rows and 0 <= logits_rows[0] and logits_rows[-1] < B
+                                            and all(a < b for a, b in zip(logits_rows, logits_rows[1:]))):
             raise ValueError(f"logits_rows must be increasing row numbers in 0..{B - 1}")
         out_row = None if logits_rows is None else (ctypes.c_int * len(logits_rows))(*logits_rows)
         rows = _Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),

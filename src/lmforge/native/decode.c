@@ -93,9 +93,7 @@ typedef struct {
 
 static int max_int(int a, int b) { return a > b ? a : b; }
 
-/* Every thread of the team calls this; the output rows n are split among them, and each
- * weight row, once read, serves all B activation rows from the cache. y[b,n] is
- * W[n] . x[b] + bias[n], added to y[b,n] when `accumulate` (a residual connection). */
+/* y[b,n] = v + bias[n], or y[b,n] += that when `accumulate` (a residual connection). */
 static inline void put(const Linear *L, float *y, int N, int b, int n, float v, int accumulate) {
     if (L->bias) v += L->bias[n];
     float *out = y + (size_t)b * N + n;
@@ -159,6 +157,9 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
     }
 }
 
+/* Every thread of the team calls this; the output rows n are split among them, and each
+ * weight row, once read, serves all B activation rows from the cache. y[b,n] is
+ * W[n] . x[b] + bias[n], added to y[b,n] when `accumulate` (a residual connection). */
 static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws) {
     const int N = L->N, K = L->K, groups = L->kind == Q4 ? K / L->G : 0;
     if (L->kind == F32 && B >= 4) {
