@@ -1,6 +1,6 @@
 """Quantized linear layers: the modules that replace `nn.Linear` in a quantized `Transformer`.
 
-Three formats, chosen by measurement (benchmarks/kernels.py, docs/compress.md):
+Three formats, chosen by measurement (benchmarks/lowbit_kernels.py, docs/compress.md):
 
 - `int8`  weight-only, one scale per output channel. Decoding (few rows) runs the native
           kernel in `qmatmul.c`, which quantizes the activations in blocks of 32 on the fly
@@ -26,7 +26,7 @@ from lmforge import native
 from lmforge.errors import LmforgeError
 
 STORED_METHODS = ("int8", "int4", "w8a8")  # gptq is stored as int4
-DEQUANT_ROWS = 16  # above this many rows a BLAS matmul on the dequantized weight wins (kernels.py)
+DEQUANT_ROWS = 16  # above this many rows a BLAS matmul on the dequantized weight wins (lowbit_kernels.py)
 CHUNK = 32  # int4 weights are packed in runs of 32
 
 

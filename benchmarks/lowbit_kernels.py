@@ -1,6 +1,6 @@
 """Candidate low-bit CPU matmul kernels side by side, at decode shapes, in one run.
 
-    python benchmarks/kernels.py [--rows 1] [--threads N] [--layers 12] [--shapes 768x2304,... | ""]
+    python benchmarks/lowbit_kernels.py [--rows 1] [--threads N] [--layers 12] [--shapes 768x2304,... | ""]
 
 Each candidate computes y = x @ W^T for x (rows, K) fp32 and a W (N, K) held in its own
 format. Two tables:
