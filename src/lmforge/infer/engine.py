@@ -41,13 +41,6 @@ from lmforge.model import Transformer
 # them, where a prefill of its own would read them all again. Longer prompts, and echo (which
 # needs the logits of every prompt position), are prefilled alone by the PyTorch model.
 PROMPT_IN_STEP_MAX = 64
-# Below this many rows a step is memory-bound, and the engine leaves one core to the threads
-# that stream its tokens (the HTTP server's event loop, local clients): with every core in
-# the step, each wake-up of those threads stalled an OpenMP barrier. Serving one client
-# with the 27M model on 2 cores: 197 tok/s on two threads, 300 on one
-# (benchmarks/serve_load.py). From this many rows on, the step is compute-bound and takes
-# every core.
-SMALL_STEP_ROWS = 4
 
 
 class EngineOverloaded(LmforgeError):
@@ -463,9 +456,7 @@ class Engine:
                     positions.append(self.cache.lengths[i])
                     rows.append(i)
                 last.append(len(tokens) - 1)
-            small = len(tokens) < SMALL_STEP_ROWS
             logits = self.native.step(tokens, positions, cache_rows=rows,
-                                      threads=max(1, torch.get_num_threads() - 1) if small else None,
                                       logits_rows=last if len(tokens) != n else None)
             for i, seq in enumerate(self._running):
                 self.cache.lengths[i] = positions[last[i]] + 1

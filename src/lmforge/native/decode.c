@@ -17,6 +17,8 @@
  * shared, never copied. Numerics follow the PyTorch reference (same formulas, fp32).
  */
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -82,11 +84,38 @@ static inline size_t cache_base(const Rows *r, int b) {
     return (size_t)(r->cache_row ? r->cache_row[b] : b) * r->row_stride;
 }
 
-/* What the team shares within a step: activations (B rows each) and the quantized copy of
- * the current matmul input. */
+/* The barrier between a step's phases (~75 per step at 8 layers). OpenMP's own barrier
+ * sleeps in the kernel after a hundred spins whenever the process holds more OpenMP threads
+ * than there are CPUs: the case in a server, where PyTorch's team on the main thread idles
+ * beside the engine thread's team. Each barrier then costs a futex sleep and wake-up, which
+ * made a batch-16 step of a 27M model 17% slower when called from a second thread. This one
+ * spins (phases are ~0.1 ms apart), and yields the CPU only after ~0.1 ms of spinning, for
+ * when the other thread was preempted. */
+typedef struct {
+    atomic_int arrived, phase;
+} Barrier;
+
+static void barrier_wait(Barrier *b) {
+    const int n = omp_get_num_threads();
+    if (n == 1) return;
+    const int phase = atomic_load_explicit(&b->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == n - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield();
+    }
+}
+
+/* What the team shares within a step: activations (B rows each), the quantized copy of
+ * the current matmul input, and the barrier. */
 typedef struct {
     float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
     int8_t *xq;
+    Barrier bar;
 } Work;
 
 #define PREFETCH_SLOTS 16 /* cache rows ahead that attention prefetches */
@@ -137,7 +166,7 @@ static inline void f32_tile2x4(const float *x, int K, const float *w0, const flo
 static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate) {
     const int N = L->N, K = L->K;
     const float *W = (const float *)L->w;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int p = 0; p < (N + 1) / 2; p++) {
         const int n = 2 * p, pair = n + 1 < N;
         const float *w0 = W + (size_t)n * K, *w1 = pair ? w0 + K : w0; /* an odd last row pairs with itself */
@@ -159,7 +188,9 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
 
 /* Every thread of the team calls this; the output rows n are split among them, and each
  * weight row, once read, serves all B activation rows from the cache. y[b,n] is
- * W[n] . x[b] + bias[n], added to y[b,n] when `accumulate` (a residual connection). */
+ * W[n] . x[b] + bias[n], added to y[b,n] when `accumulate` (a residual connection).
+ * Like every phase below, it returns without waiting for the other threads: the step puts
+ * a barrier after each phase. */
 static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws) {
     const int N = L->N, K = L->K, groups = L->kind == Q4 ? K / L->G : 0;
     if (L->kind == F32 && B >= 4) {
@@ -167,14 +198,15 @@ static void matvec(const Linear *L, const float *x, float *y, int B, int accumul
         return;
     }
     if (L->kind != F32) {
-#pragma omp single
+#pragma omp single nowait
         {
             quantize_rows(x, B, K, ws->xq, ws->xs);
             for (int b = 0; b < B && L->kind == Q4; b++)
                 group_sums(ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK), K, L->G, ws->gsum + (size_t)b * groups);
         }
+        barrier_wait(&ws->bar);
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int n = 0; n < N; n++) {
         for (int b = 0; b < B; b++) {
             const int8_t *xq = ws->xq + (size_t)b * K;
@@ -207,7 +239,7 @@ static void norm(const Model *m, const float *x, const float *w, const float *b,
 }
 
 static void norm_rows(const Model *m, const float *x, const float *w, const float *bias, float *out, int B) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int b = 0; b < B; b++) norm(m, x + (size_t)b * m->d_model, w, bias, out + (size_t)b * m->d_model);
 }
 
@@ -235,7 +267,7 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
     const int hd = m->head_dim, group = m->n_head / m->n_kv, cap = m->capacity, width = (m->n_head + 2 * m->n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t row_bytes = sizeof(float) * hd;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int bh = 0; bh < r->B * m->n_head; bh++) {
         const int b = bh / m->n_head, h = bh % m->n_head, end = r->slot[b];
         int lo = r->first[b];
@@ -288,25 +320,6 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
 
 static float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 
-/* e^x for eight floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n
- * through the exponent bits (relative error ~2e-7, like expf; inputs clamped to +-88). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 /* act = silu(gate) * up (SwiGLU) or gelu_tanh(h), both as x / (1 + e^-z): silu's z is the
  * gate itself, gelu's (tanh form) is 2 * 0.79788456 * (x + 0.044715 x^3). Split among the
  * threads in runs of 64 features of one row (whole vectors, one division per run). */
@@ -314,7 +327,7 @@ static void mlp_activation(const Model *m, Work *ws, int B) {
     const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f, runs = (f + 63) / 64;
     const __m256 one = _mm256_set1_ps(1.0f), c1 = _mm256_set1_ps(-2.0f * 0.7978845608028654f),
                  c3 = _mm256_set1_ps(0.044715f);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int t = 0; t < B * runs; t++) {
         const int b = t / runs, lo = (t % runs) * 64, hi = lo + 64 < f ? lo + 64 : f;
         const float *row = ws->up + (size_t)b * stride;
@@ -338,7 +351,7 @@ static void mlp_activation(const Model *m, Work *ws, int B) {
 /* Rotary embedding of each row's query and key heads, and its key/value into its cache row. */
 static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *ws) {
     const int hd = m->head_dim, nq = m->n_head * hd, nkv = m->n_kv * hd, width = nq + 2 * nkv;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int b = 0; b < r->B; b++) {
         float *q = ws->qkv + (size_t)b * width, *k = q + nq, *v = q + nq + nkv;
         if (m->rope) {
@@ -370,6 +383,8 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     ws.xq = malloc((size_t)B * widest + QK);
     ws.xs = malloc(sizeof(float) * B * (widest / QK + 1));
     ws.gsum = malloc(sizeof(float) * B * (widest / QK + 1));
+    atomic_init(&ws.bar.arrived, 0);
+    atomic_init(&ws.bar.phase, 0);
 
     for (int b = 0; b < B; b++)
         for (int i = 0; i < d; i++)
@@ -384,43 +399,48 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             prof[phase] += now - last, last = now;  \
         }                                           \
     }
+#define SYNC(phase)             \
+    barrier_wait(&ws.bar);      \
+    MARK(phase)
 #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
     {
         for (int l = 0; l < m->n_layer; l++) {
             const Layer *L = &m->layers[l];
             norm_rows(m, ws.x, L->norm1_w, L->norm1_b, ws.h, B);
-            MARK(P_NORM)
+            SYNC(P_NORM)
             matvec(&L->qkv, ws.h, ws.qkv, B, 0, &ws);
-            MARK(P_QKV)
+            SYNC(P_QKV)
             rope_and_cache(m, L, r, &ws);
-            MARK(P_ROPE_CACHE)
+            SYNC(P_ROPE_CACHE)
             attend(m, L, r, &ws);
-            MARK(P_ATTENTION)
+            SYNC(P_ATTENTION)
             matvec(&L->proj, ws.att, ws.x, B, 1, &ws);
-            MARK(P_PROJ)
+            SYNC(P_PROJ)
             norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B);
-            MARK(P_NORM)
+            SYNC(P_NORM)
             matvec(&L->up, ws.h, ws.up, B, 0, &ws);
-            MARK(P_UP)
+            SYNC(P_UP)
             mlp_activation(m, &ws, B);
-            MARK(P_ACTIVATION)
+            SYNC(P_ACTIVATION)
             matvec(&L->down, ws.act, ws.x, B, 1, &ws);
-            MARK(P_DOWN)
+            SYNC(P_DOWN)
         }
         /* Only the rows whose next token is wanted go through the output layer (a prompt fed
          * in the step needs its last row's logits only): gather them to the front of x. */
         int out = B;
         if (r->out_row) {
             out = r->n_out;
-#pragma omp single
+#pragma omp single nowait
             for (int i = 0; i < out; i++)
                 memmove(ws.x + (size_t)i * d, ws.x + (size_t)r->out_row[i] * d, sizeof(float) * d);
+            barrier_wait(&ws.bar);
         }
         norm_rows(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h, out);
-        MARK(P_NORM)
+        SYNC(P_NORM)
         matvec(&m->lm_head, ws.h, logits, out, 0, &ws);
-        MARK(P_LM_HEAD)
+        SYNC(P_LM_HEAD)
     }
+#undef SYNC
 #undef MARK
     free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.act), free(ws.scores);
     free(ws.xq), free(ws.xs), free(ws.gsum);
