@@ -83,6 +83,7 @@ def train_recipe(model: ModelConfig, data: DataConfig, steps: int, seed: int, ou
     recipe.data = data
     t = recipe.train
     t.max_steps, t.seed, t.device = steps, seed, "cpu"
+    t.dtype = "float32"  # as `lmforge distill` trains (auto would be bf16 on an AVX512-BF16 CPU)
     if like_distill:
         t.warmup, t.weight_decay = max(1, steps // 20), 0.01
     else:

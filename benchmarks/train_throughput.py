@@ -1,7 +1,9 @@
 """Training tokens/s: lmforge's model and loop against `transformers` GPT2LMHeadModel.
 
 Same configuration (GPT-2 family, 6 layers x 384, vocab 8192 by default), same batches
-from the same prepared shards, same AdamW settings, gradient clipping on both, fp32 on CPU.
+from the same prepared shards, same AdamW settings, gradient clipping on both, the same
+precision: fp32 by default (the target's terms), or `--dtype bfloat16` for bf16 autocast
+on both (what `train.dtype: auto` picks on a CPU with AVX512-BF16 or AMX).
 Ours runs through the real trainer (`lmforge.train.trainer.train`), whose metrics.jsonl
 gives tokens/s; theirs through an equivalent plain PyTorch loop.
 
@@ -35,7 +37,7 @@ def recipe_for(args, out: Path, name: str):
         "data": {"corpus": "synthetic", "dir": str(out / "data"), "tokenizer": {"vocab_size": 512}},
         "train": {"batch_size": args.batch, "max_steps": args.steps + args.warmup_steps, "warmup": 5,
                   "log_every": 1, "checkpoint_every": 10**6, "compile": args.compile, "seed": 0,
-                  "loss_chunk": args.loss_chunk},
+                  "loss_chunk": args.loss_chunk, "dtype": args.dtype},
         "eval": {"every": 10**6, "batches": 1},
         "run": {"name": name, "out": str(out)},
     })
@@ -65,8 +67,9 @@ def theirs_rate(args, out: Path) -> float:
             group["lr"] = lr_at(step, recipe.train)
         t = time.perf_counter()
         x, y = loader.batch(step)
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
         opt.step()
@@ -88,6 +91,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (train.compile)")
     ap.add_argument("--loss-chunk", type=int, default=0, help="our train.loss_chunk (0: logits in one piece)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="precision of both: fp32, or bf16 autocast")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +105,8 @@ def main() -> None:
     o, t = statistics.median(ours), statistics.median(theirs)
     print(f"machine: {machine()}")
     print(f"model: gpt2 family, {args.layers} layers x {args.d_model}, vocab {args.vocab}, "
-          f"batch {args.batch} x {args.seq}, AdamW, fp32{', compiled' if args.compile else ''}; "
+          f"batch {args.batch} x {args.seq}, AdamW, "
+          f"{'fp32' if args.dtype == 'float32' else 'bf16 autocast'}{', compiled' if args.compile else ''}; "
           f"our loss chunk {args.loss_chunk or 'off'}")
     print(f"      lmforge: {o:8.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in ours)})")
     print(f" transformers: {t:8.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in theirs)})")

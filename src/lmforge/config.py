@@ -160,7 +160,7 @@ class TrainConfig(Section):
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast on GPU and on CPUs with AVX512-BF16/AMX, else fp32
     compile: bool = False
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute

@@ -121,3 +121,26 @@ def test_inconsistent_model_configs_are_refused(make_config, bad):
 
     with pytest.raises(ValidationError):
         make_config(**bad)
+
+
+def test_native_gelu_equals_pytorch_forward_and_backward():
+    """The gpt2 family's GELU runs as a C kernel on the CPU in fp32; it agrees with
+    F.gelu(approximate="tanh") and its autograd, and bf16 takes PyTorch's op."""
+    import torch.nn.functional as F
+
+    from lmforge import native
+    from lmforge.model import activations
+
+    assert native.elementwise() is not None
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 5), (300, 1000)]:  # one thread with a scalar tail; the threaded path
+        x = (torch.randn(*shape, generator=g) * 4).requires_grad_()
+        dy = torch.randn(*shape, generator=g)
+        assert activations._native_applies(x.detach())
+        y = activations.gelu_tanh(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        ref = F.gelu(x, approximate="tanh")
+        (ref_dx,) = torch.autograd.grad(ref, x, dy)
+        assert (y - ref).abs().max().item() < 2e-6 and (dx - ref_dx).abs().max().item() < 2e-5
+    assert not activations._native_applies(torch.randn(4, dtype=torch.bfloat16))
+    assert not activations._native_applies(torch.randn(4, 4).t())  # not contiguous

@@ -39,7 +39,7 @@ def overrides(root: Path, name: str, parallel: str = "auto", **train_keys) -> di
         "model": {"n_layer": 2, "d_model": 32, "n_head": 4, "n_kv_head": 2, "context": 32},
         "data": {"corpus": "synthetic", "dir": str(root / "data"), "tokenizer": {"vocab_size": 300}},
         "train": {"batch_size": 4, "max_steps": 8, "warmup": 2, "checkpoint_every": 100, "log_every": 1,
-                  "parallel": parallel, **train_keys},
+                  "parallel": parallel, "dtype": "float32", **train_keys},
         "eval": {"every": 100, "batches": 1},
         "run": {"name": name, "out": str(root / "runs")},
     }

@@ -1,6 +1,7 @@
 """Chunked cross-entropy (`train.loss_chunk`): the loss and every gradient equal the unchunked
 ones, the full logits never exist at once, and training (pretraining; DDP, FSDP) with it ends
-where training without it does. SFT with it: tests/finetune/test_sft.py."""
+where training without it does; the native softmax cross-entropy equals PyTorch's. SFT with
+it: tests/finetune/test_sft.py."""
 
 from __future__ import annotations
 
@@ -122,23 +123,73 @@ def test_all_targets_ignored_is_nan_like_cross_entropy():
 
 
 def test_pretraining_with_loss_chunk_ends_where_it_would_without(tiny_recipe, monkeypatch):
+    """Three runs end at the same weights: PyTorch's own cross-entropy over the full logits
+    (the reference), the default on the CPU (the native loss, one chunk per micro-batch) and
+    loss_chunk 24."""
+    from lmforge.model import activations
     from lmforge.train import losses
 
     chunked_calls = []
     monkeypatch.setattr(losses, "chunked_cross_entropy",
                         lambda *a: chunked_calls.append(a[3]) or chunked_cross_entropy(*a))
     sections = {"train": {"max_steps": 5, "grad_accum": 2}}
-    plain = train(tiny_recipe("plain", **sections), progress=False, log=lambda s: None)
+    with monkeypatch.context() as pytorch_only:
+        pytorch_only.setattr(losses, "_native_cross_entropy", lambda: None)
+        pytorch_only.setattr(activations, "_native_applies", lambda x: False)
+        plain = train(tiny_recipe("plain", **sections), progress=False, log=lambda s: None)
     assert chunked_calls == []
+    whole = train(tiny_recipe("whole", **sections), progress=False, log=lambda s: None)
+    assert chunked_calls == [128] * 10  # 5 steps of 2 micro-batches of 128 rows
+    chunked_calls.clear()
     chunked = train(tiny_recipe("chunked", train={**sections["train"], "loss_chunk": 24}), progress=False,
                     log=lambda s: None)
-    assert chunked_calls == [24] * 10  # 5 steps of 2 micro-batches (128 rows each: 5 chunks of 24, one of 8)
+    assert chunked_calls == [24] * 10  # 5 chunks of 24 and one of 8 each
     assert load_recipe(chunked.run_dir / "recipe.yaml").train.loss_chunk == 24
-    a, b = load_file(str(plain.model_dir / "model.safetensors")), load_file(str(chunked.model_dir / "model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    losses = [[r["loss"] for r in read_metrics(run.run_dir) if "loss" in r] for run in (plain, chunked)]
+    reference = load_file(str(plain.model_dir / "model.safetensors"))
+    for run in (whole, chunked):
+        weights = load_file(str(run.model_dir / "model.safetensors"))
+        assert max((reference[k] - weights[k]).abs().max().item() for k in reference) < 1e-5
+        assert run.val.loss == pytest.approx(plain.val.loss, abs=1e-5)
+    losses = [[r["loss"] for r in read_metrics(run.run_dir) if "loss" in r] for run in (plain, whole, chunked)]
     assert len(losses[0]) == 5 and losses[0] == pytest.approx(losses[1], abs=1e-5)
-    assert chunked.val.loss == pytest.approx(plain.val.loss, abs=1e-5)
+    assert losses[0] == pytest.approx(losses[2], abs=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_softmax_cross_entropy_equals_pytorch(native, monkeypatch):
+    """Per-row losses and the gradient written over the logits, against F.cross_entropy and
+    autograd: a vocabulary that is not a multiple of the vector width, large logits, ignored
+    rows; the C kernel and the PyTorch fallback alike."""
+    from lmforge import native as kernels
+    from lmforge.train import losses
+
+    if native:
+        assert kernels.elementwise() is not None  # the C kernel is what this case tests
+    else:
+        monkeypatch.setattr(losses, "_native_cross_entropy", lambda: None)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 1003, generator=g) * 20
+    targets = torch.randint(0, 1003, (37,), generator=g)
+    targets[[0, 5, 36]] = IGNORE
+    leaf = logits.clone().requires_grad_()
+    expected = F.cross_entropy(leaf, targets, ignore_index=IGNORE, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+
+    untouched = logits.clone()
+    assert losses.softmax_cross_entropy_(untouched, targets, IGNORE, grad=False) == pytest.approx(
+        expected.detach(), abs=2e-5)
+    assert torch.equal(untouched, logits)  # without grad the logits stay
+    got = losses.softmax_cross_entropy_(logits, targets, IGNORE, grad=True)
+    assert got == pytest.approx(expected.detach(), abs=2e-5) and got[[0, 5, 36]].abs().max() == 0
+    assert (logits - expected_grad).abs().max().item() < 1e-5  # exp(x - lse): lse ~ 60 rounds to ~4e-6
+    assert logits[[0, 5, 36]].abs().max() == 0 and expected_grad.abs().max() > 0.5
+
+
+def test_a_target_outside_the_vocabulary_is_an_error():
+    from lmforge.train.losses import softmax_cross_entropy_
+
+    with pytest.raises(ValueError, match="a target outside 0..9"):
+        softmax_cross_entropy_(torch.randn(3, 10), torch.tensor([1, 10, 2]), IGNORE, grad=True)
 
 
 def test_loss_chunk_is_validated():
@@ -164,7 +215,7 @@ def test_ddp_and_fsdp_with_loss_chunk_equal_one_process_without(tmp_path):
         return {"model": {"n_layer": 2, "d_model": 32, "n_head": 4, "n_kv_head": 2, "context": 32},
                 "data": {"corpus": "synthetic", "dir": str(tmp_path / "data"), "tokenizer": {"vocab_size": 300}},
                 "train": {"batch_size": 4, "max_steps": 6, "warmup": 2, "checkpoint_every": 100, "log_every": 1,
-                          "parallel": parallel, "loss_chunk": chunk},
+                          "parallel": parallel, "loss_chunk": chunk, "dtype": "float32"},
                 "eval": {"every": 100, "batches": 1}, "run": {"name": name, "out": str(tmp_path / "runs")}}
 
     train(load_recipe(None, overrides("single")), progress=False, log=lambda s: None)

@@ -44,6 +44,35 @@ def test_loss_falls_on_a_tiny_run(trained_run, tokenizer):
     assert trained_run.steps == 30 and trained_run.tokens == 30 * 8 * 32
 
 
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import contextlib
+
+    from lmforge.train import trainer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: True)
+    assert trainer.resolve_dtype(cpu, "auto") == "bfloat16"
+    assert trainer.resolve_dtype(cpu, "float32") == "float32"
+    monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: False)
+    assert trainer.resolve_dtype(cpu, "auto") == "float32"
+    assert isinstance(trainer.autocast_for(cpu, "auto"), contextlib.nullcontext)
+    assert trainer.resolve_dtype(torch.device("cuda"), "auto") == "bfloat16"
+
+
+def test_bf16_autocast_on_the_cpu_learns(tiny_recipe, tokenizer):
+    """bf16 autocast on the CPU (what train.dtype auto picks where the CPU has AVX512-BF16 or
+    AMX) learns as the fp32 run of trained_run does, and the saved weights stay fp32."""
+    result = run(tiny_recipe("bf16", model={"d_model": 64, "n_head": 4, "n_kv_head": 2},
+                             train={"dtype": "bfloat16", "batch_size": 8, "max_steps": 30, "warmup": 5, "lr": 1e-2,
+                                    "checkpoint_every": 30, "log_every": 5},
+                             eval={"every": 30, "batches": 4}))
+    losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert losses[0] > 4.0 and losses[-1] < 0.6 * losses[0]
+    assert result.val.loss < 0.6 * math.log(tokenizer.vocab_size)
+    assert {t.dtype for t in weights(result.model_dir).values()} == {torch.float32}
+
+
 def test_run_directory_layout(trained_run):
     d = trained_run.run_dir
     assert (d / "plots" / "loss.png").stat().st_size > 0

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.model.activations import gelu_tanh
 from lmforge.model.kv_cache import KVCache
 
 
@@ -126,7 +127,7 @@ class MLP(nn.Module):
             gate, up = h.split(self.hidden, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = gelu_tanh(h)
         return self.down(h)
 
 

@@ -1,8 +1,10 @@
 """lmforge's C kernels, compiled on first use: one shared library from the sources here.
 
 - `qmatmul.c`: weight-only int8/int4 matmuls for a few rows (what `QuantizedLinear` calls);
-- `decode.c`: a whole batch-1 decoding step (what `lmforge.infer.native_decode` calls);
-- `kernels.h`: the fp32/int8/int4 inner loops both share.
+- `decode.c`: a whole decoding step (what `lmforge.infer.native_decode` calls);
+- `elementwise.c`: the softmax cross-entropy with its gradient, and GELU with its derivative,
+  for training steps (`lmforge.train.losses`, `lmforge.model.activations`);
+- `kernels.h`: the fp32/int8/int4 inner loops and the vectorized exponential they share.
 
 `gcc -O3 -march=native` builds them in a few seconds for the CPU at hand (AVX2 or AVX-512
 alike) into the lmforge cache, keyed by the sources, the compiler and the CPU's flags, so
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qmatmul.c", HERE / "decode.c"]
+SOURCES = [HERE / "qmatmul.c", HERE / "decode.c", HERE / "elementwise.c"]
 HEADERS = [HERE / "kernels.h"]
 _p, _i = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
@@ -37,6 +39,10 @@ SIGNATURES = {  # name: (argument types, result type)
     "dequant": ([_i, _p, _p, _p, _i, _i, _i, _p], None),
     "decode_supported": ([], _i),
     "decode_step": ([_p, _p, _i, _p], None),
+    "elementwise_supported": ([], _i),
+    "cross_entropy_rows": ([_p, _i, _i, _p, ctypes.c_int64, _i, _p, _i], None),
+    "gelu_forward": ([_p, _p, ctypes.c_int64, _i], None),
+    "gelu_backward": ([_p, _p, _p, ctypes.c_int64, _i], None),
 }
 
 
@@ -95,3 +101,10 @@ def kernels() -> ctypes.CDLL | None:
 
 def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def elementwise() -> ctypes.CDLL | None:
+    """The kernels of elementwise.c (the softmax cross-entropy, GELU), or None where they
+    cannot run (no compiler, or a CPU without AVX2): callers then use PyTorch's own ops."""
+    lib = kernels()
+    return lib if lib is not None and lib.elementwise_supported() else None
