@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -21,27 +20,32 @@ from lmforge.data.prepare import prepare
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import unigram_baseline
 from lmforge.model import Transformer
+from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer
-from lmforge.train.trainer import data_dir_for, train
+from lmforge.train.trainer import autocast_for, data_dir_for, train
 
 PROMPTS = ["ROMEO:\n", "To be, or not", "The king"]
 
 
 def seconds_per_step(recipe, data_dir: Path) -> float:
-    """Time a few optimizer steps of the recipe's model on this machine."""
+    """Time a few optimizer steps of the recipe's model on this machine, as the trainer takes
+    them (its loss, its precision)."""
     torch.manual_seed(0)
     model = Transformer(recipe.model)
-    opt = build_optimizer(model, recipe.train, torch.device("cpu"))
+    device = torch.device("cpu")
+    opt = build_optimizer(model, recipe.train, device)
     loader = BatchLoader(TokenSplit(data_dir, "train"), recipe.train.batch_size, recipe.model.context, 0)
     times = []
-    for i in range(4):
+    for i in range(5):
         start = time.perf_counter()
         x, y = loader.batch(i)
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        with autocast_for(device, recipe.train.dtype):
+            loss = language_model_loss(model, model.lm_head, x, y, recipe.train.loss_chunk)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return sorted(times[1:])[1]  # the median after the first (warm-up) step
+    return sorted(times[2:])[1]  # the median after two warm-up steps (bf16 kernels are built on first use)
 
 
 def clean_corpus(corpus: str, out: Path, console: Console) -> str:

@@ -185,6 +185,24 @@ def test_softmax_cross_entropy_equals_pytorch(native, monkeypatch):
     assert logits[[0, 5, 36]].abs().max() == 0 and expected_grad.abs().max() > 0.5
 
 
+def test_softmax_cross_entropy_reads_bf16_logits():
+    """Under bf16 autocast lm_head's logits are bf16: the kernel takes them as they are, the
+    loss in fp32 equals F.cross_entropy of their fp32 values, the gradient comes back in bf16."""
+    from lmforge.train import losses
+
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(37, 1003, generator=g) * 5).bfloat16()
+    targets = torch.randint(0, 1003, (37,), generator=g)
+    targets[3] = IGNORE
+    leaf = logits.float().requires_grad_()
+    expected = F.cross_entropy(leaf, targets, ignore_index=IGNORE, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    got = losses.softmax_cross_entropy_(logits, targets, IGNORE, grad=True)
+    assert got.dtype == torch.float32 and got == pytest.approx(expected.detach(), abs=2e-5)
+    assert logits.dtype == torch.bfloat16 and (logits.float() - expected_grad).abs().max().item() < 4e-3
+    assert logits[3].abs().max() == 0
+
+
 def test_a_target_outside_the_vocabulary_is_an_error():
     from lmforge.train.losses import softmax_cross_entropy_
 

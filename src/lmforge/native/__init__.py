@@ -40,9 +40,9 @@ SIGNATURES = {  # name: (argument types, result type)
     "decode_supported": ([], _i),
     "decode_step": ([_p, _p, _i, _p], None),
     "elementwise_supported": ([], _i),
-    "cross_entropy_rows": ([_p, _i, _i, _p, ctypes.c_int64, _i, _p, _i], None),
-    "gelu_forward": ([_p, _p, ctypes.c_int64, _i], None),
-    "gelu_backward": ([_p, _p, _p, ctypes.c_int64, _i], None),
+    "cross_entropy_rows": ([_p, _i, _i, _i, _p, ctypes.c_int64, _i, _p, _i], None),
+    "gelu_forward": ([_p, _p, ctypes.c_int64, _i, _i], None),
+    "gelu_backward": ([_p, _p, _p, ctypes.c_int64, _i, _i], None),
 }
 
 

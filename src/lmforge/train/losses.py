@@ -27,21 +27,27 @@ def _native_cross_entropy():
     return native.elementwise()
 
 
+def _native_takes(logits: torch.Tensor) -> bool:
+    return (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous()
+            and _native_cross_entropy() is not None)
+
+
 def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                            grad: bool) -> torch.Tensor:
-    """Per-row cross-entropy of `logits` (rows, vocab) fp32 against `targets` (rows,): a row
+    """Per-row cross-entropy (fp32) of `logits` (rows, vocab) against `targets` (rows,): a row
     whose target is `ignore_index` counts 0. With `grad`, `logits` is overwritten by the
     gradient of the summed loss with respect to it (softmax minus one-hot; zero for ignored
-    rows). On the CPU one C pass per row does both (lmforge/native/elementwise.c)."""
+    rows). On the CPU one C pass per row does both, for fp32 or bf16 logits
+    (lmforge/native/elementwise.c); elsewhere the logits must be fp32."""
     keep = targets != ignore_index
     if not bool(((targets >= 0) & (targets < logits.shape[1]) | ~keep).all()):
         raise ValueError(f"a target outside 0..{logits.shape[1] - 1} (and not the ignored {ignore_index})")
-    lib = _native_cross_entropy() if logits.device.type == "cpu" and logits.is_contiguous() else None
-    if lib is not None:
+    if _native_takes(logits):
         loss = torch.empty(logits.shape[0], dtype=torch.float32)
         targets = targets.to(torch.int64).contiguous()
-        lib.cross_entropy_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], targets.data_ptr(),
-                               ignore_index, int(grad), loss.data_ptr(), torch.get_num_threads())
+        _native_cross_entropy().cross_entropy_rows(
+            logits.data_ptr(), int(logits.dtype == torch.bfloat16), logits.shape[0], logits.shape[1],
+            targets.data_ptr(), ignore_index, int(grad), loss.data_ptr(), torch.get_num_threads())
         return loss
     y = targets.clamp(min=0)  # ignored rows: any class; their loss and gradient are zeroed below
     lse = logits.logsumexp(-1)
@@ -64,7 +70,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight).float()  # (c, vocab); under autocast the matmul is in its dtype
+            logits = F.linear(h, weight)  # (c, vocab); under autocast the matmul is in its dtype
+            if not (logits.dtype == torch.bfloat16 and _native_takes(logits)):
+                logits = logits.float()  # the C kernel reads bf16 (autocast) as it is; the rest wants fp32
             want = grad_hidden is not None or grad_weight is not None
             total += softmax_cross_entropy_(logits, y, ignore_index, want).sum()
             if not want:
