@@ -8,9 +8,10 @@
  * exponentials and their sum, and is overwritten by its gradient, so the logits' own memory
  * holds the gradient that lm_head's backward then multiplies.
  *
- * GELU (tanh form) and its derivative: PyTorch's take 2.2 ms each way for 2,048 x 1,536
- * floats on two cores, three times what streaming them costs; written as x / (1 + e^-2z)
- * with the vectorized exponential of kernels.h they stream. */
+ * GELU (tanh form) and its derivative: PyTorch's take 1.9-2.2 ms each way for 2,048 x 1,536
+ * floats on two cores, about three times what streaming them costs; written as x times
+ * sigmoid(2z) with the vectorized exponential of kernels.h, 0.6-0.7 ms forward and 0.9-1.1 ms
+ * backward. */
 #include <omp.h>
 #include <string.h>
 
