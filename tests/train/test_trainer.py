@@ -53,9 +53,12 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: True)
     assert trainer.resolve_dtype(cpu, "auto") == "bfloat16"
     assert trainer.resolve_dtype(cpu, "float32") == "float32"
+    assert "bf16 autocast" in trainer.precision_note(cpu, "auto")  # said once at the start of a run
+    assert trainer.precision_note(cpu, "float32") is None
     monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: False)
     assert trainer.resolve_dtype(cpu, "auto") == "float32"
     assert isinstance(trainer.autocast_for(cpu, "auto"), contextlib.nullcontext)
+    assert trainer.precision_note(cpu, "auto") is None
     assert trainer.resolve_dtype(torch.device("cuda"), "auto") == "bfloat16"
 
 

@@ -103,6 +103,7 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@functools.cache  # asked on every forward of the gpt2 MLP and every loss: one ctypes call, once
 def elementwise() -> ctypes.CDLL | None:
     """The kernels of elementwise.c (the softmax cross-entropy, GELU), or None where they
     cannot run (no compiler, or a CPU without AVX2): callers then use PyTorch's own ops."""

@@ -318,15 +318,12 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
     }
 }
 
-static float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
-
-/* act = silu(gate) * up (SwiGLU) or gelu_tanh(h), both as x / (1 + e^-z): silu's z is the
- * gate itself, gelu's (tanh form) is 2 * 0.79788456 * (x + 0.044715 x^3). Split among the
- * threads in runs of 64 features of one row (whole vectors, one division per run). */
+/* act = silu(gate) * up (SwiGLU) or gelu_tanh(h), both x times a sigmoid: silu's of the
+ * gate itself, gelu's from kernels.h (the one training's GELU uses). Split among the threads
+ * in runs of 64 features of one row (whole vectors, one division per vector). */
 static void mlp_activation(const Model *m, Work *ws, int B) {
     const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f, runs = (f + 63) / 64;
-    const __m256 one = _mm256_set1_ps(1.0f), c1 = _mm256_set1_ps(-2.0f * 0.7978845608028654f),
-                 c3 = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f);
 #pragma omp for schedule(static) nowait
     for (int t = 0; t < B * runs; t++) {
         const int b = t / runs, lo = (t % runs) * 64, hi = lo + 64 < f ? lo + 64 : f;
@@ -339,12 +336,11 @@ static void mlp_activation(const Model *m, Work *ws, int B) {
                 const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
                 _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(row + f + i)));
             } else {
-                const __m256 z = _mm256_mul_ps(c1, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x));
-                _mm256_storeu_ps(out + i, _mm256_div_ps(x, _mm256_add_ps(one, exp8(z))));
+                _mm256_storeu_ps(out + i, _mm256_mul_ps(x, gelu_sigmoid(x)));
             }
         }
         for (; i < hi; i++)
-            out[i] = m->swiglu ? row[i] / (1.0f + expf(-row[i])) * row[f + i] : gelu_tanh(row[i]);
+            out[i] = m->swiglu ? row[i] / (1.0f + expf(-row[i])) * row[f + i] : row[i] * gelu_sigmoid1(row[i]);
     }
 }
 

@@ -117,18 +117,7 @@ void cross_entropy_rows(void *logits, int bf16, int rows, int V, const int64_t *
     }
 }
 
-#define GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
-#define GELU_A 0.044715f
-#define GELU_BLOCK 4096            /* elements per task: whole vectors, few tasks */
-
-/* s = sigmoid(2z) = (1 + tanh z) / 2 with z = sqrt(2/pi) (x + 0.044715 x^3), so gelu = x s. */
-static inline __m256 gelu_sigmoid(__m256 x) {
-    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(-2.0f * GELU_C),
-                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_A), x), _mm256_mul_ps(x, x), x));
-    return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(z)));
-}
-
-static inline float gelu_sigmoid1(float x) { return 1.0f / (1.0f + expf(-2.0f * GELU_C * (x + GELU_A * x * x * x))); }
+#define GELU_BLOCK 4096 /* elements per task: whole vectors, few tasks */
 
 /* y = gelu_tanh(x) for n elements, fp32 or bf16 (y of x's type). */
 void gelu_forward(const void *x, void *y, int64_t n, int bf16, int threads) {

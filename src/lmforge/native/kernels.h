@@ -73,6 +73,19 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#define GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
+#define GELU_A 0.044715f
+
+/* GELU (tanh form) as x * s, s = sigmoid(2z) = (1 + tanh z) / 2 with
+ * z = sqrt(2/pi) (x + 0.044715 x^3): s for eight floats and for one. */
+static inline __m256 gelu_sigmoid(__m256 x) {
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(-2.0f * GELU_C),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_A), x), _mm256_mul_ps(x, x), x));
+    return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(z)));
+}
+
+static inline float gelu_sigmoid1(float x) { return 1.0f / (1.0f + expf(-2.0f * GELU_C * (x + GELU_A * x * x * x))); }
+
 /* Eight int32 partial sums of w . a over 32 signed bytes (|w| <= 127 so no overflow). */
 static inline __m256i dot32(__m256i w, __m256i a) {
     __m256i aw = _mm256_sign_epi8(w, w), sa = _mm256_sign_epi8(a, w);

@@ -308,7 +308,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     """Run a fine-tuning config. `interrupt_at` stops as a signal would at that step (for tests)."""
     from lmforge.train.checkpoint import latest_checkpoint
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.trainer import MetricsLog, autocast_for, plot_losses, run_steps
+    from lmforge.train.trainer import MetricsLog, autocast_for, plot_losses, precision_note, run_steps
 
     run_dir, tc = cfg.run.dir, cfg.train
     if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
@@ -332,6 +332,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     trainables = nn.ModuleList([model] + ([head] if head is not None else []))
     optimizer = build_optimizer(trainables, tc, device)
     autocast = autocast_for(device, tc.dtype)
+    if note := precision_note(device, tc.dtype):
+        log(note)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(cfg.to_yaml())

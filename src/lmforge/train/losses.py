@@ -18,12 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import native
 from lmforge.data.sft import IGNORE
 
 
 def _native_cross_entropy():
-    from lmforge import native
-
     return native.elementwise()
 
 

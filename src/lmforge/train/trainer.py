@@ -79,6 +79,14 @@ def resolve_dtype(device: torch.device, dtype_name: str) -> str:
     return "float32"
 
 
+def precision_note(device: torch.device, dtype_name: str) -> str | None:
+    """A line for the one choice of `auto` a CPU user may not expect (bf16), else None."""
+    if dtype_name == "auto" and device.type == "cpu" and resolve_dtype(device, dtype_name) == "bfloat16":
+        return "precision: bf16 autocast (train.dtype auto: this CPU multiplies bf16 natively; " \
+               "--train.dtype float32 for fp32)"
+    return None
+
+
 def autocast_for(device: torch.device, dtype_name: str):
     """The autocast context for train.dtype (see `resolve_dtype`); fp32 is no autocast at all."""
     dtype_name = resolve_dtype(device, dtype_name)
@@ -294,6 +302,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
     wrapped = distributed.parallelize(model, ctx, device, activation_checkpointing=tc.activation_checkpointing)
     optimizer = build_optimizer(model, tc, device)  # after sharding: FSDP2 replaces the parameters
     autocast = autocast_for(device, tc.dtype)
+    if ctx.is_main and (note := precision_note(device, tc.dtype)):
+        log(note)
     step_fn = torch.compile(wrapped) if tc.compile else wrapped
     rows = ctx.rows(tc.batch_size)
 
