@@ -68,9 +68,11 @@ def test_fp32_native_path_gives_the_reference_logits_and_greedy_tokens(make_mode
 
 @pytest.mark.parametrize(("family", "extra"), FAMILY_CASES, ids=FAMILY_IDS)
 def test_a_batch_of_six_runs_the_tiled_kernel_and_gives_the_reference_logits(make_model, family, extra):
-    # From 4 rows on, fp32 matmuls take two weight rows against four activation rows at a
-    # time: 6 rows are one tile of four plus two rows alone, and the odd vocabulary (331)
-    # leaves a last weight row without a partner; ffn 100 leaves a remainder along K.
+    # From 4 rows on, fp32 matmuls take tiles of weight rows against four activation rows
+    # (with AVX-512 four weight rows, and 6 activation rows are a tile of four and one of
+    # two; with AVX2 two weight rows, and 6 are a tile of four and two rows alone). The odd
+    # vocabulary (331) leaves weight rows outside any tile; d_model 72 and ffn 100 leave
+    # remainders along K; head_dim 18 one in the attention's dot products.
     model = make_model(family, vocab_size=331, d_model=72, d_ff=100, context=48, init_std=0.3, **extra)
     prompts = [prompt(n, 331, seed=10 + n) for n in (3, 7, 5, 9, 2, 6)]
     ref, got = stepwise_logits(model, prompts, prompt(15, 331, seed=2))

@@ -129,6 +129,64 @@ static inline void put(const Linear *L, float *y, int N, int b, int n, float v, 
     *out = accumulate ? *out + v : v;
 }
 
+#ifdef __AVX512F__
+/* [sum a, sum b, sum c, sum d] for four 16-float vectors. */
+static inline __m128 hsum4x16(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    return hsum4x8(HALVES(a), HALVES(b), HALVES(c), HALVES(d));
+#undef HALVES
+}
+
+/* Four fp32 weight rows (w, stride K) against S <= 4 activation rows (x, stride K):
+ * out[4 s + r] = w_r . x_s. Sixteen 16-float accumulators at S = 4 (AVX-512's 32
+ * registers hold them; AVX2's 16 do not, hence its 2 x 4 tile below), one load per two
+ * FMAs. The rows of the next tile (4K floats on) are fetched while this one computes.
+ * On the AMD EPYC we measure on, a 16-float FMA does twice the work of an 8-float one
+ * per cycle (237 vs 118 GFLOPS a core): a batch-16 step of the 27M-parameter model took
+ * 5.5 ms with this tile against 7.5 ms with the 8-float one. */
+static inline __attribute__((always_inline)) void f32_tile4(const float *x, int K, const float *w, int S, float *out) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 wv[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(w + (size_t)(r + 4) * K + k), _MM_HINT_T0);
+            wv[r] = _mm512_maskz_loadu_ps(m, w + (size_t)r * K + k);
+        }
+        for (int s = 0; s < S; s++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + (size_t)s * K + k);
+            for (int r = 0; r < 4; r++) acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
+        }
+    }
+    for (int s = 0; s < S; s++) _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
+}
+
+/* The fp32 matmul for a batch (B >= 4): output rows in fours, activation rows in fours. */
+static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate) {
+    const int N = L->N, K = L->K;
+    const float *W = (const float *)L->w;
+#pragma omp for schedule(static) nowait
+    for (int q = 0; q < N / 4; q++) {
+        const int n = 4 * q;
+        const float *w = W + (size_t)n * K;
+        for (int b = 0; b < B; b += 4) {
+            const int S = B - b < 4 ? B - b : 4;
+            float o[16];
+            if (S == 4) f32_tile4(x + (size_t)b * K, K, w, 4, o);
+            else if (S == 3) f32_tile4(x + (size_t)b * K, K, w, 3, o);
+            else if (S == 2) f32_tile4(x + (size_t)b * K, K, w, 2, o);
+            else f32_tile4(x + (size_t)b * K, K, w, 1, o);
+            for (int s = 0; s < S; s++)
+                for (int r = 0; r < 4; r++) put(L, y, N, b + s, n + r, o[4 * s + r], accumulate);
+        }
+    }
+#pragma omp for schedule(static) nowait
+    for (int n = N / 4 * 4; n < N; n++) /* N % 4 rows left: one at a time (usually none) */
+        for (int b = 0; b < B; b++) put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, W + (size_t)n * K), accumulate);
+}
+#else
 /* Two fp32 weight rows against four activation rows (stride K): o0[b] = w0 . x_b and
  * o1[b] = w1 . x_b. Each loaded weight vector serves four FMAs and each activation vector
  * two, so the FMA units rather than the loads set the pace; eight independent
@@ -185,6 +243,7 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
         }
     }
 }
+#endif
 
 /* Every thread of the team calls this; the output rows n are split among them, and each
  * weight row, once read, serves all B activation rows from the cache. y[b,n] is
@@ -253,6 +312,30 @@ static void rotate(float *x, const float *cos, const float *sin, int d) {
     }
 }
 
+/* q . k_j for four consecutive cached keys (rows of hd floats) in four independent
+ * accumulators: one key at a time, each FMA waited on the one before (a third of the
+ * attention phase at batch 16). */
+static inline __m128 dot4(const float *q, const float *k, int hd) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 8 <= hd; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + hd + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * hd + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * hd + i), a3);
+    }
+    __m128 d = hsum4x8(a0, a1, a2, a3);
+    if (i < hd) { /* head sizes that are not a multiple of 8 */
+        float t[4];
+        _mm_storeu_ps(t, d);
+        for (; i < hd; i++)
+            for (int j = 0; j < 4; j++) t[j] += q[i] * k[(size_t)j * hd + i];
+        d = _mm_loadu_ps(t);
+    }
+    return d;
+}
+
 static float dot(const float *a, const float *b, int n) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
@@ -280,17 +363,31 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
          * each slot's values while its key is scored, for the weighted sum that follows. */
         for (int j = lo; j < lo + PREFETCH_SLOTS && j <= end; j++)
             for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(k + (size_t)j * hd) + c, _MM_HINT_T0);
-        float top = -INFINITY, total = 0.0f;
-        for (int j = lo; j <= end; j++) {
+        __m128 top4 = _mm_set1_ps(-INFINITY);
+        int j = lo;
+        for (; j + 4 <= end + 1; j += 4) {
             const char *kp = (const char *)(k + (size_t)(j + PREFETCH_SLOTS) * hd), *vp = (const char *)(v + (size_t)j * hd);
-            for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch(kp + c, _MM_HINT_T0), _mm_prefetch(vp + c, _MM_HINT_T0);
-            s[j] = dot(q, k + (size_t)j * hd, hd) * scale;
-            top = fmaxf(top, s[j]);
+            for (size_t c = 0; c < 4 * row_bytes; c += 64) _mm_prefetch(kp + c, _MM_HINT_T0), _mm_prefetch(vp + c, _MM_HINT_T0);
+            const __m128 d = _mm_mul_ps(dot4(q, k + (size_t)j * hd, hd), _mm_set1_ps(scale));
+            _mm_storeu_ps(s + j, d);
+            top4 = _mm_max_ps(top4, d);
         }
-        for (int j = lo; j <= end; j++) total += s[j] = expf(s[j] - top);
+        top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+        float top = fmaxf(_mm_cvtss_f32(top4), _mm_cvtss_f32(_mm_movehdup_ps(top4)));
+        for (; j <= end; j++) top = fmaxf(top, s[j] = dot(q, k + (size_t)j * hd, hd) * scale);
+        /* exponentials eight at a time (exp8: expf's accuracy) */
+        __m256 sum8 = _mm256_setzero_ps();
+        const __m256 top8 = _mm256_set1_ps(top);
+        for (j = lo; j + 8 <= end + 1; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
+            _mm256_storeu_ps(s + j, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        float total = hsum(sum8);
+        for (; j <= end; j++) total += s[j] = expf(s[j] - top);
         const float inv = 1.0f / total;
         for (int i = 0; i < hd; i++) out[i] = 0.0f;
-        int j = lo;
+        j = lo;
         for (; j + 4 <= end + 1; j += 4) { /* four slots per pass over `out` */
             const __m256 p0 = _mm256_set1_ps(s[j] * inv), p1 = _mm256_set1_ps(s[j + 1] * inv);
             const __m256 p2 = _mm256_set1_ps(s[j + 2] * inv), p3 = _mm256_set1_ps(s[j + 3] * inv);

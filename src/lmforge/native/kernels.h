@@ -54,6 +54,12 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* [sum a, sum b, sum c, sum d] for four 8-float vectors. */
+static inline __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 /* e^x for eight floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n
  * through the exponent bits (relative error ~2e-7, like expf; inputs clamped to +-88). */
 static inline __m256 exp8(__m256 x) {
