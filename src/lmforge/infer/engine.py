@@ -470,12 +470,16 @@ class Engine:
             seq.logits, seq.argmax = logits[i:i + 1], argmax[i]
 
     def _retire(self) -> None:
-        """Drop finished sequences and move the rest down so they fill slots 0..n-1."""
-        keep = [s for s in self._running if s.finish_reason is None]
-        if len(keep) == len(self._running):
+        """Drop finished sequences and fill their slots with running ones from the end, so the
+        running batch stays in slots 0..n-1 with one cache copy per refilled slot (shifting
+        every later sequence down cost ~6% of a 16-client step)."""
+        alive = [s.finish_reason is None for s in self._running]
+        if all(alive):
             return
-        old_slot = {s.id: i for i, s in enumerate(self._running)}
-        for new, seq in enumerate(keep):
-            if old_slot[seq.id] != new:
-                self.cache.move(old_slot[seq.id], new)
-        self._running = keep
+        n = sum(alive)
+        holes = [i for i in range(n) if not alive[i]]
+        movers = [i for i in range(n, len(self._running)) if alive[i]]
+        for hole, src in zip(holes, movers):  # as many of one as of the other
+            self.cache.move(src, hole)
+            self._running[hole] = self._running[src]
+        del self._running[n:]

@@ -84,38 +84,84 @@ static inline size_t cache_base(const Rows *r, int b) {
     return (size_t)(r->cache_row ? r->cache_row[b] : b) * r->row_stride;
 }
 
-/* The barrier between a step's phases (~75 per step at 8 layers). OpenMP's own barrier
- * sleeps in the kernel after a hundred spins whenever the process holds more OpenMP threads
- * than there are CPUs: the case in a server, where PyTorch's team on the main thread idles
- * beside the engine thread's team. Each barrier then costs a futex sleep and wake-up, which
- * made a batch-16 step of a 27M model 17% slower when called from a second thread. This one
- * spins (phases are ~0.1 ms apart), and yields the CPU only after ~0.1 ms of spinning, for
- * when the other thread was preempted. */
+/* How a step's team shares out each phase's work (~75 phases per step at 8 layers): a phase
+ * is a number of items (rows, weight-row chunks, heads), each thread starts on its own
+ * contiguous share of them, and one that runs out takes what is left from the back of the
+ * others' shares; a phase ends when all its items are finished, wherever they ran.
+ *
+ * Why not OpenMP's static loops and barriers: in a server the step's threads share the
+ * cores with the event loop (and, in our benchmark, the load generator). When the kernel
+ * runs one of those on a step thread's core, a static share waits for that thread, and a
+ * barrier waits for it even when it has nothing left to do; here the other thread takes
+ * the share over and a descheduled thread holds up nobody unless it is inside an item.
+ * (OpenMP's barrier also sleeps in the kernel after a hundred spins when the process holds
+ * more OpenMP threads than CPUs, which a server always does: PyTorch's team idles beside
+ * the engine thread's.) The waits spin, yielding the CPU after ~0.1 ms. */
 typedef struct {
-    atomic_int arrived, phase;
-} Barrier;
+    _Alignas(64) atomic_ullong v; /* a cache line each: threads write them concurrently */
+} Line;
 
-static void barrier_wait(Barrier *b) {
-    const int n = omp_get_num_threads();
-    if (n == 1) return;
-    const int phase = atomic_load_explicit(&b->phase, memory_order_relaxed);
-    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == n - 1) {
-        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
-        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
-        return;
+typedef struct {
+    Line *taken; /* [phase][owner]: items taken from the front (low 32 bits) and back of owner's share */
+    Line *done;  /* [thread]: items the thread has finished this step */
+    int threads, phases; /* the most the team and the step may have */
+} Team;
+
+typedef struct { /* one thread's place in the step */
+    Team *team;
+    int t, n, phase, count, pending; /* thread, team size, phase, its items, an item unfinished */
+    unsigned long long finished, target; /* this thread's items finished; all threads', at phase end */
+} Worker;
+
+/* The next item of the phase for this thread, or -1 when none is left; counts the previous
+ * one as finished. FOR_ITEMS opens a phase of `count` items; end_phase waits for all of them. */
+static int take(Worker *w) {
+    if (w->pending) {
+        w->pending = 0;
+        atomic_store_explicit(&w->team->done[w->t].v, ++w->finished, memory_order_release);
     }
-    for (int spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
+    for (int k = 0; k < w->n; k++) { /* its own share from the front, then the others' from the back */
+        const int owner = (w->t + k) % w->n;
+        const int lo = (int)((long)w->count * owner / w->n), len = (int)((long)w->count * (owner + 1) / w->n) - lo;
+        atomic_ullong *taken = &w->team->taken[(size_t)w->phase * w->team->threads + owner].v;
+        unsigned long long old = atomic_load_explicit(taken, memory_order_relaxed);
+        for (;;) {
+            const unsigned front = (unsigned)old, back = (unsigned)(old >> 32);
+            if ((long)front + back >= len) break;
+            if (atomic_compare_exchange_weak_explicit(taken, &old, old + (k == 0 ? 1ull : 1ull << 32),
+                                                      memory_order_relaxed, memory_order_relaxed)) {
+                w->pending = 1;
+                return k == 0 ? lo + (int)front : lo + len - 1 - (int)back;
+            }
+        }
+    }
+    return -1;
+}
+
+static inline int open_phase(Worker *w, int count) {
+    if (w->phase >= w->team->phases) abort(); /* decode_step counts too few phases: a bug, not an input */
+    w->count = count, w->target += (unsigned long long)count;
+    return take(w);
+}
+
+#define FOR_ITEMS(w, i, count) for (int i = open_phase(w, count); i >= 0; i = take(w))
+
+static void end_phase(Worker *w) {
+    for (int spins = 0;; spins++) {
+        unsigned long long all = 0;
+        for (int t = 0; t < w->n; t++) all += atomic_load_explicit(&w->team->done[t].v, memory_order_acquire);
+        if (all >= w->target) break;
         if (spins < 4096) _mm_pause();
         else sched_yield();
     }
+    w->phase++;
 }
 
-/* What the team shares within a step: activations (B rows each), the quantized copy of
- * the current matmul input, and the barrier. */
+/* What the team shares within a step: activations (B rows each) and the quantized copy of
+ * the current matmul input. */
 typedef struct {
     float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
     int8_t *xq;
-    Barrier bar;
 } Work;
 
 #define PREFETCH_SLOTS 16 /* cache rows ahead that attention prefetches */
@@ -128,6 +174,8 @@ static inline void put(const Linear *L, float *y, int N, int b, int n, float v, 
     float *out = y + (size_t)b * N + n;
     *out = accumulate ? *out + v : v;
 }
+
+#define CHUNK_ROWS 32 /* weight rows per work item of a matmul: 64 KB at K = 512 */
 
 #ifdef __AVX512F__
 /* [sum a, sum b, sum c, sum d] for four 16-float vectors. */
@@ -164,27 +212,29 @@ static inline __attribute__((always_inline)) void f32_tile4(const float *x, int 
 }
 
 /* The fp32 matmul for a batch (B >= 4): output rows in fours, activation rows in fours. */
-static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate) {
-    const int N = L->N, K = L->K;
+static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate, Worker *wk) {
+    const int N = L->N, K = L->K, quads = N / 4;
     const float *W = (const float *)L->w;
-#pragma omp for schedule(static) nowait
-    for (int q = 0; q < N / 4; q++) {
-        const int n = 4 * q;
-        const float *w = W + (size_t)n * K;
-        for (int b = 0; b < B; b += 4) {
-            const int S = B - b < 4 ? B - b : 4;
-            float o[16];
-            if (S == 4) f32_tile4(x + (size_t)b * K, K, w, 4, o);
-            else if (S == 3) f32_tile4(x + (size_t)b * K, K, w, 3, o);
-            else if (S == 2) f32_tile4(x + (size_t)b * K, K, w, 2, o);
-            else f32_tile4(x + (size_t)b * K, K, w, 1, o);
-            for (int s = 0; s < S; s++)
-                for (int r = 0; r < 4; r++) put(L, y, N, b + s, n + r, o[4 * s + r], accumulate);
+    FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
+        const int end = (item + 1) * CHUNK_ROWS / 4 < quads ? (item + 1) * CHUNK_ROWS / 4 : quads;
+        for (int q = item * CHUNK_ROWS / 4; q < end; q++) {
+            const int n = 4 * q;
+            const float *w = W + (size_t)n * K;
+            for (int b = 0; b < B; b += 4) {
+                const int S = B - b < 4 ? B - b : 4;
+                float o[16];
+                if (S == 4) f32_tile4(x + (size_t)b * K, K, w, 4, o);
+                else if (S == 3) f32_tile4(x + (size_t)b * K, K, w, 3, o);
+                else if (S == 2) f32_tile4(x + (size_t)b * K, K, w, 2, o);
+                else f32_tile4(x + (size_t)b * K, K, w, 1, o);
+                for (int s = 0; s < S; s++)
+                    for (int r = 0; r < 4; r++) put(L, y, N, b + s, n + r, o[4 * s + r], accumulate);
+            }
         }
+        if (end == quads) /* the last item: N % 4 rows are left, one at a time (usually none) */
+            for (int n = 4 * quads; n < N; n++)
+                for (int b = 0; b < B; b++) put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, W + (size_t)n * K), accumulate);
     }
-#pragma omp for schedule(static) nowait
-    for (int n = N / 4 * 4; n < N; n++) /* N % 4 rows left: one at a time (usually none) */
-        for (int b = 0; b < B; b++) put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, W + (size_t)n * K), accumulate);
 }
 #else
 /* Two fp32 weight rows against four activation rows (stride K): o0[b] = w0 . x_b and
@@ -221,61 +271,64 @@ static inline void f32_tile2x4(const float *x, int K, const float *w0, const flo
 }
 
 /* The fp32 matmul for a batch (B >= 4): output rows in pairs, activation rows in fours. */
-static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate) {
-    const int N = L->N, K = L->K;
+static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate, Worker *wk) {
+    const int N = L->N, K = L->K, pairs = (N + 1) / 2;
     const float *W = (const float *)L->w;
-#pragma omp for schedule(static) nowait
-    for (int p = 0; p < (N + 1) / 2; p++) {
-        const int n = 2 * p, pair = n + 1 < N;
-        const float *w0 = W + (size_t)n * K, *w1 = pair ? w0 + K : w0; /* an odd last row pairs with itself */
-        int b = 0;
-        for (; b + 4 <= B; b += 4) {
-            float o0[4], o1[4];
-            f32_tile2x4(x + (size_t)b * K, K, w0, w1, o0, o1);
-            for (int i = 0; i < 4; i++) {
-                put(L, y, N, b + i, n, o0[i], accumulate);
-                if (pair) put(L, y, N, b + i, n + 1, o1[i], accumulate);
+    FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
+        const int end = (item + 1) * CHUNK_ROWS / 2 < pairs ? (item + 1) * CHUNK_ROWS / 2 : pairs;
+        for (int p = item * CHUNK_ROWS / 2; p < end; p++) {
+            const int n = 2 * p, pair = n + 1 < N;
+            const float *w0 = W + (size_t)n * K, *w1 = pair ? w0 + K : w0; /* an odd last row pairs with itself */
+            int b = 0;
+            for (; b + 4 <= B; b += 4) {
+                float o0[4], o1[4];
+                f32_tile2x4(x + (size_t)b * K, K, w0, w1, o0, o1);
+                for (int i = 0; i < 4; i++) {
+                    put(L, y, N, b + i, n, o0[i], accumulate);
+                    if (pair) put(L, y, N, b + i, n + 1, o1[i], accumulate);
+                }
             }
-        }
-        for (; b < B; b++) {
-            put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, w0), accumulate);
-            if (pair) put(L, y, N, b, n + 1, f32_row(x + (size_t)b * K, K, w1), accumulate);
+            for (; b < B; b++) {
+                put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, w0), accumulate);
+                if (pair) put(L, y, N, b, n + 1, f32_row(x + (size_t)b * K, K, w1), accumulate);
+            }
         }
     }
 }
 #endif
 
-/* Every thread of the team calls this; the output rows n are split among them, and each
- * weight row, once read, serves all B activation rows from the cache. y[b,n] is
+/* Every thread of the team calls this; the output rows n are shared among them in chunks,
+ * and each weight row, once read, serves all B activation rows from the cache. y[b,n] is
  * W[n] . x[b] + bias[n], added to y[b,n] when `accumulate` (a residual connection).
- * Like every phase below, it returns without waiting for the other threads: the step puts
- * a barrier after each phase. */
-static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws) {
+ * Like every phase below, it returns when this thread finds nothing left to do: the step
+ * waits for the phase's end (end_phase) after it. */
+static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws, Worker *wk) {
     const int N = L->N, K = L->K, groups = L->kind == Q4 ? K / L->G : 0;
     if (L->kind == F32 && B >= 4) {
-        matvec_f32_batch(L, x, y, B, accumulate);
+        matvec_f32_batch(L, x, y, B, accumulate, wk);
         return;
     }
-    if (L->kind != F32) {
-#pragma omp single nowait
-        {
-            quantize_rows(x, B, K, ws->xq, ws->xs);
-            for (int b = 0; b < B && L->kind == Q4; b++)
+    if (L->kind != F32) { /* int8 activations for the int8/int4 weights, a row per item */
+        FOR_ITEMS(wk, b, B) {
+            quantize_rows(x + (size_t)b * K, 1, K, ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK));
+            if (L->kind == Q4)
                 group_sums(ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK), K, L->G, ws->gsum + (size_t)b * groups);
         }
-        barrier_wait(&ws->bar);
+        end_phase(wk);
     }
-#pragma omp for schedule(static) nowait
-    for (int n = 0; n < N; n++) {
-        for (int b = 0; b < B; b++) {
-            const int8_t *xq = ws->xq + (size_t)b * K;
-            const float *xs = ws->xs + (size_t)b * (K / QK);
-            float v;
-            if (L->kind == F32) v = f32_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * K);
-            else if (L->kind == Q8) v = q8_row(xq, xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
-            else v = q4_row(xq, xs, ws->gsum + (size_t)b * groups, K, (const uint8_t *)L->w + (size_t)n * K / 2,
-                            L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
-            put(L, y, N, b, n, v, accumulate);
+    FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
+        const int end = (item + 1) * CHUNK_ROWS < N ? (item + 1) * CHUNK_ROWS : N;
+        for (int n = item * CHUNK_ROWS; n < end; n++) {
+            for (int b = 0; b < B; b++) {
+                const int8_t *xq = ws->xq + (size_t)b * K;
+                const float *xs = ws->xs + (size_t)b * (K / QK);
+                float v;
+                if (L->kind == F32) v = f32_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * K);
+                else if (L->kind == Q8) v = q8_row(xq, xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
+                else v = q4_row(xq, xs, ws->gsum + (size_t)b * groups, K, (const uint8_t *)L->w + (size_t)n * K / 2,
+                                L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
+                put(L, y, N, b, n, v, accumulate);
+            }
         }
     }
 }
@@ -297,9 +350,8 @@ static void norm(const Model *m, const float *x, const float *w, const float *b,
     }
 }
 
-static void norm_rows(const Model *m, const float *x, const float *w, const float *bias, float *out, int B) {
-#pragma omp for schedule(static) nowait
-    for (int b = 0; b < B; b++) norm(m, x + (size_t)b * m->d_model, w, bias, out + (size_t)b * m->d_model);
+static void norm_rows(const Model *m, const float *x, const float *w, const float *bias, float *out, int B, Worker *wk) {
+    FOR_ITEMS(wk, b, B) norm(m, x + (size_t)b * m->d_model, w, bias, out + (size_t)b * m->d_model);
 }
 
 /* x * cos + rotate_half(x) * sin, in place, for one head. */
@@ -346,12 +398,11 @@ static float dot(const float *a, const float *b, int n) {
 }
 
 /* Attention of each row's new query, per head, over its cached slots (team-shared). */
-static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
+static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws, Worker *wk) {
     const int hd = m->head_dim, group = m->n_head / m->n_kv, cap = m->capacity, width = (m->n_head + 2 * m->n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t row_bytes = sizeof(float) * hd;
-#pragma omp for schedule(static) nowait
-    for (int bh = 0; bh < r->B * m->n_head; bh++) {
+    FOR_ITEMS(wk, bh, r->B * m->n_head) {
         const int b = bh / m->n_head, h = bh % m->n_head, end = r->slot[b];
         int lo = r->first[b];
         if (m->window > 0 && end - m->window + 1 > lo) lo = end - m->window + 1;
@@ -416,14 +467,13 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws) {
 }
 
 /* act = silu(gate) * up (SwiGLU) or gelu_tanh(h), both x times a sigmoid: silu's of the
- * gate itself, gelu's from kernels.h (the one training's GELU uses). Split among the threads
- * in runs of 64 features of one row (whole vectors, one division per vector). */
-static void mlp_activation(const Model *m, Work *ws, int B) {
-    const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f, runs = (f + 63) / 64;
+ * gate itself, gelu's from kernels.h (the one training's GELU uses). Shared out in runs of
+ * 512 features of one row (whole vectors, one division per vector). */
+static void mlp_activation(const Model *m, Work *ws, int B, Worker *wk) {
+    const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f, runs = (f + 511) / 512;
     const __m256 one = _mm256_set1_ps(1.0f);
-#pragma omp for schedule(static) nowait
-    for (int t = 0; t < B * runs; t++) {
-        const int b = t / runs, lo = (t % runs) * 64, hi = lo + 64 < f ? lo + 64 : f;
+    FOR_ITEMS(wk, t, B * runs) {
+        const int b = t / runs, lo = (t % runs) * 512, hi = lo + 512 < f ? lo + 512 : f;
         const float *row = ws->up + (size_t)b * stride;
         float *out = ws->act + (size_t)b * f;
         int i = lo;
@@ -442,10 +492,9 @@ static void mlp_activation(const Model *m, Work *ws, int B) {
 }
 
 /* Rotary embedding of each row's query and key heads, and its key/value into its cache row. */
-static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *ws) {
+static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *ws, Worker *wk) {
     const int hd = m->head_dim, nq = m->n_head * hd, nkv = m->n_kv * hd, width = nq + 2 * nkv;
-#pragma omp for schedule(static) nowait
-    for (int b = 0; b < r->B; b++) {
+    FOR_ITEMS(wk, b, r->B) {
         float *q = ws->qkv + (size_t)b * width, *k = q + nq, *v = q + nq + nkv;
         if (m->rope) {
             const float *cos = m->rope_cos + (size_t)r->pos[b] * hd, *sin = m->rope_sin + (size_t)r->pos[b] * hd;
@@ -476,8 +525,12 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     ws.xq = malloc((size_t)B * widest + QK);
     ws.xs = malloc(sizeof(float) * B * (widest / QK + 1));
     ws.gsum = malloc(sizeof(float) * B * (widest / QK + 1));
-    atomic_init(&ws.bar.arrived, 0);
-    atomic_init(&ws.bar.phase, 0);
+    const int team_size = threads > 0 ? threads : omp_get_max_threads();
+    const int phases = 13 * m->n_layer + 4; /* at most: every matmul quantized, some logits rows wanted */
+    Team team = {aligned_alloc(64, sizeof(Line) * phases * team_size), aligned_alloc(64, sizeof(Line) * team_size),
+                 team_size, phases};
+    memset(team.taken, 0, sizeof(Line) * (size_t)phases * team_size);
+    memset(team.done, 0, sizeof(Line) * team_size);
 
     for (int b = 0; b < B; b++)
         for (int i = 0; i < d; i++)
@@ -485,37 +538,34 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
                                       (m->pos_emb ? m->pos_emb[(size_t)r->pos[b] * d + i] : 0.0f);
 
     double *prof = m->profile, last = prof ? omp_get_wtime() : 0.0;
-#define MARK(phase)                                 \
-    if (prof) {                                     \
-        _Pragma("omp master") {                     \
-            double now = omp_get_wtime();           \
-            prof[phase] += now - last, last = now;  \
-        }                                           \
+#define SYNC(phase)                                \
+    end_phase(&wk);                                \
+    if (prof && wk.t == 0) { /* thread 0's view */ \
+        double now = omp_get_wtime();              \
+        prof[phase] += now - last, last = now;     \
     }
-#define SYNC(phase)             \
-    barrier_wait(&ws.bar);      \
-    MARK(phase)
-#pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
+#pragma omp parallel num_threads(team_size)
     {
+        Worker wk = {.team = &team, .t = omp_get_thread_num(), .n = omp_get_num_threads()};
         for (int l = 0; l < m->n_layer; l++) {
             const Layer *L = &m->layers[l];
-            norm_rows(m, ws.x, L->norm1_w, L->norm1_b, ws.h, B);
+            norm_rows(m, ws.x, L->norm1_w, L->norm1_b, ws.h, B, &wk);
             SYNC(P_NORM)
-            matvec(&L->qkv, ws.h, ws.qkv, B, 0, &ws);
+            matvec(&L->qkv, ws.h, ws.qkv, B, 0, &ws, &wk);
             SYNC(P_QKV)
-            rope_and_cache(m, L, r, &ws);
+            rope_and_cache(m, L, r, &ws, &wk);
             SYNC(P_ROPE_CACHE)
-            attend(m, L, r, &ws);
+            attend(m, L, r, &ws, &wk);
             SYNC(P_ATTENTION)
-            matvec(&L->proj, ws.att, ws.x, B, 1, &ws);
+            matvec(&L->proj, ws.att, ws.x, B, 1, &ws, &wk);
             SYNC(P_PROJ)
-            norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B);
+            norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B, &wk);
             SYNC(P_NORM)
-            matvec(&L->up, ws.h, ws.up, B, 0, &ws);
+            matvec(&L->up, ws.h, ws.up, B, 0, &ws, &wk);
             SYNC(P_UP)
-            mlp_activation(m, &ws, B);
+            mlp_activation(m, &ws, B, &wk);
             SYNC(P_ACTIVATION)
-            matvec(&L->down, ws.act, ws.x, B, 1, &ws);
+            matvec(&L->down, ws.act, ws.x, B, 1, &ws, &wk);
             SYNC(P_DOWN)
         }
         /* Only the rows whose next token is wanted go through the output layer (a prompt fed
@@ -523,20 +573,19 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
         int out = B;
         if (r->out_row) {
             out = r->n_out;
-#pragma omp single nowait
-            for (int i = 0; i < out; i++)
-                memmove(ws.x + (size_t)i * d, ws.x + (size_t)r->out_row[i] * d, sizeof(float) * d);
-            barrier_wait(&ws.bar);
+            FOR_ITEMS(&wk, one, 1) /* in order: row i moves down from out_row[i] >= i */
+                for (int i = 0; i < out; i++)
+                    memmove(ws.x + (size_t)i * d, ws.x + (size_t)r->out_row[i] * d, sizeof(float) * d);
+            end_phase(&wk);
         }
-        norm_rows(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h, out);
+        norm_rows(m, ws.x, m->norm_f_w, m->norm_f_b, ws.h, out, &wk);
         SYNC(P_NORM)
-        matvec(&m->lm_head, ws.h, logits, out, 0, &ws);
+        matvec(&m->lm_head, ws.h, logits, out, 0, &ws, &wk);
         SYNC(P_LM_HEAD)
     }
 #undef SYNC
-#undef MARK
     free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.act), free(ws.scores);
-    free(ws.xq), free(ws.xs), free(ws.gsum);
+    free(ws.xq), free(ws.xs), free(ws.gsum), free(team.taken), free(team.done);
 }
 #else
 void decode_step(const void *m, const void *r, int threads, float *logits) {
