@@ -24,11 +24,13 @@ from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
 
 F32, Q4, Q8 = 0, 4, 8
-# A step has about a dozen barriers per layer. Below this much work (bytes of weights times
-# sequences in the step) a one-thread step takes well under a millisecond and the barriers
-# cost more than a second thread saves; on a busy machine, where each barrier waits for a
-# descheduled thread, far more (a 2M-parameter model decoded 5x slower on two threads than
-# on one under load). Such steps run on one thread.
+# Below this much work (bytes of weights times sequences in the step) a step runs on one
+# thread. It was set when a step's ~dozen phases per layer ended at barriers, which then cost
+# more than a second thread saved (a 2M-parameter model decoded 5x slower on two threads than
+# on one under load). Since phases share out their items (decode.c), two threads are faster
+# alone (that model at batch 1: 0.085 vs 0.150 ms a step, 2026-12-03), but under
+# benchmarks/serve_load.py's load the two settings measured alike within the noise, so the
+# threshold stays.
 PARALLEL_MIN_WORK = 32 << 20
 
 

@@ -5,10 +5,11 @@
  * dispatch (a dozen ops per layer) and MKL's matrix-vector product (which streams an
  * (out, in) weight at well under the machine's bandwidth on two cores) leave most of that
  * speed on the table. Here the step runs inside one OpenMP parallel region: each matmul
- * splits its output rows among the threads (kernels.h), and so do the norms, the rotary
- * embedding and cache write (by sequence) and attention (by sequence and head), with a
- * barrier between phases. Several sequences (a serving engine's running batch) share each
- * weight row while it is in cache, so a batch costs little more memory traffic than one.
+ * shares its output rows among the threads (in chunks), and so do the norms, the rotary
+ * embedding and cache write (by sequence) and attention (by sequence and head), each
+ * phase ending when all its items are done (see Team). Several sequences (a serving
+ * engine's running batch) share each weight row while it is in cache, so a batch costs
+ * little more memory traffic than one.
  *
  * Covers the families of lmforge.model.Transformer: LayerNorm or RMSNorm, learned or
  * rotary positions, GELU (tanh) or SwiGLU, optional biases, grouped-query attention,
@@ -52,8 +53,8 @@ typedef struct {
     double *profile; /* NULL, or PROFILE_PHASES seconds that each step adds to (thread 0's view) */
 } Model;
 
-/* Where a step's time goes, for benchmarks/cpu_decode.py --profile: each phase ends at a
- * barrier, so a phase's time includes waiting for the slowest thread. */
+/* Where a step's time goes, for benchmarks/cpu_decode.py --profile: a phase ends when all
+ * its items are done, so its time includes waiting for the last one. */
 enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, PROFILE_PHASES };
 
 int decode_supported(void) {
@@ -70,7 +71,7 @@ int decode_supported(void) {
  * attends to that cache row's slots first[b]..slot[b] (first > 0: a left-padded prompt in
  * a batch started together). Several rows may share a cache row: a new prompt's tokens fed
  * in the same step as the running batch's. Every row writes its key and value before any
- * row attends (a barrier apart), so each of them sees the ones before it. */
+ * row attends (a phase apart), so each of them sees the ones before it. */
 typedef struct {
     int B;
     const int *token, *pos, *slot, *first;
