@@ -79,6 +79,17 @@ def test_a_batch_of_six_runs_the_tiled_kernel_and_gives_the_reference_logits(mak
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_batch_through_a_matmul_wider_than_one_column_block(make_model, family):
+    # With AVX-512 the batched matmul takes 512 columns per pass and adds the passes up: an
+    # ffn of 600 makes the down projection two passes, the second of 88 columns (5 vectors
+    # and a masked remainder), with the residual already in the output and, for gpt2, a bias.
+    model = make_model(family, vocab_size=331, d_model=72, d_ff=600, context=48, init_std=0.1)
+    prompts = [prompt(n, 331, seed=20 + n) for n in (3, 7, 5, 9, 2)]
+    ref, got = stepwise_logits(model, prompts, prompt(10, 331, seed=3))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
 @torch.inference_mode()
 def test_a_prompt_fed_beside_another_sequence_in_one_step_gets_its_own_causal_logits(make_model):
     # The engine feeds a new prompt's tokens as rows of the running batch's step, all into
