@@ -436,6 +436,10 @@ class Engine:
                 text += seq.row.flush()
             self._emit(seq, Event(text=text, tokens=tokens, finish_reason=finish))
         self._retire()
+        # Hand this step's tokens to the event loop before the forward pass: it streams them
+        # while the forward runs without the GIL, rather than after it, contending with the
+        # engine's own Python for the GIL and a step late.
+        self._kick()
         n = len(self._running)
         if n == 0:
             return
