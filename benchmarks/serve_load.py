@@ -51,6 +51,10 @@ PROMPTS = ["ROMEO:\n", "To be, or not to be", "The king is dead", "Now is the wi
 MAX_TOKENS = [32, 64, 96, 128]
 
 
+class RequestFailed(Exception):
+    """A completion request answered with an error status."""
+
+
 @dataclass
 class Sample:
     ttft: float
@@ -132,7 +136,7 @@ async def one_request(client: httpx.AsyncClient, model: str, i: int) -> Sample:
     tokens = chunks = 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            raise SystemExit(f"request failed: {r.status_code} {await r.aread()!r}")
+            raise RequestFailed(f"{r.status_code} {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
             # Parse only what is measured: the first token's arrival and the closing usage.
             if not line.startswith("data: {"):
@@ -220,14 +224,23 @@ def run_levels(name: str, proc: subprocess.Popen, url: str, key: str, levels: li
     samples: dict[int, list[Sample]] = {c: [] for c in levels}
     cpu: dict[int, float] = dict.fromkeys(levels, 0.0)
     busy: dict[int, float] = dict.fromkeys(levels, 0.0)
+    failure = None
     for _ in range(rounds):
         for clients in levels:
             server, client, wall = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
-            rate, got = asyncio.run(run_level(url, key, "bench", clients, per_client))
+            try:
+                rate, got = asyncio.run(run_level(url, key, "bench", clients, per_client))
+            except (httpx.HTTPError, RequestFailed) as e:  # a peer server that cannot take the load
+                state = f"exited with {proc.poll()}" if proc.poll() is not None else "still running"
+                failure = f"{name} failed at {clients} concurrent clients ({type(e).__name__}: {e}; server {state})"
+                break
             cpu[clients] += cpu_seconds(proc.pid) - server
             busy[clients] += (time.process_time() - client) / (time.perf_counter() - wall) / rounds
             rates[clients].append(rate)
             samples[clients] += got
+        if failure:
+            levels = [c for c in levels if rates[c]]  # report what finished
+            break
     print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'lat p50':>8} {'lat p99':>8} {'server CPU ms/tok':>18} {'client CPU %':>13}  tok/s per round")
     per_cpu = {}
@@ -241,7 +254,9 @@ def run_levels(name: str, proc: subprocess.Popen, url: str, key: str, levels: li
               f"{pct(ttft, 99):>8.3f}s {pct(lat, 50):>7.2f}s {pct(lat, 99):>7.2f}s "
               f"{1000 * cpu[clients] / tokens:>18.2f} {100 * busy[clients]:>12.0f}%  "
               f"{', '.join(f'{r:.0f}' for r in rates[clients])}", flush=True)
-    lo, hi = min(levels), max(levels)
+    if failure:
+        print(failure)
+    lo, hi = (min(levels), max(levels)) if levels else (0, 0)
     if lo != hi:
         ratio = statistics.median(rates[hi]) / statistics.median(rates[lo])
         print(f"{name}: throughput ratio {hi} clients / {lo} client: {ratio:.2f}x "
