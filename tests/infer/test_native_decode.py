@@ -80,6 +80,18 @@ def test_a_batch_of_six_runs_the_tiled_kernel_and_gives_the_reference_logits(mak
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_batch_through_matmuls_whose_rows_do_not_fill_the_last_chunk(make_model, family):
+    # Matmul rows are shared out in chunks of 32 and multiplied four at a time: d_model 66
+    # (3 heads of 22) leaves two rows past the last four, in a chunk of their own, for the
+    # projections that add into the residual stream; vocabulary 33 does the same for lm_head.
+    model = make_model(family, vocab_size=33, d_model=66, n_head=3, n_kv_head=None if family == "gpt2" else 1,
+                       d_ff=70, context=48, init_std=0.3)
+    prompts = [prompt(n, 33, seed=30 + n) for n in (3, 7, 5, 9, 2)]
+    ref, got = stepwise_logits(model, prompts, prompt(10, 33, seed=4))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_batch_through_a_matmul_wider_than_one_column_block(make_model, family):
     # With AVX-512 the batched matmul takes 512 columns per pass and adds the passes up: an
     # ffn of 600 makes the down projection two passes, the second of 88 columns (5 vectors

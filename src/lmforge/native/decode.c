@@ -220,9 +220,9 @@ static inline __attribute__((always_inline)) void f32_tile4(const float *x, int 
 
 /* The fp32 matmul for a batch (B >= 4): output rows in fours, activation rows in fours. */
 static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate, Worker *wk) {
-    const int N = L->N, K = L->K, quads = N / 4;
+    const int N = L->N, K = L->K, quads = N / 4, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
     const float *W = (const float *)L->w;
-    FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
+    FOR_ITEMS(wk, item, items) {
         const int end = (item + 1) * CHUNK_ROWS / 4 < quads ? (item + 1) * CHUNK_ROWS / 4 : quads;
         for (int k0 = 0; k0 < K; k0 += K_BLOCK) {
             const int len = K - k0 < K_BLOCK ? K - k0 : K_BLOCK;
@@ -245,7 +245,7 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
                 }
             }
         }
-        if (end == quads) /* the last item: N % 4 rows are left, one at a time (usually none) */
+        if (item == items - 1) /* N % 4 rows are left, one at a time (usually none) */
             for (int n = 4 * quads; n < N; n++)
                 for (int b = 0; b < B; b++) put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, W + (size_t)n * K), accumulate);
     }
