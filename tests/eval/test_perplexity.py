@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -31,6 +32,23 @@ def test_split_loss_is_the_mean_token_cross_entropy(make_model, val):
     assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
     assert result.bits_per_byte == pytest.approx(expected / math.log(2) * val.tokens / val.bytes, rel=1e-5)
     assert not model.training
+
+
+def test_scoring_a_slice_of_rows_at_a_time_gives_the_whole_logits_loss(make_model, val, monkeypatch):
+    # Logits are made LOGITS_BYTES at a time: 10 rows here, so 6 x 32 targets take 20 slices
+    # (the last one short); a quantized output layer takes the whole-logits path.
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.eval import perplexity
+
+    model = make_model("llama", vocab_size=val.vocab_size)
+    whole = evaluate_split(model, val, batch_size=3, max_batches=2, seq_len=32)
+    monkeypatch.setattr(perplexity, "LOGITS_BYTES", 4 * val.vocab_size * 10)
+    sliced = evaluate_split(model, val, batch_size=3, max_batches=2, seq_len=32)
+    assert sliced.tokens == whole.tokens == 6 * 32
+    assert sliced.loss == pytest.approx(whole.loss, rel=1e-6)
+    quantized = quantize_model(copy.deepcopy(model), "int8", 32)
+    assert type(quantized.lm_head) is not torch.nn.Linear
+    assert evaluate_split(quantized, val, batch_size=3, max_batches=2, seq_len=32).loss == pytest.approx(whole.loss, rel=0.02)
 
 
 def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary(make_model, val):

@@ -18,6 +18,7 @@ from lmforge.data.loader import TokenSplit, sequential_windows
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.train.losses import chunked_cross_entropy
 
 
 @dataclass
@@ -36,15 +37,28 @@ def _result(total_nll: float, tokens: int, bytes_per_token: float) -> EvalResult
     return EvalResult(loss, math.exp(min(loss, 50.0)), loss / math.log(2) / bytes_per_token, tokens)
 
 
+# Logits held at once while scoring: a batch of 8 x 1,024 tokens over GPT-2's 50,257-token
+# vocabulary is 1.6 GB of logits (and as much again for their log-softmax) in one piece.
+LOGITS_BYTES = 64 << 20
+
+
 @torch.no_grad()
 def _score_windows(model: Transformer, windows, autocast=None) -> tuple[float, int]:
     device = model.tok_emb.weight.device
+    head = model.lm_head
+    # A plain output layer is applied a slice of rows at a time (what training's chunked loss
+    # does); another one (a quantized lm_head) gets the whole logits from the model.
+    rows = max(1, LOGITS_BYTES // (4 * head.out_features)) if type(head) is torch.nn.Linear and head.bias is None else 0
     total, count = 0.0, 0
     for x, y in windows:
         x, y = x.to(device), y.to(device)
         with autocast or torch.autocast("cpu", enabled=False):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            if rows:
+                hidden = model(x, return_hidden=True).flatten(0, 1)
+                total += chunked_cross_entropy(hidden, head.weight, y.flatten(), rows, reduction="sum").item()
+            else:
+                logits = model(x)
+                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     return total, count
 

@@ -94,14 +94,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                          ignore_index: int = IGNORE) -> torch.Tensor:
-    """Mean cross-entropy of the logits `hidden @ weight.T` ((N, d) @ (d, vocab)) against `targets`
-    (N,), over the targets that are not `ignore_index`, as `F.cross_entropy` gives it, without
-    ever holding more than `chunk` rows of logits."""
+                          ignore_index: int = IGNORE, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or, with reduction "sum", summed) cross-entropy of the logits `hidden @ weight.T`
+    ((N, d) @ (d, vocab)) against `targets` (N,), over the targets that are not `ignore_index`,
+    as `F.cross_entropy` gives it, without ever holding more than `chunk` rows of logits."""
     grad = torch.is_grad_enabled()
     total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index,
                                              grad and hidden.requires_grad, grad and weight.requires_grad)
-    return total / (targets != ignore_index).sum()
+    return total if reduction == "sum" else total / (targets != ignore_index).sum()
 
 
 def _fuse_whole(head: nn.Module) -> bool:
