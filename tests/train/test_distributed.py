@@ -89,6 +89,9 @@ def assert_sharded(ckpt: Path, per_rank_shards: bool) -> None:
     files = sorted(p.name for p in (ckpt / "dcp").iterdir())
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     meta = FileSystemReader(ckpt / "dcp").read_metadata()
+    # The output layer is the embedding matrix (tied): written once, under the embedding's name.
+    assert "model.tok_emb.weight" in meta.state_dict_metadata
+    assert "model.lm_head.weight" not in meta.state_dict_metadata
     written = {"__0_0.distcp": 0, "__1_0.distcp": 0}
     chunks: dict[str, list[str]] = {}
     for index, info in meta.storage_data.items():

@@ -80,6 +80,7 @@ def _save_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
     with staging_cm as staging:
         staging = Path(ctx.share(str(staging) if ctx.is_main else None))
         model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP)
+        model_state.pop(_tied_alias(model), None)
         # Returns on every rank only once all ranks' files and rank 0's .metadata are written.
         dcp.save({"model": model_state, "optimizer": optim_state},
                  storage_writer=dcp.FileSystemWriter(staging / SHARDS))
@@ -177,9 +178,19 @@ def _load_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
     optimizers = [optimizer] if optimizer is not None else []
     # The optimizer's state is created (a zero-lr step) so that DCP has tensors to load into.
     model_state, optim_state = get_state_dict(model, optimizers)
-    request = {"model": model_state, **({"optimizer": optim_state} if optimizer is not None else {})}
+    alias = _tied_alias(model)
+    wanted = {k: v for k, v in model_state.items() if k != alias}  # (checkpoints before 2026-12-03 hold it too)
+    request = {"model": wanted, **({"optimizer": optim_state} if optimizer is not None else {})}
     _dcp_load(request, shards, ctx, advice)
-    set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state)
+    if alias in model_state:
+        wanted[alias] = wanted["tok_emb.weight"]
+    set_state_dict(model, optimizers, model_state_dict=wanted, optim_state_dict=optim_state)
+
+
+def _tied_alias(model: Transformer) -> str | None:
+    """The state-dict name of the output layer when it is the embedding matrix itself: DCP
+    would write that tensor once under each name (for GPT-2 small, 154 MB more per checkpoint)."""
+    return "lm_head.weight" if model.config.tie_embeddings else None
 
 
 def _dcp_load(request: dict[str, Any], shards: Path, ctx: DistContext, advice: str) -> None:
