@@ -187,15 +187,17 @@ def test_a_quantized_batch_steps_like_the_reference_batch(make_model, method):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-3
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_quantized_batch_of_six_is_within_the_quantizer_error(make_model, method):
-    # Six rows: with AVX-512 VNNI, int8 weights take four rows against a tile of four
+@pytest.mark.parametrize(("method", "group", "d_model", "d_ff"),
+                         [("int8", 32, 96, 160), ("int4", 32, 96, 160), ("int4", 64, 128, 192)])
+def test_a_quantized_batch_of_six_is_within_the_quantizer_error(make_model, method, group, d_model, d_ff):
+    # Six rows: with AVX-512 VNNI, low-bit weights take four rows against a tile of four
     # sequences and one of two, two blocks of 32 at a time; d_model 96 and ffn 160 are odd
-    # numbers of blocks (3 and 5), and vocabulary 331 leaves three rows outside any tile.
-    # Quantizing activations is discontinuous, so two paths that sum in different orders
-    # can round an activation differently: both are held to the dequantized model instead.
-    base = make_model("llama", vocab_size=331, d_model=96, d_ff=160, context=48, init_std=0.1)
-    model = quantize_model(copy.deepcopy(base), method, 32, log=lambda *a: None)
+    # numbers of blocks (3 and 5), int4 groups of 32 put a block pair in two groups, groups
+    # of 64 in one; vocabulary 331 leaves three rows outside any tile. Quantizing activations
+    # is discontinuous, so two paths that sum in different orders can round an activation
+    # differently: both are held to the dequantized model instead.
+    base = make_model("llama", vocab_size=331, d_model=d_model, d_ff=d_ff, context=48, init_std=0.1)
+    model = quantize_model(copy.deepcopy(base), method, group, log=lambda *a: None)
     dequantized = copy.deepcopy(base)
     for name, module in model.named_modules():
         if hasattr(module, "qweight"):

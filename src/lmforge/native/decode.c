@@ -311,8 +311,22 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
 }
 #endif
 
+/* One int8/int4 weight row against the quantized activations of sequence b, scaled. */
+static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b) {
+    const int K = L->K, blocks = K / QK;
+    const int8_t *xq = ws->xq + (size_t)b * K;
+    const float *xs = ws->xs + (size_t)b * blocks;
+    if (L->kind == Q8) return q8_row(xq, xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
+    const int groups = K / L->G;
+    return q4_row(xq, xs, ws->gsum + (size_t)b * groups, K, (const uint8_t *)L->w + (size_t)n * K / 2,
+                  L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define Q8_TILE 1
+#define LOWBIT_TILE 1
+/* [x, y] as a 16-float vector: lanes 0-7 x, lanes 8-15 y (per-block values for two blocks). */
+static inline __m512 halves(float x, float y) { return _mm512_shuffle_f32x4(_mm512_set1_ps(x), _mm512_set1_ps(y), 0x00); }
+
 /* Four int8 weight rows (w, stride K) against S <= 4 rows of int8 activations (xq, stride K;
  * their block scales xs, stride K / 32): out[4 s + r] = sum over blocks b of xs_s[b] *
  * (w_r . xq_s over block b), the weight rows' own scales left to the caller. Two blocks (64
@@ -342,7 +356,7 @@ static inline __attribute__((always_inline)) void q8_tile4(const int8_t *xq, con
             const __m512i a = _mm512_maskz_loadu_epi8(m, xq + (size_t)s * K + b * QK);
             const float *sc = xs + (size_t)s * blocks + b;
             /* lanes 0-7 hold block b's sums, lanes 8-15 block b+1's */
-            const __m512 scale = _mm512_shuffle_f32x4(_mm512_set1_ps(sc[0]), _mm512_set1_ps(pair ? sc[1] : 0.0f), 0x00);
+            const __m512 scale = halves(sc[0], pair ? sc[1] : 0.0f);
             for (int r = 0; r < 4; r++) {
                 const __m512i d = _mm512_dpbusd_epi32(zero, aw[r], _mm512_mask_sub_epi8(a, neg[r], zero, a));
                 acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][s]);
@@ -352,32 +366,91 @@ static inline __attribute__((always_inline)) void q8_tile4(const int8_t *xq, con
     for (int s = 0; s < S; s++) _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
 }
 
-/* The int8 matmul for a batch (B >= 4), on the activations quantized by `matvec`. */
-static void matvec_q8_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
-    const int N = L->N, K = L->K, quads = N / 4, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS, blocks = K / QK;
-    const int8_t *W = (const int8_t *)L->w;
+/* The int4 counterpart: four rows of codes (q, K/2 bytes a row; scale and zero per group of
+ * G) against S <= 4 sequences, fully scaled. The codes are unsigned, which is what vpdpbusd
+ * takes; each block's product is scaled by the activations' block scale times the weights'
+ * group scale, and the zero points come off at the end through the activations' group sums
+ * (gsum, stride K/G), as in q4_row. 32 bytes of codes unpack to two blocks in order. */
+static inline __attribute__((always_inline)) void q4_tile4(const int8_t *xq, const float *xs, const float *gsum, int K,
+                                                           const uint8_t *q, const float *scale, const uint8_t *zero,
+                                                           int G, int S, float *out) {
+    const int blocks = K / QK, groups = K / G, per_group = G / QK;
+    const __m512i zero_i = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F);
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b += 2) {
+        const int pair = b + 1 < blocks, g0 = b / per_group, g1 = pair ? (b + 1) / per_group : g0;
+        const __mmask64 m = pair ? ~0ull : 0xFFFFFFFFull;
+        __m512i u[4];
+        __m512 wscale[4];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *p = q + (size_t)r * K / 2 + b * QK / 2;
+            _mm_prefetch((const char *)(p + (size_t)2 * K), _MM_HINT_T0); /* the next tile's row r */
+            const __m256i v = pair ? _mm256_loadu_si256((const __m256i *)p) : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p));
+            /* [low nibbles | high nibbles] of bytes 0-31, reordered to block b (bytes 0-15's low
+             * then high nibbles) and block b+1 (bytes 16-31's) */
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+            u[r] = _mm512_shuffle_i64x2(_mm512_and_si512(both, low), _mm512_and_si512(both, low), 0xD8);
+            const float *sr = scale + (size_t)r * groups;
+            wscale[r] = halves(sr[g0], pair ? sr[g1] : 0.0f);
+        }
+        for (int s = 0; s < S; s++) {
+            const __m512i a = _mm512_maskz_loadu_epi8(m, xq + (size_t)s * K + b * QK);
+            const float *sc = xs + (size_t)s * blocks + b;
+            const __m512 xscale = halves(sc[0], pair ? sc[1] : 0.0f);
+            for (int r = 0; r < 4; r++)
+                acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero_i, u[r], a)),
+                                            _mm512_mul_ps(xscale, wscale[r]), acc[r][s]);
+        }
+    }
+    for (int s = 0; s < S; s++) {
+        _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
+        for (int r = 0; r < 4; r++)
+            for (int g = 0; g < groups; g++)
+                out[4 * s + r] -= scale[(size_t)r * groups + g] * (float)zero[(size_t)r * groups + g] * gsum[(size_t)s * groups + g];
+    }
+}
+
+/* Rows n..n+3 against sequences b..b+S-1 (S <= 4): out[4 s + r], fully scaled. */
+static inline void lowbit_tile4(const Linear *L, const Work *ws, int n, int b, int S, float *out) {
+    const int K = L->K, blocks = K / QK;
+    const int8_t *xq = ws->xq + (size_t)b * K;
+    const float *xs = ws->xs + (size_t)b * blocks;
+    if (L->kind == Q8) {
+        const int8_t *w = (const int8_t *)L->w + (size_t)n * K;
+        if (S == 4) q8_tile4(xq, xs, K, w, 4, out);
+        else if (S == 3) q8_tile4(xq, xs, K, w, 3, out);
+        else if (S == 2) q8_tile4(xq, xs, K, w, 2, out);
+        else q8_tile4(xq, xs, K, w, 1, out);
+        for (int i = 0; i < 4 * S; i++) out[i] *= L->scale[n + i % 4];
+        return;
+    }
+    const int groups = K / L->G;
+    const uint8_t *q = (const uint8_t *)L->w + (size_t)n * K / 2, *zero = L->zero + (size_t)n * groups;
+    const float *gsum = ws->gsum + (size_t)b * groups, *scale = L->scale + (size_t)n * groups;
+    if (S == 4) q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 4, out);
+    else if (S == 3) q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 3, out);
+    else if (S == 2) q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 2, out);
+    else q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 1, out);
+}
+
+/* The int8/int4 matmul for a batch (B >= 4), on the activations quantized by `matvec`. */
+static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
+    const int N = L->N, quads = N / 4, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
     FOR_ITEMS(wk, item, items) {
         const int end = (item + 1) * CHUNK_ROWS / 4 < quads ? (item + 1) * CHUNK_ROWS / 4 : quads;
-        for (int q = item * CHUNK_ROWS / 4; q < end; q++) {
-            const int n = 4 * q;
+        for (int q = item * CHUNK_ROWS / 4; q < end; q++)
             for (int b = 0; b < B; b += 4) {
                 const int S = B - b < 4 ? B - b : 4;
-                const int8_t *xq = ws->xq + (size_t)b * K;
-                const float *xs = ws->xs + (size_t)b * blocks;
                 float o[16];
-                if (S == 4) q8_tile4(xq, xs, K, W + (size_t)n * K, 4, o);
-                else if (S == 3) q8_tile4(xq, xs, K, W + (size_t)n * K, 3, o);
-                else if (S == 2) q8_tile4(xq, xs, K, W + (size_t)n * K, 2, o);
-                else q8_tile4(xq, xs, K, W + (size_t)n * K, 1, o);
+                lowbit_tile4(L, ws, 4 * q, b, S, o);
                 for (int s = 0; s < S; s++)
-                    for (int r = 0; r < 4; r++) put(L, y, N, b + s, n + r, o[4 * s + r] * L->scale[n + r], accumulate);
+                    for (int r = 0; r < 4; r++) put(L, y, N, b + s, 4 * q + r, o[4 * s + r], accumulate);
             }
-        }
         if (item == items - 1) /* N % 4 rows are left, one at a time (usually none) */
             for (int n = 4 * quads; n < N; n++)
-                for (int b = 0; b < B; b++)
-                    put(L, y, N, b, n, q8_row(ws->xq + (size_t)b * K, ws->xs + (size_t)b * blocks, K, W + (size_t)n * K) * L->scale[n],
-                        accumulate);
+                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b), accumulate);
     }
 }
 #endif
@@ -401,26 +474,18 @@ static void matvec(const Linear *L, const float *x, float *y, int B, int accumul
         }
         end_phase(wk);
     }
-#ifdef Q8_TILE
-    if (L->kind == Q8 && B >= 4) {
-        matvec_q8_batch(L, ws, y, B, accumulate, wk);
+#ifdef LOWBIT_TILE
+    if (L->kind != F32 && B >= 4) {
+        matvec_lowbit_batch(L, ws, y, B, accumulate, wk);
         return;
     }
 #endif
     FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
         const int end = (item + 1) * CHUNK_ROWS < N ? (item + 1) * CHUNK_ROWS : N;
-        for (int n = item * CHUNK_ROWS; n < end; n++) {
-            for (int b = 0; b < B; b++) {
-                const int8_t *xq = ws->xq + (size_t)b * K;
-                const float *xs = ws->xs + (size_t)b * (K / QK);
-                float v;
-                if (L->kind == F32) v = f32_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * K);
-                else if (L->kind == Q8) v = q8_row(xq, xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
-                else v = q4_row(xq, xs, ws->gsum + (size_t)b * groups, K, (const uint8_t *)L->w + (size_t)n * K / 2,
-                                L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
-                put(L, y, N, b, n, v, accumulate);
-            }
-        }
+        for (int n = item * CHUNK_ROWS; n < end; n++)
+            for (int b = 0; b < B; b++)
+                put(L, y, N, b, n, L->kind == F32 ? f32_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * K)
+                                                  : lowbit_row(L, ws, n, b), accumulate);
     }
 }
 
