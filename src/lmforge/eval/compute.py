@@ -141,11 +141,13 @@ def run_summary(flops_per_token: float, tokens: int, steps: int, wall_s: float, 
 
 def write_run_summary(run_dir: Path, flops_per_token: float, tokens: int, steps: int, wall_s: float,
                       device: torch.device | str, meter: EnergyMeter | None = None,
-                      metered_s: float | None = None, devices: int = 1) -> Path:
-    """Write `run_dir/summary.json` (atomically) and return its path."""
+                      metered_s: float | None = None, devices: int = 1, extra: dict[str, Any] | None = None) -> Path:
+    """Write `run_dir/summary.json` (atomically) and return its path; `extra` adds the
+    trainer's own keys (why the run stopped, its best validation)."""
     measured = meter.joules() if meter is not None else None
     summary = run_summary(flops_per_token, tokens, steps, wall_s, device, measured, metered_s,
                           meter.source if meter is not None else None, devices)
+    summary.update(extra or {})
     path = Path(run_dir) / "summary.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
