@@ -29,7 +29,7 @@ def test_clean_command_prints_a_summary_and_writes_the_corpus(tmp_path):
     assert "4 documents read, 1 kept" in result.stdout
     assert "exact_duplicate" in result.stdout and "other_language:zh" in result.stdout
     lines = (tmp_path / "out" / "part-00000.jsonl").read_text().splitlines()
-    assert [json.loads(line)["text"] for line in lines] == [ENGLISH]
+    assert [json.loads(line)["content"] for line in lines] == [ENGLISH]  # the record keeps its own text field
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["accounting_ok"] and stats["docs_read"] == 4
 

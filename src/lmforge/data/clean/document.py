@@ -10,10 +10,11 @@ from lmforge.data.clean import text as textlib
 @dataclass(slots=True)
 class Document:
     text: str
-    id: str  # "<source>:<line or row>", stable across runs
+    id: str  # the input record's own id, else "<file>@<byte offset>" / "<file>#<row>" / "<file>"
     language: str | None = None
     language_score: float | None = None
     meta: dict = field(default_factory=dict)
+    record: dict | None = None  # the whole input record (JSONL/Parquet), written out with the cleaned text
     _words: list[str] | None = None
     _words_of: str | None = None
 

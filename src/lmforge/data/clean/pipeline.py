@@ -16,6 +16,8 @@ Ctrl-C); with a different recipe it refuses unless asked to overwrite.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import multiprocessing
 import os
@@ -31,6 +33,7 @@ import numpy as np
 from lmforge.data.clean import langid as langid_mod
 from lmforge.data.clean.decontaminate import eval_ngrams, is_contaminated
 from lmforge.data.clean.dedup import EXACT, KEEP, deduplicate, exact_key
+from lmforge.data.clean.document import Document
 from lmforge.data.clean.filters import build_filters
 from lmforge.data.clean.minhash import MinHasher
 from lmforge.data.clean.normalize import normalize
@@ -67,6 +70,32 @@ def dedup_steps(recipe: CleanRecipe) -> list[str]:
 
 
 # ---------------------------------------------------------------- stage 1: one shard, in a worker
+
+
+def output_record(doc: Document, text_field: str) -> dict:
+    """The input record with its text cleaned; `id`, `lang`, `lang_score` added only where it has none."""
+    record = dict(doc.record) if doc.record is not None else {}
+    record[text_field] = doc.text
+    if record.get("id") is None:
+        record["id"] = doc.id
+    if doc.language is not None:
+        record.setdefault("lang", doc.language)
+        record.setdefault("lang_score", round(doc.language_score, 4))
+    return record
+
+
+def _json_value(value):
+    """JSON for the Parquet types JSON lacks: dates and times as ISO text, bytes as UTF-8 or base64."""
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    return str(value)  # Decimal and the like: their exact text
 
 
 @dataclass
@@ -154,14 +183,13 @@ def _clean_shard(shard: Shard) -> dict:
                 step = "dedup_signature"
                 signature = w.hasher.signature(doc.text) if recipe.dedup.near else None
                 content_hash = exact_key(doc.text)
+                line = json.dumps(output_record(doc, recipe.reader.text_field), ensure_ascii=False,
+                                  default=_json_value) + "\n"
             except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
                 stats.removed(step if step in stats.steps else steps[-1], f"error:{type(exc).__name__}", doc.id,
                               doc.text, len(doc.text))
                 continue
-            record = {"text": doc.text, "id": doc.id}
-            if doc.language is not None:
-                record["lang"], record["lang_score"] = doc.language, round(doc.language_score, 4)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(line)
             if signature is not None:
                 signature_file.write(signature.tobytes())
             hashes.append(content_hash)
@@ -297,6 +325,7 @@ def _write_outputs(shards: list[Shard], recipe: CleanRecipe, out: Path, verdict:
                    stats: ShardStats) -> list[str]:
     """Stage 3: copy the surviving lines into part files; count the dedup steps as we go."""
     steps = dedup_steps(recipe)
+    text_field = recipe.reader.text_field
     parts = []
     row = 0
     for shard in shards:
@@ -311,18 +340,18 @@ def _write_outputs(shards: list[Shard], recipe: CleanRecipe, out: Path, verdict:
                 text = None
                 if decision != KEEP or steps:
                     record = json.loads(line)
-                    text = record["text"]
+                    text = record[text_field]
                     for step in steps:
                         removed_here = (decision == EXACT) if step == "exact_dedup" else (decision != KEEP)
                         if removed_here:
                             reason = "exact_duplicate" if decision == EXACT else "near_duplicate"
-                            stats.removed(step, reason, record["id"], text, len(text))
+                            stats.removed(step, reason, str(record["id"]), text, len(text))
                             break
                         stats.passed(step, len(text), len(text))
                 if decision == KEEP:
                     sink.write(line)
                     written += 1
-                    stats.hist["chars_out"][length_bin(len(text if text is not None else json.loads(line)["text"]))] += 1
+                    stats.hist["chars_out"][length_bin(len(text if text is not None else json.loads(line)[text_field]))] += 1
         if written:
             os.replace(tmp, part)
             parts.append(part.name)

@@ -5,6 +5,12 @@ Inputs are files, directories (searched recursively) and globs. Supported: JSONL
 are read with a byte limit, so a 100 MB line costs a 4 MB buffer and is counted as
 `oversized`; Parquet is read in record batches. Whatever cannot be read is counted in
 `issues` under a named reason, never raised: a bad document must not stop the run.
+
+A JSONL or Parquet document keeps its whole input record (`Document.record`: id, url,
+metadata...), so the output can carry every field on. A lone UTF-16 surrogate (the JSON
+escape `\\ud800`, or the bytes ED A0 80 that `json.loads` lets through) cannot be written
+as UTF-8: it is replaced by U+FFFD wherever it is in the record and counted as
+`lone_surrogates`, and the document goes on.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +34,9 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 _SNIFF_BYTES = 8192
+# a surrogate as a JSON escape (\ud800-\udfff) or as raw CESU-8 bytes (ED A0-BF xx)
+_SURROGATE_HINT_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,27 @@ def _decode(raw: bytes, issues: Counter) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _without_surrogates(value):
+    """`value` (a str, or a record's lists and dicts) with every surrogate code point made U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE_RE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    return value
+
+
+def _has_surrogates(value) -> bool:
+    if isinstance(value, str):
+        return _LONE_SURROGATE_RE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_has_surrogates, value))
+    return False
+
+
 def _lines(stream: io.BufferedIOBase, limit: int, start: int, end: int | None, issues: Counter) -> Iterator[tuple[int, bytes]]:
     """(offset, line) for lines starting in [start, end); lines over `limit` bytes are skipped."""
     position = start
@@ -179,6 +210,12 @@ def _lines(stream: io.BufferedIOBase, limit: int, start: int, end: int | None, i
         yield offset, line
 
 
+def _input_id(record: dict, ours: str) -> str:
+    """The record's own `id` when it has one (users trace documents by it), else ours."""
+    theirs = record.get("id")
+    return ours if theirs is None else str(theirs)
+
+
 def _read_jsonl(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator[Document]:
     limit = config.max_doc_chars * 4 + 4096
     with _open_binary(piece) as stream:
@@ -198,6 +235,10 @@ def _read_jsonl(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator
             except ValueError:
                 issues["malformed_json"] += 1
                 continue
+            # json.loads joins an escaped surrogate pair into one character; what is left alone cannot be UTF-8
+            if _SURROGATE_HINT_RE.search(line) and _has_surrogates(record):
+                issues["lone_surrogates"] += 1
+                record = _without_surrogates(record)
             if not isinstance(record, dict) or config.text_field not in record:
                 issues["missing_field"] += 1
                 continue
@@ -208,7 +249,7 @@ def _read_jsonl(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator
             if len(text) > config.max_doc_chars:
                 issues["oversized"] += 1
                 continue
-            yield Document(text=text, id=f"{piece.path}@{offset}")
+            yield Document(text=text, id=_input_id(record, f"{piece.path}@{offset}"), record=record)
 
 
 def _read_text(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator[Document]:
@@ -225,7 +266,7 @@ def _read_text(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator[
     if len(text) > config.max_doc_chars:
         issues["oversized"] += 1
         return
-    yield Document(text=text, id=piece.path)
+    yield Document(text=text, id=piece.path, record={config.text_field: text})
 
 
 def _read_parquet(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterator[Document]:
@@ -237,15 +278,16 @@ def _read_parquet(piece: Piece, config: ReaderConfig, issues: Counter) -> Iterat
         issues["missing_field"] += sum(parquet.metadata.row_group(g).num_rows for g in groups)
         return
     row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
-    for batch in parquet.iter_batches(batch_size=256, row_groups=groups, columns=[config.text_field]):
-        for text in batch.column(0).to_pylist():
+    for batch in parquet.iter_batches(batch_size=256, row_groups=groups):  # every column: the record goes on
+        for record in batch.to_pylist():
             row += 1
+            text = record[config.text_field]
             if not isinstance(text, str):
                 issues["missing_field" if text is None else "not_a_string"] += 1
             elif len(text) > config.max_doc_chars:
                 issues["oversized"] += 1
             else:
-                yield Document(text=text, id=f"{piece.path}#{row - 1}")
+                yield Document(text=text, id=_input_id(record, f"{piece.path}#{row - 1}"), record=record)
 
 
 _READERS = {"jsonl": _read_jsonl, "text": _read_text, "parquet": _read_parquet}
