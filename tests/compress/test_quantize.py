@@ -182,8 +182,47 @@ def test_cli_quantize(cli, tiny_model_dir, tmp_path):
     assert "smaller" in r.stdout
     r = cli("generate", tmp_path / "q8", "--prompt", "the", "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
+    # No --group-size: the default 128 does not divide the model's 32 inputs, so 32 is taken and said.
     r = cli("quantize", tiny_model_dir, "--method", "int4", "--out", tmp_path / "q4")
-    assert r.returncode == 2 and "group size" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "groups of 32" in r.stdout
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    # An explicit group size that does not fit stays an error.
+    r = cli("quantize", tiny_model_dir, "--method", "int4", "--group-size", "128", "--out", tmp_path / "q4-128")
+    assert r.returncode == 2 and "group size 128" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "q4-128").exists()
+
+
+@pytest.fixture(scope="module")
+def quickstart_shaped_dir(tokenizer, tmp_path_factory):
+    """The quickstart recipe's widths (d_model 192: 128 does not divide it, 64 does), one layer."""
+    from lmforge.config import load_recipe
+
+    torch.manual_seed(0)
+    cfg = load_recipe("quickstart").model.model_copy(update={"vocab_size": tokenizer.vocab_size, "n_layer": 1})
+    return save_model_dir(Transformer(cfg), tokenizer, tmp_path_factory.mktemp("qs") / "model")
+
+
+@pytest.mark.parametrize("method", ["int4", "gptq"])
+def test_without_a_group_size_the_largest_that_divides_every_layer_is_used(quickstart_shaped_dir, tiny_data,
+                                                                           tmp_path, method):
+    logs = []
+    r = run_quantize(quickstart_shaped_dir, method, tmp_path / "q", data=tiny_data, samples=8, log=logs.append)
+    assert r["group_size"] == 64
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert any("groups of 64" in line and "128" in line for line in logs), logs
+    assert lmforge.load(tmp_path / "q").model.blocks[0].mlp.down.group_size == 64
+
+
+def test_a_model_whose_widths_no_group_size_divides_is_a_clear_error(tokenizer, tmp_path):
+    from lmforge.config import ModelConfig
+
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, n_layer=1, n_head=3, n_kv_head=1,
+                      d_model=48, context=32)  # 48 inputs: not a multiple of 32
+    src = save_model_dir(Transformer(cfg), tokenizer, tmp_path / "fp32")
+    with pytest.raises(LmforgeError, match="48 inputs, not a multiple of 32"):
+        run_quantize(src, "int4", tmp_path / "q", log=lambda s: None)
+    assert not (tmp_path / "q").exists()
 
 
 def test_tied_lm_head_weight_is_the_embedding_and_not_stored_twice(tiny_model_dir, tmp_path):

@@ -19,7 +19,8 @@ def quantize(
     method: Annotated[str, typer.Option(help="int8 (per channel) | int4 (groups, round-to-nearest) | "
                                              "gptq (int4, calibrated) | w8a8 (int8 weights and activations).")],
     out: Annotated[Path, typer.Option(help="Where the quantized model directory goes.")],
-    group_size: Annotated[int, typer.Option(help="int4/gptq: inputs per scale (a multiple of 32).")] = 128,
+    group_size: Annotated[Optional[int], typer.Option(help="int4/gptq: inputs per scale, a multiple of 32 "
+                                                      "(default: 128, or the largest of 64/32 that fits the model).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="gptq: calibration data, a prepared data directory or a text file.")] = None,
     samples: Annotated[int, typer.Option(help="gptq: calibration sequences.")] = 256,
     seq_len: Annotated[Optional[int], typer.Option(help="gptq: tokens per calibration sequence (default min(512, context)).")] = None,
@@ -29,7 +30,8 @@ def quantize(
 
     r = run_quantize(model, method, out, group_size=group_size, data=data, samples=samples, seq_len=seq_len,
                      log=lambda s: console.print(f"   {s}", highlight=False))
-    console.print(f"[green]quantized[/] ({r['method']}) in {r['seconds']:.1f} s: weights {r['bytes_before'] / 1e6:.1f} MB "
+    groups = f", groups of {r['group_size']}" if r["group_size"] else ""
+    console.print(f"[green]quantized[/] ({r['method']}{groups}) in {r['seconds']:.1f} s: weights {r['bytes_before'] / 1e6:.1f} MB "
                   f"-> {r['bytes_after'] / 1e6:.1f} MB ({r['bytes_before'] / max(1, r['bytes_after']):.1f}x smaller): {out}")
 
 
@@ -131,7 +133,7 @@ def quickstart_report(model_dir: Path, data_dir: Path, run_dir: Path, out: Conso
     dirs = [model_dir]
     for method in methods:
         target = run_dir / f"model-{method}"
-        run_quantize(model_dir, method, target, group_size=group or 128, log=lambda s: None)
+        run_quantize(model_dir, method, target, log=lambda s: None)
         dirs.append(target)
     rows = run_compare(dirs, data_dir, max_batches=8, new_tokens=16, chart=run_dir / "plots" / "compare.png")
     print_table(rows, out)

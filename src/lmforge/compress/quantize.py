@@ -29,11 +29,16 @@ from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
 METHODS = ("int8", "int4", "gptq", "w8a8")
+GROUP_SIZES = (128, 64, 32)  # int4 group sizes tried, largest first, when none is asked for
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise LmforgeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def check_quantizable(model: Transformer, method: str, group_size: int) -> None:
-    if method not in METHODS:
-        raise LmforgeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method)
     if quantization_config(model) is not None:
         q = quantization_config(model)
         raise LmforgeError(f"the model is already quantized ({q.get('method')}); quantize the original fp32 model")
@@ -47,10 +52,32 @@ def check_quantizable(model: Transformer, method: str, group_size: int) -> None:
             raise LmforgeError(f"{name} has {layer.in_features} inputs; the int8 kernels need a multiple of {CHUNK}")
 
 
-def fitting_group_size(model: Transformer, candidates=(128, 64, 32)) -> int | None:
+def fitting_group_size(model: Transformer, candidates=GROUP_SIZES) -> int | None:
     """The largest int4 group size that divides every layer's inputs (None if none does)."""
     widths = [model.get_submodule(n).in_features for n in linear_names(model)]
     return next((g for g in candidates if all(w % g == 0 for w in widths)), None)
+
+
+def choose_group_size(model: Transformer, method: str, requested: int | None, log=lambda s: None) -> int | None:
+    """The group size int4/gptq will use (None for the per-channel methods).
+
+    A requested size is used as given (one that does not fit is an error, from
+    `check_quantizable`). Without one, the largest of 128/64/32 that divides every layer's
+    inputs: one size for the whole model, as the stored format records one. None of them
+    fits only when some layer's width is not a multiple of 32, which no int4 kernel takes."""
+    if method not in ("int4", "gptq"):
+        return requested
+    if requested is not None:
+        return requested
+    group = fitting_group_size(model)
+    if group is None:
+        widths = {n: model.get_submodule(n).in_features for n in linear_names(model)}
+        name, width = next((n, w) for n, w in widths.items() if w % CHUNK)
+        raise LmforgeError(f"{name} has {width} inputs, not a multiple of {CHUNK}: int4 cannot quantize this "
+                           "model; use --method int8 or w8a8 (or a model whose widths are multiples of 32)")
+    if group != GROUP_SIZES[0]:
+        log(f"int4 groups of {group} inputs: the default {GROUP_SIZES[0]} does not divide every layer's inputs")
+    return group
 
 
 def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01):
@@ -131,7 +158,7 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128, calib
     return model
 
 
-def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, samples: int = 256,
+def run_quantize(model_dir, method: str, out, group_size: int | None = None, data=None, samples: int = 256,
                  seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
     import lmforge
     from lmforge.native import kernels
@@ -144,14 +171,17 @@ def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, 
     if q is not None:
         raise LmforgeError(f"{model_dir} is already quantized ({q.get('method')}); quantize the original fp32 model")
     m = lmforge.load(model_dir)
-    check_quantizable(m.model, method, group_size)
+    check_method(method)
+    group_size = choose_group_size(m.model, method, group_size, log)
+    stored_group = group_size or GROUP_SIZES[0]  # ignored by the per-channel methods
+    check_quantizable(m.model, method, stored_group)
     calibration = None
     if method == "gptq":
         T = min(seq_len or 512, m.config.context)
         calibration = calibration_tokens(data, m.tokenizer, m.config.vocab, samples, T, seed)
         log(f"calibration: {len(calibration)} sequences of {T} tokens")
     start = time.perf_counter()
-    quantize_model(m.model, method, group_size, calibration, log=log)
+    quantize_model(m.model, method, stored_group, calibration, log=log)
     seconds = time.perf_counter() - start
     provenance = {"parents": [str(model_dir)], "quantized_in_s": round(seconds, 1)}
     if calibration is not None:
@@ -162,4 +192,5 @@ def run_quantize(model_dir, method: str, out, group_size: int = 128, data=None, 
     if method != "w8a8" and kernels() is None:
         log("note: the native kernels could not be built here (no C compiler?); this model runs through "
             "dequantize-then-matmul, which is correct but not faster")
-    return {"method": method, "seconds": seconds, "bytes_before": before, "bytes_after": after, "out": str(out)}
+    return {"method": method, "group_size": group_size, "seconds": seconds, "bytes_before": before,
+            "bytes_after": after, "out": str(out)}
