@@ -57,3 +57,22 @@ def test_plot_overlays_runs(cli, trained_run, tmp_path):
     assert "FLOPs" in proc.stdout and "MFU" in proc.stdout
     missing = cli("plot", tmp_path / "nope")
     assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr
+
+
+def test_plot_draws_a_chinese_run_name_with_real_glyphs(tmp_path):
+    import warnings
+
+    import matplotlib
+
+    from lmforge.explain.dashboard import plot_runs
+
+    run = tmp_path / "中文预训练"
+    run.mkdir()
+    records = [{"step": s, "loss": 5.0 / s, "lr": 1e-3, "grad_norm": 1.0 / s, "tokens_per_s": 1000.0}
+               for s in range(1, 11)] + [{"step": 10, "val_loss": 0.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    matplotlib.rcdefaults()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CJK character drawn as a box warns "Glyph ... missing from font(s)"
+        paths = plot_runs([run], tmp_path / "plots")
+    assert [p.name for p in paths] == ["dashboard.png", "loss.png", "lr.png", "grad_norm.png", "throughput.png"]

@@ -50,3 +50,25 @@ def test_report_renders_with_its_images_in_headless_chromium(tiny_model_dir, tmp
     subprocess.run([*args, "--window-size=1200,2000", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_a_chinese_prompt_gets_readable_tokens_and_real_glyphs(tiny_model_dir, tmp_path):
+    """The session's tokenizer knows no Chinese: each character is three byte tokens, named by their bytes."""
+    import warnings
+
+    import matplotlib
+
+    import lmforge
+    from lmforge.explain.report import explain
+
+    matplotlib.rcdefaults()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CJK character drawn as a box warns "Glyph ... missing from font(s)"
+        page = explain(lmforge.load(tiny_model_dir), "模型的注意力 (attention) 机制", tmp_path / "zh.html").read_text()
+    assert "\ufffd" not in page
+    tokens = re.findall(r'<span class="tok" style="background:#eee">(.*?)</span>', page)
+    assert "".join(tokens).startswith("\\xe6\\xa8\\xa1\\xe5\\x9e\\x8b")  # 模 = e6 a8 a1, 型 = e5 9e 8b
+    assert "(attention)" in "".join(tokens)
+    assert "<code>&lt;|endoftext|&gt;</code> at every position" in page  # the baseline is named
+    total, diff = map(float, re.search(r"sum to (-?[\d.]+) against a score difference of\s+(-?[\d.]+)", page).groups())
+    assert total == pytest.approx(diff, rel=1e-3, abs=2e-4)  # the page prints 4 decimals

@@ -59,11 +59,9 @@ def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
         if not any("loss" in r for r in records):
             raise LmforgeError(f"{d}/metrics.jsonl has no training records yet")
         runs.append((d, records))
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for ax, stem in zip(axes.flat, PANELS):

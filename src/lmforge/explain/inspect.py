@@ -7,6 +7,13 @@ lens reads each block's output (the residual stream) through the final norm and 
 head. Attributions replace the token embeddings (a forward hook on `tok_emb`) and take
 gradients of one output score with respect to them.
 
+Integrated gradients start from a baseline prompt made of one token (e.g. end-of-text) at every
+position, not from all-zero embeddings: every family but gpt2 normalizes the embeddings before
+anything else (RMSNorm, which is scale-invariant) and has no position embedding added to them,
+so along a path from zero the score is flat except for a jump in a sliver next to zero that no
+quadrature samples, and the attributions then miss most of the score difference. Positions
+(learned or rotary) are not interpolated: they are the same along the whole path.
+
 The score being explained is `head(hidden_states)` at the last position: by default the
 LM head's logit of the predicted next token; pass a classification head (any callable
 from the final hidden states (B, T, d) to label logits (B, n_labels)) to explain the
@@ -112,7 +119,9 @@ class Attribution:
     gradient_x_input: np.ndarray  # (T,)
     integrated_gradients: np.ndarray  # (T,)
     score: float  # the target's score at the input
-    baseline_score: float  # ... and at the all-zero embedding baseline
+    baseline_score: float  # ... and at the baseline prompt (`baseline_token` at every position)
+    baseline_token: int
+    steps: int  # the quadrature points the integrated gradients took
 
     @property
     def completeness_gap(self) -> float:
@@ -120,35 +129,59 @@ class Attribution:
         return abs(float(self.integrated_gradients.sum()) - (self.score - self.baseline_score))
 
 
-def attributions(model: Transformer, ids: torch.Tensor, head: Head | None = None, target: int | None = None,
-                 steps: int = 32, chunk: int = 16) -> Attribution:
-    """Gradient x input and integrated gradients (zero-embedding baseline, Gauss-Legendre
-    quadrature over `steps` points) of one output score, per input token."""
-    head = head or lm_head_scores(model)
-    was_training = model.training
-    model.eval()
-    emb = model.tok_emb(ids[None]).detach()  # (1, T, d)
-    x = emb.clone().requires_grad_(True)
-    scores = _scores_from_embeddings(model, ids, x, head)[0]
-    if target is None:
-        target = int(scores.argmax())
-    (grad,) = torch.autograd.grad(scores[target], x)
-    gxi = (grad * emb)[0].sum(-1)
+def _integrated_gradients(model: Transformer, ids: torch.Tensor, emb: torch.Tensor, base: torch.Tensor,
+                          head: Head, target: int, steps: int, chunk: int) -> torch.Tensor:
+    """Gauss-Legendre quadrature over `steps` points of the straight path base -> emb: (T,)."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     alphas, weights = (nodes + 1) / 2, weights / 2  # [-1, 1] -> [0, 1]
     total = torch.zeros_like(emb)
     for s in range(0, steps, chunk):
         a = torch.tensor(alphas[s:s + chunk], dtype=emb.dtype, device=emb.device)[:, None, None]
         w = torch.tensor(weights[s:s + chunk], dtype=emb.dtype, device=emb.device)[:, None, None]
-        path = (a * emb).requires_grad_(True)  # baseline 0 -> emb
+        path = (base + a * (emb - base)).requires_grad_(True)
         out = _scores_from_embeddings(model, ids, path, head)[:, target]
         (g,) = torch.autograd.grad(out.sum(), path)
         total += (w * g).sum(0, keepdim=True)
-    ig = (total * emb)[0].sum(-1)
+    return (total * (emb - base))[0].sum(-1)
+
+
+def attributions(model: Transformer, ids: torch.Tensor, head: Head | None = None, target: int | None = None,
+                 steps: int = 32, chunk: int = 16, *, baseline: int, tolerance: float = 1e-3,
+                 max_steps: int | None = None) -> Attribution:
+    """Gradient x input and integrated gradients of one output score, per input token.
+
+    Integrated gradients run from the `baseline` token's embedding at every position to the
+    prompt's embeddings. Their sum should equal the score minus the baseline's score; while it
+    misses by more than `tolerance` of that difference (a sharp model needs more points), the
+    quadrature doubles its points, up to `max_steps` (default 8 x `steps`)."""
+    head = head or lm_head_scores(model)
+    vocab = model.tok_emb.weight.shape[0]
+    if not 0 <= baseline < vocab:
+        raise LmforgeError(f"the baseline token {baseline} is outside the vocabulary [0, {vocab})")
+    was_training = model.training
+    model.eval()
+    emb = model.tok_emb(ids[None]).detach()  # (1, T, d)
+    base = model.tok_emb(torch.full_like(ids, baseline)[None]).detach()
+    x = emb.clone().requires_grad_(True)
+    scores = _scores_from_embeddings(model, ids, x, head)[0]
+    if target is None:
+        target = int(scores.argmax())
+    (grad,) = torch.autograd.grad(scores[target], x)
+    gxi = (grad * emb)[0].sum(-1)
     with torch.no_grad():
-        base = _scores_from_embeddings(model, ids, torch.zeros_like(emb), head)[0, target]
+        base_score = float(_scores_from_embeddings(model, ids, base, head)[0, target])
+    score = float(scores[target].detach())
+    # Float32 sums of T terms are not exact: below ~1e-2 of difference, judge the gap absolutely.
+    allowed = tolerance * max(abs(score - base_score), 1e-2)
+    max_steps = max_steps or 8 * steps
+    while True:
+        ig = _integrated_gradients(model, ids, emb, base, head, target, steps, chunk)
+        if abs(float(ig.sum()) - (score - base_score)) <= allowed or steps * 2 > max_steps:
+            break
+        steps *= 2
     model.train(was_training)
-    return Attribution(target, gxi.detach().cpu().numpy(), ig.detach().cpu().numpy(), float(scores[target].detach()), float(base))
+    return Attribution(target, gxi.detach().cpu().numpy(), ig.detach().cpu().numpy(), score, base_score,
+                       baseline, steps)
 
 
 def next_token_distribution(model: Transformer, ids: torch.Tensor, k: int = 10) -> list[tuple[int, float]]:

@@ -18,24 +18,16 @@ from jinja2 import Environment
 
 from lmforge.errors import LmforgeError
 from lmforge.explain.inspect import Head, attention_maps, attributions, logit_lens, next_token_distribution
+from lmforge.explain.tokens import token_label
+from lmforge.plotting import pyplot as _pyplot
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def attention_figure(maps: torch.Tensor, layer: int, tokens: list[str]) -> str:
@@ -96,9 +88,10 @@ th { background: #f3f3f3; } img { max-width: 100%; } .muted { color: #777; }
 <table><tr><th>{{ target_kind }}</th><th>probability</th></tr>
 {% for name, p in prediction %}<tr><td class="mono">{{ name }}</td><td>{{ "%.4f"|format(p) }}</td></tr>{% endfor %}</table>
 <h2>Attributions toward {{ target }}</h2>
-<p class="muted">Red pushes the score of {{ target }} up, blue down. Integrated gradients: zero-embedding baseline,
-{{ steps }}-point Gauss-Legendre quadrature; they sum to {{ "%.4f"|format(ig_sum) }} against a score difference of
-{{ "%.4f"|format(score_diff) }} (score {{ "%.4f"|format(score) }}, baseline {{ "%.4f"|format(baseline) }}).</p>
+<p class="muted">Red pushes the score of {{ target }} up, blue down. Integrated gradients: from a baseline prompt of
+<code>{{ baseline_token }}</code> at every position to the real one, {{ steps }}-point Gauss-Legendre quadrature; they
+sum to {{ "%.4f"|format(ig_sum) }} against a score difference of {{ "%.4f"|format(score_diff) }}
+(score {{ "%.4f"|format(score) }}, baseline {{ "%.4f"|format(baseline) }}).</p>
 {% for method, shades, values in shaded %}<p><b>{{ method }}</b><br>
 {% for t in tokens %}<span class="tok" title="{{ '%.4f'|format(values[loop.index0]) }}" style="background:{{ shades[loop.index0] }}">{{ t }}</span>{% endfor %}</p>{% endfor %}
 <img alt="attribution bar chart" src="{{ attribution_png }}">
@@ -113,10 +106,6 @@ th { background: #f3f3f3; } img { max-width: 100%; } .muted { color: #777; }
 """
 
 
-def _show(text: str) -> str:
-    return repr(text)[1:-1] or "∅"
-
-
 def explain(lm, prompt: str, out: str | Path, head: Head | None = None, labels: list[str] | None = None,
             steps: int = 32, top_k: int = 5) -> Path:
     """Write the report for `prompt` to `out`. With a classification `head` (and its `labels`),
@@ -127,27 +116,35 @@ def explain(lm, prompt: str, out: str | Path, head: Head | None = None, labels: 
     ids = tok.encode(prompt)
     if len(ids) > model.config.context:
         raise LmforgeError(f"the prompt is {len(ids)} tokens, more than the model's context of {model.config.context}")
+    baseline = tok.eos_id if tok.eos_id is not None else tok.pad_id
+    if baseline is None:
+        raise LmforgeError("the tokenizer has no end-of-text or padding token to build the attribution baseline from")
     ids_t = torch.tensor(ids, device=model.tok_emb.weight.device)
-    tokens = [_show(tok.decode([i])) for i in ids]
+
+    def show(token_id: int) -> str:
+        return token_label(tok, token_id)
+
+    tokens = [show(i) for i in ids]
     model.eval()
     maps = attention_maps(model, ids_t).cpu()
-    attr = attributions(model, ids_t, head=head, steps=steps)
+    attr = attributions(model, ids_t, head=head, steps=steps, baseline=baseline)
     if head is None:
-        prediction = [(_show(tok.decode([t])), p) for t, p in next_token_distribution(model, ids_t, top_k)]
-        target, kind = f"next token {_show(tok.decode([attr.target]))!r}", "next token"
+        prediction = [(show(t), p) for t, p in next_token_distribution(model, ids_t, top_k)]
+        target, kind = f"next token '{show(attr.target)}'", "next token"
     else:
         with torch.no_grad():
             probs = head(model.hidden_states(ids_t[None])).float().softmax(-1)[0]
         names = labels or [f"label {i}" for i in range(len(probs))]
         prediction = sorted(zip(names, probs.tolist()), key=lambda r: -r[1])[:top_k]
         target, kind = f"label {names[attr.target]!r}", "label"
-    lens = [{"layer": r.layer, "cells": [(_show(tok.decode([t[0][0]])), t[0][1]) for t in r.top],
-             "last": ", ".join(f"{_show(tok.decode([t]))} {p:.2f}" for t, p in r.top[-1])}
+    lens = [{"layer": r.layer, "cells": [(show(t[0][0]), t[0][1]) for t in r.top],
+             "last": ", ".join(f"{show(t)} {p:.2f}" for t, p in r.top[-1])}
             for r in logit_lens(model, ids_t, top_k)]
     page = Environment(autoescape=True).from_string(PAGE).render(
         title=prompt[:60], model=str(lm.path), tokens=tokens, n_tokens=len(ids),
         n_layer=maps.shape[0], n_head=maps.shape[1], prediction=prediction, target=target, target_kind=kind,
-        steps=steps, ig_sum=float(attr.integrated_gradients.sum()), score_diff=attr.score - attr.baseline_score,
+        steps=attr.steps, baseline_token=show(baseline),
+        ig_sum=float(attr.integrated_gradients.sum()), score_diff=attr.score - attr.baseline_score,
         score=attr.score, baseline=attr.baseline_score,
         shaded=[("gradient x input", _shade(attr.gradient_x_input), attr.gradient_x_input.tolist()),
                 ("integrated gradients", _shade(attr.integrated_gradients), attr.integrated_gradients.tolist())],
