@@ -472,10 +472,9 @@ def export_best(settings: HpoSettings, best: dict[str, Any]) -> Path:
 def plot_study(study, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """history.png (loss per trial, pruned ones at the step they stopped; best so far) and
     importance.png (Optuna's parameter importances, when at least two trials completed)."""
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless, with a CJK fallback font
 
     finished = [r for r in rows if r["value"] is not None and math.isfinite(r["value"])]
     if not finished:

@@ -42,10 +42,9 @@ def finish_stats(stats: dict, plan: dict, parts: list[str], dedup: dict, steps: 
 
 
 def write_plots(stats: dict, folder: Path) -> list[str]:
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless, with a CJK fallback font
 
     folder.mkdir(parents=True, exist_ok=True)
     hist = stats["histograms"]
