@@ -122,7 +122,7 @@ def test_cancellation_and_backpressure(model, tokenizer):
         assert first_token.wait(30)
         # One running, two may wait; the fourth is refused at once.
         waiting = [engine.submit(Request([5], SamplingParams(max_new_tokens=2)), lambda ev: None) for _ in range(2)]
-        with pytest.raises(EngineOverloaded):
+        with pytest.raises(EngineOverloaded, match="1 of 1 batch slots and 2 of 2 queue places are taken"):
             engine.submit(Request([5]), lambda ev: None)
         long.cancel()
         release.set()
@@ -159,3 +159,48 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokeniz
         monkeypatch.undo()
         (r,) = engine.generate([Request(prompt, SamplingParams(max_new_tokens=10))], timeout=30)
         assert r.finish_reason == "length" and len(r.token_ids) == 10
+
+
+def test_a_sequence_whose_sampling_fails_fails_alone(model, tokenizer, monkeypatch):
+    """One request that breaks in its own sampling step retires with an error; the requests
+    decoded beside it in the same batch give exactly the tokens they give without it."""
+    import lmforge.infer.engine as engine_module
+
+    real = engine_module.sample
+    poison_seed = 13
+
+    def sample(logits, params, generator):
+        if params.seed == poison_seed:
+            raise RuntimeError("this sequence's numbers are bad")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    healthy = [Request(tokenizer.encode(p), SamplingParams(max_new_tokens=20, **extra))
+               for p, extra in zip(PROMPTS, [{}, {"repetition_penalty": 1.2}, {"temperature": 0.8, "seed": 3}] * 3)]
+    poison = [Request(tokenizer.encode(p), SamplingParams(max_new_tokens=20, temperature=1.0, seed=poison_seed))
+              for p in PROMPTS[:3]]
+    with Engine(model, tokenizer, max_batch=16) as engine:
+        clean = engine.generate(healthy, timeout=60)
+        mixed = engine.generate([x for pair in zip(healthy, poison + poison + poison) for x in pair], timeout=60)
+    assert [r.finish_reason for r in mixed[1::2]] == ["error"] * len(healthy)
+    assert [(r.token_ids, r.text, r.finish_reason) for r in mixed[::2]] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in clean]
+    assert all(r.finish_reason == "length" for r in clean)
+
+
+def test_extreme_sampling_parameters_never_fail_a_batch(model, tokenizer):
+    """Every value the server accepts: a temperature that underflows float32, penalties near 0
+    and at 10, top_p near 0. Greedy requests beside them keep their tokens."""
+    greedy = [Request(tokenizer.encode(p), SamplingParams(max_new_tokens=16)) for p in PROMPTS[:6]]
+    extreme = [SamplingParams(max_new_tokens=16, temperature=t, seed=1) for t in (1e-38, 1e-44, 5e-324)]
+    extreme += [SamplingParams(max_new_tokens=16, temperature=1.0, repetition_penalty=r, seed=1) for r in (1e-300, 10.0)]
+    extreme += [SamplingParams(max_new_tokens=16, temperature=2.0, top_p=1e-300, seed=1)]
+    with Engine(model, tokenizer) as engine:
+        clean = engine.generate(greedy, timeout=60)
+        mixed = engine.generate(greedy + [Request(tokenizer.encode("To be"), sp) for sp in extreme], timeout=60)
+    assert [r.token_ids for r in mixed[:len(greedy)]] == [r.token_ids for r in clean]
+    assert all(r.finish_reason in ("length", "stop") for r in mixed), [r.finish_reason for r in mixed]
+    # A temperature this small, or top_p this small, is greedy.
+    reference = generate(model, tokenizer, ["To be"], SamplingParams(max_new_tokens=16))[0].token_ids
+    assert [r.token_ids for r in mixed[len(greedy):len(greedy) + 3]] == [reference] * 3
+    assert mixed[-1].token_ids == reference

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample, scale
 
 
 def logits_from(probs: list[float], order: list[int] | None = None) -> torch.Tensor:
@@ -85,7 +85,49 @@ def test_repetition_penalty_pushes_seen_tokens_down():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(max_new_tokens=-1), dict(repetition_penalty=0.0)])
+                                 dict(max_new_tokens=-1), dict(repetition_penalty=0.0),
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(repetition_penalty=float("inf"))])
 def test_invalid_sampling_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-44, 5e-324])
+def test_temperatures_too_small_for_float32_are_greedy(temperature):
+    """logits / 1e-44 overflows to inf (and 5e-324 is 0 in float32): softmax would be nan."""
+    logits = torch.randn(32, 300, generator=torch.Generator().manual_seed(5)) * 30
+    for top_k, top_p in [(0, 1.0), (50, 0.9)]:
+        picked = sample(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
+                        torch.Generator().manual_seed(0))
+        assert torch.equal(picked, logits.argmax(-1))
+
+
+def test_scaled_logits_never_overflow():
+    logits = torch.tensor([[3e38, -3e38, 0.0, float("nan")],
+                           [float("inf"), 1.0, float("inf"), float("-inf")],
+                           [float("nan"), float("-inf"), float("nan"), float("-inf")]])
+    for temperature in (1e-38, 1e-3, 2.0):
+        scaled = scale(logits, temperature)
+        assert not scaled.isnan().any() and (scaled <= 0).all()
+        probs = scaled.softmax(-1)
+        assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+    probs = scale(logits, 1.0).softmax(-1)
+    assert probs[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # nan counts as -inf
+    assert probs[1].tolist() == [0.5, 0.0, 0.5, 0.0]  # +inf logits share the probability
+    assert probs[2].tolist() == [0.25] * 4  # nothing finite: every token alike, never a nan
+
+
+def test_extreme_penalties_and_top_p_sample_a_real_token():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(6)) * 10
+    seen = torch.zeros(4, 300, dtype=torch.bool)
+    seen[:, ::3] = True
+    gen = torch.Generator().manual_seed(0)
+    for penalty in (1e-300, 1e-40, 10.0):
+        penalized = apply_repetition_penalty(logits, seen, penalty)
+        assert torch.isfinite(penalized).all()
+        picked = sample(penalized, SamplingParams(temperature=1.0, repetition_penalty=penalty), gen)
+        assert ((0 <= picked) & (picked < 300)).all()
+    # top_p below float32's smallest keeps the best token alone
+    picked = sample(logits, SamplingParams(temperature=2.0, top_p=1e-300), gen)
+    assert torch.equal(picked, logits.argmax(-1))

@@ -283,9 +283,14 @@ class Engine:
         with self._wake:
             if self._stopping or self._thread is None:
                 raise EngineOverloaded("the engine is not running")
-            if len(self._waiting) + len(seqs) > self.max_queue + self.max_batch - len(self._running):
-                raise EngineOverloaded(f"the server is at capacity ({len(self._waiting)} requests waiting); "
-                                       "retry shortly")
+            # Waiting requests take the free batch slots at the next step; the rest are queued.
+            free = self.max_batch - len(self._running)
+            if len(self._waiting) + len(seqs) - free > self.max_queue:
+                busy = min(self.max_batch, len(self._running) + len(self._waiting))
+                queued = max(0, len(self._waiting) - free)
+                needs = f"; this request needs {len(seqs)} places" if len(seqs) > 1 else ""
+                raise EngineOverloaded(f"the server is at capacity: {busy} of {self.max_batch} batch slots and "
+                                       f"{queued} of {self.max_queue} queue places are taken{needs}; retry shortly")
             self._waiting.extend(seqs)
             self._wake.notify()
         return seqs
@@ -402,8 +407,31 @@ class Engine:
             seq.seen[0, token] = True
         return token
 
-    def _step(self) -> None:
+    def _next_token(self, seq: Sequence) -> Event:
+        """Sample a sequence's next token: what it adds to the stream, and whether it ends it."""
         eos = self.tokenizer.eos_id
+        token = self._sample(seq)
+        seq.sampled += 1
+        if seq.request.logprobs is not None:
+            lp = torch.log_softmax(seq.logits[0].float(), dim=-1)
+            tokens = [_logprob_entry(lp, token, seq.request.logprobs)]
+        else:
+            tokens = [TokenLogprob(token, 0.0, [])]
+        finish = None
+        text = ""
+        if token == eos or token in seq.request.stop_token_ids:
+            finish = "stop"
+        else:
+            text = seq.row.add(token)
+            if seq.row.stopped:
+                finish = "stop"
+            elif seq.sampled >= seq.max_new:
+                finish = "length"
+        if finish is not None:
+            text += seq.row.flush()
+        return Event(text=text, tokens=tokens, finish_reason=finish)
+
+    def _step(self) -> None:
         for seq in self._running:
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
@@ -414,27 +442,11 @@ class Engine:
                 continue
             if seq.pending:
                 continue
-            token = self._sample(seq)
-            seq.sampled += 1
-            tokens = []
-            if seq.request.logprobs is not None:
-                lp = torch.log_softmax(seq.logits[0].float(), dim=-1)
-                tokens = [_logprob_entry(lp, token, seq.request.logprobs)]
-            else:
-                tokens = [TokenLogprob(token, 0.0, [])]
-            finish = None
-            text = ""
-            if token == eos or token in seq.request.stop_token_ids:
-                finish = "stop"
-            else:
-                text = seq.row.add(token)
-                if seq.row.stopped:
-                    finish = "stop"
-                elif seq.sampled >= seq.max_new:
-                    finish = "length"
-            if finish is not None:
-                text += seq.row.flush()
-            self._emit(seq, Event(text=text, tokens=tokens, finish_reason=finish))
+            try:
+                event = self._next_token(seq)
+            except Exception as e:  # this sequence alone fails; the rest of the batch goes on
+                event = Event(finish_reason="error", error=f"{type(e).__name__}: {e}")
+            self._emit(seq, event)
         self._retire()
         # Hand this step's tokens to the event loop before the forward pass: it streams them
         # while the forward runs without the GIL, rather than after it, contending with the

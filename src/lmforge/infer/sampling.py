@@ -1,10 +1,21 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+Safe for every parameter value `SamplingParams` accepts: no temperature, penalty or top-p,
+however extreme, makes a logit overflow or a probability nan, so sampling never raises on
+numbers (a server samples many requests in one batch; one request's parameters must not
+be able to break the step).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# Below the smallest normal float32, a temperature is 0 in float32 arithmetic; long before
+# that, all the probability is on the best token anyway.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -20,19 +31,22 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError("temperature must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError("repetition_penalty must be a finite number > 0")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits (B, V); seen (B, V) bool of tokens already in the prompt or output."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    """logits (B, V); seen (B, V) bool of tokens already in the prompt or output. In float32,
+    kept finite: a penalty near 0 would otherwise turn positive logits into inf."""
+    logits = logits.float()
+    big = torch.finfo(torch.float32).max
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-big, big)
     return torch.where(seen, penalized, logits)
 
 
@@ -45,15 +59,28 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False  # a top_p below float32's smallest is 0 there, which would drop it
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(logits - best) / temperature, in float32, with every value in [-inf, 0] and each row's
+    best exactly 0: no temperature >= GREEDY_BELOW overflows, and softmax always has a token
+    to give probability to. A nan logit counts as -inf; a row with +inf logits shares its
+    probability among those; a row with nothing better than -inf, among all its tokens."""
+    logits = logits.float()
+    logits = torch.where(logits.isnan(), float("-inf"), logits)
+    best = logits.amax(dim=-1, keepdim=True)
+    shifted = torch.where(logits == best, 0.0, logits - best)
+    return shifted / temperature
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    logits = filter_logits(scale(logits, params.temperature), params.top_k, params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
