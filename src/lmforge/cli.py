@@ -140,11 +140,14 @@ def chat(
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
 ):
     """A simple terminal chat through the model's chat template. Empty line or Ctrl-D quits."""
+    from lmforge.data.chat_template import end_of_turn_ids
+    from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
 
     m = _load_with_adapter(model, adapter)
     params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed, stop=["<|im_end|>"])
+                        seed=seed)
+    turn_end = end_of_turn_ids(m.tokenizer)  # a special token: stopped on by id, it never shows as text
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -158,8 +161,9 @@ def chat(
         prompt = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = m.tokenizer.encode(prompt)[-(m.config.context - 1):]
         console.print("[bold green]model> [/]", end="")
-        (reply,) = m.complete([ids], on_text=lambda r, t: console.print(t, end="", highlight=False, markup=False),
-                              native=not reference_path, **vars(params))
+        (reply,) = generate(m.model, m.tokenizer, [ids], params, stop_token_ids=turn_end,
+                            on_text=lambda r, t: console.print(t, end="", highlight=False, markup=False),
+                            native=not reference_path)
         console.print()
         messages.append({"role": "assistant", "content": reply.text})
 

@@ -7,7 +7,7 @@ token per row and computes logits for the last position only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ TextCallback = Callable[[int, str], None]
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-text token or a stop string) or "length"
+    finish_reason: str  # "stop" (end-of-text or another stop token, or a stop string) or "length"
 
 
 class RowText:
@@ -107,13 +107,15 @@ TokenCallback = Callable[[int, int], bool]
 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
-                 pad_id: int = 0, on_token: TokenCallback | None = None,
-                 native: bool = True) -> tuple[list[list[int]], list[str]]:
+                 pad_id: int = 0, on_token: TokenCallback | None = None, native: bool = True,
+                 stop_token_ids: Collection[int] = ()) -> tuple[list[list[int]], list[str]]:
     """The decoding loop on token ids: (new ids per row, finish reason per row).
 
-    A row finishes on `eos_id` (not included in its ids), when `on_token` says so, or at
-    `max_new_tokens` / the context limit ("length"). After the prefill, steps run through the
-    native decoder where the model allows it (`native=False` forces the PyTorch model)."""
+    A row finishes on `eos_id` or one of `stop_token_ids` (a chat turn's end; neither is
+    included in its ids), when `on_token` says so, or at `max_new_tokens` / the context limit
+    ("length"). After the prefill, steps run through the native decoder where the model allows
+    it (`native=False` forces the PyTorch model)."""
+    ends = {eos_id, *stop_token_ids} - {None}
     context = model.config.context
     longest = max(len(ids) for ids in prompts)
     if longest >= context:
@@ -151,7 +153,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
         for r, token in enumerate(nxt.tolist()):
             if done[r]:
                 continue
-            if token == eos_id:
+            if token in ends:
                 done[r], finish[r] = True, "stop"
                 continue
             out[r].append(token)
@@ -168,8 +170,9 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
 
 def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
              params: SamplingParams | None = None, on_text: TextCallback | None = None,
-             native: bool = True) -> list[Completion]:
-    """Text continuations of each prompt, streamed through `on_text` as they grow."""
+             native: bool = True, stop_token_ids: Collection[int] = ()) -> list[Completion]:
+    """Text continuations of each prompt, streamed through `on_text` as they grow; a row also
+    ends on any of `stop_token_ids` (e.g. `end_of_turn_ids(tokenizer)` for a chat reply)."""
     params = params or SamplingParams()
     if not prompts:
         return []
@@ -183,7 +186,7 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
         return rows[r].stopped
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token, native)
+    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token, native, stop_token_ids)
     results = []
     for r, row in enumerate(rows):
         tail = row.flush()
