@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.data.chat_template import end_of_turn_ids
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, EngineOverloaded, Event, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
@@ -379,7 +380,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                                  headers=SSE_HEADERS)
 
     # -- chat --------------------------------------------------------------------------------------
-    im_end = tokenizer.backend.token_to_id("<|im_end|>")
+    turn_end = end_of_turn_ids(tokenizer)
 
     def chat_prompt(messages) -> str:
         try:
@@ -403,9 +404,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         job = make_job(body, [chat_prompt(body.messages)], max_tokens, logprobs, False, key_id)
-        if im_end is not None:  # ChatML's end of turn is a special token, never seen as text
+        if turn_end:  # the template's end of turn is a special token, never seen as text
             for r in job.requests:
-                r.stop_token_ids = [im_end]
+                r.stop_token_ids = list(turn_end)
         rid = "chatcmpl-" + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": settings.model_name}
         if not body.stream:
