@@ -286,6 +286,10 @@ from lmforge.train.commands import register as _register_finetune  # noqa: E402 
 
 _register_finetune(app)
 
+from lmforge.train.predict import register as _register_predict  # noqa: E402 - classify, tag
+
+_register_predict(app)
+
 
 def _load_with_adapter(model: Path, adapter: Path | None):
     """A model directory, with a LoRA adapter folded in when one is given."""

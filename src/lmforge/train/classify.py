@@ -240,15 +240,25 @@ class TaskModel:
         self.loaded.model.eval()
 
     @torch.no_grad()
-    def classify(self, texts: list[str]) -> list[str]:
+    def probabilities(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
+        """Each text's probability of every label (in `labels` order). A text longer than the
+        context keeps its end (causal) or its start (encoder), as in training."""
         tok, context = self.loaded.tokenizer, self.loaded.config.context
-        out = []
-        for text in texts:
-            ids = (tok.encode(text) or [tok.pad_id or 0])
-            ids = ids[-context:] if self.loaded.config.causal else ids[:context]
-            x, n = torch.tensor([ids]), torch.tensor([len(ids)])
-            out.append(self.labels[int(self.head(backbone_hidden(self.loaded.model, x, n), n).argmax(-1))])
+        pad = tok.pad_id or 0
+        rows = [tok.encode(text) or [pad] for text in texts]
+        rows = [ids[-context:] if self.loaded.config.causal else ids[:context] for ids in rows]
+        out: list[list[float]] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            x = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+            for i, ids in enumerate(chunk):
+                x[i, :len(ids)] = torch.tensor(ids)
+            n = torch.tensor([len(ids) for ids in chunk])
+            out += self.head(backbone_hidden(self.loaded.model, x, n), n).float().softmax(-1).tolist()
         return out
+
+    def classify(self, texts: list[str]) -> list[str]:
+        return [self.labels[max(range(len(p)), key=p.__getitem__)] for p in self.probabilities(texts)]
 
     @torch.no_grad()
     def tag(self, sentences: list[list[str]]) -> list[list[str]]:
