@@ -124,10 +124,9 @@ def compare(models: list[Path], data: Path | None = None, max_batches: int = 20,
 
 
 def plot(rows: list[Row], out: Path) -> Path:
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless, with a CJK fallback font
 
     labels = [f"{Path(r.model).name}\n{r.method}" for r in rows]
     panels = [("weight files (MB)", [r.file_mb for r in rows]),

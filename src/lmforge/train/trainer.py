@@ -155,10 +155,9 @@ def plot_losses(run_dir: Path) -> Path | None:
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:
         return None
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless, with a CJK fallback font
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*train), label="train")
