@@ -244,7 +244,7 @@ def explain(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     prompt: Annotated[str, typer.Option(help="The text to explain (its predicted next token).")],
     out: Annotated[Path, typer.Option(help="The HTML report to write.")] = Path("report.html"),
-    steps: Annotated[int, typer.Option(help="Integrated-gradients quadrature points.")] = 32,
+    steps: Annotated[int, typer.Option(help="Integrated-gradients quadrature points to start from (doubled, up to 8x, while the attributions miss the score difference by over 0.1%).")] = 32,
     top_k: Annotated[int, typer.Option(help="Tokens listed per prediction and logit-lens row.")] = 5,
 ):
     """Attention maps, token attributions and a logit lens for one prompt, as a self-contained HTML report."""
