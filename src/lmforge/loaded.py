@@ -10,6 +10,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Completion, TextCallback, generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
@@ -30,7 +31,15 @@ class LoadedModel:
     def complete(self, prompts: list[str] | list[list[int]], on_text: TextCallback | None = None,
                  native: bool = True, **sampling: Any) -> list[Completion]:
         """Completions of each prompt; `native=False` decodes through the PyTorch model only."""
+        self.check_generates()
         return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), on_text, native)
+
+    def check_generates(self) -> None:
+        """A user error unless the model writes text (a masked-LM encoder does not)."""
+        if not self.config.causal:
+            raise LmforgeError(f"{self.path or 'this model'} is a masked-LM encoder (bidirectional): it does not "
+                               "generate text; give it a task head (lmforge finetune --task classify|tag) or score "
+                               "it with lmforge eval --data (pseudo-perplexity)")
 
     def generate(self, prompts: list[str] | str, **sampling: Any) -> list[str]:
         """Continuations of each prompt (greedy unless `temperature` > 0)."""

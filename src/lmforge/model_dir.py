@@ -212,15 +212,15 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if not folder.is_dir():
         raise LmforgeError(f"model directory {path} not found")
     hf_config = read_json(folder / "config.json")
-    if "quantization_config" in hf_config:  # packed integers and scales: lmforge.compress reads those
-        from lmforge.compress.storage import load_quantized
-
-        return load_quantized(folder, hf_config, device, dtype)
-    cfg: ModelConfig = from_hf_config(hf_config)
     if isinstance(key, str):
         from lmforge.interop.crypto import parse_key
 
         key = parse_key(key)
+    if "quantization_config" in hf_config:  # packed integers and scales: lmforge.compress reads those
+        from lmforge.compress.storage import load_quantized
+
+        return load_quantized(folder, hf_config, device, dtype, key)
+    cfg: ModelConfig = from_hf_config(hf_config)
     model = load_weights(weight_source(folder, allow_pickle, key), cfg, dtype).to(device)
     tokenizer = load_tokenizer(folder)
     meta = read_json(folder / "lmforge.json") if (folder / "lmforge.json").is_file() else {}

@@ -87,14 +87,14 @@ def describe(path: Path, meta: dict) -> str:
 
 def measure(path: Path, data: Path | None, max_batches: int, new_tokens: int) -> Row:
     import lmforge
-    from lmforge.compress.storage import quantized_params
-    from lmforge.model_dir import weight_files
+    from lmforge.compress.storage import quantized_params, stored_weight_bytes
 
     m = lmforge.load(path)
+    m.check_generates()  # the report measures decoding speed
     perplexity = None
     if data is not None:
         perplexity = validation_perplexity(m, data, max_batches)
-    size = sum(f.stat().st_size for f in weight_files(Path(path)))
+    size = stored_weight_bytes(Path(path))
     return Row(str(path), describe(path, m.meta), quantized_params(m.model), size / 1e6, perplexity,
                decode_tokens_per_s(m.model, new_tokens), matmul_bytes(m.model) / 1e6)
 

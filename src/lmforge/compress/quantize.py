@@ -162,9 +162,8 @@ def run_quantize(model_dir, method: str, out, group_size: int | None = None, dat
                  seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
     import lmforge
     from lmforge.native import kernels
-    from lmforge.compress.storage import check_out, is_quantized_dir
+    from lmforge.compress.storage import check_out, is_quantized_dir, stored_weight_bytes
     from lmforge.model_dir import save_model_dir
-    from lmforge.model_dir import weight_files
 
     check_out(model_dir, out)
     q = is_quantized_dir(model_dir)
@@ -187,8 +186,7 @@ def run_quantize(model_dir, method: str, out, group_size: int | None = None, dat
     if calibration is not None:
         provenance["calibration"] = {"data": str(data), "sequences": len(calibration), "tokens": calibration.shape[1]}
     save_model_dir(m.model, m.tokenizer, out, provenance)
-    before = sum(p.stat().st_size for p in weight_files(m.path))
-    after = sum(p.stat().st_size for p in weight_files(out))
+    before, after = stored_weight_bytes(m.path), stored_weight_bytes(out)
     if method != "w8a8" and kernels() is None:
         log("note: the native kernels could not be built here (no C compiler?); this model runs through "
             "dequantize-then-matmul, which is correct but not faster")

@@ -26,6 +26,7 @@ from lmforge.compress.qlinear import STORED_METHODS, DynamicInt8Linear, Quantize
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.interop.crypto import ENCRYPTION_FILE
 from lmforge.interop.hf import from_hf_config
 from lmforge.model import Transformer
 from lmforge.model_dir import WEIGHTS, load_tokenizer, read_json, sha256_file, weight_files
@@ -101,7 +102,8 @@ def build_quantized(cfg: ModelConfig, qcfg: dict[str, Any]) -> Transformer:
 
 
 def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+                   dtype: torch.dtype | None = None,
+                   key: bytes | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
     qcfg = hf_config["quantization_config"]
     if qcfg.get("quant_method") != "lmforge" or qcfg.get("format") != FORMAT:
         raise LmforgeError(f"{folder}: quantization_config {qcfg.get('quant_method')!r} (format {qcfg.get('format')}) "
@@ -112,7 +114,7 @@ def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.
         raise LmforgeError("quantized models run on the CPU in fp32 activations; load without dtype/device")
     cfg = from_hf_config({k: v for k, v in hf_config.items() if k != "quantization_config"})
     model = build_quantized(cfg, qcfg)
-    state = read_tensors(weight_files(folder))
+    state = read_sealed_tensors(folder, key) if (folder / ENCRYPTION_FILE).is_file() else read_tensors(weight_files(folder))
     expected = model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("tok_emb.weight")  # rebuilt from lm_head below
@@ -142,6 +144,27 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise LmforgeError(f"{path} is corrupt or truncated ({str(e)[:160]}); re-create it") from None
     return tensors
+
+
+def read_sealed_tensors(folder: Path, key: bytes | None) -> dict[str, torch.Tensor]:
+    """Every tensor of an encrypted directory (`lmforge encrypt`), decrypted in memory."""
+    from lmforge.interop.crypto import decrypted_source
+
+    source = decrypted_source(folder, key)
+    try:
+        return {name: source.read(name) for name in source.names()}
+    finally:
+        source.close()
+
+
+def stored_weight_bytes(folder: Path) -> int:
+    """The size of a model directory's weight files as they are on disk (sealed, if encrypted)."""
+    folder = Path(folder)
+    if (folder / ENCRYPTION_FILE).is_file():
+        files = [folder / sealed for sealed in read_json(folder / ENCRYPTION_FILE).get("files", {}).values()]
+    else:
+        files = weight_files(folder)
+    return sum(f.stat().st_size for f in files)
 
 
 def check_out(model_dir, out) -> None:

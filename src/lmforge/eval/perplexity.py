@@ -2,6 +2,12 @@
 
 Bits per byte divides the total negative log-likelihood by the text's UTF-8 size, so
 models with different tokenizers can be compared; perplexity is per token.
+
+A bidirectional (masked-LM) encoder has no left-to-right likelihood: scored as a causal
+model it would see each token it predicts. It gets the pseudo-perplexity instead (Salazar
+et al., 2020, "Masked Language Model Scoring"): each token is masked in turn and predicted
+from all the others, one forward pass per token, so it costs a window's length times a
+causal evaluation. The result says which it is (`measure`); the two are not comparable.
 """
 
 from __future__ import annotations
@@ -21,20 +27,24 @@ from lmforge.model import Transformer
 from lmforge.train.losses import chunked_cross_entropy
 
 
+PERPLEXITY, PSEUDO = "perplexity", "pseudo-perplexity"
+
+
 @dataclass
 class EvalResult:
     loss: float  # mean negative log-likelihood per token, nats
     perplexity: float
     bits_per_byte: float
     tokens: int
+    measure: str = PERPLEXITY  # or PSEUDO: each token predicted from both sides (an encoder)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _result(total_nll: float, tokens: int, bytes_per_token: float) -> EvalResult:
+def _result(total_nll: float, tokens: int, bytes_per_token: float, measure: str = PERPLEXITY) -> EvalResult:
     loss = total_nll / max(1, tokens)
-    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / math.log(2) / bytes_per_token, tokens)
+    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / math.log(2) / bytes_per_token, tokens, measure)
 
 
 # Logits held at once while scoring: a batch of 8 x 1,024 tokens over GPT-2's 50,257-token
@@ -63,14 +73,64 @@ def _score_windows(model: Transformer, windows, autocast=None) -> tuple[float, i
     return total, count
 
 
+# Pseudo-perplexity scores masked copies of a window in passes as large as a batch of this
+# many full-context windows.
+PSEUDO_PASS_WINDOWS = 8
+
+
+@torch.no_grad()
+def _pseudo_score_windows(model: Transformer, windows, mask_id: int) -> tuple[float, int]:
+    """Pseudo-log-likelihood: every token of every window masked in turn, predicted from the rest."""
+    device = model.tok_emb.weight.device
+    total, count = 0.0, 0
+    for x, _ in windows:
+        for row in x.to(device):
+            T = len(row)
+            per_pass = max(1, PSEUDO_PASS_WINDOWS * model.config.context // T)
+            for start in range(0, T, per_pass):
+                positions = torch.arange(start, min(T, start + per_pass), device=device)
+                copies = row.repeat(len(positions), 1)
+                picked = torch.arange(len(positions), device=device)
+                copies[picked, positions] = mask_id
+                hidden = model(copies, return_hidden=True)[picked, positions]
+                logp = model.lm_head(hidden).float().log_softmax(-1)
+                total -= logp[picked, row[positions]].sum().item()
+            count += T
+    return total, count
+
+
+def _score(model: Transformer, windows, mask_id: int | None, autocast=None) -> tuple[float, int, str]:
+    """(total negative log-likelihood, tokens, measure): the causal score, or an encoder's pseudo one."""
+    if model.config.causal:
+        return (*_score_windows(model, windows, autocast), PERPLEXITY)
+    if mask_id is None:
+        raise LmforgeError("this model is a masked-LM encoder (bidirectional): it has no left-to-right perplexity, "
+                           "and its pseudo-perplexity needs its tokenizer's mask token")
+    with autocast or torch.autocast("cpu", enabled=False):
+        return (*_pseudo_score_windows(model, windows, mask_id), PSEUDO)
+
+
+def encoder_mask_id(model: Transformer, tokenizer: TextTokenizer) -> int | None:
+    """The mask token an encoder was trained with (None for a causal model, which needs none)."""
+    if model.config.causal:
+        return None
+    from lmforge.train.mlm import mask_token_id
+
+    return mask_token_id(tokenizer)
+
+
 def evaluate_split(model: Transformer, split: TokenSplit, batch_size: int = 8, max_batches: int | None = None,
-                   seq_len: int | None = None, autocast=None) -> EvalResult:
+                   seq_len: int | None = None, autocast=None, mask_id: int | None = None) -> EvalResult:
+    """Perplexity on a prepared split; an encoder's pseudo-perplexity, given its `mask_id`."""
     was_training = model.training
     model.eval()
     seq_len = min(seq_len or model.config.context, split.tokens - 1)
-    total, count = _score_windows(model, sequential_windows(split, seq_len, batch_size, max_batches), autocast)
-    model.train(was_training)
-    return _result(total, count, split.bytes_per_token)
+    try:
+        total, count, measure = _score(model, sequential_windows(split, seq_len, batch_size, max_batches), mask_id,
+                                       autocast)
+    finally:
+        model.train(was_training)
+    return _result(total, count, split.bytes_per_token, measure)
 
 
 def evaluate_text(model: Transformer, tokenizer: TextTokenizer, path: str | Path, batch_size: int = 8) -> EvalResult:
@@ -90,8 +150,8 @@ def evaluate_text(model: Transformer, tokenizer: TextTokenizer, path: str | Path
         if len(chunk) >= 2:
             windows.append((torch.tensor([chunk[:-1]]), torch.tensor([chunk[1:]])))
     model.eval()
-    total, count = _score_windows(model, windows)
-    return _result(total, count, len(text.encode("utf-8")) / count)
+    total, count, measure = _score(model, windows, encoder_mask_id(model, tokenizer))
+    return _result(total, count, len(text.encode("utf-8")) / count, measure)
 
 
 def unigram_baseline(train: TokenSplit, val: TokenSplit) -> EvalResult:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +23,29 @@ def _key(key_file: Path | None, key_env: str | None) -> bytes | None:
     from lmforge.interop.crypto import read_key
 
     return read_key(key_file, key_env)
+
+
+def with_model_key(command: Callable) -> Callable:
+    """`command` with --key-file and --key-env added: the key of any encrypted model it loads.
+
+    One definition for every command that loads a model directory (`lmforge.cli` applies it),
+    so the options read the same everywhere and the command's own code needs no change: the
+    key is held for the call (`crypto.command_key`) and loading picks it up."""
+    signature = inspect.signature(command, eval_str=True)
+    if "key_file" in signature.parameters:
+        raise TypeError(f"{command.__name__} already takes key options")
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+               for name, annotation in (("key_file", KeyFile), ("key_env", KeyEnv))]
+
+    @functools.wraps(command)
+    def run(*args, key_file: Path | None = None, key_env: str | None = None, **kwargs):
+        from lmforge.interop.crypto import command_key
+
+        with command_key(_key(key_file, key_env)):
+            return command(*args, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *options])
+    return run
 
 
 def import_(
@@ -42,14 +68,11 @@ def export(
     dtype: Annotated[Optional[str], typer.Option(help="hf/onnx: float32, bfloat16 or float16.")] = None,
     gguf_type: Annotated[str, typer.Option(help="gguf: f32, f16, q8_0 or q4_0.")] = "f16",
     quantize: Annotated[Optional[str], typer.Option(help="onnx: int8 for dynamic int8 quantization.")] = None,
-    key_file: KeyFile = None,
-    key_env: KeyEnv = None,
 ):
     """Export a model directory for transformers (hf), llama.cpp (gguf) or onnxruntime (onnx)."""
     from lmforge.interop.convert import export_model
 
-    path = export_model(model, format, out, dtype=dtype, gguf_type=gguf_type, quantize=quantize,
-                        key=_key(key_file, key_env))
+    path = export_model(model, format, out, dtype=dtype, gguf_type=gguf_type, quantize=quantize)
     console.print(f"exported {model} -> {path}")
 
 

@@ -67,8 +67,10 @@ def export_model(model: str | Path, fmt: Format, out: str | Path, dtype: str | N
     return export_onnx(loaded, out, quantize=quantize)
 
 
-def export_for_runtimes(model: str | Path, out: str | Path) -> list[str]:
-    """GGUF (q8_0) and ONNX exports of a model directory, and how to run each: lines to print."""
+def export_for_runtimes(model: str | Path, out: str | Path, prompt: str = "ROMEO:") -> list[str]:
+    """GGUF (q8_0) and ONNX exports of a model directory, and how to run each on `prompt`: lines to print."""
+    import shlex
+
     import lmforge
 
     loaded = lmforge.load(model)
@@ -79,7 +81,7 @@ def export_for_runtimes(model: str | Path, out: str | Path) -> list[str]:
 
         gguf_path = export_gguf(loaded, out / "model-q8_0.gguf", "q8_0")
         lines += [f"gguf (llama.cpp)    {gguf_path}",
-                  f"   llama-cli -m {gguf_path} -p 'ROMEO:' -n 48   (or llama_cpp.Llama('{gguf_path}') in Python)"]
+                  f"   llama-cli -m {gguf_path} -p {shlex.quote(prompt)} -n 48   (or llama_cpp.Llama('{gguf_path}') in Python)"]
     except LmforgeError as e:
         lines.append(f"gguf: skipped ({e})")
     try:
@@ -87,7 +89,7 @@ def export_for_runtimes(model: str | Path, out: str | Path) -> list[str]:
 
         onnx_dir = export_onnx(loaded, out / "onnx")
         lines += [f"onnx (onnxruntime)  {onnx_dir / 'model.onnx'}",
-                  f"   python -m lmforge.interop.onnx_run {onnx_dir} --prompt 'ROMEO:'"]
+                  f"   python -m lmforge.interop.onnx_run {onnx_dir} --prompt {shlex.quote(prompt)}"]
     except LmforgeError as e:
         lines.append(f"onnx: skipped ({e})")
     return lines

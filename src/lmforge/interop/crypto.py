@@ -20,6 +20,7 @@ import binascii
 import json
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -31,6 +32,30 @@ HEADER = struct.Struct("<8s8sIQ")  # magic, nonce prefix, chunk size, plaintext 
 KEY_CHECK = b"lmforge key check"
 ENCRYPTION_FILE = "encryption.json"
 KEY_ENV = "LMFORGE_MODEL_KEY"  # read when no key is passed, so every command (serve, chat, eval) takes one
+
+# The key a command was given (--key-file / --key-env, see `commands.with_model_key`): every
+# encrypted model the command loads without a key of its own is opened with it.
+_command_key: bytes | None = None
+
+
+@contextmanager
+def command_key(key: bytes | None):
+    """Within the block, encrypted models loaded without a key use `key`."""
+    global _command_key
+    previous, _command_key = _command_key, key
+    try:
+        yield
+    finally:
+        _command_key = previous
+
+
+def given_key(key: bytes | None) -> bytes | None:
+    """The key to open a model with: the one passed, else the command's, else $LMFORGE_MODEL_KEY's."""
+    if key is None:
+        key = _command_key
+    if key is None and os.environ.get(KEY_ENV):
+        key = parse_key(os.environ[KEY_ENV])
+    return key
 
 
 def _aesgcm(key: bytes):
@@ -148,8 +173,7 @@ def check_key(folder: Path, key: bytes | None) -> dict:
     from lmforge.model_dir import read_json
 
     record = read_json(folder / ENCRYPTION_FILE)
-    if key is None and os.environ.get(KEY_ENV):
-        key = parse_key(os.environ[KEY_ENV])
+    key = given_key(key)
     if key is None:
         raise LmforgeError(f"{folder} is encrypted: give its key (--key-file / --key-env, key= in lmforge.load, "
                            f"or the environment variable {KEY_ENV})")
@@ -202,7 +226,7 @@ def decrypt_model_dir(folder: str | Path, key: bytes | None) -> list[str]:
     if not (folder / ENCRYPTION_FILE).is_file():
         raise LmforgeError(f"{folder} is not encrypted (no {ENCRYPTION_FILE})")
     record = check_key(folder, key)
-    key = key or parse_key(os.environ[KEY_ENV])
+    key = given_key(key)
     plain = {name: decrypt_bytes(folder / sealed, key, name) for name, sealed in record["files"].items()}
     for name, data in plain.items():  # all authenticated before anything is replaced
         partial = folder / (name + ".partial")
@@ -221,7 +245,7 @@ def decrypted_source(folder: Path, key: bytes | None):
     from lmforge.model_dir import WEIGHTS_INDEX, _index
 
     record = check_key(folder, key)
-    key = key or parse_key(os.environ[KEY_ENV])
+    key = given_key(key)
     plain: dict[Path, bytearray] = {}
 
     def opener(path: Path) -> MemoryFile:

@@ -1,0 +1,17 @@
+"""Printing what a model wrote: exactly its characters, whatever the terminal.
+
+rich's Console wraps text at its width (80 columns when the output is not a terminal, or
+$COLUMNS) and reads [brackets] as markup. Model text gets neither: a wrap inserts newlines
+that the model never wrote (Chinese, two columns a character, would break every 40), and a
+bracket in the text is the model's, not a style.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.text import Text
+
+
+def print_model_text(console: Console, *parts: str | tuple[str, str], end: str = "\n") -> None:
+    """Print `parts` (plain strings, or (text, style) pairs) unwrapped, without markup or highlighting."""
+    console.print(Text.assemble(*parts), end=end, soft_wrap=True, highlight=False)
