@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from lmforge.console_text import print_model_text
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(help="lmforge: data -> tokenizer -> pretrain -> adapt -> compress -> export -> serve -> evaluate.",
@@ -25,6 +26,20 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"lmforge {version('lmforge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print lmforge's version and exit.")] = False):
+    pass
 
 
 @app.command()
@@ -117,14 +132,15 @@ def generate(
     params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
     m = _load_with_adapter(model, adapter)
+    m.check_generates()
     if stream and len(prompt) == 1:
-        console.print(prompt[0], end="", style="bold", highlight=False)
-        m.complete(prompt, on_text=lambda row, text: console.print(text, end="", highlight=False, markup=False),
+        print_model_text(console, (prompt[0], "bold"), end="")
+        m.complete(prompt, on_text=lambda row, text: print_model_text(console, text, end=""),
                    native=not reference_path, **vars(params))
         console.print()
         return
     for p, c in zip(prompt, m.complete(prompt, native=not reference_path, **vars(params))):
-        console.print(f"[bold]{p}[/]{c.text}", highlight=False)
+        print_model_text(console, (p, "bold"), c.text)
         console.rule(style="dim")
 
 
@@ -145,6 +161,7 @@ def chat(
     from lmforge.infer.sampling import SamplingParams
 
     m = _load_with_adapter(model, adapter)
+    m.check_generates()
     params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                         seed=seed)
     turn_end = end_of_turn_ids(m.tokenizer)  # a special token: stopped on by id, it never shows as text
@@ -162,7 +179,7 @@ def chat(
         ids = m.tokenizer.encode(prompt)[-(m.config.context - 1):]
         console.print("[bold green]model> [/]", end="")
         (reply,) = generate(m.model, m.tokenizer, [ids], params, stop_token_ids=turn_end,
-                            on_text=lambda r, t: console.print(t, end="", highlight=False, markup=False),
+                            on_text=lambda r, t: print_model_text(console, t, end=""),
                             native=not reference_path)
         console.print()
         messages.append({"role": "assistant", "content": reply.text})
@@ -221,7 +238,7 @@ def evaluate(
     if data is None:
         raise LmforgeError("lmforge eval needs --data FILE_OR_DIR (perplexity) or --tasks FILE.jsonl (benchmarks)")
     from lmforge.data.loader import TokenSplit
-    from lmforge.eval.perplexity import evaluate_split, evaluate_text
+    from lmforge.eval.perplexity import PSEUDO, encoder_mask_id, evaluate_split, evaluate_text
 
     m = lmforge.load(model)
     if data.is_dir():
@@ -229,14 +246,17 @@ def evaluate(
         if split.vocab_size > m.config.vocab:
             raise LmforgeError(f"{data} was tokenized with a larger vocabulary than {model} has; "
                                "prepare it with the model's tokenizer (--tokenizer MODEL)")
-        result = evaluate_split(m.model, split, batch_size=batch_size, max_batches=max_batches)
+        result = evaluate_split(m.model, split, batch_size=batch_size, max_batches=max_batches,
+                                mask_id=encoder_mask_id(m.model, m.tokenizer))
     else:
         result = evaluate_text(m.model, m.tokenizer, data, batch_size=batch_size)
     if as_json:
         print(json.dumps(result.to_dict()))
     else:
-        console.print(f"{result.tokens:,} tokens: loss {result.loss:.4f} nats/token, perplexity "
-                      f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte")
+        note = (" (a masked-LM encoder: each token masked in turn and predicted from both sides; "
+                "not comparable with a causal model's perplexity)") if result.measure == PSEUDO else ""
+        console.print(f"{result.tokens:,} tokens: loss {result.loss:.4f} nats/token, {result.measure} "
+                      f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte{note}")
 
 
 @app.command()
@@ -289,6 +309,14 @@ _register_finetune(app)
 from lmforge.train.predict import register as _register_predict  # noqa: E402 - classify, tag
 
 _register_predict(app)
+
+# The commands that load a model directory: each takes the same --key-file/--key-env, for an
+# encrypted model (one definition, `with_model_key`). Keep this after every registration.
+MODEL_LOADING_COMMANDS = {"generate", "chat", "serve", "eval", "explain", "quantize", "prune", "distill", "compare",
+                          "export", "finetune", "merge", "classify", "tag"}
+for _info in app.registered_commands:
+    if (_info.name or _info.callback.__name__) in MODEL_LOADING_COMMANDS:
+        _info.callback = _interop.with_model_key(_info.callback)
 
 
 def _load_with_adapter(model: Path, adapter: Path | None):
