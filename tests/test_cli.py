@@ -202,3 +202,135 @@ def test_train_mistakes_leave_no_files(lmforge_main, tmp_path, case):
     assert code == 2
     one_error_line(err)
     assert [p for p in runs.rglob("*") if p.is_file() or p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- every command on the first try
+
+def test_version(cli):
+    from importlib.metadata import version
+
+    proc = cli("--version", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"lmforge {version('lmforge')}"
+
+
+def test_every_command_that_loads_a_model_takes_the_key_options():
+    import typer.main
+
+    from lmforge.cli import app
+
+    commands = typer.main.get_command(app).commands
+    own_key = {"encrypt", "decrypt"}  # the key they take is the one to seal or open with
+    reads_files_only = {"verify"}  # checks the sealed files' hashes, never decrypts
+    loading = {name for name, cmd in commands.items()
+               if {p.name for p in cmd.params} & {"model", "models", "base", "teacher"}} - own_key - reads_files_only
+    assert {"generate", "chat", "serve", "eval", "explain", "quantize", "prune", "compare", "export", "finetune",
+            "merge", "distill"} <= loading
+    for name in sorted(loading):
+        options = {opt for p in commands[name].params for opt in p.opts}
+        assert {"--key-file", "--key-env"} <= options, name
+
+
+@pytest.fixture
+def sealed_model(tiny_model_dir, tmp_path, monkeypatch):
+    """(an encrypted copy of the tiny model, its key file)."""
+    from lmforge.interop.crypto import encrypt_model_dir, new_key_file
+
+    monkeypatch.delenv("LMFORGE_MODEL_KEY", raising=False)
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "sealed")
+    encrypt_model_dir(folder, new_key_file(tmp_path / "key"))
+    return folder, tmp_path / "key"
+
+
+def test_an_encrypted_model_opens_with_the_options_its_error_names(lmforge_main, sealed_model, tiny_model_dir,
+                                                                   tmp_path, monkeypatch):
+    from lmforge.interop import crypto
+
+    folder, key_file = sealed_model
+    code, _, err = lmforge_main("generate", folder, "-p", "the", "--max-tokens", "4")
+    assert code == 2 and "--key-file / --key-env" in one_error_line(err)
+    (expected,) = lmforge.load(tiny_model_dir).generate("the", max_new_tokens=4)
+    code, out, err = lmforge_main("generate", folder, "-p", "the", "--max-tokens", "4", "--key-file", key_file)
+    assert code == 0, err
+    assert out == "the" + expected + "\n"
+    assert crypto._command_key is None  # held for the command only
+
+    monkeypatch.setenv("SEALED_KEY", key_file.read_text().strip())
+    (tmp_path / "some.txt").write_text("Chapter 3.\n1. The queen serves the crown.\n")
+    code, out, err = lmforge_main("eval", folder, "--data", tmp_path / "some.txt", "--json", "--key-env", "SEALED_KEY")
+    assert code == 0, err
+    code, plain, _ = lmforge_main("eval", tiny_model_dir, "--data", tmp_path / "some.txt", "--json")
+    assert json.loads(out) == json.loads(plain)
+    # Quantized from the sealed model, then sealed itself: both open with the same options.
+    code, out, err = lmforge_main("quantize", folder, "--method", "int8", "--out", tmp_path / "q8", "--key-file", key_file)
+    assert code == 0, err
+    (quantized,) = lmforge.load(tmp_path / "q8").generate("the", max_new_tokens=4)
+    crypto.encrypt_model_dir(tmp_path / "q8", crypto.read_key(key_file))
+    code, out, err = lmforge_main("generate", tmp_path / "q8", "-p", "the", "--max-tokens", "4", "--key-env", "SEALED_KEY")
+    assert code == 0, err
+    assert out == "the" + quantized + "\n"
+    code, out, err = lmforge_main("compare", folder, tmp_path / "q8", "--chart", tmp_path / "c.png", "--json", "--max-batches", "1",
+                                  "--new-tokens", "4", "--key-file", key_file)
+    assert code == 0, err
+    assert [row["method"] for row in json.loads(out)] == ["fp32", "int8"]
+    code, _, err = lmforge_main("generate", folder, "-p", "the", "--key-env", "NO_SUCH_VARIABLE")
+    assert code == 2 and "NO_SUCH_VARIABLE is not set" in one_error_line(err)
+
+
+CHINESE = ("机器学习是人工智能的一个分支。深度学习模型（例如 Transformer）先在大量文本上预训练，"
+           "然后在具体任务上微调。量化把模型的权重从三十二位浮点数压缩成八位或四位整数，"
+           "从而减少内存占用，并加快推理速度。")
+
+
+@pytest.fixture(scope="module")
+def chinese_model(tmp_path_factory):
+    """A tiny model that has learned one Chinese paragraph by heart (a few seconds of training):
+    its greedy continuations are long runs of Chinese."""
+    from lmforge.config import load_recipe
+    from lmforge.train.trainer import train
+
+    root = tmp_path_factory.mktemp("zh")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text((CHINESE + "\n") * 100, encoding="utf-8")
+    recipe = load_recipe("tiny", {
+        "model": {"n_layer": 1}, "data": {"corpus": str(root / "corpus"), "val_fraction": 0.1},
+        "train": {"batch_size": 8, "max_steps": 60, "warmup": 5, "lr": 1e-2, "checkpoint_every": 60, "log_every": 60,
+                  "dtype": "float32"},
+        "eval": {"every": 1000, "batches": 1}, "run": {"name": "zh", "out": str(root / "runs")}})
+    return train(recipe, progress=False, log=lambda s: None).model_dir
+
+
+@pytest.mark.parametrize("mode", ["stream", "no-stream", "two prompts"])
+def test_model_text_is_printed_unwrapped(cli, chinese_model, monkeypatch, mode):
+    prompts = ["机器学习是", "量化把模型的"] if mode == "two prompts" else ["机器学习是"]
+    expected = lmforge.load(chinese_model).generate(prompts, max_new_tokens=40)
+    first_lines = [(p + text).split("\n")[0] for p, text in zip(prompts, expected)]
+    assert all(sum("\u4e00" <= ch <= "\u9fff" for ch in line) > 30 for line in first_lines)  # 60+ columns each
+    args = [a for p in prompts for a in ("--prompt", p)] + ["--max-tokens", "40"]
+    args += ["--no-stream"] if mode == "no-stream" else []
+    monkeypatch.setenv("COLUMNS", "40")
+    proc = cli("generate", chinese_model, *args)
+    assert proc.returncode == 0, proc.stderr
+    if mode == "stream":
+        assert proc.stdout == prompts[0] + expected[0] + "\n"
+    else:
+        for prompt, text in zip(prompts, expected):
+            assert prompt + text + "\n" in proc.stdout  # no newline inserted at column 40
+        assert proc.stdout.count("─" * 40) == len(prompts)  # the rule after each output is still 40 wide
+
+
+def test_generate_on_an_encoder_is_one_line(lmforge_main, make_config, tokenizer, tmp_path):
+    from lmforge.model import Transformer
+    from lmforge.model_dir import save_model_dir
+
+    torch.manual_seed(0)
+    encoder = save_model_dir(Transformer(make_config(vocab_size=tokenizer.vocab_size, causal=False)), tokenizer,
+                             tmp_path / "encoder")
+    for args in (["generate", encoder, "-p", "The king"], ["generate", encoder, "-p", "a", "-p", "b", "--no-stream"]):
+        code, out, err = lmforge_main(*args)
+        assert code == 2 and out == ""
+        assert "masked-LM encoder" in one_error_line(err)
+    (tmp_path / "some.txt").write_text("Chapter 3.\n1. The queen serves the crown.\n")
+    code, out, err = lmforge_main("eval", encoder, "--data", tmp_path / "some.txt")
+    assert code == 0, err
+    assert "pseudo-perplexity" in words(out) and "not comparable" in words(out)
