@@ -52,14 +52,17 @@ def test_gopher_quality_removes(text, reason):
     assert QUALITY.apply(doc(text)) == reason
 
 
-def test_gopher_quality_chinese_counts_characters_and_its_own_stop_words():
-    # 40 Han characters: under the 50-"word" minimum, counted per character
+def test_gopher_quality_chinese_counts_segmented_words_and_its_own_stop_words():
+    chinese = doc(CHINESE, "zh")
+    assert chinese.words()[:6] == ["北京", "是", "中华人民共和国", "的", "首都", "也"]  # jieba's words, not characters
+    # 40 Han characters make about 25 words: under the 50-word minimum
     assert QUALITY.apply(doc(CHINESE[:40], "zh")) == "min_doc_words"
-    # a long Chinese text without any of 的/了/是/在/和/… is removed by the stop-word rule
+    # a long Chinese text without any of 的/年/在/是/和/了/… is removed by the stop-word rule
     no_stop_words = "北京天坛故宫长城西湖黄山泰山" * 20
     assert QUALITY.apply(doc(no_stop_words, "zh")) == "min_stop_words"
-    # mean word length is off for Chinese: every "word" is one character, and that is fine
-    assert QUALITY.params_for(doc(CHINESE, "zh")).min_avg_word_length is None
+    # FineWeb-2's word-length bounds for Chinese words (1-5 characters), not the English 3-10
+    assert (QUALITY.params_for(chinese).min_avg_word_length, QUALITY.params_for(chinese).max_avg_word_length) == (1, 5)
+    assert QUALITY.apply(chinese) is None
 
 
 def test_gopher_quality_unknown_language_skips_the_stop_word_rule():
@@ -122,9 +125,20 @@ def test_c4_terminal_punctuation_rule_is_off_by_default_as_in_fineweb():
     assert strict.apply(d := doc(heading + "\n" + ENGLISH)) is None and heading not in d.text
 
 
-def test_c4_chinese_sentences_end_with_ideographic_full_stops():
-    assert C4.apply(doc(CHINESE, "zh")) is None
-    assert C4.apply(doc("北京是中国的首都。我们在这里生活。", "zh")) == "min_num_sentences"
+def test_c4_counts_sentences_in_chinese_and_not_at_decimal_points():
+    from lmforge.data.clean.text import SENTENCE_END_RE
+
+    assert len(SENTENCE_END_RE.findall("北京是中国的首都。我们在这里生活！你去过吗？")) == 3
+    assert len(SENTENCE_END_RE.findall("他说：“我明天就走。”然后离开了。")) == 2
+    assert len(SENTENCE_END_RE.findall("Version 3.5 of Node.js is out. See www.example.org for more.")) == 2
+    # FineWeb-2 applies no C4 document rule outside English: a short Chinese news item stays
+    two_sentences = "北京是中国的首都，有三千多年的建城史和八百多年的建都史。我们在这里生活和工作，感受到了这座城市的活力。"
+    assert C4.apply(doc(two_sentences, "zh")) is None
+    # where a recipe asks for a minimum, Chinese sentences are counted at 。！？
+    strict = C4Filter(C4Params(by_language={"zh": {"min_num_sentences": 3}}))
+    assert strict.apply(doc(two_sentences, "zh")) == "min_num_sentences"
+    assert strict.apply(doc(two_sentences + "你去过北京吗？", "zh")) is None
+    assert strict.apply(doc("int main() { return 0; } 这是一段代码。" * 3, "zh")) is None  # no curly-bracket rule
 
 
 # ------------------------------------------------------------------ FineWeb
@@ -142,11 +156,15 @@ def test_fineweb_rules():
     assert FINEWEB.apply(doc(listy)) == "list_ratio"
 
 
-def test_fineweb_chinese_short_lines_use_a_shorter_length():
-    lines = "\n".join(["北京是中国的首都，有很多的名胜古迹。"] * 1 + [f"第{i}条新闻的标题是这样的。" for i in range(5)])
-    assert FINEWEB.params_for(doc(lines, "zh")).short_line_length == 10
-    assert FINEWEB.apply(doc(lines, "zh")) is None  # 13-character lines are not short in Chinese
-    assert FINEWEB.apply(doc(lines, "en")) == "short_line_ratio"  # but would be under the English length
+def test_fineweb_chinese_takes_fineweb2_settings():
+    title = "北京城市简介"
+    page = "\n".join([title, title, CHINESE])  # the page title repeated as its heading: 3% of the characters
+    assert FINEWEB.apply(doc(page, "zh")) is None  # FineWeb-2 allows 10% of characters in duplicated lines
+    assert FINEWEB.apply(doc(page, "en")) == "char_dup_ratio"  # FineWeb's English limit is 1%
+    short_lines = "\n".join([f"第{i}条新闻的标题。" for i in range(8)] + [CHINESE])
+    assert FINEWEB.params_for(doc(short_lines, "zh")).short_line_thr is None  # off, as in FineWeb-2
+    assert FINEWEB.apply(doc(short_lines, "zh")) is None
+    assert FINEWEB.params_for(doc("", "zh")).line_punct_thr == 0.106
 
 
 # ------------------------------------------------------------------ configuration
@@ -159,8 +177,8 @@ def test_filters_are_switchable_and_configurable_per_language():
     quality = filters[0]
     assert quality.apply(doc("The cat sat on the mat and that was all.")) is None
     assert quality.apply(doc(CHINESE[:60], "zh")) == "min_doc_words"
-    # the recipe's zh override is merged over the built-in one (mean word length stays off)
-    assert quality.params_for(doc("", "zh")).min_avg_word_length is None
+    # the recipe's zh override is merged over the built-in one (FineWeb-2's word lengths stay)
+    assert quality.params_for(doc("", "zh")).min_avg_word_length == 1
 
 
 def test_unknown_filter_or_parameter_is_one_clear_error():

@@ -18,7 +18,8 @@ ENGLISH_2 = (
     "reading room with tall windows facing the park, and the board agreed to raise money for it over the next "
     "two years. Questions about the project can be sent to the office at planning@library-example.org, and "
     "the public meeting will be held in the town hall on the first Monday of the month. Everyone is welcome to "
-    "attend and to share ideas about the children's corner, the study rooms and the café on the ground floor."
+    "attend and to share ideas about the children's corner, the study rooms and the café on the ground floor. "
+    "Light refreshments will be served after the meeting."
 )
 GERMAN = (
     "Die Stadt liegt an einem großen Fluss und ist für ihre alte Brücke bekannt. Im Sommer kommen viele "

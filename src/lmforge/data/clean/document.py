@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmforge.data.clean import segment
 from lmforge.data.clean import text as textlib
 
 
@@ -15,13 +16,14 @@ class Document:
     language_score: float | None = None
     meta: dict = field(default_factory=dict)
     record: dict | None = None  # the whole input record (JSONL/Parquet), written out with the cleaned text
+    removed_lines: list[tuple[str, str]] = field(default_factory=list)  # (reason, line) a filter took out
     _words: list[str] | None = None
     _words_of: str | None = None
 
     def words(self) -> list[str]:
-        """Word tokens of the current text (recomputed only when the text changed)."""
+        """Words of the current text, segmented for Chinese/Japanese (recomputed only when the text changed)."""
         if self._words_of is not self.text:
-            self._words = textlib.words(self.text)
+            self._words = segment.words(self.text, self.language)
             self._words_of = self.text
         return self._words
 

@@ -153,7 +153,7 @@ def _clean_shard(shard: Shard) -> dict:
                     reason = langid_mod.keep(doc, recipe.langid.languages, recipe.langid.min_score)
                     if reason is not None:
                         stats.removed(step, f"{reason}:{doc.language}" if reason == "other_language" else reason,
-                                      doc.id, doc.text, len(doc.text))
+                                      doc.id, doc.text, len(doc.text), doc.language, doc.language_score)
                         continue
                     stats.passed(step, len(doc.text), len(doc.text))
                 dropped = False
@@ -162,10 +162,13 @@ def _clean_shard(shard: Shard) -> dict:
                     before = len(doc.text)
                     reason = quality_filter.apply(doc)
                     if reason is not None:
-                        stats.removed(step, reason, doc.id, doc.text, before)
+                        stats.removed(step, reason, doc.id, doc.text, before, doc.language, doc.language_score)
                         dropped = True
                         break
                     stats.passed(step, before, len(doc.text))
+                    if doc.removed_lines:
+                        stats.lines_removed(step, doc.id, doc.removed_lines)
+                    doc.removed_lines.clear()
                 if dropped:
                     continue
                 if recipe.pii.enabled:
@@ -177,7 +180,8 @@ def _clean_shard(shard: Shard) -> dict:
                 if recipe.decontaminate.eval_files:
                     step = "decontaminate"
                     if is_contaminated(doc.text, w.grams, recipe.decontaminate.ngram):
-                        stats.removed(step, "eval_ngram_overlap", doc.id, doc.text, len(doc.text))
+                        stats.removed(step, "eval_ngram_overlap", doc.id, doc.text, len(doc.text), doc.language,
+                                      doc.language_score)
                         continue
                     stats.passed(step, len(doc.text), len(doc.text))
                 step = "dedup_signature"
@@ -187,7 +191,7 @@ def _clean_shard(shard: Shard) -> dict:
                                   default=_json_value) + "\n"
             except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
                 stats.removed(step if step in stats.steps else steps[-1], f"error:{type(exc).__name__}", doc.id,
-                              doc.text, len(doc.text))
+                              doc.text, len(doc.text), doc.language, doc.language_score)
                 continue
             out.write(line)
             if signature is not None:

@@ -48,7 +48,11 @@ class LangidConfig(_Strict):
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(code, str) for code in value):
+            from lmforge.data.clean.langid import normalize_code
+
+            return list(dict.fromkeys(map(normalize_code, value)))  # zh-Hant, cmn, yue... are zh
         return value
 
 

@@ -28,13 +28,17 @@ CJK_LANGUAGES = frozenset({"zh", "ja"})
 
 # Sentence-ending punctuation, Latin and CJK (full-width forms survive NFC but not NFKC).
 TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", "」", "』", "：", ":", ";", "；")
-SENTENCE_END_RE = re.compile(r"[.!?。！？]+")
+# A sentence ends at 。！？ (Chinese and Japanese need no space after them), or at . ! ? followed
+# by a space, a closing quote or bracket, or the end: "3.5", "Node.js" and "www.example.org"
+# end nothing.
+SENTENCE_END_RE = re.compile(r"[。！？]+[」』”’]?|[.!?]+(?=[\s\"'”’)\]」』]|$)")
 
 # Stop words used by the Gopher "at least N stop words" rule, per language.
 STOP_WORDS: dict[str, frozenset[str]] = {
     "en": frozenset({"the", "be", "to", "of", "and", "that", "have", "with"}),
-    "zh": frozenset({"的", "了", "是", "在", "和", "有", "我", "不", "这", "也"}),
-    "ja": frozenset({"の", "に", "は", "を", "た", "が", "で", "て", "と", "し"}),
+    # zh, ja: FineWeb-2's lists (the most frequent jieba / Sudachi words, simplified and traditional)
+    "zh": frozenset("的 年 在 月 是 和 日 了 於 為 有 被 人 中 为 他 與 後 也 而 由".split()),
+    "ja": frozenset("の に を は た て が と で 年 し 月 れ さ".split()),
     "de": frozenset({"der", "die", "und", "das", "ist", "zu", "den", "mit"}),
     "fr": frozenset({"le", "la", "de", "et", "les", "des", "est", "un"}),
     "es": frozenset({"el", "la", "de", "que", "y", "en", "los", "se"}),

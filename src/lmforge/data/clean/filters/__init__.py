@@ -1,7 +1,8 @@
 """Quality filters: each one named, individually switchable, with per-language overrides.
 
 A filter's `apply(doc)` returns None to keep the document or a short reason
-(`"min_doc_words"`) to drop it; some filters (C4) also edit the text, dropping lines.
+(`"min_doc_words"`) to drop it; some filters (boilerplate, C4) also edit the text, dropping
+lines, and list what they dropped in `doc.removed_lines` for the report.
 Parameters are a pydantic model per filter, so an unknown parameter is an error; the
 `by_language` mapping overrides parameters for documents identified as that language.
 """
@@ -43,11 +44,13 @@ class Filter:
 
 
 def _registry() -> dict[str, type[Filter]]:
+    from lmforge.data.clean.filters.boilerplate import BoilerplateFilter
     from lmforge.data.clean.filters.c4 import C4Filter
     from lmforge.data.clean.filters.fineweb import FineWebFilter
     from lmforge.data.clean.filters.gopher import GopherQualityFilter, GopherRepetitionFilter
 
-    return {f.name: f for f in (GopherRepetitionFilter, GopherQualityFilter, C4Filter, FineWebFilter)}
+    filters = (BoilerplateFilter, GopherRepetitionFilter, GopherQualityFilter, C4Filter, FineWebFilter)
+    return {f.name: f for f in filters}
 
 
 def build_filters(config: dict[str, dict[str, Any] | None]) -> list[Filter]:

@@ -1,7 +1,10 @@
 """FineWeb's own rules (Penedo et al. 2024; defaults as datatrove's FineWebQualityFilter).
 
 Lines ending in punctuation, short lines, characters in duplicated lines, and newlines per
-word. For Chinese and Japanese a 30-character line is long, so the short-line length is 10.
+word. The defaults are FineWeb's English ones. Chinese and Japanese take FineWeb-2's: the
+punctuated-line and newline-per-word thresholds derived from each language's distribution,
+the short-line rule off and duplicated-line characters up to 10% (FineWeb-2's settings for
+every language other than English).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from lmforge.data.clean.filters import Filter, FilterParams
 from lmforge.data.clean.filters.gopher import duplicated
 from lmforge.data.clean.text import TERMINAL_PUNCTUATION, non_empty_lines
 
-_CJK = {"short_line_length": 10}
+_FINEWEB2 = {"short_line_thr": None, "char_duplicates_ratio": 0.1}
+_ZH = {**_FINEWEB2, "line_punct_thr": 0.106, "new_line_ratio": 0.178}
+_JA = {**_FINEWEB2, "line_punct_thr": 0.167, "new_line_ratio": 0.162}
 
 
 class FineWebParams(FilterParams):
@@ -23,7 +28,7 @@ class FineWebParams(FilterParams):
     short_line_length: int = 30
     char_duplicates_ratio: float | None = 0.01
     new_line_ratio: float | None = 0.3
-    by_language: dict[str, dict[str, Any]] = {"zh": _CJK, "ja": _CJK}
+    by_language: dict[str, dict[str, Any]] = {"zh": _ZH, "ja": _JA}
 
 
 class FineWebFilter(Filter):

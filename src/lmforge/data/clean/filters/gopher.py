@@ -1,8 +1,10 @@
 """Gopher quality and repetition rules (Rae et al. 2021, appendix A; defaults as datatrove).
 
-Words are `text.words` tokens, so for Chinese and Japanese a word is one character; the
-rules that only make sense for space-delimited scripts (mean word length) are switched
-off for those languages through `by_language`.
+The defaults are the English thresholds. Words are `Document.words()`: Chinese and Japanese
+are segmented (jieba, Sudachi), and for them `by_language` holds FineWeb-2's thresholds,
+which FineWeb-2 derived from each language's own distribution of the same statistics on
+the same segmenters' words: word-length bounds, the share of words with a letter, stop
+words, duplicated lines and the repeated n-gram limits.
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from lmforge.data.clean.document import Document
 from lmforge.data.clean.filters import Filter, FilterParams
 from lmforge.data.clean.text import STOP_WORDS
 
-_CJK_QUALITY = {"min_avg_word_length": None, "max_avg_word_length": None}
-_NON_ALPHA_WORD_RE = re.compile(r"(?<!\w)[\d_]+(?!\w)")  # a word token with no letter in it
+# FineWeb-2's configs for cmn_Hani and jpn_Jpan (the stop words are in `text.STOP_WORDS`).
+_ZH_QUALITY = {"min_avg_word_length": 1, "max_avg_word_length": 5, "max_non_alpha_words_ratio": 0.735}
+_JA_QUALITY = {"min_avg_word_length": 1, "max_avg_word_length": 5, "max_non_alpha_words_ratio": 0.759}
+_ZH_REPETITION = {"dup_line_frac": 0.287, "top_n_grams": [(2, 0.256), (3, 0.201), (4, 0.171)],
+                  "dup_n_grams": [(5, 0.198), (6, 0.182), (7, 0.167), (8, 0.154), (9, 0.14), (10, 0.127)]}
+_JA_REPETITION = {"dup_line_frac": 0.375, "top_n_grams": [(2, 0.121), (3, 0.129), (4, 0.145)],
+                  "dup_n_grams": [(5, 0.307), (6, 0.283), (7, 0.264), (8, 0.248), (9, 0.234), (10, 0.223)]}
+_LETTER_RE = re.compile(r"[^\W\d_]")
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "-", "*", "·", "‣", "⁃", "◦")
 
 
@@ -32,7 +40,7 @@ class GopherQualityParams(FilterParams):
     max_non_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
     stop_words: list[str] | None = None  # None: the built-in list of the document's language
-    by_language: dict[str, dict[str, Any]] = {"zh": _CJK_QUALITY, "ja": _CJK_QUALITY}
+    by_language: dict[str, dict[str, Any]] = {"zh": _ZH_QUALITY, "ja": _JA_QUALITY}
 
 
 class GopherQualityFilter(Filter):
@@ -68,7 +76,7 @@ class GopherQualityFilter(Filter):
             if ellipsis / len(lines) > p.max_ellipsis_lines_ratio:
                 return "max_ellipsis_lines_ratio"
         if p.max_non_alpha_words_ratio is not None:
-            alpha = n_words - len(_NON_ALPHA_WORD_RE.findall(text))
+            alpha = sum(1 for word in words if _LETTER_RE.search(word))
             if alpha / n_words < p.max_non_alpha_words_ratio:
                 return "max_non_alpha_words_ratio"
         if p.min_stop_words is not None:
@@ -87,6 +95,7 @@ class GopherRepetitionParams(FilterParams):
     dup_para_char_frac: float | None = 0.2
     top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
     dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+    by_language: dict[str, dict[str, Any]] = {"zh": _ZH_REPETITION, "ja": _JA_REPETITION}
 
 
 def duplicated(items: list[str]) -> tuple[int, int]:
