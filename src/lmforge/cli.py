@@ -200,6 +200,11 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable; none by default).")] = None,
+    allowed_hosts: Annotated[Optional[list[str]], typer.Option(help="Host names clients may use besides loopback ones (repeatable; * for any).")] = None,
+    header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers to arrive.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body to arrive.")] = 30.0,
+    keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle connection stays open.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections; more are answered 503.")] = 512,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: torch's choice).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
@@ -212,6 +217,8 @@ def serve(
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or [],
+        "allowed_hosts": allowed_hosts or [], "header_timeout": header_timeout, "body_timeout": body_timeout,
+        "keep_alive_timeout": keep_alive_timeout, "max_connections": max_connections,
         "native_decode": not reference_path})
 
 
