@@ -27,15 +27,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.data.chat_template import end_of_turn_ids
+from lmforge.data.chat_template import TemplateBudgetExceeded, end_of_turn_ids
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, EngineOverloaded, Event, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.middleware import RequestContext
+from lmforge.serve.prompt_size import max_bytes_per_token
 from lmforge.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                     TokenizeRequest)
 from lmforge.serve.security import RateLimiter
@@ -107,12 +109,32 @@ class Job:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+# What a chat template must render within its budget for the server to start with it.
+SMOKE_CONVERSATION = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"},
+                      {"role": "user", "content": "Tell me about Romeo."}]
+
+
+def check_chat_template(tokenizer) -> None:
+    """Refuse, at start, a chat template that goes over its render budget on a short
+    conversation: every chat request would. (A template that refuses this conversation's
+    shape, with raise_exception, is left to the requests: they get its message.)"""
+    try:
+        tokenizer.apply_chat_template(SMOKE_CONVERSATION, add_generation_prompt=True)
+    except TemplateBudgetExceeded as e:
+        raise LmforgeError(f"refusing the model's chat template: {e}, for a three-message conversation; "
+                           "fix the chat_template in tokenizer_config.json (or chat_template.jinja)") from None
+    except LmforgeError:
+        pass
+
+
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     tokenizer, context = engine.tokenizer, engine.context
+    check_chat_template(tokenizer)
     metrics = ServerMetrics(engine)
     request_limiter = RateLimiter(settings.requests_per_minute)
     token_limiter = RateLimiter(settings.tokens_per_minute)
     max_prompt_tokens = min(settings.max_prompt_tokens or context, context - 1)
+    bytes_per_token = max_bytes_per_token(tokenizer)
     created = int(time.time())
 
     @asynccontextmanager
@@ -128,7 +150,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.state.settings = settings
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics,
+                       allowed_hosts=settings.allowed_hosts, body_timeout=settings.body_timeout)
 
     # -- errors ----------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -143,6 +167,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         where = ".".join(loc)
         if first.get("type") == "json_invalid":
             message, where = "the body is not valid JSON", ""
+        elif first.get("type") == "lone_surrogate":
+            message, where = first["msg"], first["ctx"]["where"]
         else:
             message = f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}"
             if len(errors) > 1:
@@ -188,20 +214,35 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            f"'{settings.model_name}'", "not_found_error", "model", "model_not_found")
 
     # -- generation --------------------------------------------------------------------------------
-    def encode_prompt(prompt: str | list[int]) -> list[int]:
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if len(ids) > max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens} "
-                           f"(the model's context is {context})", param="prompt", code="context_length_exceeded")
-        vocab = engine.model.config.vocab
-        if isinstance(prompt, list) and any(t >= vocab for t in ids):
-            raise APIError(400, f"a token id in the prompt is outside the vocabulary [0, {vocab})", param="prompt")
-        return ids
+    def too_long(what: str) -> APIError:
+        return APIError(400, f"the prompt has {what}; this server takes at most {max_prompt_tokens} tokens "
+                        f"(the model's context is {context})", param="prompt", code="context_length_exceeded")
 
-    def make_job(body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
-                 logprobs: int | None, echo: bool, key_id: str) -> Job:
+    async def encode_prompts(prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of each prompt, tokenizing the texts in a worker thread (the tokenizer
+        releases the GIL in a batch): a long prompt must not hold up the event loop."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
+            size = len(text.encode("utf-8"))
+            if bytes_per_token and size > max_prompt_tokens * bytes_per_token:  # more tokens, for sure
+                raise too_long(f"{size} bytes, more than {max_prompt_tokens} tokens can hold (one token of "
+                                     f"this tokenizer stands for at most {bytes_per_token} bytes)")
+        encoded = iter(await run_in_threadpool(tokenizer.encode_batch, texts) if texts else [])
+        out = []
+        vocab = engine.model.config.vocab
+        for prompt in prompts:
+            ids = next(encoded) if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if len(ids) > max_prompt_tokens:
+                raise too_long(f"{len(ids)} tokens")
+            if isinstance(prompt, list) and any(t >= vocab for t in ids):
+                raise APIError(400, f"a token id in the prompt is outside the vocabulary [0, {vocab})", param="prompt")
+            out.append(ids)
+        return out
+
+    async def make_job(body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
+                       logprobs: int | None, echo: bool, key_id: str) -> Job:
         if body.n > settings.max_n:
             raise APIError(400, f"n is {body.n}; this server allows at most {settings.max_n}", param="n")
         if len(prompts) * body.n > settings.max_choices:
@@ -217,7 +258,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if max_tokens is not None and max_tokens > settings.max_tokens:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}",
                            param="max_tokens")
-        encoded = [encode_prompt(p) for p in prompts]
+        encoded = await encode_prompts(prompts)
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
         requests = []
         for ids in encoded:
@@ -351,7 +392,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         prompts: list[str | list[int]] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise APIError(400, "the prompt list is empty", param="prompt")
-        job = make_job(body, prompts, body.max_tokens, body.logprobs, body.echo, key_id)
+        job = await make_job(body, prompts, body.max_tokens, body.logprobs, body.echo, key_id)
         rid = "cmpl-" + uuid.uuid4().hex
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": settings.model_name}
         if not body.stream:
@@ -382,10 +423,14 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     # -- chat --------------------------------------------------------------------------------------
     turn_end = end_of_turn_ids(tokenizer)
 
-    def chat_prompt(messages) -> str:
+    async def chat_prompt(messages) -> str:
+        """The conversation rendered by the model's chat template, in a worker thread: the
+        template's budget (chat_template.TemplateBudget) bounds how long that takes."""
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            return tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                 add_generation_prompt=True)
+            return await run_in_threadpool(tokenizer.apply_chat_template, conversation, True)
+        except TemplateBudgetExceeded as e:
+            raise APIError(400, f"{e} for these messages", param="messages", code="chat_template_budget") from None
         except LmforgeError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -403,7 +448,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = make_job(body, [chat_prompt(body.messages)], max_tokens, logprobs, False, key_id)
+        job = await make_job(body, [await chat_prompt(body.messages)], max_tokens, logprobs, False, key_id)
         if turn_end:  # the template's end of turn is a special token, never seen as text
             for r in job.requests:
                 r.stop_token_ids = list(turn_end)
@@ -450,8 +495,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either a prompt or messages", param="prompt")
-        text = body.prompt if body.prompt is not None else chat_prompt(body.messages)
-        ids = tokenizer.encode(text)
+        text = body.prompt if body.prompt is not None else await chat_prompt(body.messages)
+        (ids,) = await run_in_threadpool(tokenizer.encode_batch, [text])
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
     @app.post("/detokenize")

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.security import KEYS_ENV, ApiKeys
+from lmforge.serve.security import KEYS_ENV, ApiKeys, is_loopback
 from lmforge.serve.settings import ServeSettings
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None):
@@ -54,6 +44,8 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     import torch
     import uvicorn
 
+    from lmforge.serve.connections import uvicorn_config
+
     if threads is not None:
         if threads < 1:
             raise LmforgeError("--threads must be at least 1")
@@ -75,5 +67,8 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
     print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, server_header=False,
-                timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn_config(app, config, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if not server.started:
+        raise LmforgeError(f"the server could not start on {host}:{port} (see the message above)")

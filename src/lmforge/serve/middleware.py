@@ -1,14 +1,16 @@
-"""Per-request plumbing as plain ASGI: a request id, the body-size cap, metrics and one JSON
-access-log line per request.
+"""Per-request plumbing as plain ASGI: a request id, the Host check, the body-size cap and
+read deadline, metrics and one JSON access-log line per request.
 
 The body is read here, up to the cap, before any route sees it, so an oversized body is
-refused with 413 however it is sent (with or without Content-Length). The log line holds
-the request id, route, status, timing, the key's id and token counts: never a key, a
-header or a prompt.
+refused with 413 however it is sent (with or without Content-Length), and a body that does
+not arrive within `body_timeout` seconds gets 408. A Host header that `host_allowed`
+refuses gets 400 before anything else. The log line holds the request id, route, status,
+timing, the key's id and token counts: never a key, a header or a prompt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,6 +18,7 @@ import time
 import uuid
 
 from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.security import host_allowed
 
 access_log = logging.getLogger("lmforge.serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -23,14 +26,16 @@ ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", 
           "/health", "/metrics", "/openapi.json", "/"}
 
 
-def _error_body(status: int, message: str) -> bytes:
+def error_body(message: str, code: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": None}}).encode()
+                                 "code": code}}).encode()
 
 
 class RequestContext:
-    def __init__(self, app, max_body_bytes: int, metrics: ServerMetrics):
+    def __init__(self, app, max_body_bytes: int, metrics: ServerMetrics, allowed_hosts: list[str],
+                 body_timeout: float):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.allowed_hosts, self.body_timeout = allowed_hosts, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -53,7 +58,21 @@ class RequestContext:
             await send(message)
 
         try:
-            body = await self._read_body(headers, receive)
+            host = headers.get(b"host")
+            local = scope.get("server")
+            if not host_allowed(host.decode("latin-1") if host is not None else None, local[0] if local else None,
+                                self.allowed_hosts):
+                await self._refuse(send_with_id, 400, "the Host header names no host this server answers for; "
+                                   "a server on loopback answers loopback names (localhost, 127.0.0.1, [::1]) "
+                                   "and those given by --allowed-hosts", "invalid_host")
+                return
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self._read_body(headers, receive)
+            except TimeoutError:
+                await self._refuse(send_with_id, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                   "request_timeout")
+                return
             if body is None:
                 await self._refuse(send_with_id, 413, f"the body is larger than {self.max_body_bytes} bytes")
                 return
@@ -108,8 +127,8 @@ class RequestContext:
                 break
         return b"".join(chunks) if size <= self.max_body_bytes else None
 
-    async def _refuse(self, send, status: int, message: str) -> None:
-        body = _error_body(status, message)
+    async def _refuse(self, send, status: int, message: str, code: str | None = None) -> None:
+        body = error_body(message, code)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

@@ -3,13 +3,18 @@
 Types are strict (no "5" for 5) and every number has bounds, so malformed or absurd input
 fails validation with a 400 before it reaches the engine. The server's own caps (prompt
 tokens, max_tokens, n, ...) are checked in `app.py`, since they are settings.
+
+JSON may spell a lone UTF-16 surrogate (`"\\ud800"`), which is no Unicode text: no tokenizer
+encodes it and no response can echo it as UTF-8, so a request holding one anywhere is
+refused as a whole, naming where.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 SEED_MAX = 2**63 - 1
 INT_MAX = 2**31 - 1
@@ -23,11 +28,45 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
+def find_lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, what) for the first string in a JSON value that holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, f"\\u{ord(value[e.start]):04x} at character {e.start}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(item, (str, list, dict)):
+            name = str(key)[:64].encode("ascii", "backslashreplace").decode()  # keys are the client's too
+            found = find_lone_surrogate(item, f"{path}.{name}" if path else name)
+            if found:
+                return found
+    return None
+
+
+class RequestBody(Body):
+    """A whole request body (not a part of one)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found:
+            where, what = found
+            raise PydanticCustomError("lone_surrogate", "{where} holds a lone UTF-16 surrogate ({what}), which is not "
+                                      "Unicode text; send valid UTF-8", {"where": where, "what": what})
+        return data
+
+
 class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(Body):
+class SamplingFields(RequestBody):
     model: str = Field(max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -74,13 +113,13 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=INT_MAX)
 
 
-class TokenizeRequest(Body):
+class TokenizeRequest(RequestBody):
     model: str | None = Field(None, max_length=256)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(Body):
+class DetokenizeRequest(RequestBody):
     model: str | None = Field(None, max_length=256)
     tokens: list[Annotated[int, Field(ge=0, le=INT_MAX)]]

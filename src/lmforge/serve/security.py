@@ -1,4 +1,4 @@
-"""API keys and per-key rate limits.
+"""API keys, per-key rate limits, and the Host header check.
 
 Keys come from a file (one a line, `#` comments) or the LMFORGE_API_KEYS environment
 variable (comma-separated). Only their SHA-256 digests are kept; a presented key is hashed
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import threading
@@ -104,3 +105,44 @@ class RateLimiter:
             b = self._buckets.get(key)
             if b is not None:
                 b.level = min(self.per_minute, b.level + amount)
+
+
+# -- Host header -----------------------------------------------------------------------------------
+# A web page can reach a server on loopback through its own domain name: it points the name at
+# 127.0.0.1 once its page has loaded (DNS rebinding), and its requests then carry its own name
+# in Host. A loopback server that answers only loopback names cannot be reached that way.
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or address).is_loopback
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header: no port, no IPv6 brackets, no trailing dot, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    name, colon, port = header.rpartition(":")
+    if colon and port.isdigit():
+        header = name
+    return header.rstrip(".")
+
+
+def host_allowed(header: str | None, local_address: str | None, allowed: list[str]) -> bool:
+    """Whether a request that reached `local_address` with this Host header may be served.
+    With no `allowed` names, requests that arrived on a loopback address must name a loopback
+    host, and others are not checked; with names, every request must name one of them or a
+    loopback host ("*" allows any)."""
+    if "*" in allowed:
+        return True
+    if not allowed and not (local_address and is_loopback(local_address)):
+        return True
+    if header is None:  # HTTP/1.0 without Host: no browser sends that
+        return True
+    name = host_name(header)
+    return is_loopback(name) or name in {host_name(a) for a in allowed}

@@ -1,9 +1,10 @@
-"""What an operator sets for a server: limits, keys, CORS. Defaults are the safe ones."""
+"""What an operator sets for a server: limits, keys, CORS, hosts, timeouts. Defaults are the safe ones."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmforge.errors import LmforgeError
 from lmforge.serve.security import ApiKeys
 
 
@@ -21,6 +22,18 @@ class ServeSettings:
     max_stop: int = 4
     max_logprobs: int = 20
     cors_origins: list[str] = field(default_factory=list)  # empty: no cross-origin access at all
+    allowed_hosts: list[str] = field(default_factory=list)  # empty: on loopback, loopback names only
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive whole
+    body_timeout: float = 30.0  # seconds for its body
+    keep_alive_timeout: float = 5.0  # seconds an idle connection is kept between requests
+    max_connections: int = 512  # open connections; more are answered 503
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 256  # requests waiting beyond that, then 503
     native_decode: bool = True  # decoding steps run through lmforge.infer.native_decode
+
+    def __post_init__(self):
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be more than 0 seconds")
+        if self.max_connections < 1:
+            raise LmforgeError("--max-connections must be at least 1")
