@@ -35,6 +35,7 @@ from lmforge.model import Transformer
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".enc", *PICKLE_SUFFIXES)  # `.enc`: interop/crypto.py's sealed shards
 MAX_SHARD_BYTES = 4 << 30
 
 
@@ -211,6 +212,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     folder = Path(path)
     if not folder.is_dir():
         raise LmforgeError(f"model directory {path} not found")
+    refuse_links_out(folder)
     hf_config = read_json(folder / "config.json")
     if isinstance(key, str):
         from lmforge.interop.crypto import parse_key
@@ -227,8 +229,27 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     return model, tokenizer, meta
 
 
+def refuse_links_out(folder: Path) -> None:
+    """A model directory's files other than weights (configuration, tokenizer, chat template)
+    must be its own: through a symlink out of it, a downloaded model would have lmforge read
+    any file the user can, render it as a template, serve it (/tokenizer_info) and copy it
+    into the models it imports. Weights may be links (they are only ever read as tensors)."""
+    if not folder.is_dir():
+        return
+    root = folder.resolve()
+    for entry in folder.iterdir():
+        if not entry.is_symlink() or entry.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        target = entry.resolve()
+        if target != root and root not in target.parents:
+            raise LmforgeError(f"{entry} is a link to {target}, outside the model directory; lmforge reads a "
+                               "model's configuration, tokenizer and chat template only from its own directory: "
+                               "copy the files in (cp -rL DIR NEW_DIR copies a directory with its links followed)")
+
+
 def load_tokenizer(folder: Path) -> TextTokenizer:
     """tokenizer.json + tokenizer_config.json; newer transformers keep the chat template in chat_template.jinja."""
+    refuse_links_out(folder)
     tokenizer = TextTokenizer.load(folder)
     template = folder / "chat_template.jinja"
     if tokenizer.chat_template is None and template.is_file():
