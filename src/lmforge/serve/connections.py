@@ -9,7 +9,9 @@ head holds them forever. Here:
   seconds: of the connection's opening for its first request, of the first byte of the
   next one on a kept-alive connection. Past that the connection is closed (with a 408 if
   part of a head came);
-- beyond `max_connections` open connections, a new one is answered 503 and closed;
+- beyond `max_connections` open connections, a new one is answered 503 and closed (after
+  reading, for up to a second, what it still sends: closing a socket with unread data resets
+  it, and the client would see the reset rather than the 503);
 - a request head larger than h11's 16 KiB is answered 400 (uvicorn's own check).
 
 The body's deadline (`body_timeout`) is the app's (middleware.RequestContext), which can
@@ -36,21 +38,30 @@ def raw_response(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode("ascii") + body
 
 
+LINGER_SECONDS = 1.0
+
+
 class GuardedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     max_connections: int = 512
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
+            self._refused = True
             transport.write(raw_response(503, "Service Unavailable", f"the server has {self.max_connections} "
                                          "connections open, its limit; retry shortly", "too_many_connections"))
-            transport.close()
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, transport.close)
             return
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped, until the client or the linger timer closes
         super().data_received(data)
         self._watch_head()
 
