@@ -6,9 +6,9 @@ defaults to off, as in FineWeb, because it deletes headings, lists and code line
 
 Sentences end at 。！？ as well as . ! ?, and a line's words are `segment.words` (Chinese and
 Japanese segmented). C4's document rules were made for English pages, and FineWeb-2 does not
-apply them to other languages: for Chinese and Japanese the five-sentence minimum and the
-curly-bracket rule are off (Gopher's word-count minimum still removes fragments), while the
-line rules still apply.
+apply them to other languages: for Chinese and Japanese the five-sentence minimum, the
+curly-bracket rule and the three-words-a-line rule (which takes headings such as "五、总结")
+are off; Gopher's word-count minimum still removes fragments, the boilerplate filter menus.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lmforge.data.clean.text import SENTENCE_END_RE
 _CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _C4_END = (".", "?", "!", '"', "'", "。", "？", "！", "”", "」")
 _BLANK_LINES_RE = re.compile(r"\n{3,}")
-_NOT_ENGLISH_PAGES = {"min_num_sentences": None, "filter_curly_bracket": False}
+_NOT_ENGLISH_PAGES = {"min_num_sentences": None, "filter_curly_bracket": False, "min_words_per_line": None}
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
