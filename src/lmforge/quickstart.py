@@ -104,8 +104,9 @@ def seconds_per_step(recipe, data_dir: Path) -> float:
 
 
 def clean_corpus(corpus: str, out: Path, console: Console) -> str:
-    """The corpus after `lmforge data clean` (the `books` preset: normalization, PII, dedup,
-    no web-page filters); the generated `synthetic` corpus is used as it is."""
+    """The corpus after `lmforge data clean --recipe books` (normalization, page furniture, PII,
+    dedup; not the web-page quality filters, which judge crawled pages, not the text a user
+    chose to train on), printed as that command; the generated `synthetic` corpus is used as it is."""
     if corpus == "synthetic":
         return corpus
     from lmforge.data.clean.pipeline import clean
@@ -117,6 +118,8 @@ def clean_corpus(corpus: str, out: Path, console: Console) -> str:
     stats = clean([source], target, load_clean_recipe("books"), workers=1)
     console.print(f"   cleaned: {stats['docs_out']} of {stats['docs_read']} documents kept -> {target} "
                   f"(report: {target / 'stats.json'})")
+    console.print(f"   the same as: lmforge data clean {shlex.quote(source)} --out {shlex.quote(str(target))} --recipe books "
+                  "(without --recipe, data clean also applies the web-page quality filters: docs/data.md)")
     return str(target)
 
 
