@@ -104,9 +104,13 @@ def summary_table(stats: dict) -> Table:
     table.add_column("top reasons", overflow="fold")
     for name, step in stats["steps"].items():
         share = 100 * step["docs_removed"] / step["docs_in"] if step["docs_in"] else 0.0
-        reasons = sorted(step["reasons"].items(), key=lambda kv: -kv[1])[:3]
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(step["reasons"].items(), key=lambda kv: -kv[1])[:3])
+        lines = step.get("lines_removed", {})
+        if lines:  # lines taken out of documents that were kept
+            top = ", ".join(f"{r} {n:,}" for r, n in sorted(lines.items(), key=lambda kv: -kv[1])[:3])
+            reasons += f"{'; ' if reasons else ''}{sum(lines.values()):,} lines: {top}"
         table.add_row(name, f"{step['docs_in']:,}", f"{step['docs_removed']:,}", f"{share:.1f}",
-                      f"{step['chars_out']:,}", ", ".join(f"{r} {n:,}" for r, n in reasons))
+                      f"{step['chars_out']:,}", reasons)
     if stats["reader_issues"]:
         issues = ", ".join(f"{k} {v:,}" for k, v in stats["reader_issues"].items())
         table.caption = f"not read: {issues}"
