@@ -220,7 +220,7 @@ def test_a_recipe_names_only_what_it_changes(tmp_path):
     assert list(recipe.filters) == ["gopher_quality"]  # a filters section lists the filters that run
     assert recipe.dedup.bands == 14 and recipe.dedup.rows == 8
     assert load_recipe(langid={"languages": "en, zh"}).langid.languages == ["en", "zh"]  # as --languages gives it
-    assert list(load_recipe("books").filters) == ["gopher_quality"]  # a preset shipped with the package
+    assert list(load_recipe("books").filters) == ["boilerplate", "gopher_quality"]  # a preset shipped with the package
 
 
 def test_memory_stays_bounded_as_the_corpus_grows(tmp_path):
