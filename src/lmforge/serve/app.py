@@ -226,7 +226,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             size = len(text.encode("utf-8"))
             if bytes_per_token and size > max_prompt_tokens * bytes_per_token:  # more tokens, for sure
                 raise too_long(f"{size} bytes, more than {max_prompt_tokens} tokens can hold (one token of "
-                                     f"this tokenizer stands for at most {bytes_per_token} bytes)")
+                               f"this tokenizer stands for at most {bytes_per_token} bytes)")
         encoded = iter(await run_in_threadpool(tokenizer.encode_batch, texts) if texts else [])
         out = []
         vocab = engine.model.config.vocab
