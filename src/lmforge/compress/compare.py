@@ -1,8 +1,10 @@
 """`lmforge compare`: the compression report, one row per model directory.
 
 Parameters, weight-file size, validation perplexity and batch-1 greedy decode speed,
-as a table and a PNG bar chart. Models are measured one after another in one process,
-so the speeds are comparable with each other (not across machines or busy periods).
+as a table and a PNG bar chart. The models are held together and their speeds measured in
+interleaved rounds (each model once a round, the median of the rounds reported), so a busy
+moment of the machine slows every model alike and the speeds compare with each other (not
+across machines).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def describe(path: Path, meta: dict) -> str:
     return "fp32"
 
 
-def measure(path: Path, data: Path | None, max_batches: int, new_tokens: int) -> Row:
+def measure(path: Path, data: Path | None, max_batches: int):
+    """(the row without its speed, the loaded model)."""
     import lmforge
     from lmforge.compress.storage import quantized_params, stored_weight_bytes
 
@@ -95,8 +98,9 @@ def measure(path: Path, data: Path | None, max_batches: int, new_tokens: int) ->
     if data is not None:
         perplexity = validation_perplexity(m, data, max_batches)
     size = stored_weight_bytes(Path(path))
-    return Row(str(path), describe(path, m.meta), quantized_params(m.model), size / 1e6, perplexity,
-               decode_tokens_per_s(m.model, new_tokens), matmul_bytes(m.model) / 1e6)
+    row = Row(str(path), describe(path, m.meta), quantized_params(m.model), size / 1e6, perplexity, 0.0,
+              matmul_bytes(m.model) / 1e6)
+    return row, m
 
 
 def validation_perplexity(m, data: Path, max_batches: int) -> float:
@@ -114,10 +118,17 @@ def validation_perplexity(m, data: Path, max_batches: int) -> float:
 
 
 def compare(models: list[Path], data: Path | None = None, max_batches: int = 20, new_tokens: int = 64,
-            chart: Path | None = None) -> list[Row]:
+            chart: Path | None = None, rounds: int = 5) -> list[Row]:
     if not models:
         raise LmforgeError("give at least one model directory")
-    rows = [measure(Path(p), data, max_batches, new_tokens) for p in models]
+    measured = [measure(Path(p), data, max_batches) for p in models]
+    speeds: list[list[float]] = [[] for _ in measured]
+    for _ in range(rounds):
+        for speed, (_, m) in zip(speeds, measured):
+            speed.append(decode_tokens_per_s(m.model, new_tokens, repeats=1))
+    rows = [row for row, _ in measured]
+    for row, speed in zip(rows, speeds):
+        row.tokens_per_s = statistics.median(speed)
     if chart is not None:
         plot(rows, chart)
     return rows

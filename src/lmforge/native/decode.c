@@ -20,6 +20,7 @@
 #include <omp.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -163,6 +164,7 @@ static void end_phase(Worker *w) {
 typedef struct {
     float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
     int8_t *xq;
+    int lowbit_tiles; /* int8/int4 matmuls in tiles of four rows (see lowbit_tiles_pay) */
 } Work;
 
 #define PREFETCH_SLOTS 16 /* cache rows ahead that attention prefetches */
@@ -435,7 +437,7 @@ static inline void lowbit_tile4(const Linear *L, const Work *ws, int n, int b, i
     else q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 1, out);
 }
 
-/* The int8/int4 matmul for a batch (B >= 4), on the activations quantized by `matvec`. */
+/* The int8/int4 matmul on the activations quantized by `matvec`, in tiles of four rows. */
 static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
     const int N = L->N, quads = N / 4, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
     FOR_ITEMS(wk, item, items) {
@@ -475,7 +477,7 @@ static void matvec(const Linear *L, const float *x, float *y, int B, int accumul
         end_phase(wk);
     }
 #ifdef LOWBIT_TILE
-    if (L->kind != F32 && B >= 4) {
+    if (L->kind != F32 && ws->lowbit_tiles) {
         matvec_lowbit_batch(L, ws, y, B, accumulate, wk);
         return;
     }
@@ -665,6 +667,45 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
     }
 }
 
+static size_t lowbit_bytes(const Linear *L) { return L->kind == F32 ? 0 : (size_t)L->N * L->K * L->kind / 8; }
+
+/* The largest cache one core sees, as sysfs lists it (cpuid's figure can be a whole socket's,
+ * e.g. 384 MB in a VM whose core shares 32 MB); 32 MB where sysfs says nothing. */
+static long cache_bytes(void) {
+    long largest = 0;
+    for (int i = 0; i < 8; i++) {
+        char path[64];
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+        FILE *f = fopen(path, "r");
+        if (!f) break;
+        long size = 0;
+        char unit = 0;
+        if (fscanf(f, "%ld%c", &size, &unit) >= 1) {
+            size <<= unit == 'K' ? 10 : unit == 'M' ? 20 : 0;
+            largest = size > largest ? size : largest;
+        }
+        fclose(f);
+    }
+    return largest > 0 ? largest : 32L << 20;
+}
+
+/* Whether the int8/int4 matmuls take the four-row tiles. A batch does: each weight row then
+ * serves several sequences. At batch 1 the tile's 512-bit products beat the row kernel
+ * (lowbit_row) while the quantized weights stay in the last-level cache, where a small model's
+ * row-kernel int4 step was slower than its fp32 one; once they stream from memory the row
+ * kernel's one sequential stream reads faster (benchmarks/quant_decode_sizes.py). */
+static int lowbit_tiles_pay(const Model *m, int B) {
+    static long cache = 0; /* the same for every caller: a racing first write is harmless */
+    if (B >= 4) return 1;
+    if (cache == 0) cache = cache_bytes();
+    size_t total = lowbit_bytes(&m->lm_head);
+    for (int l = 0; l < m->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        total += lowbit_bytes(&L->qkv) + lowbit_bytes(&L->proj) + lowbit_bytes(&L->up) + lowbit_bytes(&L->down);
+    }
+    return total <= (size_t)cache;
+}
+
 /* One step for the B rows described by `r`: logits (B, vocab). `threads` <= 0: OpenMP's default. */
 void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     const int d = m->d_model, hd = m->head_dim, B = r->B;
@@ -681,6 +722,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     ws.xq = malloc((size_t)B * widest + QK);
     ws.xs = malloc(sizeof(float) * B * (widest / QK + 1));
     ws.gsum = malloc(sizeof(float) * B * (widest / QK + 1));
+    ws.lowbit_tiles = lowbit_tiles_pay(m, B);
     const int team_size = threads > 0 ? threads : omp_get_max_threads();
     const int phases = 13 * m->n_layer + 4; /* at most: every matmul quantized, some logits rows wanted */
     Team team = {aligned_alloc(64, sizeof(Line) * phases * team_size), aligned_alloc(64, sizeof(Line) * team_size),
