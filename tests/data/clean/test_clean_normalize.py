@@ -16,6 +16,14 @@ def test_mojibake_is_repaired_and_nfkc_applied():
     assert normalize("ｆｕｌｌｗｉｄｔｈ", NormalizeConfig(unicode_form="NFC")) == "ｆｕｌｌｗｉｄｔｈ"
 
 
+def test_nfkc_keeps_the_punctuation_chinese_is_written_with():
+    text = "合适的预热长度取决于批大小（batch size）：经验上……先取总步数的百分之一！对吗？ｆｕｌｌ１２３～"
+    assert normalize(text, DEFAULT) == "合适的预热长度取决于批大小（batch size）：经验上……先取总步数的百分之一！对吗？full123～"
+    assert normalize(text, NormalizeConfig(keep_cjk_punctuation=False)) == (
+        "合适的预热长度取决于批大小(batch size):经验上......先取总步数的百分之一!对吗?full123~")
+    assert normalize(CHINESE, DEFAULT) == CHINESE  # a Chinese text in its usual forms is left as it is
+
+
 def test_control_characters_and_whitespace():
     raw = "\ufeffHello\u200b world\x00\x07 \t again  \r\nnext line   \n\n\n\n\nlast\x1b"
     assert normalize(raw, DEFAULT) == "Hello world again\nnext line\n\nlast"

@@ -86,7 +86,7 @@ def test_every_document_is_accounted_for(tmp_path):
     assert stats["dedup"]["verified_pairs"] == 2 and stats["dedup"]["near_duplicate_clusters"] == 2
 
     kept = read_output(tmp_path / "out")
-    nfkc = NormalizeConfig()  # NFKC: full-width Chinese commas become ASCII ones
+    nfkc = NormalizeConfig()  # NFKC, Chinese punctuation kept
     assert [r["text"] for r in kept] == [ENGLISH, normalize(CHINESE, nfkc),
                                          ENGLISH_2.replace("planning@library-example.org", "<EMAIL>")]
     assert [r["lang"] for r in kept] == ["en", "zh", "en"]

@@ -2,6 +2,12 @@
 
 Order matters: mojibake is repaired before Unicode normalization (ftfy must see the
 original code points), and whitespace is tidied last, after HTML and boilerplate removal.
+
+NFKC makes full-width letters and digits ASCII (ｆｕｌｌ１２３ -> full123), which is wanted,
+but it would also turn the full-width punctuation that Chinese and Japanese are written
+with into ASCII (，：；！？（）～ -> ,:;!?()~, and the ellipsis … -> ...), changing the text
+of every Chinese document; `keep_cjk_punctuation` (on by default) leaves those characters
+as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ _BLANK_LINES_RE = re.compile(r"\n{3,}")
 _GUTENBERG_START_RE = re.compile(r"^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*?\*{3}[^\n]*\n", re.I | re.M)
 _GUTENBERG_END_RE = re.compile(r"^\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG", re.I | re.M)
 _HTML_HINT_RE = re.compile(r"<(?:html|body|div|p|br|span|a|table|li|h[1-6])\b", re.I)
+# punctuation of CJK text that the compatibility forms (NFKC, NFKD) would make ASCII
+_CJK_PUNCTUATION_RE = re.compile("([\uff0c\uff1a\uff1b\uff01\uff1f\uff08\uff09\uff5e\u2026]+)")
 
 
 class _TextExtractor(HTMLParser):
@@ -80,13 +88,20 @@ def tidy_whitespace(text: str) -> str:
     return text.strip()
 
 
+def unicode_normalize(text: str, form: str, keep_cjk_punctuation: bool = True) -> str:
+    if not keep_cjk_punctuation or form in ("NFC", "NFD") or _CJK_PUNCTUATION_RE.search(text) is None:
+        return unicodedata.normalize(form, text)
+    pieces = _CJK_PUNCTUATION_RE.split(text)  # odd indices are the punctuation runs, kept as they are
+    return "".join(piece if i % 2 else unicodedata.normalize(form, piece) for i, piece in enumerate(pieces))
+
+
 def normalize(text: str, config: NormalizeConfig) -> str:
     if config.fix_mojibake and not text.isascii():
         text = ftfy.fix_encoding(text)  # only the encoding fixes; fix_text's other changes alter style
     if config.html_to_text:
         text = html_to_text(text)
     if config.unicode_form != "none":
-        text = unicodedata.normalize(config.unicode_form, text)
+        text = unicode_normalize(text, config.unicode_form, config.keep_cjk_punctuation)
     if config.strip_control:
         text = _CONTROL_RE.sub("", text)
     if config.gutenberg and "GUTENBERG" in text[:20000].upper():

@@ -31,6 +31,7 @@ class ReaderConfig(_Strict):
 
 class NormalizeConfig(_Strict):
     unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFKC"
+    keep_cjk_punctuation: bool = True  # NFKC/NFKD leave ，：；！？（）～ and … as they are
     fix_mojibake: bool = True
     strip_control: bool = True
     whitespace: bool = True
