@@ -4,8 +4,6 @@ good pages kept, bad ones dropped, page furniture gone from the kept ones, their
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 from lmforge.data.clean import load_recipe
 
 BENCHMARK = Path(__file__).resolve().parents[3] / "benchmarks" / "clean_quality.py"
@@ -33,7 +31,6 @@ def test_the_labelled_set_is_what_it_says():
         assert len({d["id"] for d in docs}) == len(docs)
 
 
-@pytest.mark.slow  # the whole pipeline, twice, over 124 pages: ~15 s here
 def test_default_recipe_meets_the_targets_in_both_languages(tmp_path):
     bench = _benchmark()
     recipe = load_recipe(langid={"languages": "en,zh"}, output={"plots": False, "samples_per_filter": 10_000})
