@@ -55,6 +55,7 @@ class LoadedModel:
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, key: bytes | str | None = None,
          allow_pickle: bool = False) -> LoadedModel:
     """Load any model directory: ours, a Hugging Face one of a supported family, or an encrypted
-    one given its `key` (32 bytes, or their hex/base64 text)."""
+    one given its `key` (32 bytes, or their hex/base64 text). `~` means the home directory, as in a shell."""
+    path = Path(path).expanduser()
     model, tokenizer, meta = load_model_dir(path, device=device, dtype=dtype, allow_pickle=allow_pickle, key=key)
-    return LoadedModel(model, tokenizer, Path(path), meta)
+    return LoadedModel(model, tokenizer, path, meta)
