@@ -330,6 +330,12 @@ def test_generate_on_an_encoder_is_one_line(lmforge_main, make_config, tokenizer
         code, out, err = lmforge_main(*args)
         assert code == 2 and out == ""
         assert "masked-LM encoder" in one_error_line(err)
+    from lmforge.errors import LmforgeError
+    from lmforge.serve.command import build_app
+    from lmforge.serve.settings import ServeSettings
+
+    with pytest.raises(LmforgeError, match="masked-LM encoder"):  # refused before it listens
+        build_app(encoder, ServeSettings(model_name="encoder"))
     (tmp_path / "some.txt").write_text("Chapter 3.\n1. The queen serves the crown.\n")
     code, out, err = lmforge_main("eval", encoder, "--data", tmp_path / "some.txt")
     assert code == 0, err

@@ -17,6 +17,7 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
     from lmforge.serve.app import create_app
 
     m = lmforge.load(model_dir, device=device)
+    m.check_generates()  # an encoder would start and then fail every request
     if adapter is not None:  # a LoRA adapter, folded into the weights: no cost per token
         from lmforge.model.lora import apply_adapter
 
