@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.compress.qlinear import matmul_bytes
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
@@ -58,19 +59,6 @@ def decode_tokens_per_s(model: Transformer, new_tokens: int = 64, prompt: int = 
         if run:  # the first run warms caches and allocators
             speeds.append(new_tokens / (time.perf_counter() - start))
     return statistics.median(speeds)
-
-
-def matmul_bytes(model: Transformer) -> int:
-    """Bytes of weights one decoding step reads: each linear's stored weight (+ scales)."""
-    from lmforge.compress.qlinear import DynamicInt8Linear, QuantizedLinear
-
-    total = 0
-    for module in model.modules():
-        if isinstance(module, (QuantizedLinear, DynamicInt8Linear)):
-            total += sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name != "bias")
-        elif isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-    return total
 
 
 def describe(path: Path, meta: dict) -> str:

@@ -226,3 +226,14 @@ class DynamicInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 (fbgemm dynamic)"
+
+
+def matmul_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decoding step reads: each linear's stored weight (+ scales)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, DynamicInt8Linear)):
+            total += sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name != "bias")
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total

@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 
 from lmforge import native
-from lmforge.compress.compare import matmul_bytes
-from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear
+from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
 
