@@ -119,6 +119,15 @@ def _init_worker(recipe_dict: dict, work: str) -> None:
     _WORKER = _Worker(recipe, Path(work), build_filters(recipe.filters), hasher, grams)
 
 
+def clean_shard_on_worker(shard: Shard, recipe_dict: dict, work: str) -> tuple[int, dict]:
+    """(shard index, stats) of stage 1 on a worker that outlives one run (a Dask worker): its
+    filters and hasher are built once per process and run, not once per shard."""
+    state = _WORKER
+    if state is None or str(state.work) != work or state.recipe.model_dump(mode="json") != recipe_dict:
+        _init_worker(recipe_dict, work)
+    return shard.index, _clean_shard(shard)
+
+
 def _shard_paths(work: Path, index: int) -> dict[str, Path]:
     base = work / "stage1" / f"shard-{index:05d}"
     return {"kept": base.with_suffix(".kept"), "signatures": base.with_suffix(".sig"), "hashes": base.with_suffix(".hash"),
@@ -267,7 +276,7 @@ def _run_stage1(shards: list[Shard], recipe: CleanRecipe, work: Path, workers: i
     if engine == "dask" and todo:
         from lmforge.data.clean.dask_engine import run_on_dask
 
-        for index, result in run_on_dask(todo, init_args, workers, scheduler):
+        for index, result in run_on_dask(clean_shard_on_worker, todo, init_args, workers, scheduler):
             results[index] = result
             if on_progress:
                 on_progress(len(results), len(shards))
