@@ -20,7 +20,23 @@ Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3"]
 
 
 class Section(BaseModel):
+    """A config section. A sub-section whose default is an instance with its own settings (the
+    fine-tuning `train` section: lr 1e-4, warmup 10, ...) keeps them when the input gives only
+    some of its keys: `--train.max_steps 3` changes max_steps, not every other key back to the
+    class defaults."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _under_section_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            default, given = field.default, data.get(name)
+            if isinstance(default, BaseModel) and isinstance(given, dict):
+                data = {**data, name: deep_merge(default.model_dump(exclude_unset=True), given)}
+        return data
 
 
 class RopeScaling(Section):
@@ -168,12 +184,17 @@ class TrainConfig(Section):
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # older step checkpoints are deleted; 0 keeps all
     log_every: int = 10
+    early_stop_patience: int = 0  # stop after this many validations without improvement; 0: off
+    early_stop_min_delta: float = 0.0  # an improvement is a validation loss lower than the best by more than this
+    init_from: str | None = None  # a model directory to continue pretraining (its config, tokenizer, weights)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.early_stop_patience < 0 or self.early_stop_min_delta < 0:
+            raise ValueError("early_stop_patience and early_stop_min_delta must be >= 0")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
         if self.warmup < 0:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
+from lmforge.train.recovery import CHECKSUMS, verify_checkpoint
 from lmforge.train.trainer import TrainingInterrupted, train
 
 pytestmark = pytest.mark.slow
@@ -177,6 +178,10 @@ def test_foreign_or_broken_sharded_checkpoint_is_one_clear_error(two_process_run
 
     def copy_run(name: str) -> tuple[dict, Path]:
         shutil.copytree(source, tmp_path / "runs" / name, symlinks=True)
+        # Without their checksums (as checkpoints written before those were recorded), so that the
+        # damage below reaches the loader: with them, resume names the file and falls back first.
+        for manifest in (tmp_path / "runs" / name / "checkpoints").glob(f"*/{CHECKSUMS}"):
+            manifest.unlink()
         ov = overrides(two_process_runs, name, max_steps=10)
         ov["run"]["out"] = str(tmp_path / "runs")
         return ov, (tmp_path / "runs" / name / "latest").resolve()
@@ -203,6 +208,14 @@ def test_foreign_or_broken_sharded_checkpoint_is_one_clear_error(two_process_run
     shard = ckpt / "dcp" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     assert "does not fit this model or is corrupt" in resume_error(ov)
+    # the checksums recorded with the sharded checkpoint name that shard before anything is loaded
+    original = (source / "latest").resolve()
+    assert {line.split("  ")[1] for line in (original / CHECKSUMS).read_text().splitlines()} >= \
+        {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer.pt", "config.json"}
+    assert verify_checkpoint(original) is None
+    assert verify_checkpoint(ckpt) is None  # no checksums here: the loader's check above is what is left
+    shutil.copy(original / CHECKSUMS, ckpt / CHECKSUMS)
+    assert verify_checkpoint(ckpt) == f"{shard} does not match the sha256 recorded when it was written"
 
     ov, ckpt = copy_run("no-metadata")
     (ckpt / "dcp" / ".metadata").unlink()

@@ -16,7 +16,10 @@ DDP layout) that load it, and a one-process checkpoint is loaded whole and then 
 
 A checkpoint is written under a temporary name (DCP: rank 0 makes it and every rank writes
 into it) and renamed once every rank's part is written; `latest` is switched (atomically, by
-renaming a new link over it) only after that. `trainer.pt` is read with `weights_only=True`.
+renaming a new link over it) only after that. Every checkpoint records the sha256 of its files
+(`checksums.sha256`, see `train.recovery`), checked before a run resumes from it. `best` points
+at the checkpoint of the lowest validation loss when early stopping is on; pruning keeps it.
+`trainer.pt` is read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -40,16 +43,13 @@ from lmforge.model_dir import (atomic_directory, load_model_dir, load_tokenizer,
                                write_config_files, write_model_files)
 from lmforge.train import distributed
 from lmforge.train.distributed import DistContext
+from lmforge.train.recovery import (TRAINER_STATE, checkpoint_folders, checkpoint_name, find_checkpoint,
+                                    save_trainer_state, write_checksums)
 
-TRAINER_STATE = "trainer.pt"
 SHARDS = "dcp"  # the DCP folder of a checkpoint written by several processes
 PROVENANCE = "lmforge.json"
 # What write_model_files derives from the weights; the rest of lmforge.json is provenance.
 _DERIVED_KEYS = ("lmforge_version", "created", "model", "parameters", "quantization", "weights")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
@@ -64,7 +64,8 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
         weights, optim = distributed.full_state(model, optimizer, ctx)
         with atomic_directory(folder) as d:
             write_model_files(d, distributed.plain_copy(weights, model), tokenizer, provenance)
-            torch.save({**trainer_state, "optimizer": optim}, d / TRAINER_STATE)
+            save_trainer_state({**trainer_state, "optimizer": optim}, d / TRAINER_STATE)
+            write_checksums(d)
     if ctx.is_main:
         commit_checkpoint(run_dir, folder, keep)
     ctx.barrier()  # no rank goes on (or exits) before the checkpoint is complete and `latest`
@@ -92,32 +93,39 @@ def _save_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
                     "checkpoint": {"format": "dcp", "world": ctx.world, "parallel": ctx.strategy,
                                    "step": trainer_state["step"]}}
             (staging / PROVENANCE).write_text(json.dumps(meta, indent=2, default=str))
-            torch.save(trainer_state, staging / TRAINER_STATE)
+            save_trainer_state(trainer_state, staging / TRAINER_STATE)
+            write_checksums(staging)  # every rank's shards are written by now (dcp.save returned)
     # rank 0 left the block by renaming the staging folder to `folder`
 
 
 def commit_checkpoint(run_dir: Path, folder: Path, keep: int) -> None:
     """Point `latest` at a complete checkpoint (by renaming a new link over the old one),
     then delete all but the newest `keep` checkpoints."""
-    link = run_dir / "latest"
-    tmp = run_dir / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(Path("checkpoints") / folder.name, tmp)
-    os.replace(tmp, link)
-    _prune(run_dir / "checkpoints", keep, current=folder.name)
+    point_link(run_dir, "latest", folder)
+    _prune(run_dir, keep, current=folder.name)
     # Saves are collective and one at a time, so once one commits, any staging folder still here
     # belongs to a save that died (rank 0 killed mid-write): nothing will ever rename it.
     for stale in (run_dir / "checkpoints").glob(".step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _prune(folder: Path, keep: int, current: str) -> None:
+def point_link(run_dir: Path, name: str, folder: Path) -> None:
+    """Make `run_dir/name` (latest, best) a relative link to checkpoint `folder`, atomically."""
+    link = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path("checkpoints") / folder.name, tmp)
+    os.replace(tmp, link)
+
+
+def _prune(run_dir: Path, keep: int, current: str) -> None:
     if keep <= 0:
         return
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in steps[:-keep]:
-        if old.name != current:
+    best = run_dir / "best"
+    protected = {current, os.readlink(best).split("/")[-1] if best.is_symlink() else None}
+    for old in checkpoint_folders(run_dir)[:-keep]:
+        if old.name not in protected:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -208,23 +216,20 @@ def _dcp_load(request: dict[str, Any], shards: Path, ctx: DistContext, advice: s
                            f"{advice}") from None
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run directory (its `latest` checkpoint)."""
+def resolve_checkpoint(path: Path, log=print) -> Path:
+    """A checkpoint folder, or a run directory (its newest intact checkpoint)."""
     if not path.is_dir():
         raise LmforgeError(f"checkpoint {path} not found")
-    if (path / "latest").exists() or (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise LmforgeError(f"run directory {path} has no complete checkpoint yet")
-        return latest
+    if (path / "latest").is_symlink() or (path / "checkpoints").is_dir():
+        return find_checkpoint(path, log=log)
     return path
 
 
-def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+def export_checkpoint(checkpoint: Path, out: Path, log=print) -> Path:
     """Write the model of a checkpoint (either layout) as a model directory: config.json,
     model.safetensors with Hugging Face names, tokenizer, lmforge.json. One process; a
     sharded checkpoint is read whatever the number of processes that wrote it."""
-    folder = resolve_checkpoint(checkpoint)
+    folder = resolve_checkpoint(checkpoint, log)
     if not (folder / "config.json").is_file():
         raise LmforgeError(f"{folder} has no config.json: not a pretraining checkpoint (fine-tuning checkpoints "
                            "hold only what trains; their run writes model/ or adapter/ at the end)")

@@ -42,7 +42,9 @@ def finetune(
     task: Annotated[Optional[str], typer.Option(help="sft | dpo | classify | tag | mlm.")] = None,
     val: Annotated[Optional[str], typer.Option(help="Validation data (default: hold out --data.val_fraction of it).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: runs/NAME.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint.")] = False,
+    resume_from: Annotated[Optional[str], typer.Option(help="Continue from this checkpoint: step-N, or a "
+                                                      "checkpoint path.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Fine-tune a model: SFT, DPO, task heads or masked-LM, in full or with LoRA/QLoRA.
@@ -65,7 +67,7 @@ def finetune(
     from lmforge.config import deep_merge, parse_overrides
 
     cfg = load_finetune_config(source, deep_merge(parse_overrides(list(ctx.args)), overrides))
-    result = run_finetune(cfg, resume=resume, progress=progress, log=console.print)
+    result = run_finetune(cfg, resume=resume, progress=progress, log=console.print, resume_from=resume_from)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[green]done[/]: {result.steps} steps in {result.seconds:.0f} s; {shown}")
     console.print(f"{'adapter' if cfg.method != 'full' else 'model'}: {result.output}   "
@@ -82,7 +84,7 @@ def export_checkpoint(
     one process, whatever the number of processes that wrote them."""
     from lmforge.train.checkpoint import export_checkpoint as run_export
 
-    written = run_export(checkpoint, out)
+    written = run_export(checkpoint, out, log=console.print)
     console.print(f"exported {checkpoint} to {written}")
 
 

@@ -10,11 +10,14 @@ plot and the run directory are the pretraining trainer's:
     runs/<name>/
       recipe.yaml      the resolved fine-tuning config (`lmforge finetune runs/<name>/recipe.yaml --resume`)
       metrics.jsonl    step, loss, lr, grad norm; val_loss and the task's metrics per evaluation
-      checkpoints/step-000100/{trainable.safetensors, trainer.pt}   what trains, optimizer, RNG, step
+      checkpoints/step-000100/{trainable.safetensors, trainer.pt, checksums.sha256}   what trains,
+                       optimizer, RNG, step, early-stopping state; the sha256 of each file
       latest -> checkpoints/step-000100
+      best -> checkpoints/step-000050   the lowest validation loss (with train.early_stop_patience)
       model/           full fine-tuning: a model directory (+ head.json/head.safetensors for task heads)
       adapter/         lora, qlora: a PEFT adapter directory (+ the task head)
       plots/loss.png
+      summary.json     compute (FLOPs, energy) and why the run stopped, as pretraining writes it
 
 Batches are drawn by step number from a seeded order, so a resumed run sees the batches an
 uninterrupted one would.
@@ -106,6 +109,8 @@ class FinetuneConfig(Section):
             raise ValueError("only task mlm builds a model from scratch; other tasks adapt a base model")
         if self.model is not None and self.method != "full":
             raise ValueError("a model built from scratch trains in full (method: full)")
+        if self.train.init_from is not None:
+            raise ValueError("train.init_from is for pretraining; fine-tuning names its model in base")
         if self.train.loss_chunk and self.task != "sft":
             raise ValueError(f"train.loss_chunk applies to pretraining and task sft; task {self.task} computes "
                              "its own loss (leave it 0)")
@@ -259,12 +264,14 @@ def save_finetune_checkpoint(run_dir: Path, step: int, model, head, optimizer, s
 
     from lmforge.model_dir import atomic_directory
     from lmforge.train.checkpoint import checkpoint_name, commit_checkpoint
+    from lmforge.train.recovery import save_trainer_state, write_checksums
 
     folder = run_dir / "checkpoints" / checkpoint_name(step)
     with atomic_directory(folder) as d:
         tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, head).items()}
         save_file(tensors, str(d / TRAINABLE))
-        torch.save({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
+        save_trainer_state({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
+        write_checksums(d)
     commit_checkpoint(run_dir, folder, keep)
     return folder
 
@@ -304,20 +311,31 @@ class FinetuneResult:
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, log=print,
-             interrupt_at: int | None = None) -> FinetuneResult:
-    """Run a fine-tuning config. `interrupt_at` stops as a signal would at that step (for tests)."""
-    from lmforge.train.checkpoint import latest_checkpoint
+             interrupt_at: int | None = None, resume_from: str | None = None) -> FinetuneResult:
+    """Run a fine-tuning config. `resume` continues from the newest intact checkpoint, `resume_from`
+    (`step-N` or a checkpoint path) from that one. `interrupt_at` stops as a signal would at that
+    step (for tests)."""
+    from lmforge.train.recovery import run_dir_writes
+    from lmforge.train.trainer import check_run_dir
+
+    resume = resume or resume_from is not None
+    check_run_dir(cfg.run.dir, resume, resume_from)
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
+    with run_dir_writes(cfg.run.dir):
+        return _finetune(cfg, resume, resume_from, progress, log, interrupt_at)
+
+
+def _finetune(cfg: FinetuneConfig, resume: bool, resume_from: str | None, progress: bool, log,
+              interrupt_at: int | None) -> FinetuneResult:
+    from lmforge.eval.compute import EnergyMeter, write_run_summary
+    from lmforge.train.checkpoint import point_link
+    from lmforge.train.early_stop import EarlyStopping
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.trainer import MetricsLog, autocast_for, plot_losses, precision_note, run_steps
+    from lmforge.train.recovery import find_checkpoint
+    from lmforge.train.trainer import MetricsLog, autocast_for, plot_losses, precision_note, run_steps, stop_record
 
     run_dir, tc = cfg.run.dir, cfg.train
-    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
-                           "or choose another --run.name")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
-    if tc.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
     device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(tc.seed)
     loaded = prepare_model(cfg, device, log)
@@ -337,19 +355,25 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
-    start_step, elapsed_before = 0, 0.0
+    tokens_per_step = tc.grad_accum * task.tokens_per_batch
+    start_step, start_tokens, elapsed_before = 0, 0, 0.0
+    early = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
     if resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = find_checkpoint(run_dir, resume_from, log, set_aside=True)
         state = load_finetune_checkpoint(ckpt, model, head, optimizer)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_step, elapsed_before = state["step"], state["elapsed"]
+        start_tokens = state.get("tokens", start_step * tokens_per_step)  # checkpoints before tokens were kept
+        early.restore(state.get("early_stop"))
+        point_link(run_dir, "latest", ckpt)
         log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step)
 
-    def checkpoint(step: int, elapsed: float, tokens: int) -> Path:  # tokens: pretraining's count, not kept here
-        state = {"step": step, "rng_cpu": torch.get_rng_state(), "elapsed": elapsed}
+    def checkpoint(step: int, elapsed: float, tokens: int) -> Path:
+        state = {"step": step, "rng_cpu": torch.get_rng_state(), "elapsed": elapsed, "tokens": tokens,
+                 "early_stop": early.state()}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         return save_finetune_checkpoint(run_dir, step, model, head, optimizer, state, tc.keep_checkpoints)
@@ -380,20 +404,35 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / tc.grad_accum, grad_norm
 
+    flops_per_token = training_flops_per_token(model.config)
+    energy = EnergyMeter(device)
     try:
         end = run_steps(train_step, optimizer, tc, eval_every=cfg.eval.every, run_dir=run_dir, start_step=start_step,
-                        start_tokens=0, elapsed_before=elapsed_before,
-                        tokens_per_step=tc.grad_accum * task.tokens_per_batch, metrics=metrics, validate=validate,
+                        start_tokens=start_tokens, elapsed_before=elapsed_before,
+                        tokens_per_step=tokens_per_step, metrics=metrics, validate=validate,
                         checkpoint=checkpoint, log=log, bar_label=cfg.task, progress=progress,
-                        interrupt_at=interrupt_at)
+                        interrupt_at=interrupt_at, early=early)
         step, seconds, last_loss, val = end.steps, end.seconds, end.train_loss, end.val
         provenance = {"finetune": cfg.model_dump(mode="json"),
                       "metrics": {**val, "train_loss": last_loss, "steps": step, "seconds": seconds}}
         output = save_outputs(cfg, loaded, task, head, run_dir, provenance)
         plot_losses(run_dir)
+        write_run_summary(run_dir, flops_per_token, end.tokens, step, seconds, device, energy,
+                          seconds - elapsed_before, extra={"task": cfg.task, "method": cfg.method,
+                                                           **stop_record(end, run_dir)})
     finally:
         metrics.close()
     return FinetuneResult(run_dir, output, step, seconds, last_loss, val)
+
+
+def training_flops_per_token(config: ModelConfig) -> float:
+    """The model's training FLOPs per token (6 per weight plus attention, as pretraining counts),
+    from its config: a QLoRA base holds its linears as integers, which the module count would miss.
+    LoRA's frozen weights take no weight gradients, so for lora and qlora this is an upper bound."""
+    from lmforge.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(config).flops_per_token(training=True)
 
 
 def save_outputs(cfg: FinetuneConfig, loaded, task: Task, head, run_dir: Path, provenance: dict[str, Any]) -> Path:

@@ -35,9 +35,12 @@ from lmforge.eval.perplexity import EvalResult, evaluate_split
 from lmforge.model import Transformer
 from lmforge.model_dir import save_model_dir
 from lmforge.train import distributed
-from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, point_link, save_checkpoint
+from lmforge.train.continued import continued_pretraining, load_initial_weights
+from lmforge.train.early_stop import EarlyStopping
 from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.recovery import checkpoint_folders, find_checkpoint, run_dir_writes
 
 
 class TrainingInterrupted(Exception):
@@ -127,9 +130,19 @@ class _StopFlag:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; a log without a path (other ranks) writes nothing."""
+    """Appends one JSON object per line; a log without a path (other ranks) writes nothing.
 
-    def __init__(self, path: Path | None):
+    A run that starts at `start_step` (0, or the step of the checkpoint it resumes from) first
+    cuts the log back to the records up to that step: the steps after it ran in a process whose
+    work is lost, and are about to run again."""
+
+    def __init__(self, path: Path | None, start_step: int = 0):
+        if path is not None and path.is_file():
+            kept = [line + "\n" for line in path.read_text().splitlines()
+                    if line.strip() and _step_of_record(line) <= start_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
         self._f = open(path, "a") if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -142,11 +155,40 @@ class MetricsLog:
             self._f.close()
 
 
+def _step_of_record(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return math.inf
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of `metrics.jsonl`, each step once: a log written before resumes cut it back
+    (see `MetricsLog`) can repeat steps, and then the last record of a step and kind (training
+    or validation) is the one kept, at the place of the first. A line cut short is skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records: dict[tuple[Any, bool], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records[(record["step"], "loss" in record)] = record
+    return list(records.values())
+
+
+def stop_record(end: "LoopEnd", run_dir: Path) -> dict[str, Any]:
+    """What summary.json says of why the run ended and of its best validation."""
+    out: dict[str, Any] = {"stop_reason": end.stop_reason}
+    if end.stop_reason == "early_stop":
+        out["stop_detail"] = end.early.reason()
+    if end.early.enabled and end.early.best_step is not None:
+        out["best"] = {"step": end.early.best_step, "val_loss": end.early.best_loss,
+                       "checkpoint": str(run_dir / "checkpoints" / checkpoint_name(end.early.best_step))}
+    return out
 
 
 def plot_losses(run_dir: Path) -> Path | None:
@@ -183,6 +225,13 @@ class LoopEnd:
     seconds: float  # of training, resumed runs included
     train_loss: float  # of the last step
     val: Any  # what the final `validate` returned
+    stop_reason: str  # max_steps, max_minutes or early_stop
+    early: EarlyStopping
+
+
+def val_loss_of(val: Any) -> float:
+    """The validation loss in what `validate` returned: pretraining's EvalResult or a task's metrics."""
+    return float(val["val_loss"] if isinstance(val, dict) else val.loss)
 
 
 def run_steps(train_step: Callable[[int], tuple[float, float]], optimizer: torch.optim.Optimizer, tc: TrainConfig, *,
@@ -191,22 +240,34 @@ def run_steps(train_step: Callable[[int], tuple[float, float]], optimizer: torch
               checkpoint: Callable[[int, float, int], Path], log, bar_label: str, progress: bool,
               ctx: distributed.DistContext | None = None, flops_per_token: float | None = None,
               interrupt_at: int | None = None,
-              on_validation: Callable[[int, Any], None] | None = None) -> LoopEnd:
+              on_validation: Callable[[int, Any], None] | None = None,
+              early: EarlyStopping | None = None) -> LoopEnd:
     """The loop pretraining and fine-tuning share, around their own `train_step(step) -> (mean loss,
     grad norm)` (accumulate, clip, optimizer step): the learning-rate schedule, the metrics record
     every `log_every` steps, the progress bar, `validate(step)` every `eval_every` steps and at the
     end, `checkpoint(step, elapsed, tokens)` every `checkpoint_every` steps and at the end, and
     stopping on train.max_minutes (checkpoint, then finish) or a signal / `interrupt_at`
-    (checkpoint, then raise TrainingInterrupted). Under torch.distributed the loss is averaged and
-    the stop decisions agreed across ranks; only rank 0 draws the bar and the plot."""
+    (checkpoint, then raise TrainingInterrupted), and on `early` (train.early_stop_patience
+    validations without improvement: a checkpoint at each new best, marked `best`, then finish).
+    The caller's `checkpoint` records `early.state()`. Under torch.distributed the loss is averaged
+    and the stop decisions agreed across ranks; only rank 0 draws the bar and the plot."""
     ctx = ctx or distributed.DistContext()
+    early = early or EarlyStopping(patience=0)
+    stop_reason = "max_steps"
+
+    def track(step: int, val: Any) -> bool:
+        """Record a validation with the early-stopping tracker; True when a `best` checkpoint is due.
+        Rank 0's loss decides, so that every rank stops (and checkpoints) at the same step."""
+        return early.update(step, ctx.share(val_loss_of(val))) and early.enabled
+
     bar = _progress_bar(progress and ctx.is_main)
     task = bar.add_task(bar_label, total=tc.max_steps, completed=start_step, loss=float("nan"), tps=0.0)
     start = time.perf_counter()
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     last_loss, step, tokens = float("nan"), start_step, start_tokens
+    val, val_step = None, None
     with _StopFlag() as stop, bar:
-        while step < tc.max_steps:
+        while step < tc.max_steps and not early.should_stop:
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -233,51 +294,89 @@ def run_steps(train_step: Callable[[int], tuple[float, float]], optimizer: torch
                 bar.update(task, loss=window_loss / window_steps, tps=tps)
                 window_loss, window_steps, window_start = 0.0, 0, now
             bar.update(task, completed=step)
+            new_best = False
             if step % eval_every == 0 and step < tc.max_steps and not (out_of_time or interrupted):
-                val = validate(step)
+                val, val_step = validate(step), step
                 if on_validation is not None:
                     on_validation(step, val)
-            if step % tc.checkpoint_every == 0 or interrupted or out_of_time:
+                new_best = track(step, val)
+            if step % tc.checkpoint_every == 0 or interrupted or out_of_time or new_best or early.should_stop:
                 path = checkpoint(step, elapsed, tokens)
+                if new_best and ctx.is_main:
+                    point_link(run_dir, "best", path)
                 if interrupted:
                     if ctx.is_main:
                         plot_losses(run_dir)
                     raise TrainingInterrupted(step, path)
             if out_of_time:
                 log(f"train.max_minutes reached at step {step}")
+                stop_reason = "max_minutes"
                 break
     seconds = elapsed_before + time.perf_counter() - start
-    val = validate(step)
+    if early.should_stop:
+        log(f"early stop at step {step}: {early.reason()}; best checkpoint: {run_dir / 'best'}")
+        stop_reason = "early_stop"
+    new_best = False
+    if val_step != step:  # the run's last step has not been validated yet
+        val = validate(step)
+        new_best = track(step, val)
     latest = latest_checkpoint(run_dir)
-    if latest is None or latest.name != checkpoint_name(step):
-        checkpoint(step, seconds, tokens)
-    return LoopEnd(step, tokens, seconds, last_loss, val)
+    if new_best or latest is None or latest.name != checkpoint_name(step):
+        path = checkpoint(step, seconds, tokens)
+        if new_best and ctx.is_main:
+            point_link(run_dir, "best", path)
+    return LoopEnd(step, tokens, seconds, last_loss, val, stop_reason, early)
+
+
+def check_run_dir(run_dir: Path, resume: bool, resume_from: str | None = None) -> None:
+    """A new run needs a run directory without checkpoints, and a resumed one a checkpoint."""
+    if not resume and checkpoint_folders(run_dir):
+        raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
+                           "or choose another --run.name")
+    if resume and resume_from is None and not checkpoint_folders(run_dir):
+        raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print,
           interrupt_at: int | None = None,
-          on_validation: Callable[[int, EvalResult], None] | None = None) -> TrainResult:
-    """Run a recipe. `interrupt_at` stops as a signal would at that step (for tests);
-    `on_validation(step, result)` sees each periodic validation and may raise to stop the
-    run (hyperparameter search prunes trials this way)."""
+          on_validation: Callable[[int, EvalResult], None] | None = None,
+          resume_from: str | None = None) -> TrainResult:
+    """Run a recipe. `resume` continues from the newest intact checkpoint, `resume_from`
+    (`step-N` or a checkpoint path) from that one. `interrupt_at` stops as a signal would at
+    that step (for tests); `on_validation(step, result)` sees each periodic validation and may
+    raise to stop the run (hyperparameter search prunes trials this way)."""
     run_dir = recipe.run.dir
-    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
-                           "or choose another --run.name")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
+    resume = resume or resume_from is not None
+    check_run_dir(run_dir, resume, resume_from)
+    if recipe.train.init_from:
+        recipe = continued_pretraining(recipe, log)
     tc = recipe.train
     if tc.device.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
     ctx, device = distributed.setup(tc.parallel, tc.batch_size, tc.device)
     try:
-        return _train(recipe, resume, progress, log if ctx.is_main else (lambda *_: None), interrupt_at,
-                      on_validation, ctx, device)
+        with run_dir_writes(run_dir):
+            return _train(recipe, resume, resume_from, progress, log if ctx.is_main else (lambda *_: None),
+                          interrupt_at, on_validation, ctx, device)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int | None,
+def _choose_checkpoint(run_dir: Path, resume_from: str | None, log, ctx: distributed.DistContext) -> Path:
+    """Rank 0 verifies the checkpoints and chooses (or finds none); every rank gets its answer."""
+    chosen: str | LmforgeError | None = None
+    if ctx.is_main:
+        try:
+            chosen = str(find_checkpoint(run_dir, resume_from, log, set_aside=True))
+        except LmforgeError as e:
+            chosen = e
+    chosen = ctx.share(chosen)
+    if isinstance(chosen, LmforgeError):
+        raise chosen
+    return Path(chosen)
+
+
+def _train(recipe: Recipe, resume: bool, resume_from: str | None, progress: bool, log, interrupt_at: int | None,
            on_validation, ctx: distributed.DistContext, device: torch.device) -> TrainResult:
     run_dir, tc = recipe.run.dir, recipe.train
     if ctx.is_main:  # one process prepares; the others then find it ready
@@ -297,6 +396,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
 
     torch.manual_seed(tc.seed)
     model = Transformer(recipe.model).to(device)
+    if tc.init_from and not resume:
+        load_initial_weights(model, tc.init_from, log)
     model.train()
     wrapped = distributed.parallelize(model, ctx, device, activation_checkpointing=tc.activation_checkpointing)
     optimizer = build_optimizer(model, tc, device)  # after sharding: FSDP2 replaces the parameters
@@ -310,22 +411,28 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    early = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
     if resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = _choose_checkpoint(run_dir, resume_from, log, ctx)
         state = load_checkpoint(ckpt, model, optimizer, ctx)  # collective when several processes train
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        early.restore(state.get("early_stop"))
+        if ctx.is_main:
+            point_link(run_dir, "latest", ckpt)
         log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
     provenance = {"recipe": recipe.model_dump(mode="json"),
-                  "data": {"dir": str(data_dir), "fingerprint": index["fingerprint"], "corpus": recipe.data.corpus}}
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if ctx.is_main else None)
+                  "data": {"dir": str(data_dir), "fingerprint": index["fingerprint"], "corpus": recipe.data.corpus},
+                  **({"parents": [tc.init_from]} if tc.init_from else {})}
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if ctx.is_main else None, start_step)
     tokens_per_step = tc.batch_size * tc.grad_accum * seq_len
     flops_per_token = model.flops_per_token(seq_len, training=True)
 
     def checkpoint(step: int, elapsed: float, tokens: int) -> Path:
-        state = {"step": step, "rng_cpu": torch.get_rng_state(), "tokens": tokens, "elapsed": elapsed}
+        state = {"step": step, "rng_cpu": torch.get_rng_state(), "tokens": tokens, "elapsed": elapsed,
+                 "early_stop": early.state()}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         return save_checkpoint(run_dir, step, model, optimizer, tokenizer, state, provenance,
@@ -360,7 +467,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
                         start_step=start_step, start_tokens=tokens_seen, elapsed_before=elapsed_before,
                         tokens_per_step=tokens_per_step, metrics=metrics, validate=validate, checkpoint=checkpoint,
                         log=log, bar_label="train", progress=progress, ctx=ctx, flops_per_token=flops_per_token,
-                        interrupt_at=interrupt_at, on_validation=on_validation)
+                        interrupt_at=interrupt_at, on_validation=on_validation, early=early)
         step, tokens_seen, seconds, last_loss, val = end.steps, end.tokens, end.seconds, end.train_loss, end.val
         provenance["metrics"] = {"val_loss": val.loss, "val_ppl": val.perplexity, "val_bpb": val.bits_per_byte,
                                  "train_loss": last_loss, "steps": step, "tokens": tokens_seen, "seconds": seconds}
@@ -370,7 +477,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, log, interrupt_at: int 
             save_model_dir(distributed.plain_copy(weights, model), tokenizer, model_dir, provenance)
             plot_losses(run_dir)
             write_run_summary(run_dir, flops_per_token, tokens_seen, step, seconds, device, energy,
-                              seconds - elapsed_before, ctx.world)
+                              seconds - elapsed_before, ctx.world, extra=stop_record(end, run_dir))
         ctx.barrier()
     finally:
         metrics.close()
