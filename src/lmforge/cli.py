@@ -59,7 +59,9 @@ def quickstart(
 def train(
     ctx: typer.Context,
     recipe: Annotated[str, typer.Argument(help="A recipe YAML file, or a built-in name (quickstart, tiny, gpt2-124m).")],
-    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint.")] = False,
+    resume_from: Annotated[Optional[str], typer.Option(help="Continue from this checkpoint: step-N, or a checkpoint path.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Continue pretraining this model directory (train.init_from).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (launches torchrun).")] = 1,
 ):
@@ -69,13 +71,15 @@ def train(
     from lmforge.config import load_recipe
     from lmforge.train.trainer import train as run_training
 
-    cfg = load_recipe(recipe, list(ctx.args))
+    args = list(ctx.args) + (["--train.init_from", init_from] if init_from else [])
+    cfg = load_recipe(recipe, args)
     if nproc != 1 and "WORLD_SIZE" not in os.environ:
         from lmforge.train.distributed import launch
 
-        flags = (["--resume"] if resume else []) + ([] if progress else ["--no-progress"])
-        raise typer.Exit(launch(nproc, ["train", recipe, *flags, *ctx.args]))
-    result = run_training(cfg, resume=resume, progress=progress, log=console.print)
+        flags = (["--resume"] if resume else []) + (["--resume-from", resume_from] if resume_from else []) + \
+            ([] if progress else ["--no-progress"])
+        raise typer.Exit(launch(nproc, ["train", recipe, *flags, *args]))
+    result = run_training(cfg, resume=resume, progress=progress, log=console.print, resume_from=resume_from)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     val = result.val
