@@ -15,7 +15,6 @@ only when the caller allows it, and then with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,32 +30,12 @@ from lmforge.interop.crypto import ENCRYPTION_FILE
 from lmforge.interop.hf import from_hf_config, split_rule, to_hf_config, weight_map
 from lmforge.interop.weights import MemoryTensors, SafetensorsFiles, TensorSource, load_weights
 from lmforge.model import Transformer
+from lmforge.model_files import (
+    WEIGHTS, WEIGHTS_INDEX, load_tokenizer, pickle_files, read_json, refuse_links_out, sha256_file, weight_files,
+    weight_index,
+)
 
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-WEIGHT_SUFFIXES = (".safetensors", ".enc", *PICKLE_SUFFIXES)  # `.enc`: interop/crypto.py's sealed shards
 MAX_SHARD_BYTES = 4 << 30
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LmforgeError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{path} is not valid JSON ({e}); the model directory is corrupt") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path} must hold a JSON object")
-    return data
 
 
 def write_weights(d: Path, model: Transformer, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, str]:
@@ -145,38 +124,6 @@ def _version() -> str:
         return "unknown"
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model directory (the shards, in index order, when sharded)."""
-    if (folder / WEIGHTS_INDEX).is_file():
-        weight_map_index = _index(folder)
-        return [folder / n for n in sorted(set(weight_map_index.values()))]
-    if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
-    if (folder / "dcp" / ".metadata").is_file():  # train/checkpoint.py's sharded (multi-process) checkpoint
-        raise LmforgeError(f"{folder} is a sharded training checkpoint, not a model directory: make one with "
-                           f"`lmforge export-checkpoint {folder} --out DIR`")
-    if pickle_files(folder):
-        raise LmforgeError(f"{folder} holds only pickle weights ({pickle_files(folder)[0].name}), which can run "
-                           "code when loaded. lmforge reads safetensors; if you trust the file, pass "
-                           "--allow-pickle (allow_pickle=True) to read it with torch.load(weights_only=True)")
-    raise LmforgeError(f"no {WEIGHTS} in {folder}; is this a model directory?")
-
-
-def _index(folder: Path) -> dict[str, str]:
-    weight_map_index = read_json(folder / WEIGHTS_INDEX).get("weight_map")
-    if not isinstance(weight_map_index, dict) or not weight_map_index:
-        raise LmforgeError(f"{folder / WEIGHTS_INDEX} has no weight_map")
-    for name, file in weight_map_index.items():
-        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
-            raise LmforgeError(f"{folder / WEIGHTS_INDEX}: tensor {name!r} points at {file!r}, "
-                               "not a .safetensors file in this directory")
-    return weight_map_index
-
-
-def pickle_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-
-
 def read_pickle_weights(files: list[Path]) -> MemoryTensors:
     """Only behind --allow-pickle, and even then no arbitrary objects: weights_only=True."""
     tensors: dict[str, torch.Tensor] = {}
@@ -202,7 +149,7 @@ def weight_source(folder: Path, allow_pickle: bool = False, key: bytes | None = 
             and pickle_files(folder):
         return read_pickle_weights(pickle_files(folder))
     files = weight_files(folder)
-    return SafetensorsFiles(files, _index(folder) if (folder / WEIGHTS_INDEX).is_file() else None)
+    return SafetensorsFiles(files, weight_index(folder) if (folder / WEIGHTS_INDEX).is_file() else None)
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -227,34 +174,6 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     tokenizer = load_tokenizer(folder)
     meta = read_json(folder / "lmforge.json") if (folder / "lmforge.json").is_file() else {}
     return model, tokenizer, meta
-
-
-def refuse_links_out(folder: Path) -> None:
-    """A model directory's files other than weights (configuration, tokenizer, chat template)
-    must be its own: through a symlink out of it, a downloaded model would have lmforge read
-    any file the user can, render it as a template, serve it (/tokenizer_info) and copy it
-    into the models it imports. Weights may be links (they are only ever read as tensors)."""
-    if not folder.is_dir():
-        return
-    root = folder.resolve()
-    for entry in folder.iterdir():
-        if not entry.is_symlink() or entry.name.endswith(WEIGHT_SUFFIXES):
-            continue
-        target = entry.resolve()
-        if target != root and root not in target.parents:
-            raise LmforgeError(f"{entry} is a link to {target}, outside the model directory; lmforge reads a "
-                               "model's configuration, tokenizer and chat template only from its own directory: "
-                               "copy the files in (cp -rL DIR NEW_DIR copies a directory with its links followed)")
-
-
-def load_tokenizer(folder: Path) -> TextTokenizer:
-    """tokenizer.json + tokenizer_config.json; newer transformers keep the chat template in chat_template.jinja."""
-    refuse_links_out(folder)
-    tokenizer = TextTokenizer.load(folder)
-    template = folder / "chat_template.jinja"
-    if tokenizer.chat_template is None and template.is_file():
-        tokenizer.config["chat_template"] = template.read_text()
-    return tokenizer
 
 
 def verify_model_dir(path: str | Path) -> dict[str, str]:

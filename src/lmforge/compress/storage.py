@@ -29,7 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.crypto import ENCRYPTION_FILE
 from lmforge.interop.hf import from_hf_config
 from lmforge.model import Transformer
-from lmforge.model_dir import WEIGHTS, load_tokenizer, read_json, sha256_file, weight_files
+from lmforge.model_files import WEIGHTS, load_tokenizer, read_json, sha256_file, weight_files
 
 FORMAT = 1
 LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")

@@ -170,7 +170,7 @@ def _key_check(key: bytes) -> str:
 def check_key(folder: Path, key: bytes | None) -> dict:
     from cryptography.exceptions import InvalidTag
 
-    from lmforge.model_dir import read_json
+    from lmforge.model_files import read_json
 
     record = read_json(folder / ENCRYPTION_FILE)
     key = given_key(key)
@@ -191,7 +191,7 @@ def check_key(folder: Path, key: bytes | None) -> dict:
 
 def encrypt_model_dir(folder: str | Path, key: bytes) -> list[str]:
     """Seal every weight file in place; plaintext is removed only after everything is written."""
-    from lmforge.model_dir import sha256_file, weight_files
+    from lmforge.model_files import sha256_file, weight_files
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -242,7 +242,7 @@ def decrypted_source(folder: Path, key: bytes | None):
     """The weights of an encrypted directory, each file decrypted into memory when first read."""
     from lmforge.interop.safetensors_io import MemoryFile
     from lmforge.interop.weights import SafetensorsFiles
-    from lmforge.model_dir import WEIGHTS_INDEX, _index
+    from lmforge.model_files import WEIGHTS_INDEX, weight_index
 
     record = check_key(folder, key)
     key = given_key(key)
@@ -255,6 +255,6 @@ def decrypted_source(folder: Path, key: bytes | None):
             plain[path] = decrypt_bytes(folder / record["files"][path.name], key, path.name)
         return MemoryFile(plain[path])
 
-    index = _index(folder) if (folder / WEIGHTS_INDEX).is_file() else None
+    index = weight_index(folder) if (folder / WEIGHTS_INDEX).is_file() else None
     names = sorted(set(index.values())) if index else list(record["files"])
     return SafetensorsFiles([folder / n for n in names], index, opener=opener)
