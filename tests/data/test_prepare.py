@@ -12,7 +12,7 @@ import torch
 from lmforge.config import DataConfig, TokenizerConfig
 from lmforge.data.corpora import synthetic_documents
 from lmforge.data.loader import BatchLoader, TokenSplit, sequential_windows
-from lmforge.data.prepare import prepare, read_index, split_document
+from lmforge.data.prepare import adopt_prepared, prepare, read_index, split_document
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 
@@ -203,3 +203,18 @@ def test_literal_special_token_text_in_a_document_is_plain_text(tiny_data, tmp_p
     tokenizer = TextTokenizer.load(out)
     ids = np.concatenate([np.asarray(s) for s in TokenSplit(out, "train").shards]).tolist()
     assert ids.count(tokenizer.eos_id) == 1  # only the separator after the document
+
+
+def test_a_recipe_naming_only_a_prepared_directory_trains_on_it_as_prepared(tmp_path):
+    """`lmforge data prepare my.txt --out data/mine --vocab-size 300` then `data: {dir: data/mine}`:
+    the directory's own corpus and tokenizer settings, not the recipe defaults' (which refused it)."""
+    text = tmp_path / "my.txt"
+    text.write_text("".join(f"Line {i}: the tokenizer learns merges from this text.\n" for i in range(200)))
+    made = DataConfig(corpus=str(text), tokenizer=TokenizerConfig(vocab_size=300))
+    prepare(made, tmp_path / "mine")
+    named = DataConfig(dir=str(tmp_path / "mine"))
+    adopted = adopt_prepared(named)
+    assert adopted.corpus == str(text) and adopted.tokenizer.vocab_size == 300
+    assert prepare(adopted, adopted.dir) == tmp_path / "mine"  # reused, not refused
+    with pytest.raises(LmforgeError, match="prepared with other settings"):  # a corpus named too must match
+        prepare(adopt_prepared(DataConfig(corpus="shakespeare", dir=str(tmp_path / "mine"))), tmp_path / "mine")

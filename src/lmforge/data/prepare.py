@@ -92,6 +92,21 @@ def read_index(folder: str | Path) -> dict:
         raise LmforgeError(f"{path} is corrupt; delete {folder} and run `lmforge data prepare` again") from None
 
 
+def adopt_prepared(cfg: DataConfig) -> DataConfig:
+    """A recipe whose data section names a prepared directory (`dir`) and no corpus trains on
+    that directory as `lmforge data prepare` made it: corpus and tokenizer settings come from it."""
+    if not cfg.dir or "corpus" in cfg.model_fields_set or not (Path(cfg.dir) / INDEX).is_file():
+        return cfg
+    made = read_index(cfg.dir).get("settings") or {}
+    if made.get("format") != FORMAT_VERSION:
+        raise LmforgeError(f"{cfg.dir} was prepared by another version of lmforge; prepare it again with "
+                           "`lmforge data prepare ... --force`")
+    tokenizer = cfg.tokenizer.model_copy(update={"vocab_size": made["vocab_size"], "path": made["tokenizer"],
+                                                 "min_frequency": made["min_frequency"]})
+    return cfg.model_copy(update={"corpus": made["corpus"], "text_field": made["text_field"],
+                                  "val_fraction": made["val_fraction"], "tokenizer": tokenizer})
+
+
 def prepare(cfg: DataConfig, out: str | Path, force: bool = False, progress=None) -> Path:
     """Prepare `cfg.corpus` into `out`; reuse an existing directory made with the same settings."""
     out = Path(out)

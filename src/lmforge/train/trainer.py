@@ -27,7 +27,7 @@ import torch
 
 from lmforge.config import Recipe, TrainConfig
 from lmforge.data.loader import BatchLoader, TokenSplit
-from lmforge.data.prepare import prepare, read_index
+from lmforge.data.prepare import adopt_prepared, prepare, read_index
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.compute import EnergyMeter, write_run_summary
@@ -348,6 +348,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True, log=print
     run_dir = recipe.run.dir
     resume = resume or resume_from is not None
     check_run_dir(run_dir, resume, resume_from)
+    recipe = recipe.model_copy(update={"data": adopt_prepared(recipe.data)})
     if recipe.train.init_from:
         recipe = continued_pretraining(recipe, log)
     tc = recipe.train
