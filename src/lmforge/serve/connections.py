@@ -26,7 +26,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lmforge.serve.middleware import error_body
+from lmforge.serve.errors import error_body
 from lmforge.serve.settings import ServeSettings
 
 

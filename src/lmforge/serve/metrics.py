@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lmforge.infer.engine import Engine
+from lmforge.serve.engine_api import ServingEngine
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: ServingEngine):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("lmforge_requests", "HTTP requests", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens processed", registry=r)

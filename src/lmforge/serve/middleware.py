@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 
+from lmforge.serve.errors import error_body
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.security import host_allowed
 
@@ -24,11 +25,6 @@ access_log = logging.getLogger("lmforge.serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
           "/health", "/metrics", "/openapi.json", "/"}
-
-
-def error_body(message: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
 
 
 class RequestContext:

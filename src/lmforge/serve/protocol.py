@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they make /openapi.json).
 
 Types are strict (no "5" for 5) and every number has bounds, so malformed or absurd input
-fails validation with a 400 before it reaches the engine. The server's own caps (prompt
-tokens, max_tokens, n, ...) are checked in `app.py`, since they are settings.
+fails validation with a 400 before it reaches the engine. The server's own caps (max_tokens,
+n, stop strings, logprobs, ...) are settings: `check_limits` holds a body to them, and the
+bodies' methods check what spans fields; both raise `APIError`. (Prompt tokens are counted in
+prompts.py, which tokenizes.)
 
 JSON may spell a lone UTF-16 surrogate (`"\\ud800"`), which is no Unicode text: no tokenizer
 encodes it and no response can echo it as UTF-8, so a request holding one anywhere is
@@ -15,6 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
+
+from lmforge.serve.errors import APIError
+from lmforge.serve.settings import ServeSettings
 
 SEED_MAX = 2**63 - 1
 INT_MAX = 2**31 - 1
@@ -86,6 +91,14 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=INT_MAX, description="How many alternatives to return per token")
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs)")
 
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts, one or several, each a text or token ids."""
+        p = self.prompt
+        prompts: list[str | list[int]] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise APIError(400, "the prompt list is empty", param="prompt")
+        return prompts
+
 
 class TextPart(Body):
     type: Literal["text"]
@@ -112,6 +125,15 @@ class ChatRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=INT_MAX)
 
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives to return per token (0: only the token's), None: no logprobs."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
 
 class TokenizeRequest(RequestBody):
     model: str | None = Field(None, max_length=256)
@@ -119,7 +141,40 @@ class TokenizeRequest(RequestBody):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
 
+    def check_one_input(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give either a prompt or messages", param="prompt")
+
 
 class DetokenizeRequest(RequestBody):
     model: str | None = Field(None, max_length=256)
     tokens: list[Annotated[int, Field(ge=0, le=INT_MAX)]]
+
+
+def check_model(name: str | None, settings: ServeSettings) -> None:
+    """A request naming a model must name the one served."""
+    if name is not None and name != settings.model_name:
+        raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves "
+                       f"'{settings.model_name}'", "not_found_error", "model", "model_not_found")
+
+
+def check_limits(body: SamplingFields, prompts: int, max_tokens: int | None, logprobs: int | None,
+                 settings: ServeSettings) -> list[str]:
+    """Hold a generation request (`prompts` prompts, each sampled body.n times) to the
+    server's caps; returns its stop strings as a list."""
+    if body.n > settings.max_n:
+        raise APIError(400, f"n is {body.n}; this server allows at most {settings.max_n}", param="n")
+    if prompts * body.n > settings.max_choices:
+        raise APIError(400, f"{prompts} prompts x n={body.n} is more than the {settings.max_choices} "
+                       "completions one request may ask for", param="prompt")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > settings.max_stop:
+        raise APIError(400, f"{len(stop)} stop strings; at most {settings.max_stop}", param="stop")
+    if any(not s for s in stop):
+        raise APIError(400, "a stop string is empty", param="stop")
+    if logprobs is not None and logprobs > settings.max_logprobs:
+        raise APIError(400, f"logprobs is {logprobs}; at most {settings.max_logprobs}", param="logprobs")
+    if max_tokens is not None and max_tokens > settings.max_tokens:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}",
+                       param="max_tokens")
+    return stop

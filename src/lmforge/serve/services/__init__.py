@@ -1,0 +1,1 @@
+"""What the routes call: completion, chat and tokenizer services over the engine (serve.engine_api)."""
