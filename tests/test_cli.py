@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -212,6 +213,45 @@ def test_version(cli):
     proc = cli("--version", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"lmforge {version('lmforge')}"
+
+
+def test_the_verb_table_is_the_cli():
+    """Every verb comes from the one table in cli.py, and typer is imported only where commands
+    are defined (cli.py and the modules its table names), never by the library they call."""
+    import ast
+    from pathlib import Path
+
+    import typer.main
+
+    from lmforge import cli
+
+    group = typer.main.get_command(cli.app)
+    assert list(group.commands) == [v.name for v in cli.COMMANDS] + ["data"]
+    assert list(group.commands["data"].commands) == [v.name for v in cli.DATA_COMMANDS]
+    for verb in cli.COMMANDS:
+        passes_flags = (group.commands[verb.name].context_settings or {}).get("ignore_unknown_options", False)
+        assert passes_flags == verb.overrides, verb.name
+    command_modules = {v.command.__module__ for v in cli.COMMANDS + cli.DATA_COMMANDS} | {"lmforge.cli"}
+    src = Path(cli.__file__).parent
+    importing_typer = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n == "typer" or n.startswith("typer.") for n in names):
+                module = ".".join(("lmforge", *path.relative_to(src).with_suffix("").parts))
+                importing_typer.add(module.removesuffix(".__init__"))
+    assert importing_typer == command_modules
+
+
+def test_help_starts_without_torch():
+    """`lmforge --help` (and any verb's --help) loads no torch: the CLI starts in well under a second."""
+    code = ("import sys; from lmforge.cli import main; sys.argv = ['lmforge', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'optuna', 'fastapi') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_every_command_that_loads_a_model_takes_the_key_options():

@@ -1,5 +1,10 @@
 """`lmforge <verb>`: thin commands that parse, validate, call the library and print.
 
+Every verb is one row of `COMMANDS` (and `DATA_COMMANDS` for `lmforge data ...`), at the end
+of this file: the verb, its function (here, or in a stage's command module), whether it loads
+a model directory (then it takes --key-file/--key-env for an encrypted one) and whether it
+passes unknown `--section.key value` flags on as config overrides. Adding a verb is adding a row.
+
 User mistakes raise `LmforgeError`; `main()` prints its one line and exits 2. Anything
 else is a bug and keeps its traceback.
 """
@@ -8,21 +13,20 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from lmforge.console_text import print_model_text
-from lmforge.errors import LmforgeError
-
-app = typer.Typer(help="lmforge: data -> tokenizer -> pretrain -> adapt -> compress -> export -> serve -> evaluate.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Prepare and clean corpora.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
+from lmforge.compress import command as compress
+from lmforge.console_text import console, err_console, print_model_text
+from lmforge.data.clean.command import clean_command
+from lmforge.errors import LmforgeError, TrainingInterrupted
+from lmforge.interop import commands as interop
+from lmforge.train import commands as training
+from lmforge.train import predict
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -36,13 +40,37 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                    help="Print lmforge's version and exit.")] = False):
     pass
 
 
-@app.command()
+def _load_with_adapter(model: Path, adapter: Path | None):
+    """A model directory, with a LoRA adapter folded in when one is given."""
+    import lmforge
+
+    m = lmforge.load(model)
+    if adapter is not None:
+        from lmforge.model.lora import apply_adapter
+
+        apply_adapter(m, adapter, merge=True)
+    return m
+
+
+def _validated(cls, **kwargs):
+    """Build a config object, turning its validation errors into one user-facing line."""
+    from pydantic import ValidationError
+
+    from lmforge.config import describe_validation_error
+
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        raise LmforgeError(describe_validation_error(e, "options")) from None
+    except ValueError as e:
+        raise LmforgeError(str(e)) from None
+
+
 def quickstart(
     minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 3.0,
     out: Annotated[Path, typer.Option(help="Where runs and prepared data go.")] = Path("runs"),
@@ -55,7 +83,6 @@ def quickstart(
     run_quickstart(minutes=minutes, out=out, corpus=corpus, progress=progress, console=console)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
     recipe: Annotated[str, typer.Argument(help="A recipe YAML file, or a built-in name (quickstart, tiny, gpt2-124m).")],
@@ -92,7 +119,6 @@ def train(
     console.print(f"compute: {describe_run(result.run_dir)}")
 
 
-@data_app.command("prepare")
 def data_prepare(
     corpus: Annotated[str, typer.Argument(help="shakespeare, synthetic, or a text/JSONL file, directory or glob.")],
     out: Annotated[Path, typer.Option(help="Output directory for shards and tokenizer.")],
@@ -115,7 +141,6 @@ def data_prepare(
                   f"train {s['train']['tokens']:,} tokens, validation {s['val']['tokens']:,} tokens ({index['dtype']})")
 
 
-@app.command()
 def generate(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for a batch.")],
@@ -148,7 +173,6 @@ def generate(
         console.rule(style="dim")
 
 
-@app.command()
 def chat(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
@@ -189,7 +213,6 @@ def chat(
         messages.append({"role": "assistant", "content": reply.text})
 
 
-@app.command()
 def serve(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs API keys.")] = "127.0.0.1",
@@ -226,7 +249,6 @@ def serve(
         "native_decode": not reference_path})
 
 
-@app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     data: Annotated[Optional[Path], typer.Option(help="A UTF-8 text file, or a directory made by `lmforge data prepare`.")] = None,
@@ -270,7 +292,6 @@ def evaluate(
                       f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte{note}")
 
 
-@app.command()
 def explain(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     prompt: Annotated[str, typer.Option(help="The text to explain (its predicted next token).")],
@@ -284,7 +305,6 @@ def explain(
     explain_command(model, prompt, out, steps, top_k, console)
 
 
-@app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (runs/NAME); several are overlaid.")],
     out: Annotated[Path, typer.Option(help="Directory for the PNGs.")] = Path("plots"),
@@ -295,70 +315,65 @@ def plot(
     plot_command(runs, out, console)
 
 
-from lmforge.interop import commands as _interop  # noqa: E402  (import, export, verify, encrypt, decrypt)
+# ----------------------------------------------------------------------------- the verbs
 
-for _verb in ("import_", "export", "verify", "encrypt", "decrypt"):
-    app.command(_verb.rstrip("_"))(getattr(_interop, _verb))
-
-from lmforge.data.clean.command import clean_command  # noqa: E402  (lmforge data clean)
-
-data_app.command("clean")(clean_command)
-
-
-from lmforge.train.hpo import hpo_command  # noqa: E402  (lmforge hpo)
-
-app.command("hpo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(hpo_command)
-
-from lmforge.compress.command import register as _register_compress  # noqa: E402 - quantize, prune, distill, compare
-
-_register_compress(app)
-
-from lmforge.train.commands import register as _register_finetune  # noqa: E402 - finetune, merge
-
-_register_finetune(app)
-
-from lmforge.train.predict import register as _register_predict  # noqa: E402 - classify, tag
-
-_register_predict(app)
-
-# The commands that load a model directory: each takes the same --key-file/--key-env, for an
-# encrypted model (one definition, `with_model_key`). Keep this after every registration.
-MODEL_LOADING_COMMANDS = {"generate", "chat", "serve", "eval", "explain", "quantize", "prune", "distill", "compare",
-                          "export", "finetune", "merge", "classify", "tag"}
-for _info in app.registered_commands:
-    if (_info.name or _info.callback.__name__) in MODEL_LOADING_COMMANDS:
-        _info.callback = _interop.with_model_key(_info.callback)
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    command: Callable
+    loads_model: bool = False  # takes --key-file/--key-env: the key of an encrypted model directory
+    overrides: bool = False  # unknown `--section.key value` flags reach the command (ctx.args)
 
 
-def _load_with_adapter(model: Path, adapter: Path | None):
-    """A model directory, with a LoRA adapter folded in when one is given."""
-    import lmforge
+COMMANDS = [
+    Verb("quickstart", quickstart),
+    Verb("train", train, overrides=True),
+    Verb("generate", generate, loads_model=True),
+    Verb("chat", chat, loads_model=True),
+    Verb("serve", serve, loads_model=True),
+    Verb("eval", evaluate, loads_model=True),
+    Verb("explain", explain, loads_model=True),
+    Verb("plot", plot),
+    Verb("import", interop.import_),
+    Verb("export", interop.export, loads_model=True),
+    Verb("verify", interop.verify),
+    Verb("encrypt", interop.encrypt),  # takes its own key options: the key to seal with
+    Verb("decrypt", interop.decrypt),
+    Verb("hpo", training.hpo, overrides=True),
+    Verb("quantize", compress.quantize, loads_model=True),
+    Verb("prune", compress.prune, loads_model=True),
+    Verb("distill", compress.distill, loads_model=True),
+    Verb("compare", compress.compare, loads_model=True),
+    Verb("merge", training.merge, loads_model=True),
+    Verb("export-checkpoint", training.export_checkpoint),
+    Verb("finetune", training.finetune, loads_model=True, overrides=True),
+    Verb("classify", predict.classify, loads_model=True),
+    Verb("tag", predict.tag, loads_model=True),
+]
+DATA_COMMANDS = [  # lmforge data <verb>
+    Verb("prepare", data_prepare),
+    Verb("clean", clean_command),
+]
 
-    m = lmforge.load(model)
-    if adapter is not None:
-        from lmforge.model.lora import apply_adapter
 
-        apply_adapter(m, adapter, merge=True)
-    return m
+def _add(group: typer.Typer, verb: Verb) -> None:
+    command = interop.with_model_key(verb.command) if verb.loads_model else verb.command
+    settings = {"allow_extra_args": True, "ignore_unknown_options": True} if verb.overrides else None
+    group.command(verb.name, context_settings=settings)(command)
 
 
-def _validated(cls, **kwargs):
-    """Build a config object, turning its validation errors into one user-facing line."""
-    from pydantic import ValidationError
-
-    from lmforge.config import describe_validation_error
-
-    try:
-        return cls(**kwargs)
-    except ValidationError as e:
-        raise LmforgeError(describe_validation_error(e, "options")) from None
-    except ValueError as e:
-        raise LmforgeError(str(e)) from None
+app = typer.Typer(help="lmforge: data -> tokenizer -> pretrain -> adapt -> compress -> export -> serve -> evaluate.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.callback()(_options)
+data_app = typer.Typer(help="Prepare and clean corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+for _verb in COMMANDS:
+    _add(app, _verb)
+for _verb in DATA_COMMANDS:
+    _add(data_app, _verb)
 
 
 def main() -> None:
-    from lmforge.train.trainer import TrainingInterrupted
-
     try:
         app()
     except LmforgeError as e:

@@ -18,3 +18,12 @@ class LossDiverged(LmforgeError):
     def __init__(self, loss: float, step: int):
         super().__init__(f"loss became {loss} at step {step}; lower --train.lr or check the data")
         self.loss, self.step = loss, step
+
+
+class TrainingInterrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after its checkpoint was safely written: not a mistake,
+    so not an `LmforgeError`; the CLI says how to continue and exits 130."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}; continue with --resume")
+        self.step, self.checkpoint = step, checkpoint

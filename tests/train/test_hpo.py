@@ -5,6 +5,7 @@ a killed study that resumes, and best.yaml that trains."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -249,3 +250,22 @@ def test_hyperband_study_runs_to_its_trial_count(base, tmp_path):
                      pruner="hyperband", seed=1, log=quiet)
     assert result.count("COMPLETE") + result.count("PRUNED") == 4 and result.count("FAIL") == 0
     assert result.best is not None and (tmp_path / "runs" / "hb" / "best.yaml").is_file()
+
+
+def test_a_diverging_trial_is_pruned_not_failed(base, tmp_path):
+    """A learning rate that drives the loss to NaN/inf raises LossDiverged (a bad setting, not
+    a broken run); the search recognises it by type and prunes that trial, marked diverged."""
+    from lmforge.errors import LossDiverged
+
+    huge = base.model_copy(deep=True)
+    huge.train.lr, huge.train.warmup, huge.train.schedule = 1.0e6, 0, "constant"
+    with pytest.raises(LossDiverged) as info:
+        train(huge, progress=False, log=quiet)
+    assert str(info.value).startswith("loss became") and info.value.step >= 1 and not math.isfinite(info.value.loss)
+
+    space = {"train.lr": {"type": "categorical", "choices": [1.0e6]}}
+    base.train.warmup, base.train.schedule = 0, "constant"
+    result = run_hpo(base, space, trials=2, storage=f"sqlite:///{tmp_path / 'hpo.db'}", study="huge",
+                     pruner="none", log=quiet)
+    assert [(r["state"], r["diverged"]) for r in result.trials] == [("PRUNED", True), ("PRUNED", True)]
+    assert result.best is None and result.count("FAIL") == 0

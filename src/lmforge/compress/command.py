@@ -1,6 +1,6 @@
 """The compression verbs of `lmforge`: quantize, prune, distill, compare.
 
-Thin: parse, call `lmforge.compress`, print. `register(app)` adds them to the main CLI.
+Thin: parse, call `lmforge.compress`, print. `lmforge.cli`'s table lists them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-console = Console()
+from lmforge.console_text import console
 
 
 def quantize(
@@ -141,8 +141,3 @@ def quickstart_report(model_dir: Path, data_dir: Path, run_dir: Path, out: Conso
               "speed-up grows once the weights no longer fit in it: docs/compress.md)")
     out.print(f"   chart: {run_dir / 'plots' / 'compare.png'}   "
               f"(lmforge compare {' '.join(str(d) for d in dirs)} --data {data_dir})")
-
-
-def register(app: typer.Typer) -> None:
-    for command in (quantize, prune, distill, compare):
-        app.command()(command)

@@ -1,4 +1,4 @@
-"""The interop CLI verbs (`import`, `export`, `verify`, `encrypt`, `decrypt`), registered in `lmforge.cli`."""
+"""The interop CLI verbs (`import`, `export`, `verify`, `encrypt`, `decrypt`), listed in `lmforge.cli`'s table."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-console = Console()
+from lmforge.console_text import console
 
 KeyFile = Annotated[Optional[Path], typer.Option(help="File holding the 32-byte key (raw, hex or base64).")]
 KeyEnv = Annotated[Optional[str], typer.Option(help="Environment variable holding the key (hex or base64).")]

@@ -1,6 +1,6 @@
-"""`lmforge finetune`, `lmforge merge` and `lmforge export-checkpoint`: thin commands over
-`lmforge.train.finetune`, `lmforge.model.lora` and `lmforge.train.checkpoint` (registered onto
-the main app by `register`)."""
+"""`lmforge finetune`, `lmforge merge`, `lmforge export-checkpoint` and `lmforge hpo`: thin
+commands over `lmforge.train.finetune`, `lmforge.model.lora`, `lmforge.train.checkpoint` and
+`lmforge.train.hpo` (listed in `lmforge.cli`'s table)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-console = Console()
+from lmforge.console_text import console
 
 
 def merge(
@@ -88,7 +87,35 @@ def export_checkpoint(
     console.print(f"exported {checkpoint} to {written}")
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(merge)
-    app.command("export-checkpoint")(export_checkpoint)
-    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(finetune)
+def hpo(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="A recipe YAML file or a built-in name; extra --section.key value flags override it.")],
+    space: Annotated[Path, typer.Option(help="YAML mapping dotted recipe keys to distributions, e.g. `train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}`.")],
+    trials: Annotated[int, typer.Option(help="Finished trials (complete or pruned) the study should have, counting earlier runs of it.")],
+    storage: Annotated[Optional[str], typer.Option(help="Optuna RDB storage URL shared by all workers (default: sqlite:///<run.out>/hpo.db; postgresql://user:pass@host/db across machines).")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: <run.name>-hpo); the same name and storage continue a study.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine, each running trials.")] = 1,
+    pruner: Annotated[str, typer.Option(help="Stop poor trials early on validation loss: median, hyperband or none.")] = "median",
+    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats; a trial silent for twice this is failed and replaced.")] = 10,
+    minutes: Annotated[Optional[float], typer.Option(help="Stop starting new trials after this many minutes (running ones finish).")] = None,
+    cpu_minutes: Annotated[Optional[float], typer.Option(help="Stop starting new trials once a worker used this much CPU time (a budget that a busy machine does not shrink).")] = None,
+):
+    """Search hyperparameters with Optuna (TPE, pruning), over workers sharing one storage."""
+    from lmforge.config import load_recipe
+    from lmforge.train.hpo import run_hpo, summary_table
+    from lmforge.train.hpo_space import SearchSpace
+
+    base = load_recipe(recipe, list(ctx.args))
+    result = run_hpo(base, SearchSpace.load(space, base), trials, storage, study, workers, pruner, seed,
+                     heartbeat, minutes, cpu_minutes, log=lambda s: console.print(s, highlight=False, markup=False))
+    console.print(summary_table(result))
+    console.print(f"{result.count('COMPLETE')} complete, {result.count('PRUNED')} pruned, "
+                  f"{result.count('FAIL')} failed")
+    if result.best:
+        console.print(f"[green]best[/]: trial {result.best['number']}, validation loss {result.best['value']:.4f}; "
+                      f"recipe {result.best_recipe} (lmforge train {result.best_recipe})", highlight=False)
+    else:
+        console.print("[yellow]no trial completed yet[/]")
+    if result.plots:
+        console.print("plots: " + "  ".join(str(p) for p in result.plots), highlight=False)

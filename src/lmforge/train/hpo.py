@@ -30,12 +30,10 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
-import typer
-
-from lmforge.config import Recipe, deep_merge, describe_validation_error, load_recipe
-from lmforge.errors import LmforgeError
+from lmforge.config import Recipe, deep_merge, describe_validation_error
+from lmforge.errors import LmforgeError, LossDiverged
 from lmforge.train.hpo_space import SearchSpace, nested
 
 PRUNERS = ("median", "hyperband", "none")
@@ -323,12 +321,12 @@ def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:
             failures_in_a_row = 0
             log(f"trial {trial.number}: {shown} -> pruned, {e} ({time.perf_counter() - started:.0f} s)")
             raise
+        except LossDiverged as e:  # a bad trial, not a broken one
+            failures_in_a_row = 0
+            trial.set_user_attr("diverged", True)
+            log(f"trial {trial.number}: {shown} -> pruned, diverged ({e})")
+            raise optuna.TrialPruned(str(e)) from None
         except LmforgeError as e:
-            if str(e).startswith("loss became"):  # diverged: a bad trial, not a broken one
-                failures_in_a_row = 0
-                trial.set_user_attr("diverged", True)
-                log(f"trial {trial.number}: {shown} -> pruned, diverged ({e})")
-                raise optuna.TrialPruned(str(e)) from None
             failures_in_a_row += 1
             last_error = str(e)
             trial.set_user_attr("error", last_error)
@@ -543,43 +541,6 @@ def summary_table(result: HpoResult):
                  "" if r["seconds"] is None else f"{r['seconds']:.0f}"]
         table.add_row(*cells, style="bold green" if r["number"] == best_number else None)
     return table
-
-
-# ---------------------------------------------------------------------------------------------
-# the command
-
-
-def hpo_command(
-    ctx: typer.Context,
-    recipe: Annotated[str, typer.Argument(help="A recipe YAML file or a built-in name; extra --section.key value flags override it.")],
-    space: Annotated[Path, typer.Option(help="YAML mapping dotted recipe keys to distributions, e.g. `train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}`.")],
-    trials: Annotated[int, typer.Option(help="Finished trials (complete or pruned) the study should have, counting earlier runs of it.")],
-    storage: Annotated[Optional[str], typer.Option(help="Optuna RDB storage URL shared by all workers (default: sqlite:///<run.out>/hpo.db; postgresql://user:pass@host/db across machines).")] = None,
-    study: Annotated[Optional[str], typer.Option(help="Study name (default: <run.name>-hpo); the same name and storage continue a study.")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes on this machine, each running trials.")] = 1,
-    pruner: Annotated[str, typer.Option(help="Stop poor trials early on validation loss: median, hyperband or none.")] = "median",
-    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
-    heartbeat: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats; a trial silent for twice this is failed and replaced.")] = 10,
-    minutes: Annotated[Optional[float], typer.Option(help="Stop starting new trials after this many minutes (running ones finish).")] = None,
-    cpu_minutes: Annotated[Optional[float], typer.Option(help="Stop starting new trials once a worker used this much CPU time (a budget that a busy machine does not shrink).")] = None,
-):
-    """Search hyperparameters with Optuna (TPE, pruning), over workers sharing one storage."""
-    from rich.console import Console
-
-    console = Console()
-    base = load_recipe(recipe, list(ctx.args))
-    result = run_hpo(base, SearchSpace.load(space, base), trials, storage, study, workers, pruner, seed,
-                     heartbeat, minutes, cpu_minutes, log=lambda s: console.print(s, highlight=False, markup=False))
-    console.print(summary_table(result))
-    console.print(f"{result.count('COMPLETE')} complete, {result.count('PRUNED')} pruned, "
-                  f"{result.count('FAIL')} failed")
-    if result.best:
-        console.print(f"[green]best[/]: trial {result.best['number']}, validation loss {result.best['value']:.4f}; "
-                      f"recipe {result.best_recipe} (lmforge train {result.best_recipe})", highlight=False)
-    else:
-        console.print("[yellow]no trial completed yet[/]")
-    if result.plots:
-        console.print("plots: " + "  ".join(str(p) for p in result.plots), highlight=False)
 
 
 if __name__ == "__main__":

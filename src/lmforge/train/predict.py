@@ -1,5 +1,5 @@
 """`lmforge classify` and `lmforge tag`: predictions of a head trained by `lmforge finetune
---task classify|tag` (registered onto the main app by `register`).
+--task classify|tag` (listed in `lmforge.cli`'s table).
 
 Texts come from `--text` (repeatable) or `--file`: plain text, one text a line, or JSONL (a
 .jsonl file, or stdin whose first line is a JSON object) with the text in `--text-field` (tagging also reads pre-split words from `--tokens-field`, as its
@@ -167,8 +167,3 @@ def tag(
         else:
             _print(" ".join(f"{w}/{t}" for (w, _, _), t in zip(words, tags)))
             _print("  entities: " + (", ".join(f"{e['type']} {e['text']!r}" for e in found) or "none"))
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(classify)
-    app.command()(tag)

@@ -6,8 +6,9 @@ import os
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lmforge.console_text import console
 
 
 def clean_command(
@@ -33,7 +34,6 @@ def clean_command(
     if languages is not None:
         overrides["langid"] = {"languages": languages}
     cleaning = load_recipe(recipe, **overrides)
-    console = Console()
     bar = Progress(TextColumn("cleaning shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress)
     task = bar.add_task("clean", total=None)
