@@ -17,6 +17,7 @@ from lmforge.infer.engine import Engine, Request
 from lmforge.infer.generate import generate_ids
 from lmforge.infer.native_decode import NativeDecoder, step_cache, why_not
 from lmforge.infer.sampling import SamplingParams
+from lmforge.native import decode_abi as abi
 
 FAMILY_CASES = [(f, {"sliding_window": 6} if f in ("mistral", "phi3") else {}) for f in get_args(Family)]
 FAMILY_IDS = [f + ("-window6" if extra else "") for f, extra in FAMILY_CASES]
@@ -196,6 +197,10 @@ def test_a_quantized_batch_of_six_is_within_the_quantizer_error(make_model, meth
     # of 64 in one; vocabulary 331 leaves three rows outside any tile. Quantizing activations
     # is discontinuous, so two paths that sum in different orders can round an activation
     # differently: both are held to the dequantized model instead.
+    assert_batch_of_six_within_quantizer_error(make_model, method, group, d_model, d_ff)
+
+
+def assert_batch_of_six_within_quantizer_error(make_model, method: str, group: int, d_model: int, d_ff: int):
     base = make_model("llama", vocab_size=331, d_model=d_model, d_ff=d_ff, context=48, init_std=0.1)
     model = quantize_model(copy.deepcopy(base), method, group, log=lambda *a: None)
     dequantized = copy.deepcopy(base)
@@ -264,3 +269,52 @@ def test_cli_generate_reference_path_flag(tiny_model_dir):
     ref = runner.invoke(app, args + ["--reference-path"])
     assert fast.exit_code == 0 and ref.exit_code == 0, fast.output + ref.output
     assert fast.output == ref.output
+
+
+def cpu_flags() -> set[str]:
+    lines = [line for line in open("/proc/cpuinfo") if line.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else set()
+
+
+def test_the_native_build_decodes_with_the_widest_instruction_set_the_cpu_has():
+    flags = cpu_flags()
+    expected = ("avx512-vnni" if {"avx512_vnni", "avx512bw"} <= flags else "avx512" if "avx512f" in flags
+                else "avx2" if "avx2" in flags else "none")
+    assert abi.isa(native.load(native.build("native"))) == expected
+
+
+# The narrower variants, built for an older CPU (-march) and run here in place of the native
+# build: decode_avx2.h's tiles (haswell), and decode_avx512.h without VNNI, where int8/int4
+# keep the row kernels (skylake-avx512).
+VARIANTS = [("haswell", "avx2", "avx2"), ("skylake-avx512", "avx512", "avx512f")]
+
+
+@pytest.fixture(params=VARIANTS, ids=[arch for arch, *_ in VARIANTS])
+def variant(request, monkeypatch) -> str:
+    """Decoding (and the quantized layers) on the kernels built for another -march."""
+    arch, isa, flag = request.param
+    if flag not in cpu_flags():
+        pytest.skip(f"this CPU cannot run code built for {arch} (no {flag})")
+    path = native.build(arch)
+    assert path is not None, f"the kernels did not build for -march={arch}"
+    lib = native.load(path)
+    assert abi.isa(lib) == isa and abi.layout_mismatches(lib) == []
+    monkeypatch.setattr(native, "kernels", lambda: lib)
+    return arch
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_each_instruction_set_variant_gives_the_reference_logits(make_model, family, variant):
+    model = make_model(family, vocab_size=331, d_model=72, d_ff=600, context=48, init_std=0.1)
+    ids = prompt(5, 331)
+    ref, got = stepwise_logits(model, ids, prompt(10, 331, seed=2))  # batch 1: the row kernels
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    prompts = [prompt(n, 331, seed=10 + n) for n in (3, 7, 5, 9, 2, 6)]
+    ref, got = stepwise_logits(model, prompts, prompt(10, 331, seed=2))  # batch 6: the tiles and their remainders
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("method", "group"), [("int8", 32), ("int4", 64)])
+def test_each_instruction_set_variant_decodes_a_quantized_batch_within_the_quantizer_error(make_model, method,
+                                                                                             group, variant):
+    assert_batch_of_six_within_quantizer_error(make_model, method, group, 128, 192)

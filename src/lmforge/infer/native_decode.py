@@ -3,16 +3,18 @@
 The PyTorch model stays the reference and does the prefill (compute-bound: MKL's matmuls
 win there); once the prompts are in the KV cache, each step (one new token for each
 sequence of the batch) goes through `decode_step`, which reads the model's own weight and
-cache tensors in place (nothing is copied) for fp32, int8, int4 and w8a8 layers alike. `NativeDecoder.create` returns None, with the
-reason in `why_not`, for anything the C side does not cover, and callers then stay on
-the reference path: a LoRA-wrapped or training-mode model with dropout, a bidirectional
-encoder, non-fp32 or non-CPU tensors, a CPU without AVX2, no C compiler, LMFORGE_NATIVE=0.
+cache tensors in place (nothing is copied) for fp32, int8, int4 and w8a8 layers alike. The
+structs it passes are `lmforge.native.decode_abi`'s, checked against the compiled decode.h.
+`NativeDecoder.create` returns None, with the reason in `why_not`, for anything the C side
+does not cover, and callers then stay on the reference path: a LoRA-wrapped or
+training-mode model with dropout, a bidirectional encoder, non-fp32 or non-CPU tensors, a
+CPU without AVX2, no C compiler, LMFORGE_NATIVE=0, a build whose structs differ from the
+mirror.
 """
 
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_float, c_int, c_void_p
 
 import torch
 import torch.nn as nn
@@ -21,44 +23,17 @@ from lmforge import native
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
+from lmforge.native import decode_abi as abi
+from lmforge.native.decode_abi import F32, Q4, Q8
 
-F32, Q4, Q8 = 0, 4, 8
 # Below this much work (bytes of weights times sequences in the step) a step runs on one
-# thread. It was set when a step's ~dozen phases per layer ended at barriers, which then cost
-# more than a second thread saved (a 2M-parameter model decoded 5x slower on two threads than
-# on one under load). Since phases share out their items (decode.c), two threads are faster
-# alone (that model at batch 1: 0.085 vs 0.150 ms a step, 2026-12-03), but under
-# benchmarks/serve_load.py's load the two settings measured alike within the noise, so the
-# threshold stays.
+# thread: for such a small step a second thread gains nothing measurable under a server's
+# load (benchmarks/serve_load.py), and one thread leaves the other cores to the server.
 PARALLEL_MIN_WORK = 32 << 20
 
 
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", c_int), ("N", c_int), ("K", c_int), ("G", c_int),
-                ("w", c_void_p), ("scale", c_void_p), ("zero", c_void_p), ("bias", c_void_p)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("norm1_w", c_void_p), ("norm1_b", c_void_p), ("norm2_w", c_void_p), ("norm2_b", c_void_p),
-                ("qkv", _Linear), ("proj", _Linear), ("up", _Linear), ("down", _Linear),
-                ("k", c_void_p), ("v", c_void_p)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [(name, c_int) for name in ("n_layer", "d_model", "n_head", "n_kv", "head_dim", "ffn", "vocab",
-                                           "capacity", "window", "layernorm", "swiglu", "rope")] + [
-        ("eps", c_float), ("tok_emb", c_void_p), ("pos_emb", c_void_p), ("rope_cos", c_void_p),
-        ("rope_sin", c_void_p), ("norm_f_w", c_void_p), ("norm_f_b", c_void_p), ("lm_head", _Linear),
-        ("layers", c_void_p), ("profile", c_void_p)]
-
-# The phases decode.c times when profiling (its enum, in order).
-PROFILE_PHASES = ("norm", "qkv matmul", "rope + cache write", "attention", "out-proj matmul", "up matmul",
-                  "activation", "down matmul", "lm_head matmul")
-
-
-class _Rows(ctypes.Structure):
-    _fields_ = [("B", c_int), ("token", c_void_p), ("pos", c_void_p), ("slot", c_void_p), ("first", c_void_p),
-                ("row_stride", ctypes.c_long), ("cache_row", c_void_p), ("out_row", c_void_p), ("n_out", c_int)]
+# The phases decode.c times when profiling, in order.
+PROFILE_PHASES = tuple(abi.PROFILE_PHASES.values())
 
 
 class Unsupported(Exception):
@@ -76,16 +51,16 @@ def _tensor(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
     return t.data_ptr()
 
 
-def _linear(m: nn.Module, keep: list[torch.Tensor]) -> _Linear:
+def _linear(m: nn.Module, keep: list[torch.Tensor]) -> abi.Linear:
     """The C description of one linear layer, pointing at the module's own buffers."""
     if type(m) is nn.Linear:
-        return _Linear(F32, m.out_features, m.in_features, 0, _tensor(m.weight.detach(), keep), None, None,
-                       _tensor(None if m.bias is None else m.bias.detach(), keep))
+        return abi.Linear(F32, m.out_features, m.in_features, 0, _tensor(m.weight.detach(), keep), None, None,
+                          _tensor(None if m.bias is None else m.bias.detach(), keep))
     if isinstance(m, (QuantizedLinear, DynamicInt8Linear)) and m.in_features % CHUNK == 0:
         kind = Q4 if m.bits == 4 else Q8
         zero = _tensor(m.zeros, keep) if kind == Q4 else None
-        return _Linear(kind, m.out_features, m.in_features, getattr(m, "group_size", 0) or 0,
-                       _tensor(m.qweight, keep), _tensor(m.scales, keep), zero, _tensor(m.bias, keep))
+        return abi.Linear(kind, m.out_features, m.in_features, getattr(m, "group_size", 0) or 0,
+                          _tensor(m.qweight, keep), _tensor(m.scales, keep), zero, _tensor(m.bias, keep))
     raise Unsupported(f"{type(m).__name__} layers are not covered (merge adapters to decode natively)")
 
 
@@ -101,16 +76,16 @@ class NativeDecoder:
             raise Unsupported("the model is in training mode with dropout")
         keep: list[torch.Tensor] = []
         t = lambda x: _tensor(None if x is None else x.detach(), keep)  # noqa: E731
-        layers = (_Layer * cfg.n_layer)()
+        layers = (abi.Layer * cfg.n_layer)()
         for i, block in enumerate(model.blocks):
-            layers[i] = _Layer(t(block.norm1.weight), t(getattr(block.norm1, "bias", None)),
-                               t(block.norm2.weight), t(getattr(block.norm2, "bias", None)),
-                               _linear(block.attn.qkv, keep), _linear(block.attn.proj, keep),
-                               _linear(block.mlp.up, keep), _linear(block.mlp.down, keep),
-                               t(keys[i]), t(values[i]))
+            layers[i] = abi.Layer(t(block.norm1.weight), t(getattr(block.norm1, "bias", None)),
+                                   t(block.norm2.weight), t(getattr(block.norm2, "bias", None)),
+                                   _linear(block.attn.qkv, keep), _linear(block.attn.proj, keep),
+                                   _linear(block.mlp.up, keep), _linear(block.mlp.down, keep),
+                                   t(keys[i]), t(values[i]))
         self.rows, _, self.capacity, _ = keys[0].shape
         self.row_stride = keys[0].stride(0)
-        self.spec = _Model(
+        self.spec = abi.Model(
             cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head, cfg.ffn_dim, cfg.vocab,
             self.capacity, cfg.sliding_window or 0, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"),
             int(cfg.uses_rope), cfg.norm_eps, t(model.tok_emb.weight),
@@ -138,6 +113,10 @@ class NativeDecoder:
             raise Unsupported("the native kernels are not available (no C compiler, or LMFORGE_NATIVE=0)")
         if not lib.decode_supported():
             raise Unsupported("this CPU has no AVX2")
+        mismatches = abi.layout_mismatches(lib)
+        if mismatches:
+            raise Unsupported("decode.c's structs differ from their ctypes mirror in lmforge/native/decode_abi.py "
+                              f"(the decoder would misread them): {'; '.join(mismatches)}")
         return cls(model, keys, values, lib)
 
     @classmethod
@@ -175,11 +154,11 @@ class NativeDecoder:
                                             and all(a < b for a, b in zip(logits_rows, logits_rows[1:]))):
             raise ValueError(f"logits_rows must be increasing row numbers in 0..{B - 1}")
         out_row = None if logits_rows is None else (ctypes.c_int * len(logits_rows))(*logits_rows)
-        rows = _Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
-                     ctypes.addressof(first), self.row_stride,
-                     None if cache_row is None else ctypes.addressof(cache_row),
-                     None if out_row is None else ctypes.addressof(out_row),
-                     B if logits_rows is None else len(logits_rows))
+        rows = abi.Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
+                         ctypes.addressof(first), self.row_stride,
+                         None if cache_row is None else ctypes.addressof(cache_row),
+                         None if out_row is None else ctypes.addressof(out_row),
+                         B if logits_rows is None else len(logits_rows))
         logits = torch.empty(B if logits_rows is None else len(logits_rows), self.vocab)
         team = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
         threads = team if threads is None else max(1, min(team, threads))

@@ -1,17 +1,22 @@
 """lmforge's C kernels, compiled on first use: one shared library from the sources here.
 
 - `qmatmul.c`: weight-only int8/int4 matmuls for a few rows (what `QuantizedLinear` calls);
-- `decode.c`: a whole decoding step (what `lmforge.infer.native_decode` calls);
+- `decode.c`: a whole decoding step (what `lmforge.infer.native_decode` calls), its interface
+  in `decode.h` (mirrored in ctypes by `decode_abi.py`, checked at load time) and its batched
+  matmuls in one file per instruction set (`decode_avx512.h`, `decode_avx2.h`);
 - `elementwise.c`: the softmax cross-entropy with its gradient, and GELU with its derivative,
   for training steps (`lmforge.train.losses`, `lmforge.model.activations`);
 - `kernels.h`: the fp32/int8/int4 inner loops and the vectorized exponential they share.
 
 `gcc -O3 -march=native` builds them in a few seconds for the CPU at hand (AVX2 or AVX-512
-alike) into the lmforge cache, keyed by the sources, the compiler and the CPU's flags, so
-a copied home directory never runs code built for another CPU; `make install` builds
-them once up front. Without a C compiler, or with LMFORGE_NATIVE=0, `kernels()` is None:
-`QuantizedLinear` falls back to dequantize-then-matmul in PyTorch and decoding to the
-PyTorch model (correct, not fast); `lmforge quantize` says so.
+alike) into the lmforge cache, keyed by the sources, the compiler, the target and the CPU's
+flags, so a copied home directory never runs code built for another CPU; `make install`
+builds them once up front. LMFORGE_NATIVE_ARCH names another `-march` target, e.g.
+`haswell` to build and run the AVX2 kernels on an AVX-512 machine.
+
+Without a C compiler, or with LMFORGE_NATIVE=0, `kernels()` is None: `QuantizedLinear`
+falls back to dequantize-then-matmul in PyTorch and decoding to the PyTorch model (correct,
+not fast); `lmforge quantize` says so.
 
 Called through ctypes: a few microseconds per call, small beside a matmul or a decode step.
 """
@@ -32,7 +37,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "qmatmul.c", HERE / "decode.c", HERE / "elementwise.c"]
-HEADERS = [HERE / "kernels.h"]
+HEADERS = sorted(HERE.glob("*.h"))
 _p, _i = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
     "qlinear": ([_i, _p, _i, _i, _p, _p, _p, _i, _i, _p, _p], None),
@@ -56,19 +61,28 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> Path | None:
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else gcc or cc on the PATH; None without one."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def build(arch: str = "native", cc: str | None = None) -> Path | None:
+    """The kernels built for `-march=arch` (cached), or None where the compiler fails."""
     from lmforge.cache import cache_dir
 
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    cc = cc or compiler()
+    if cc is None:
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    key = hashlib.sha256(code + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + "\n".join([cc, version, arch, _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"lmforge-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp]
+    cmd = [cc, "-O3", f"-march={arch}", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
@@ -77,26 +91,26 @@ def _build(compiler: str) -> Path | None:
     return target
 
 
-@functools.cache
-def kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built (no compiler, LMFORGE_NATIVE=0)."""
-    if os.environ.get("LMFORGE_NATIVE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None or not all(p.is_file() for p in SOURCES):
-        return None
+def load(path: Path | str) -> ctypes.CDLL:
+    """A built library, its functions typed (SIGNATURES)."""
     torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernels share its threads
-    try:
-        path = _build(compiler)
-        lib = ctypes.CDLL(str(path)) if path else None
-    except OSError:
-        return None
-    if lib is None:
-        return None
+    lib = ctypes.CDLL(str(path))
     for name, (args, result) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built (no compiler, LMFORGE_NATIVE=0)."""
+    if os.environ.get("LMFORGE_NATIVE", "1") == "0" or not all(p.is_file() for p in SOURCES):
+        return None
+    try:
+        path = build(os.environ.get("LMFORGE_NATIVE_ARCH") or "native")
+        return load(path) if path else None
+    except OSError:
+        return None
 
 
 def ptr(t: torch.Tensor | None) -> int | None:

@@ -16,6 +16,10 @@
  * a sliding window. Weights are fp32, int8 (per-row scale) or int4 (groups), per layer.
  * The caller owns every buffer: weights and the KV cache are the model's own tensors,
  * shared, never copied. Numerics follow the PyTorch reference (same formulas, fp32).
+ *
+ * The structs Python passes in are declared in decode.h. The batched matmuls, the part that
+ * differs by instruction set, are in decode_avx512.h and decode_avx2.h, one of which is
+ * included below.
  */
 #include <omp.h>
 #include <sched.h>
@@ -24,64 +28,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "decode.h"
 #include "kernels.h"
 
-enum { F32 = 0, Q4 = 4, Q8 = 8 };
-
-typedef struct {
-    int kind, N, K, G;   /* G: int4 group size */
-    const void *w;       /* fp32 (N, K) | int8 (N, K) | packed int4 (N, K/2) */
-    const float *scale;  /* int8: (N,); int4: (N, K/G) */
-    const uint8_t *zero; /* int4: (N, K/G) */
-    const float *bias;   /* (N,) or NULL */
-} Linear;
-
-typedef struct {
-    const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* the _b are NULL for RMSNorm */
-    Linear qkv, proj, up, down;
-    float *k, *v; /* this layer's cache, row 0 of (rows, n_kv, capacity, head_dim) */
-} Layer;
-
-typedef struct {
-    int n_layer, d_model, n_head, n_kv, head_dim, ffn, vocab, capacity, window; /* window 0: none */
-    int layernorm, swiglu, rope;                                                /* flags */
-    float eps;
-    const float *tok_emb, *pos_emb;   /* (vocab, d), (context, d) or NULL */
-    const float *rope_cos, *rope_sin; /* (context, head_dim), angles repeated in both halves */
-    const float *norm_f_w, *norm_f_b;
-    Linear lm_head;
-    const Layer *layers;
-    double *profile; /* NULL, or PROFILE_PHASES seconds that each step adds to (thread 0's view) */
-} Model;
-
-/* Where a step's time goes, for benchmarks/cpu_decode.py --profile: a phase ends when all
- * its items are done, so its time includes waiting for the last one. */
-enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, PROFILE_PHASES };
-
-int decode_supported(void) {
 #ifdef __AVX2__
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-#ifdef __AVX2__
-/* One decoding step's rows: row b feeds token[b] at rotary/learned position pos[b], writes
- * its keys and values to cache slot slot[b] of cache row cache_row[b] (b when NULL), and
- * attends to that cache row's slots first[b]..slot[b] (first > 0: a left-padded prompt in
- * a batch started together). Several rows may share a cache row: a new prompt's tokens fed
- * in the same step as the running batch's. Every row writes its key and value before any
- * row attends (a phase apart), so each of them sees the ones before it. */
-typedef struct {
-    int B;
-    const int *token, *pos, *slot, *first;
-    long row_stride; /* floats from one cache row (sequence) to the next */
-    const int *cache_row;
-    const int *out_row; /* the rows whose logits are wanted, n_out of them (NULL: all B, in order) */
-    int n_out;
-} Rows;
-
 static inline size_t cache_base(const Rows *r, int b) {
     return (size_t)(r->cache_row ? r->cache_row[b] : b) * r->row_stride;
 }
@@ -180,139 +130,6 @@ static inline void put(const Linear *L, float *y, int N, int b, int n, float v, 
 
 #define CHUNK_ROWS 32 /* weight rows per work item of a matmul: 64 KB at K = 512 */
 
-#ifdef __AVX512F__
-/* [sum a, sum b, sum c, sum d] for four 16-float vectors. */
-static inline __m128 hsum4x16(__m512 a, __m512 b, __m512 c, __m512 d) {
-#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
-    return hsum4x8(HALVES(a), HALVES(b), HALVES(c), HALVES(d));
-#undef HALVES
-}
-
-/* Four fp32 weight rows (w) against S <= 4 activation rows (x), over K columns, both with
- * row stride ld: out[4 s + r] = w_r . x_s. Sixteen 16-float accumulators at S = 4 (AVX-512's
- * 32 registers hold them; AVX2's 16 do not, hence its 2 x 4 tile below), one load per two
- * FMAs. The rows of the next tile (4 ld floats on) are fetched while this one computes.
- * On the AMD EPYC we measure on, a 16-float FMA does twice the work of an 8-float one
- * per cycle (237 vs 118 GFLOPS a core): a batch-16 step of the 27M-parameter model took
- * 5.5 ms with this tile against 7.5 ms with the 8-float one. */
-static inline __attribute__((always_inline)) void f32_tile4(const float *x, int K, long ld, const float *w, int S,
-                                                            float *out) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        __m512 wv[4];
-        for (int r = 0; r < 4; r++) {
-            _mm_prefetch((const char *)(w + (r + 4) * ld + k), _MM_HINT_T0);
-            wv[r] = _mm512_maskz_loadu_ps(m, w + r * ld + k);
-        }
-        for (int s = 0; s < S; s++) {
-            const __m512 xv = _mm512_maskz_loadu_ps(m, x + s * ld + k);
-            for (int r = 0; r < 4; r++) acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
-        }
-    }
-    for (int s = 0; s < S; s++) _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
-}
-
-/* Columns per pass: 16 activation rows of 512 floats (32 KB) stay in the 48 KB L1 while the
- * weight rows stream past. Without it a K = 1408 matmul (the 27M model's down projection)
- * ran at 206 GFLOPS against 248 with it, in a 2-thread micro-benchmark. */
-#define K_BLOCK 512
-
-/* The fp32 matmul for a batch (B >= 4): output rows in fours, activation rows in fours. */
-static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate, Worker *wk) {
-    const int N = L->N, K = L->K, quads = N / 4, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    const float *W = (const float *)L->w;
-    FOR_ITEMS(wk, item, items) {
-        const int end = (item + 1) * CHUNK_ROWS / 4 < quads ? (item + 1) * CHUNK_ROWS / 4 : quads;
-        for (int k0 = 0; k0 < K; k0 += K_BLOCK) {
-            const int len = K - k0 < K_BLOCK ? K - k0 : K_BLOCK;
-            for (int q = item * CHUNK_ROWS / 4; q < end; q++) {
-                const int n = 4 * q;
-                const float *w = W + (size_t)n * K + k0;
-                for (int b = 0; b < B; b += 4) {
-                    const int S = B - b < 4 ? B - b : 4;
-                    const float *xb = x + (size_t)b * K + k0;
-                    float o[16];
-                    if (S == 4) f32_tile4(xb, len, K, w, 4, o);
-                    else if (S == 3) f32_tile4(xb, len, K, w, 3, o);
-                    else if (S == 2) f32_tile4(xb, len, K, w, 2, o);
-                    else f32_tile4(xb, len, K, w, 1, o);
-                    for (int s = 0; s < S; s++)
-                        for (int r = 0; r < 4; r++) {
-                            if (k0 == 0) put(L, y, N, b + s, n + r, o[4 * s + r], accumulate);
-                            else y[(size_t)(b + s) * N + n + r] += o[4 * s + r]; /* the next columns' share */
-                        }
-                }
-            }
-        }
-        if (item == items - 1) /* N % 4 rows are left, one at a time (usually none) */
-            for (int n = 4 * quads; n < N; n++)
-                for (int b = 0; b < B; b++) put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, W + (size_t)n * K), accumulate);
-    }
-}
-#else
-/* Two fp32 weight rows against four activation rows (stride K): o0[b] = w0 . x_b and
- * o1[b] = w1 . x_b. Each loaded weight vector serves four FMAs and each activation vector
- * two, so the FMA units rather than the loads set the pace; eight independent
- * accumulators cover the FMA latency. This is what makes a batch of sequences cheaper
- * per token than one: with one row at a time (f32_row) a batch of 16 ran at a quarter
- * of the FMA peak, two loads per FMA. */
-static inline void f32_tile2x4(const float *x, int K, const float *w0, const float *w1, float *o0, float *o1) {
-    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * (size_t)K, *x3 = x + 3 * (size_t)K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-    int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        /* The next pair of rows (2K floats on) is fetched while this one computes: without
-         * it the tile waited on memory and streamed weights at a third of B=1's rate. */
-        _mm_prefetch((const char *)(w0 + 2 * (size_t)K + k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w1 + 2 * (size_t)K + k), _MM_HINT_T0);
-        const __m256 v = _mm256_loadu_ps(w0 + k), u = _mm256_loadu_ps(w1 + k);
-        __m256 t = _mm256_loadu_ps(x0 + k);
-        a0 = _mm256_fmadd_ps(v, t, a0), c0 = _mm256_fmadd_ps(u, t, c0);
-        t = _mm256_loadu_ps(x1 + k);
-        a1 = _mm256_fmadd_ps(v, t, a1), c1 = _mm256_fmadd_ps(u, t, c1);
-        t = _mm256_loadu_ps(x2 + k);
-        a2 = _mm256_fmadd_ps(v, t, a2), c2 = _mm256_fmadd_ps(u, t, c2);
-        t = _mm256_loadu_ps(x3 + k);
-        a3 = _mm256_fmadd_ps(v, t, a3), c3 = _mm256_fmadd_ps(u, t, c3);
-    }
-    o0[0] = hsum(a0), o0[1] = hsum(a1), o0[2] = hsum(a2), o0[3] = hsum(a3);
-    o1[0] = hsum(c0), o1[1] = hsum(c1), o1[2] = hsum(c2), o1[3] = hsum(c3);
-    for (; k < K; k++) {
-        o0[0] += w0[k] * x0[k], o0[1] += w0[k] * x1[k], o0[2] += w0[k] * x2[k], o0[3] += w0[k] * x3[k];
-        o1[0] += w1[k] * x0[k], o1[1] += w1[k] * x1[k], o1[2] += w1[k] * x2[k], o1[3] += w1[k] * x3[k];
-    }
-}
-
-/* The fp32 matmul for a batch (B >= 4): output rows in pairs, activation rows in fours. */
-static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, int accumulate, Worker *wk) {
-    const int N = L->N, K = L->K, pairs = (N + 1) / 2;
-    const float *W = (const float *)L->w;
-    FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
-        const int end = (item + 1) * CHUNK_ROWS / 2 < pairs ? (item + 1) * CHUNK_ROWS / 2 : pairs;
-        for (int p = item * CHUNK_ROWS / 2; p < end; p++) {
-            const int n = 2 * p, pair = n + 1 < N;
-            const float *w0 = W + (size_t)n * K, *w1 = pair ? w0 + K : w0; /* an odd last row pairs with itself */
-            int b = 0;
-            for (; b + 4 <= B; b += 4) {
-                float o0[4], o1[4];
-                f32_tile2x4(x + (size_t)b * K, K, w0, w1, o0, o1);
-                for (int i = 0; i < 4; i++) {
-                    put(L, y, N, b + i, n, o0[i], accumulate);
-                    if (pair) put(L, y, N, b + i, n + 1, o1[i], accumulate);
-                }
-            }
-            for (; b < B; b++) {
-                put(L, y, N, b, n, f32_row(x + (size_t)b * K, K, w0), accumulate);
-                if (pair) put(L, y, N, b, n + 1, f32_row(x + (size_t)b * K, K, w1), accumulate);
-            }
-        }
-    }
-}
-#endif
-
 /* One int8/int4 weight row against the quantized activations of sequence b, scaled. */
 static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b) {
     const int K = L->K, blocks = K / QK;
@@ -324,137 +141,12 @@ static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b) {
                   L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define LOWBIT_TILE 1
-/* [x, y] as a 16-float vector: lanes 0-7 x, lanes 8-15 y (per-block values for two blocks). */
-static inline __m512 halves(float x, float y) { return _mm512_shuffle_f32x4(_mm512_set1_ps(x), _mm512_set1_ps(y), 0x00); }
-
-/* Four int8 weight rows (w, stride K) against S <= 4 rows of int8 activations (xq, stride K;
- * their block scales xs, stride K / 32): out[4 s + r] = sum over blocks b of xs_s[b] *
- * (w_r . xq_s over block b), the weight rows' own scales left to the caller. Two blocks (64
- * bytes) per step: vpdpbusd multiplies unsigned by signed bytes, so the weights enter as |w|
- * and the activations take w's sign (AVX-512 has no vpsignb: a masked subtraction from 0).
- * As f32_tile4, each loaded weight vector serves S sequences and each activation vector four
- * rows; one row against one sequence at a time (q8_row), a batch of 16 ran the int8 model's
- * step slower than the fp32 one. */
-static inline __attribute__((always_inline)) void q8_tile4(const int8_t *xq, const float *xs, int K, const int8_t *w,
-                                                           int S, float *out) {
-    const int blocks = K / QK;
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
-    for (int b = 0; b < blocks; b += 2) {
-        const int pair = b + 1 < blocks; /* an odd last block fills the lower half alone */
-        const __mmask64 m = pair ? ~0ull : 0xFFFFFFFFull;
-        __m512i aw[4];
-        __mmask64 neg[4];
-        for (int r = 0; r < 4; r++) {
-            _mm_prefetch((const char *)(w + (size_t)(r + 4) * K + b * QK), _MM_HINT_T0);
-            const __m512i v = _mm512_maskz_loadu_epi8(m, w + (size_t)r * K + b * QK);
-            aw[r] = _mm512_abs_epi8(v), neg[r] = _mm512_movepi8_mask(v);
-        }
-        for (int s = 0; s < S; s++) {
-            const __m512i a = _mm512_maskz_loadu_epi8(m, xq + (size_t)s * K + b * QK);
-            const float *sc = xs + (size_t)s * blocks + b;
-            /* lanes 0-7 hold block b's sums, lanes 8-15 block b+1's */
-            const __m512 scale = halves(sc[0], pair ? sc[1] : 0.0f);
-            for (int r = 0; r < 4; r++) {
-                const __m512i d = _mm512_dpbusd_epi32(zero, aw[r], _mm512_mask_sub_epi8(a, neg[r], zero, a));
-                acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][s]);
-            }
-        }
-    }
-    for (int s = 0; s < S; s++) _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
-}
-
-/* The int4 counterpart: four rows of codes (q, K/2 bytes a row; scale and zero per group of
- * G) against S <= 4 sequences, fully scaled. The codes are unsigned, which is what vpdpbusd
- * takes; each block's product is scaled by the activations' block scale times the weights'
- * group scale, and the zero points come off at the end through the activations' group sums
- * (gsum, stride K/G), as in q4_row. 32 bytes of codes unpack to two blocks in order. */
-static inline __attribute__((always_inline)) void q4_tile4(const int8_t *xq, const float *xs, const float *gsum, int K,
-                                                           const uint8_t *q, const float *scale, const uint8_t *zero,
-                                                           int G, int S, float *out) {
-    const int blocks = K / QK, groups = K / G, per_group = G / QK;
-    const __m512i zero_i = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F);
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
-    for (int b = 0; b < blocks; b += 2) {
-        const int pair = b + 1 < blocks, g0 = b / per_group, g1 = pair ? (b + 1) / per_group : g0;
-        const __mmask64 m = pair ? ~0ull : 0xFFFFFFFFull;
-        __m512i u[4];
-        __m512 wscale[4];
-        for (int r = 0; r < 4; r++) {
-            const uint8_t *p = q + (size_t)r * K / 2 + b * QK / 2;
-            _mm_prefetch((const char *)(p + (size_t)2 * K), _MM_HINT_T0); /* the next tile's row r */
-            const __m256i v = pair ? _mm256_loadu_si256((const __m256i *)p) : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p));
-            /* [low nibbles | high nibbles] of bytes 0-31, reordered to block b (bytes 0-15's low
-             * then high nibbles) and block b+1 (bytes 16-31's) */
-            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-            u[r] = _mm512_shuffle_i64x2(_mm512_and_si512(both, low), _mm512_and_si512(both, low), 0xD8);
-            const float *sr = scale + (size_t)r * groups;
-            wscale[r] = halves(sr[g0], pair ? sr[g1] : 0.0f);
-        }
-        for (int s = 0; s < S; s++) {
-            const __m512i a = _mm512_maskz_loadu_epi8(m, xq + (size_t)s * K + b * QK);
-            const float *sc = xs + (size_t)s * blocks + b;
-            const __m512 xscale = halves(sc[0], pair ? sc[1] : 0.0f);
-            for (int r = 0; r < 4; r++)
-                acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero_i, u[r], a)),
-                                            _mm512_mul_ps(xscale, wscale[r]), acc[r][s]);
-        }
-    }
-    for (int s = 0; s < S; s++) {
-        _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
-        for (int r = 0; r < 4; r++)
-            for (int g = 0; g < groups; g++)
-                out[4 * s + r] -= scale[(size_t)r * groups + g] * (float)zero[(size_t)r * groups + g] * gsum[(size_t)s * groups + g];
-    }
-}
-
-/* Rows n..n+3 against sequences b..b+S-1 (S <= 4): out[4 s + r], fully scaled. */
-static inline void lowbit_tile4(const Linear *L, const Work *ws, int n, int b, int S, float *out) {
-    const int K = L->K, blocks = K / QK;
-    const int8_t *xq = ws->xq + (size_t)b * K;
-    const float *xs = ws->xs + (size_t)b * blocks;
-    if (L->kind == Q8) {
-        const int8_t *w = (const int8_t *)L->w + (size_t)n * K;
-        if (S == 4) q8_tile4(xq, xs, K, w, 4, out);
-        else if (S == 3) q8_tile4(xq, xs, K, w, 3, out);
-        else if (S == 2) q8_tile4(xq, xs, K, w, 2, out);
-        else q8_tile4(xq, xs, K, w, 1, out);
-        for (int i = 0; i < 4 * S; i++) out[i] *= L->scale[n + i % 4];
-        return;
-    }
-    const int groups = K / L->G;
-    const uint8_t *q = (const uint8_t *)L->w + (size_t)n * K / 2, *zero = L->zero + (size_t)n * groups;
-    const float *gsum = ws->gsum + (size_t)b * groups, *scale = L->scale + (size_t)n * groups;
-    if (S == 4) q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 4, out);
-    else if (S == 3) q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 3, out);
-    else if (S == 2) q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 2, out);
-    else q4_tile4(xq, xs, gsum, K, q, scale, zero, L->G, 1, out);
-}
-
-/* The int8/int4 matmul on the activations quantized by `matvec`, in tiles of four rows. */
-static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
-    const int N = L->N, quads = N / 4, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    FOR_ITEMS(wk, item, items) {
-        const int end = (item + 1) * CHUNK_ROWS / 4 < quads ? (item + 1) * CHUNK_ROWS / 4 : quads;
-        for (int q = item * CHUNK_ROWS / 4; q < end; q++)
-            for (int b = 0; b < B; b += 4) {
-                const int S = B - b < 4 ? B - b : 4;
-                float o[16];
-                lowbit_tile4(L, ws, 4 * q, b, S, o);
-                for (int s = 0; s < S; s++)
-                    for (int r = 0; r < 4; r++) put(L, y, N, b + s, 4 * q + r, o[4 * s + r], accumulate);
-            }
-        if (item == items - 1) /* N % 4 rows are left, one at a time (usually none) */
-            for (int n = 4 * quads; n < N; n++)
-                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b), accumulate);
-    }
-}
+/* The batched matmuls, one file per instruction set: each defines matvec_f32_batch, and
+ * decode_avx512.h with VNNI also matvec_lowbit_batch. */
+#ifdef __AVX512F__
+#include "decode_avx512.h"
+#else
+#include "decode_avx2.h"
 #endif
 
 /* Every thread of the team calls this; the output rows n are shared among them in chunks,
@@ -786,7 +478,59 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     free(ws.xq), free(ws.xs), free(ws.gsum), free(team.taken), free(team.done);
 }
 #else
-void decode_step(const void *m, const void *r, int threads, float *logits) {
+#define DECODE_ISA "none"
+
+void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     (void)m, (void)r, (void)threads, (void)logits; /* decode_supported() is 0 */
 }
 #endif
+
+int decode_supported(void) {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const char *decode_isa(void) { return DECODE_ISA; }
+
+/* decode.h's layout as this compiler made it, for decode_abi.py's check of its mirror. */
+typedef struct {
+    const char *name;
+    long value;
+} Entry;
+
+#define SIZE(T) {"sizeof(" #T ")", (long)sizeof(T)}
+#define FIELD(T, f) \
+    {"offsetof(" #T ", " #f ")", (long)offsetof(T, f)}, {"sizeof(" #T "." #f ")", (long)sizeof(((T *)0)->f)}
+#define CONSTANT(c) {#c, (long)(c)}
+
+static const Entry LAYOUT[] = {
+    SIZE(Linear), FIELD(Linear, kind), FIELD(Linear, N), FIELD(Linear, K), FIELD(Linear, G), FIELD(Linear, w),
+    FIELD(Linear, scale), FIELD(Linear, zero), FIELD(Linear, bias),
+
+    SIZE(Layer), FIELD(Layer, norm1_w), FIELD(Layer, norm1_b), FIELD(Layer, norm2_w), FIELD(Layer, norm2_b),
+    FIELD(Layer, qkv), FIELD(Layer, proj), FIELD(Layer, up), FIELD(Layer, down), FIELD(Layer, k), FIELD(Layer, v),
+
+    SIZE(Model), FIELD(Model, n_layer), FIELD(Model, d_model), FIELD(Model, n_head), FIELD(Model, n_kv),
+    FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity), FIELD(Model, window),
+    FIELD(Model, layernorm), FIELD(Model, swiglu), FIELD(Model, rope), FIELD(Model, eps), FIELD(Model, tok_emb),
+    FIELD(Model, pos_emb), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, norm_f_w),
+    FIELD(Model, norm_f_b), FIELD(Model, lm_head), FIELD(Model, layers), FIELD(Model, profile),
+
+    SIZE(Rows), FIELD(Rows, B), FIELD(Rows, token), FIELD(Rows, pos), FIELD(Rows, slot), FIELD(Rows, first),
+    FIELD(Rows, row_stride), FIELD(Rows, cache_row), FIELD(Rows, out_row), FIELD(Rows, n_out),
+
+    CONSTANT(F32), CONSTANT(Q4), CONSTANT(Q8),
+    CONSTANT(P_NORM), CONSTANT(P_QKV), CONSTANT(P_ROPE_CACHE), CONSTANT(P_ATTENTION), CONSTANT(P_PROJ),
+    CONSTANT(P_UP), CONSTANT(P_ACTIVATION), CONSTANT(P_DOWN), CONSTANT(P_LM_HEAD), CONSTANT(PROFILE_PHASES),
+};
+
+int decode_layout(char *out, int size) {
+    int n = 0;
+    for (size_t i = 0; i < sizeof LAYOUT / sizeof *LAYOUT; i++)
+        n += snprintf(n < size ? out + n : NULL, n < size ? (size_t)(size - n) : 0, "%s %ld\n", LAYOUT[i].name,
+                      LAYOUT[i].value);
+    return n;
+}

@@ -123,7 +123,7 @@ static inline __m256i nibbles(const uint8_t *p) {
 
 /* The row kernels take one weight row at a time: measured here (benchmarks/kernels.py's
  * shapes, one thread), tiles of 2 or 4 rows sharing each activation load ran 1.5-2x
- * slower than one row with independent accumulators along K. (decode.c's AVX-512 VNNI
+ * slower than one row with independent accumulators along K. (decode_avx512.h's VNNI
  * tiles, 512-bit products over two blocks at once, are faster than these rows and replace
  * them in decoding where the CPU has them.) */
 

@@ -1,0 +1,75 @@
+/* The interface of decode.c: the structs and constants Python fills in and passes to
+ * decode_step. `lmforge/native/decode_abi.py` mirrors them as ctypes structures, and at load
+ * time compares that mirror with what decode_layout() reports (every struct's size, every
+ * field's offset and size, every constant): where they differ the decoder is not used. A
+ * field changed here is changed there too, in the same place.
+ */
+#ifndef LMFORGE_DECODE_H
+#define LMFORGE_DECODE_H
+
+#include <stdint.h>
+
+enum { F32 = 0, Q4 = 4, Q8 = 8 }; /* Linear.kind: fp32, or bits per quantized weight */
+
+typedef struct {
+    int kind, N, K, G;   /* G: int4 group size */
+    const void *w;       /* fp32 (N, K) | int8 (N, K) | packed int4 (N, K/2) */
+    const float *scale;  /* int8: (N,); int4: (N, K/G) */
+    const uint8_t *zero; /* int4: (N, K/G) */
+    const float *bias;   /* (N,) or NULL */
+} Linear;
+
+typedef struct {
+    const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* the _b are NULL for RMSNorm */
+    Linear qkv, proj, up, down;
+    float *k, *v; /* this layer's cache, row 0 of (rows, n_kv, capacity, head_dim) */
+} Layer;
+
+typedef struct {
+    int n_layer, d_model, n_head, n_kv, head_dim, ffn, vocab, capacity, window; /* window 0: none */
+    int layernorm, swiglu, rope;                                                /* flags */
+    float eps;
+    const float *tok_emb, *pos_emb;   /* (vocab, d), (context, d) or NULL */
+    const float *rope_cos, *rope_sin; /* (context, head_dim), angles repeated in both halves */
+    const float *norm_f_w, *norm_f_b;
+    Linear lm_head;
+    const Layer *layers;
+    double *profile; /* NULL, or PROFILE_PHASES seconds that each step adds to (thread 0's view) */
+} Model;
+
+/* Where a step's time goes, for benchmarks/cpu_decode.py --profile: a phase ends when all
+ * its items are done, so its time includes waiting for the last one. */
+enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, PROFILE_PHASES };
+
+/* One decoding step's rows: row b feeds token[b] at rotary/learned position pos[b], writes
+ * its keys and values to cache slot slot[b] of cache row cache_row[b] (b when NULL), and
+ * attends to that cache row's slots first[b]..slot[b] (first > 0: a left-padded prompt in
+ * a batch started together). Several rows may share a cache row: a new prompt's tokens fed
+ * in the same step as the running batch's. Every row writes its key and value before any
+ * row attends (a phase apart), so each of them sees the ones before it. */
+typedef struct {
+    int B;
+    const int *token, *pos, *slot, *first;
+    long row_stride; /* floats from one cache row (sequence) to the next */
+    const int *cache_row;
+    const int *out_row; /* the rows whose logits are wanted, n_out of them (NULL: all B, in order) */
+    int n_out;
+} Rows;
+
+/* 1 where this build can decode (AVX2 or better), else 0 and decode_step does nothing. */
+int decode_supported(void);
+
+/* The instruction set whose kernels this build decodes with: "avx512-vnni", "avx512",
+ * "avx2", or "none". */
+const char *decode_isa(void);
+
+/* The layout of the structs and constants above as compiled, one "name value" line each:
+ * "sizeof(Linear) 48", "offsetof(Linear, N) 4", "sizeof(Linear.N) 4", "F32 0". Writes at
+ * most `size` bytes, NUL included, and returns the length of the whole text. */
+int decode_layout(char *out, int size);
+
+/* One step for the B rows described by `r`: logits (n_out or B, vocab). `threads` <= 0:
+ * OpenMP's default. */
+void decode_step(const Model *m, const Rows *r, int threads, float *logits);
+
+#endif
