@@ -14,15 +14,15 @@
  * o1[b] = w1 . x_b. Each loaded weight vector serves four FMAs and each activation vector
  * two, so the FMA units rather than the loads set the pace; eight independent
  * accumulators cover the FMA latency. This is what makes a batch of sequences cheaper
- * per token than one: with one row at a time (f32_row) a batch of 16 ran at a quarter
- * of the FMA peak, two loads per FMA. */
+ * per token than one: one row at a time (f32_row) needs two loads per FMA, and the loads
+ * then set the pace. */
 static inline void f32_tile2x4(const float *x, int K, const float *w0, const float *w1, float *o0, float *o1) {
     const float *x0 = x, *x1 = x + K, *x2 = x + 2 * (size_t)K, *x3 = x + 3 * (size_t)K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        /* The next pair of rows (2K floats on) is fetched while this one computes: without
-         * it the tile waited on memory and streamed weights at a third of B=1's rate. */
+        /* The next pair of rows (2K floats on) is fetched while this one computes, so the
+         * tile does not wait on memory between pairs. */
         _mm_prefetch((const char *)(w0 + 2 * (size_t)K + k), _MM_HINT_T0);
         _mm_prefetch((const char *)(w1 + 2 * (size_t)K + k), _MM_HINT_T0);
         const __m256 v = _mm256_loadu_ps(w0 + k), u = _mm256_loadu_ps(w1 + k);

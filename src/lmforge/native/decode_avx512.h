@@ -20,9 +20,8 @@ static inline __m128 hsum4x16(__m512 a, __m512 b, __m512 c, __m512 d) {
  * row stride ld: out[4 s + r] = w_r . x_s. Sixteen 16-float accumulators at S = 4 (AVX-512's
  * 32 registers hold them; AVX2's 16 do not, hence decode_avx2.h's 2 x 4 tile), one load per two
  * FMAs. The rows of the next tile (4 ld floats on) are fetched while this one computes.
- * On the AMD EPYC we measure on, a 16-float FMA does twice the work of an 8-float one
- * per cycle (237 vs 118 GFLOPS a core): a batch-16 step of the 27M-parameter model took
- * 5.5 ms with this tile against 7.5 ms with the 8-float one. */
+ * Where a 16-float FMA does twice the work of an 8-float one per cycle, a batched step runs
+ * faster with this tile than with the 8-float one (benchmarks/cpu_decode.py). */
 static inline __attribute__((always_inline)) void f32_tile4(const float *x, int K, long ld, const float *w, int S,
                                                             float *out) {
     __m512 acc[4][4];
@@ -43,9 +42,9 @@ static inline __attribute__((always_inline)) void f32_tile4(const float *x, int 
     for (int s = 0; s < S; s++) _mm_storeu_ps(out + 4 * s, hsum4x16(acc[0][s], acc[1][s], acc[2][s], acc[3][s]));
 }
 
-/* Columns per pass: 16 activation rows of 512 floats (32 KB) stay in the 48 KB L1 while the
- * weight rows stream past. Without it a K = 1408 matmul (the 27M model's down projection)
- * ran at 206 GFLOPS against 248 with it, in a 2-thread micro-benchmark. */
+/* Columns per pass: 16 activation rows of 512 floats (32 KB) stay in a 48 KB L1 while the
+ * weight rows stream past, instead of coming back from L2 for every tile when K is long
+ * (a down projection's). */
 #define K_BLOCK 512
 
 /* The fp32 matmul for a batch (B >= 4): output rows in fours, activation rows in fours. */

@@ -2,16 +2,15 @@
  *
  * The softmax cross-entropy and its gradient, in one pass per row. PyTorch's cross-entropy
  * takes a log-softmax over every row (a full copy of the logits), then in backward a scatter
- * into a zeroed tensor (another) and the log-softmax's backward (a third): at 2,048 tokens
- * and a vocabulary of 8,192, three 64 MB passes that took 12% of a training step of a
- * 6 x 384 GPT-2 on two cores. Here each row, while it sits in cache, gets its maximum, its
- * exponentials and their sum, and is overwritten by its gradient, so the logits' own memory
- * holds the gradient that lm_head's backward then multiplies.
+ * into a zeroed tensor (another) and the log-softmax's backward (a third): three passes over
+ * memory the size of the logits, a visible share of a small model's training step. Here
+ * each row, while it sits in cache, gets its maximum, its exponentials and their sum, and
+ * is overwritten by its gradient, so the logits' own memory holds the gradient that
+ * lm_head's backward then multiplies.
  *
- * GELU (tanh form) and its derivative: PyTorch's take 1.9-2.2 ms each way for 2,048 x 1,536
- * floats on two cores, about three times what streaming them costs; written as x times
- * sigmoid(2z) with the vectorized exponential of kernels.h, 0.6-0.7 ms forward and 0.9-1.1 ms
- * backward. */
+ * GELU (tanh form) and its derivative: PyTorch's take several times what streaming the
+ * floats costs; here they are x times sigmoid(2z) with the vectorized exponential of
+ * kernels.h, close to that cost. */
 #include <omp.h>
 #include <string.h>
 

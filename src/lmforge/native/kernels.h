@@ -121,9 +121,9 @@ static inline __m256i nibbles(const uint8_t *p) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
 }
 
-/* The row kernels take one weight row at a time: measured here (benchmarks/kernels.py's
- * shapes, one thread), tiles of 2 or 4 rows sharing each activation load ran 1.5-2x
- * slower than one row with independent accumulators along K. (decode_avx512.h's VNNI
+/* The row kernels take one weight row at a time: with 256-bit products, tiles of 2 or 4
+ * rows sharing each activation load ran slower than one row with independent accumulators
+ * along K (benchmarks/lowbit_kernels.py's shapes, one thread). (decode_avx512.h's VNNI
  * tiles, 512-bit products over two blocks at once, are faster than these rows and replace
  * them in decoding where the CPU has them.) */
 
