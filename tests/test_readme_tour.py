@@ -145,7 +145,7 @@ def test_readme_tour_runs_as_written(tmp_path):
     env = dict(os.environ, HOME=str(home), COLUMNS="100", LMFORGE_CACHE=str(tmp_path / "cache"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     commands = tour_commands()
-    assert len(commands) >= 25, commands
+    assert len(commands) >= 20, commands  # the tour was found and read
     for command in map(scaled, commands):
         if command.startswith("lmforge serve "):
             run_serve(command, work, env)
