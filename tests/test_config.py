@@ -83,3 +83,52 @@ def test_a_file_named_like_a_built_in_recipe_wins(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").write_text("train: {lr: 0.5}\n")
     assert load_recipe("tiny").train.lr == 0.5
+
+
+# ----------------------------------------------------------------------------- every YAML config, one loader
+
+def _loaders():
+    from lmforge.data.clean.recipe import load_recipe as load_cleaning_recipe
+    from lmforge.train.finetune import load_finetune_config
+
+    return {"recipe": load_recipe, "fine-tuning config": load_finetune_config, "cleaning recipe": load_cleaning_recipe}
+
+
+@pytest.mark.parametrize("kind", ["recipe", "fine-tuning config", "cleaning recipe"])
+def test_every_config_file_gets_the_same_errors(tmp_path, kind):
+    """The pretraining recipe, the fine-tuning config and the cleaning recipe are read by one
+    loader: the same one-line errors, each naming the file and what to do."""
+    load = _loaders()[kind]
+    cases = {
+        "broken.yaml": ("train: {lr: 1\n", r"broken\.yaml is not valid YAML at line 2, column 1: expected ','"),
+        "list.yaml": ("- a\n- b\n", r"list\.yaml must be a YAML mapping of the keys "),
+        "latin1.yaml": (b"train: {lr: caf\xe9}\n", r"latin1\.yaml is not UTF-8 text"),
+        "typo.yaml": ("trian: {}\n", rf"invalid {kind} .*typo\.yaml: trian: unknown key \(did you mean train\?\)"
+                      if kind != "cleaning recipe" else r"trian: unknown key \(the top level has: reader, "),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(LmforgeError, match=message) as info:
+            load(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(LmforgeError, match=rf"^{kind} {tmp_path / 'none.yaml'} does not exist: give .*a YAML file or a "
+                                            rf"built-in {kind} \(") as info:
+        load(tmp_path / "none.yaml")
+    with pytest.raises(LmforgeError, match="is not a file"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize(("kind", "text", "message"), [
+    ("recipe", "train: {lrr: 0.1}\n", r"train\.lrr: unknown key \(did you mean train\.lr\?\)"),
+    ("recipe", "model: {rope_scaling: {factr: 2}}\n", r"model\.rope_scaling\.factr: unknown key \(did you mean "
+                                                      r"model\.rope_scaling\.factor\?\)"),
+    ("recipe", "eval: {zzz: 1}\n", r"eval\.zzz: unknown key \(eval has: every, batches\)"),
+    ("fine-tuning config", "base: m\ndata: {train: t.jsonl}\nlora: {rank: 8}\n", r"lora\.rank: unknown key"),
+    ("cleaning recipe", "dedup: {bandz: 3}\n", r"dedup\.bandz: unknown key \(did you mean dedup\.bands\?\)"),
+])
+def test_an_unknown_key_gets_the_nearest_valid_one(tmp_path, kind, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(LmforgeError, match=message):
+        _loaders()[kind](path)

@@ -3,13 +3,18 @@
 A recipe is one YAML file with a section per concern. Every key has a typed default,
 unknown keys are errors, and any key can be overridden from the command line with a
 dotted flag (`--train.lr 3e-4`). The fully resolved recipe is what a run records.
+
+Every YAML config of lmforge (this pretraining recipe, the fine-tuning config, the cleaning
+recipe) is a tree of `Section`s read by `load_config`: one way to find the file, read it,
+merge overrides and word its errors; each keeps its own schema.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -229,16 +234,37 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_validation_error(err: ValidationError, where: str) -> str:
-    """One line per problem, naming the dotted key, in words a user can act on."""
+def describe_validation_error(err: ValidationError, where: str, schema: type[BaseModel] | None = None) -> str:
+    """One line naming each problem's dotted key, in words a user can act on. With the `schema`
+    that was validated, an unknown key gets the nearest valid one (or the valid ones)."""
     problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `lmforge train --help`)"
+            msg = "unknown key " + (_valid_keys(schema, e["loc"]) if schema else "(check the spelling)")
         problems.append(f"{key}: {msg}")
     return f"invalid {where}: " + "; ".join(problems)
+
+
+def _valid_keys(schema: type[BaseModel], loc: tuple) -> str:
+    """'(did you mean train.lr?)' or '(train has: ...)' for the unknown key at `loc`."""
+    import difflib
+    import typing
+
+    section: Any = schema
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+        options = [field.annotation, *typing.get_args(field.annotation)] if field else []
+        section = next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is None:
+            return "(check the spelling)"
+    names = list(section.model_fields)
+    parent = "".join(f"{p}." for p in loc[:-1])
+    near = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if near:
+        return f"(did you mean {parent}{near[0]}?)"
+    return f"({parent.rstrip('.') or 'the top level'} has: {', '.join(names)})"
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -283,26 +309,68 @@ def builtin_recipes() -> dict[str, Path]:
 
 def load_recipe(source: str | Path | None, overrides: list[str] | dict | None = None) -> Recipe:
     """A recipe from a YAML path or a built-in name (e.g. `quickstart`), plus overrides."""
-    raw: dict[str, Any] = {}
-    where = "recipe"
-    if source is not None:
-        path = Path(source)
-        if not path.exists() and str(source) in builtin_recipes():
-            path = builtin_recipes()[str(source)]
-        if not path.is_file():
-            names = ", ".join(builtin_recipes())
-            raise LmforgeError(f"recipe {source} not found: give a YAML file or a built-in recipe ({names})")
-        where = f"recipe {path}"
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise LmforgeError(f"{path} must be a YAML mapping with sections model/data/train/eval/run")
-    if overrides:
-        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        raw = deep_merge(raw, extra)
+    return load_config(Recipe, source, overrides, kind="recipe", builtins=builtin_recipes())
+
+
+# ----------------------------------------------------------------------------- reading any config
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def find_config(source: str | Path, builtins: dict[str, Path], kind: str, accepts: str = "a YAML file") -> Path:
+    """The YAML file `source` names: a path, or else the name of a built-in one."""
+    path = Path(source)
+    if not path.exists() and str(source) in builtins:
+        path = builtins[str(source)]
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise LmforgeError(f"{kind} {source} {problem}: give {accepts} or a built-in {kind} "
+                           f"({', '.join(builtins)})")
+    return path
+
+
+def read_yaml_mapping(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
+    """The mapping a YAML config file holds (an empty file holds {}), for `schema`'s keys."""
     try:
-        return Recipe.model_validate(raw)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LmforgeError(f"{path} is not valid YAML{at}: {what}") from None
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"{path} must be a YAML mapping of the keys {', '.join(schema.model_fields)}")
+    return raw
+
+
+def validated(schema: type[S], raw: dict[str, Any], where: str) -> S:
+    """`raw` as a `schema`, or one LmforgeError naming every wrong key."""
+    try:
+        return schema.model_validate(raw)
     except ValidationError as e:
-        raise LmforgeError(describe_validation_error(e, where)) from None
+        raise LmforgeError(describe_validation_error(e, where, schema)) from None
+
+
+def load_config(schema: type[S], source: str | Path | None, overrides: list[str] | dict | None = None, *,
+                kind: str, builtins: dict[str, Path], accepts: str = "a YAML file",
+                defaults: dict[str, Any] | None = None,
+                merge: Callable[[dict, dict], dict] | None = None,
+                beside: Callable[[dict, Path], dict] | None = None) -> S:
+    """The one way a YAML config is read: `defaults`, then the file `source` names (a path or a
+    built-in name), then `overrides` (`--section.key value` flags or a nested dict), validated as
+    `schema`. `merge` puts a layer over the one below (deep_merge unless a config says otherwise);
+    `beside(raw, path)` lets a config resolve what its file names relative to itself. Every
+    problem is one LmforgeError line naming the file and the keys."""
+    merge = merge or deep_merge
+    raw: dict[str, Any] = dict(defaults or {})
+    where = kind
+    if source is not None:
+        path = find_config(source, builtins, kind, accepts)
+        where = f"{kind} {path}"
+        layer = read_yaml_mapping(path, schema)
+        raw = merge(raw, beside(layer, path) if beside else layer)
+    if overrides:
+        raw = merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return validated(schema, raw, where)

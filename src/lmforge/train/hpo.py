@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import Recipe, deep_merge, describe_validation_error
+from lmforge.config import Recipe, deep_merge, validated
 from lmforge.errors import LmforgeError, LossDiverged
 from lmforge.train.hpo_space import SearchSpace, nested
 
@@ -258,16 +258,11 @@ def _fmt(value: Any) -> str:
 
 def trial_recipe(settings: HpoSettings, values: dict[str, Any], number: int, device: str | None = None) -> Recipe:
     """The base recipe with a trial's values, writing to runs/<study>/trial-NNNN."""
-    from pydantic import ValidationError
-
     raw = deep_merge(settings.recipe, nested(values))
     raw = deep_merge(raw, {"run": {"out": str(settings.study_dir), "name": f"trial-{number:04d}"}})
     if device:
         raw = deep_merge(raw, {"train": {"device": device}})
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise LmforgeError(describe_validation_error(e, f"trial {number} recipe")) from None
+    return validated(Recipe, raw, f"trial {number} recipe")
 
 
 def run_worker(settings: HpoSettings, index: int = 0, log=print) -> None:

@@ -1,8 +1,9 @@
 """The cleaning recipe: one typed, validated YAML file.
 
 `default.yaml` beside this module holds every default. A user's recipe names only what it
-changes; it is merged over the defaults and validated here, so a misspelt key or an unknown
-filter name is one clear `LmforgeError` instead of a silently ignored setting.
+changes; it is merged over the defaults and validated here (`lmforge.config.load_config`,
+as every YAML config), so a misspelt key or an unknown filter name is one clear `LmforgeError`
+instead of a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -10,26 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from lmforge.config import deep_merge
-from lmforge.errors import LmforgeError
+from lmforge.config import Section, deep_merge, load_config, read_yaml_mapping
 
 DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ReaderConfig(_Strict):
+class ReaderConfig(Section):
     text_field: str = "text"
     max_doc_chars: int = Field(1_000_000, gt=0)
     shard_bytes: int = Field(64 * 2**20, gt=0)
 
 
-class NormalizeConfig(_Strict):
+class NormalizeConfig(Section):
     unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFKC"
     keep_cjk_punctuation: bool = True  # NFKC/NFKD leave ，：；！？（）～ and … as they are
     fix_mojibake: bool = True
@@ -39,7 +34,7 @@ class NormalizeConfig(_Strict):
     gutenberg: bool = True
 
 
-class LangidConfig(_Strict):
+class LangidConfig(Section):
     enabled: bool = True
     languages: list[str] | None = None
     min_score: float = Field(0.65, ge=0.0, le=1.0)
@@ -57,7 +52,7 @@ class LangidConfig(_Strict):
         return value
 
 
-class PiiConfig(_Strict):
+class PiiConfig(Section):
     enabled: bool = True
     email: bool = True
     phone: bool = True
@@ -66,7 +61,7 @@ class PiiConfig(_Strict):
     cn_id: bool = True
 
 
-class DedupConfig(_Strict):
+class DedupConfig(Section):
     exact: bool = True
     near: bool = True
     ngram: int = Field(5, ge=1)
@@ -76,19 +71,19 @@ class DedupConfig(_Strict):
     seed: int = 1
 
 
-class DecontaminateConfig(_Strict):
+class DecontaminateConfig(Section):
     eval_files: list[str] = []
     eval_text_field: str = "text"
     ngram: int = Field(13, ge=1)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Section):
     samples_per_filter: int = Field(5, ge=0)
     keep_work: bool = False
     plots: bool = True
 
 
-class CleanRecipe(_Strict):
+class CleanRecipe(Section):
     reader: ReaderConfig = ReaderConfig()
     normalize: NormalizeConfig = NormalizeConfig()
     langid: LangidConfig = LangidConfig()
@@ -100,47 +95,27 @@ class CleanRecipe(_Strict):
     output: OutputConfig = OutputConfig()
 
 
-def _one_line(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    return f"recipe {source}: {what} at '{where}'; fix it or remove it (defaults: {DEFAULT_RECIPE.name})"
-
-
 def presets() -> list[str]:
     """Names of the recipes shipped beside this module (`--recipe books`)."""
     return sorted(p.stem for p in DEFAULT_RECIPE.parent.glob("*.yaml"))
 
 
+def _over(below: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`layer` merged over `below`, except that a `filters` section replaces the one below: the
+    filters named are the filters that run, so a default filter can be left out."""
+    filters = layer.get("filters")
+    merged = deep_merge(below, {k: v for k, v in layer.items() if k != "filters"})
+    if filters is not None:
+        merged["filters"] = filters
+    return merged
+
+
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> CleanRecipe:
     """Defaults, then the YAML file at `path` (or a preset name), then `overrides` (section -> keys)."""
-    data = yaml.safe_load(DEFAULT_RECIPE.read_text())
-    source = "default"
-    if path is not None and str(path) in presets() and not Path(path).exists():
-        path = DEFAULT_RECIPE.with_name(f"{path}.yaml")
-    if path is not None:
-        source = str(path)
-        try:
-            user = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise LmforgeError(f"recipe {path} does not exist; pass a YAML file or a preset ({', '.join(presets())})") from None
-        except yaml.YAMLError as exc:
-            raise LmforgeError(f"recipe {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax") from None
-        if not isinstance(user, dict):
-            raise LmforgeError(f"recipe {path} must be a mapping of sections (reader, filters, …)")
-        # A user's `filters:` section replaces the default list, so a filter can be left out.
-        user_filters = user.pop("filters", None)
-        data = deep_merge(data, user)
-        if user_filters is not None:
-            data["filters"] = user_filters
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "filters" in overrides:  # as in a recipe file: the filters named are the filters that run
-        data["filters"] = overrides.pop("filters")
-    data = deep_merge(data, overrides)
-    try:
-        recipe = CleanRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise LmforgeError(_one_line(exc, source)) from None
+    recipe = load_config(CleanRecipe, path, {k: v for k, v in overrides.items() if v is not None},
+                         kind="cleaning recipe",
+                         builtins={name: DEFAULT_RECIPE.with_name(f"{name}.yaml") for name in presets()},
+                         defaults=read_yaml_mapping(DEFAULT_RECIPE, CleanRecipe), merge=_over)
     from lmforge.data.clean.filters import build_filters
 
     build_filters(recipe.filters)  # fails early, in the parent, on an unknown filter or parameter
