@@ -29,7 +29,7 @@ from lmforge.config import Recipe, TrainConfig
 from lmforge.data.loader import BatchLoader, TokenSplit
 from lmforge.data.prepare import adopt_prepared, prepare, read_index
 from lmforge.data.tokenizer import TextTokenizer
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, LossDiverged, TrainingInterrupted
 from lmforge.eval.compute import EnergyMeter, write_run_summary
 from lmforge.eval.perplexity import EvalResult, evaluate_split
 from lmforge.model import Transformer
@@ -41,14 +41,6 @@ from lmforge.train.early_stop import EarlyStopping
 from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.recovery import checkpoint_folders, find_checkpoint, run_dir_writes
-
-
-class TrainingInterrupted(Exception):
-    """Raised after SIGINT/SIGTERM once the checkpoint is safely written."""
-
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}; continue with --resume")
-        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -276,7 +268,7 @@ def run_steps(train_step: Callable[[int], tuple[float, float]], optimizer: torch
             tokens += tokens_per_step
             last_loss = ctx.mean(loss)
             if not math.isfinite(last_loss):
-                raise LmforgeError(f"loss became {last_loss} at step {step}; lower --train.lr or check the data")
+                raise LossDiverged(last_loss, step)
             window_loss += last_loss
             window_steps += 1
             elapsed = elapsed_before + time.perf_counter() - start
