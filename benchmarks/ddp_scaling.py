@@ -35,7 +35,7 @@ from common import machine
 
 from lmforge.config import load_recipe
 from lmforge.data.prepare import prepare
-from lmforge.train.trainer import read_metrics
+from lmforge.train.metrics import read_metrics
 
 
 def tokens_per_s(run_dir: Path, skip: int) -> float:

@@ -27,7 +27,8 @@ from lmforge.config import load_recipe
 from lmforge.data.loader import BatchLoader, TokenSplit
 from lmforge.data.prepare import prepare
 from lmforge.train.optim import build_optimizer, lr_at
-from lmforge.train.trainer import read_metrics, train
+from lmforge.train.metrics import read_metrics
+from lmforge.train.trainer import train
 
 
 def recipe_for(args, out: Path, name: str):

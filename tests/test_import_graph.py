@@ -63,13 +63,8 @@ KNOWN: dict[tuple[str, str], str] = {
     ("eval.perplexity", "train.mlm"):
         "eval imports mask_token_id from train/mlm.py (a cycle eval <-> train); it belongs with the "
         "tokenizer, and train/ is being rebuilt by another change",
-    ("train.continued", "train.trainer"):
-        "continued.py takes data_dir_for from trainer.py, which imports continued.py: train/ is being "
-        "rebuilt by another change (one Run, Tasks)",
 }
 KNOWN_PRIVATE: dict[tuple[str, str, str], str] = {
-    ("train.finetune", "model.lora", "_set_module"):
-        "train/ is being rebuilt by another change; compress.storage.set_module is the public one",
 }
 
 

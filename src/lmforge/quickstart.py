@@ -26,9 +26,11 @@ from lmforge.data.prepare import prepare
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import unigram_baseline
 from lmforge.model import Transformer
+from lmforge.train.lm import data_dir_for
 from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer
-from lmforge.train.trainer import autocast_for, data_dir_for, train
+from lmforge.train.precision import autocast_for
+from lmforge.train.trainer import train
 
 PROMPTS = ["ROMEO:\n", "To be, or not", "The king"]  # the built-in Shakespeare's; other corpora give their own
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lmforge
 from lmforge.compress.distill import (DistillConfig, distill, distill_loss, matched_layers, run_distill,
@@ -76,3 +77,24 @@ def test_bad_settings_are_clear_errors():
     for bad in ({"temperature": 0}, {"alpha": 1.5}, {"steps": 0}, {"top_k": -1}, {"hidden_weight": -1}):
         with pytest.raises(LmforgeError):
             DistillConfig(**bad)
+
+
+def test_distillation_runs_on_the_training_loop(make_model, tiny_data, tmp_path):
+    """The shared loop's schedule, metrics log and checkpoint: every step's loss is recorded,
+    the learning rate follows train.optim's cosine, the width maps train with the student."""
+    from lmforge.compress.distill import train_config
+    from lmforge.train.metrics import read_metrics
+    from lmforge.train.optim import lr_at
+
+    teacher = make_model(vocab_size=512, n_layer=4, d_model=64)
+    student = make_model(vocab_size=512, seed=1, n_layer=2, d_model=32)
+    cfg = DistillConfig(steps=6, batch_size=4, lr=1e-2, hidden_weight=1.0)
+    result = distill(teacher, student, tiny_data, cfg, run_dir=tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == result.losses
+    tc = train_config(cfg, torch.device("cpu"))
+    assert [r["lr"] for r in records] == [lr_at(step, tc) for step in range(6)]
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-000006" / "trainable.safetensors"))
+    assert {k for k in saved if k.startswith("model.1.")} == {f"model.1.{j}.weight" for j in range(2)}  # the maps
+    assert result.val_after < result.val_before and not student.training

@@ -10,9 +10,10 @@ import pytest
 from helpers import save_random_model, small_tokenizer, write_jsonl
 
 from lmforge.config import load_recipe
+from lmforge.errors import TrainingInterrupted
 from lmforge.eval.compute import describe_run
 from lmforge.train.finetune import finetune, load_finetune_config
-from lmforge.train.trainer import TrainingInterrupted, read_metrics
+from lmforge.train.metrics import read_metrics
 
 WORDS = ["red", "green", "blue", "yes", "no", "hello", "world", "sea"]
 

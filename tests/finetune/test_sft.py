@@ -127,7 +127,7 @@ def test_sft_learns_and_validates(tmp_path, tok, method, pack):
 
 
 def test_sft_resume_matches_an_uninterrupted_run(tmp_path, tok):
-    from lmforge.train.trainer import TrainingInterrupted
+    from lmforge.errors import TrainingInterrupted
 
     base = save_random_model(tmp_path / "base", "llama", tokenizer=tok, vocab_size=tok.vocab_size)
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(32))

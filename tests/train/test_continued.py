@@ -16,7 +16,8 @@ from lmforge.data.loader import BatchLoader, TokenSplit
 from lmforge.data.prepare import prepare, read_index
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import evaluate_split
-from lmforge.train.trainer import read_metrics, train
+from lmforge.train.metrics import read_metrics
+from lmforge.train.trainer import train
 
 # New text the model has not seen: a Chinese technical note with English terms, and an English one.
 NOTE_ZH = ("在 PyTorch 中，混合精度训练（mixed precision）通常使用 bfloat16 进行前向计算，同时保留 float32 的主权重。"

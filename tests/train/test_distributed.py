@@ -17,16 +17,17 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.config import load_recipe
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.train.recovery import CHECKSUMS, verify_checkpoint
-from lmforge.train.trainer import TrainingInterrupted, train
+from lmforge.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
 WORKER = """
 import json, sys
 from lmforge.config import load_recipe
-from lmforge.train.trainer import TrainingInterrupted, train
+from lmforge.errors import TrainingInterrupted
+from lmforge.train.trainer import train
 overrides, resume, interrupt_at = json.loads(sys.argv[1]), sys.argv[2] == "1", json.loads(sys.argv[3])
 try:
     train(load_recipe(None, overrides), resume=resume, progress=False, log=lambda *a: None, interrupt_at=interrupt_at)

@@ -8,11 +8,13 @@ import math
 
 import pytest
 
+from lmforge.errors import TrainingInterrupted
 from lmforge.eval.perplexity import EvalResult
-from lmforge.train import trainer
+from lmforge.train import lm
 from lmforge.train.early_stop import EarlyStopping
+from lmforge.train.metrics import read_metrics
 from lmforge.train.recovery import verify_checkpoint
-from lmforge.train.trainer import TrainingInterrupted, read_metrics, train
+from lmforge.train.trainer import train
 
 
 def test_the_tracker_counts_validations_without_improvement():
@@ -45,7 +47,7 @@ def scripted_validation(monkeypatch):
             loss = next(seen, losses[-1])
             return EvalResult(loss=loss, perplexity=math.exp(loss), bits_per_byte=loss, tokens=1)
 
-        monkeypatch.setattr(trainer, "evaluate_split", evaluate_split)
+        monkeypatch.setattr(lm, "evaluate_split", evaluate_split)
 
     return script
 

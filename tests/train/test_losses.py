@@ -20,7 +20,8 @@ from lmforge.data.sft import IGNORE
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.train.losses import chunked_cross_entropy, language_model_loss
-from lmforge.train.trainer import read_metrics, train
+from lmforge.train.metrics import read_metrics
+from lmforge.train.trainer import train
 
 VOCAB, B, T = 1000, 3, 40
 

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from lmforge.errors import LmforgeError
 from lmforge.train.recovery import CHECKSUMS, find_checkpoint, verify_checkpoint
-from lmforge.train.trainer import read_metrics, train
+from lmforge.train.metrics import read_metrics
+from lmforge.train.trainer import train
 
 # A constant schedule (after warmup): a run of 6 steps then 8 follows the lr of a straight 8-step run.
 SECTIONS = {"train": {"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1,

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.config import load_recipe
-from lmforge.errors import LmforgeError
-from lmforge.train.trainer import TrainingInterrupted, read_metrics, train
+from lmforge.errors import LmforgeError, TrainingInterrupted
+from lmforge.train.metrics import read_metrics
+from lmforge.train.trainer import train
 
 
 def quiet(*_):
@@ -47,7 +48,7 @@ def test_loss_falls_on_a_tiny_run(trained_run, tokenizer):
 def test_auto_precision_follows_the_hardware(monkeypatch):
     import contextlib
 
-    from lmforge.train import trainer
+    from lmforge.train import precision as trainer
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: True)

@@ -24,16 +24,17 @@ tokenizer.
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
+from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
@@ -156,70 +157,119 @@ class BlockOutputs:
             h.remove()
 
 
-def distill(teacher: Transformer, student: Transformer, data_dir: Path, cfg: DistillConfig, log=lambda s: None) -> DistillResult:
-    from lmforge.data.loader import BatchLoader, TokenSplit
-    from lmforge.eval.perplexity import evaluate_split
+class DistillTask:
+    """Distillation as a task of the one training loop (`train.run`): it holds the teacher.
+    Batches come from the prepared data's train split (`pool` distinct ones, revisited in turn);
+    the loss is `distill_loss` against the teacher's targets, plus the hidden-state term through
+    block hooks (and learned width maps, `maps`, when the widths differ); evaluation is the
+    student's perplexity on 8 batches of the val split."""
 
-    if teacher.config.vocab != student.config.vocab:
-        raise LmforgeError(f"teacher and student vocabularies differ ({teacher.config.vocab} vs {student.config.vocab}): "
-                           "they must share a tokenizer")
-    split = TokenSplit(data_dir, "train")
-    if split.vocab_size > student.config.vocab:
-        raise LmforgeError(f"{data_dir} was tokenized with a larger vocabulary than the models have")
-    T = min(cfg.seq_len or student.config.context, student.config.context, teacher.config.context)
-    loader = BatchLoader(split, cfg.batch_size, T, cfg.seed)
-    val = TokenSplit(data_dir, "val")
-    result = DistillResult(val_before=evaluate_split(student, val, max_batches=8).perplexity)
+    def __init__(self, teacher: Transformer, student: Transformer, data_dir: Path, cfg: DistillConfig, log):
+        from lmforge.data.loader import BatchLoader, TokenSplit
+
+        if teacher.config.vocab != student.config.vocab:
+            raise LmforgeError(f"teacher and student vocabularies differ ({teacher.config.vocab} vs "
+                               f"{student.config.vocab}): they must share a tokenizer")
+        split = TokenSplit(data_dir, "train")
+        if split.vocab_size > student.config.vocab:
+            raise LmforgeError(f"{data_dir} was tokenized with a larger vocabulary than the models have")
+        self.seq_len = min(cfg.seq_len or student.config.context, student.config.context, teacher.config.context)
+        self.loader = BatchLoader(split, cfg.batch_size, self.seq_len, cfg.seed)
+        self.val = TokenSplit(data_dir, "val")
+        self.teacher, self.cfg, self.log = teacher, cfg, log
+        self.tokens_per_batch = cfg.batch_size * self.seq_len
+        self.cache: dict[int, TeacherTargets] = {}
+        self.steps_done = 0
+        self.maps: nn.ModuleList | None = None
+        self.hooks: tuple[BlockOutputs, BlockOutputs] | None = None
+        if cfg.hidden_weight > 0:
+            self.hooks = (BlockOutputs(student, list(range(student.config.n_layer))),
+                          BlockOutputs(teacher, matched_layers(student.config.n_layer, teacher.config.n_layer)))
+            if student.config.d_model != teacher.config.d_model:
+                with torch.random.fork_rng():  # seeded, without moving the caller's random state
+                    torch.manual_seed(cfg.seed)
+                    self.maps = nn.ModuleList(nn.Linear(student.config.d_model, teacher.config.d_model, bias=False)
+                                              for _ in range(student.config.n_layer))
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        index = index % self.cfg.pool if self.cfg.pool else index
+        x, y = self.loader.batch(index)
+        return {"index": torch.tensor(index), "x": x, "y": y}
+
+    def targets(self, index: int, x: torch.Tensor) -> TeacherTargets:
+        """The teacher's targets for batch `index` (with top_k, computed once per batch and cached)."""
+        if index in self.cache:
+            return self.cache[index]
+        with torch.no_grad():
+            logits = self.teacher(x)
+            t = summarize_teacher(logits, self.cfg.temperature, self.cfg.top_k,
+                                  self.hooks[1].take() if self.hooks else None)
+        if self.cfg.top_k:
+            self.cache[index] = t
+        return t
+
+    def loss(self, model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        t = self.targets(int(b["index"]), b["x"])
+        loss = distill_loss(model(b["x"]), b["y"], t, cfg.temperature, cfg.alpha)
+        if self.hooks:
+            loss = loss + cfg.hidden_weight * hidden_loss(self.hooks[0].take(), t.hidden, self.maps)
+        step, self.steps_done = self.steps_done, self.steps_done + 1
+        if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
+            self.log(f"step {step + 1}/{cfg.steps}: loss {loss.item():.4f}")
+        return loss
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        from lmforge.eval.perplexity import evaluate_split
+
+        r = evaluate_split(model, self.val, max_batches=8)
+        return {"val_loss": r.loss, "val_ppl": r.perplexity}
+
+    def close(self) -> None:
+        for hooks in self.hooks or ():
+            hooks.close()
+
+
+def train_config(cfg: DistillConfig, device: torch.device) -> TrainConfig:
+    """The training settings of a distillation: AdamW (weight decay 0.01 on matrices), a warmup of a
+    twentieth of the steps, cosine down to a tenth of the peak, gradient norm clipped at 1, fp32; one
+    checkpoint, at the end, and every step's loss in metrics.jsonl."""
+    return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=0.1, schedule="cosine",
+                       warmup=max(1, cfg.steps // 20), max_steps=cfg.steps, weight_decay=0.01, grad_clip=1.0,
+                       seed=cfg.seed, device=str(device), dtype="float32", checkpoint_every=cfg.steps,
+                       keep_checkpoints=1, log_every=1)
+
+
+def distill(teacher: Transformer, student: Transformer, data_dir: Path, cfg: DistillConfig, log=lambda s: None,
+            run_dir: Path | None = None) -> DistillResult:
+    """Train `student` on `teacher` (see the module docstring) on the one training loop, in `run_dir`
+    (metrics.jsonl, the final checkpoint; a temporary directory when None)."""
+    import tempfile
+
+    from lmforge.train.checkpoint import TrainableCheckpoints
+    from lmforge.train.metrics import read_metrics
+    from lmforge.train.run import Run
+
+    task = DistillTask(teacher, student, Path(data_dir), cfg, log)
     teacher.eval()
-    student.train()
-    params = list(student.parameters())
-    maps = None
-    use_hidden = cfg.hidden_weight > 0
-    if use_hidden:
-        s_hooks = BlockOutputs(student, list(range(student.config.n_layer)))
-        t_hooks = BlockOutputs(teacher, matched_layers(student.config.n_layer, teacher.config.n_layer))
-        if student.config.d_model != teacher.config.d_model:
-            with torch.random.fork_rng():  # seeded, without moving the caller's random state
-                torch.manual_seed(cfg.seed)
-                maps = nn.ModuleList(nn.Linear(student.config.d_model, teacher.config.d_model, bias=False)
-                                     for _ in range(student.config.n_layer))
-            params += list(maps.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, cfg.steps // 20)
-    cache: dict[int, TeacherTargets] = {}
-    start = time.perf_counter()
-    try:
-        for step in range(cfg.steps):
-            index = step % cfg.pool if cfg.pool else step
-            x, y = loader.batch(index)
-            if index in cache:
-                t = cache[index]
-            else:
-                with torch.no_grad():
-                    logits = teacher(x)
-                    t = summarize_teacher(logits, cfg.temperature, cfg.top_k, t_hooks.take() if use_hidden else None)
-                if cfg.top_k:
-                    cache[index] = t
-            lr = cfg.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = distill_loss(student(x), y, t, cfg.temperature, cfg.alpha)
-            if use_hidden:
-                loss = loss + cfg.hidden_weight * hidden_loss(s_hooks.take(), t.hidden, maps)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            result.losses.append(loss.item())
-            if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
-                log(f"step {step + 1}/{cfg.steps}: loss {loss.item():.4f}")
-    finally:
-        if use_hidden:
-            s_hooks.close()
-            t_hooks.close()
+    with contextlib.ExitStack() as stack:
+        stack.callback(task.close)
+        if run_dir is None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmforge-distill-")))
+        result = DistillResult(val_before=task.evaluate(student)["val_ppl"])
+        student.train()
+        tc = train_config(cfg, next(student.parameters()).device)
+        run = stack.enter_context(Run.open(tc, run_dir, parallel=False, eval_every=cfg.steps, log=log, progress=False))
+        trainables = nn.ModuleList([student] + ([task.maps] if task.maps is not None else []))
+        run.parallelize(student)
+        run.prepare(trainables)
+        run.start(yaml.safe_dump({"distill": asdict(cfg)}, sort_keys=False),
+                  TrainableCheckpoints(run_dir, trainables, None, keep=1), resume=False)
+        end = run.fit(task, student, label="distill")
+        result.losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     student.eval()
-    result.seconds = time.perf_counter() - start
-    result.val_after = evaluate_split(student, val, max_batches=8).perplexity
+    result.seconds = end.seconds
+    result.val_after = end.val["val_ppl"]
     return result
 
 

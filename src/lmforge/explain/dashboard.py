@@ -12,7 +12,7 @@ from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.compute import read_summary
-from lmforge.train.trainer import read_metrics
+from lmforge.train.metrics import read_metrics
 
 PANELS = {  # file stem -> (metric key, y label, log scale)
     "loss": ("loss", "loss (nats/token)", False),

@@ -1,4 +1,6 @@
-"""Checkpoints in the run directory, in one of two layouts, and the model directory made from one.
+"""Checkpoints in the run directory, and the model directory made from one.
+
+Pretraining (`ModelCheckpoints`) writes whole models, in one of two layouts:
 
     runs/<name>/checkpoints/step-000500/   one process: a model directory + trainer.pt
     runs/<name>/checkpoints/step-000500/   several: config and tokenizer files, lmforge.json,
@@ -20,6 +22,9 @@ renaming a new link over it) only after that. Every checkpoint records the sha25
 (`checksums.sha256`, see `train.recovery`), checked before a run resumes from it. `best` points
 at the checkpoint of the lowest validation loss when early stopping is on; pruning keeps it.
 `trainer.pt` is read with `weights_only=True`.
+
+Fine-tuning and distillation (`TrainableCheckpoints`) write only what trains, beside the same
+`trainer.pt` and checksums: `checkpoints/step-000100/trainable.safetensors`.
 """
 
 from __future__ import annotations
@@ -243,3 +248,69 @@ def export_checkpoint(checkpoint: Path, out: Path, log=print) -> Path:
     provenance = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
     provenance["parents"] = [str(folder)]
     return save_model_dir(model, tokenizer, out, provenance)
+
+
+class ModelCheckpoints:
+    """A run's checkpoints as model directories (pretraining): see `save_checkpoint`, `load_checkpoint`."""
+
+    def __init__(self, run_dir: Path, model: Transformer, tokenizer: TextTokenizer, provenance: dict[str, Any],
+                 keep: int, ctx: DistContext):
+        self.run_dir, self.model, self.tokenizer, self.provenance, self.keep, self.ctx = \
+            run_dir, model, tokenizer, provenance, keep, ctx
+
+    def save(self, step: int, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        return save_checkpoint(self.run_dir, step, self.model, optimizer, self.tokenizer, state, self.provenance,
+                               self.keep, self.ctx)
+
+    def load(self, folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return load_checkpoint(folder, self.model, optimizer, self.ctx)
+
+
+TRAINABLE = "trainable.safetensors"
+
+
+class TrainableCheckpoints:
+    """A run's checkpoints as only what trains (fine-tuning): the tensors that take gradients (all of
+    a full fine-tune, LoRA's for an adapter) and the task head, in `trainable.safetensors`, beside
+    `trainer.pt` and `checksums.sha256`. One process."""
+
+    def __init__(self, run_dir: Path, model: torch.nn.Module, head: torch.nn.Module | None, keep: int):
+        self.run_dir, self.model, self.head, self.keep = run_dir, model, head, keep
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.head is not None:
+            out.update({f"head.{n}": p for n, p in self.head.named_parameters()})
+        return out
+
+    def save(self, step: int, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        from safetensors.torch import save_file
+
+        folder = self.run_dir / "checkpoints" / checkpoint_name(step)
+        with atomic_directory(folder) as d:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(d / TRAINABLE))
+            save_trainer_state({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
+            write_checksums(d)
+        commit_checkpoint(self.run_dir, folder, self.keep)
+        return folder
+
+    def load(self, folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        for name in (TRAINABLE, TRAINER_STATE):
+            if not (folder / name).is_file():
+                raise LmforgeError(f"{folder / name} is missing: the checkpoint is incomplete")
+        saved = load_file(str(folder / TRAINABLE))
+        current = self.tensors()
+        if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+            raise LmforgeError(f"checkpoint {folder} does not match this run's model ({len(saved)} tensors saved, "
+                               f"{len(current)} trainable now); resume with the run's own recipe.yaml")
+        with torch.no_grad():
+            for k, p in current.items():
+                p.copy_(saved[k])
+        try:
+            state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise LmforgeError(f"{folder / TRAINER_STATE} is corrupt ({type(e).__name__})") from None
+        optimizer.load_state_dict(state["optimizer"])
+        return state

@@ -18,6 +18,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.hf import from_hf_config
 from lmforge.model import Transformer
 from lmforge.model_dir import load_model_dir, load_tokenizer, read_json
+from lmforge.train.lm import data_dir_for
 
 # The parts of tokenizer.json that decide which ids a text becomes.
 _TOKENIZER_PARTS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
@@ -52,8 +53,6 @@ def continued_pretraining(recipe: Recipe, log) -> Recipe:
         raise LmforgeError(f"data.tokenizer.path {named} is not {source}'s tokenizer; leave it unset, and the "
                            "corpus is tokenized with the model's own")
     out.data.tokenizer.path = named or str(source)
-    from lmforge.train.trainer import data_dir_for
-
     data_dir = data_dir_for(out)  # data.dir, or a folder named after the model's tokenizer
     if (data_dir / INDEX).is_file():
         if not same_tokenizer(TextTokenizer.load(data_dir), tokenizer):

@@ -78,9 +78,7 @@ class DistContext:
 def setup(strategy: str, batch_size: int, device_name: str) -> tuple[DistContext, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                              ("cpu" if device_name == "auto" else device_name))
-        return DistContext(), device
+        return DistContext(), single_device(device_name)
     if batch_size % world:
         raise LmforgeError(f"train.batch_size {batch_size} is not divisible by the {world} processes; "
                            f"use a multiple of {world}")
@@ -94,6 +92,13 @@ def setup(strategy: str, batch_size: int, device_name: str) -> tuple[DistContext
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistContext(rank, world, local_rank, "ddp" if strategy == "auto" else strategy), device
+
+
+def single_device(device_name: str) -> torch.device:
+    """The device train.device names for one process: `auto` is the GPU when one is visible."""
+    if device_name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_name)
 
 
 def teardown(ctx: DistContext) -> None:

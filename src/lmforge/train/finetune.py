@@ -1,11 +1,11 @@
-"""`lmforge finetune`: adapt a pretrained model, or pretrain an encoder, in one plain loop.
+"""`lmforge finetune`: adapt a pretrained model, or pretrain an encoder, on the one loop.
 
     load the base (or build an encoder) -> full | lora | qlora -> the task's data ->
-    for each step: accumulate, clip, step, log, validate, checkpoint -> model/ or adapter/
+    the loop (`train.run`) -> model/ or adapter/
 
 A task (`train/sft.py`, `dpo.py`, `classify.py`, `mlm.py`) knows its data, its loss and its
-evaluation; the loop, the optimizer and schedule (`train.optim`), the metrics log, the loss
-plot and the run directory are the pretraining trainer's:
+evaluation; the loop, the optimizer and schedule, the metrics log, checkpoints and resume, the
+loss plot and the run directory are those of every training run (`train.run.Run`):
 
     runs/<name>/
       recipe.yaml      the resolved fine-tuning config (`lmforge finetune runs/<name>/recipe.yaml --resume`)
@@ -32,17 +32,17 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn as nn
 import yaml
-from pydantic import model_validator
+from pydantic import ValidationError, model_validator
 
 from lmforge.config import (
-    EvalConfig, ModelConfig, RunSection, Section, TrainConfig, load_config,
+    EvalConfig, ModelConfig, RunSection, Section, TrainConfig, deep_merge, describe_validation_error, parse_overrides,
 )
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import LoraSettings
+from lmforge.train.run import Run, check_run_dir, stop_record
+from lmforge.train.run import Task as LoopTask
 
 TASKS = ("sft", "dpo", "classify", "tag", "mlm")
-TRAINABLE = "trainable.safetensors"
-TRAINER_STATE = "trainer.pt"
 
 
 class QloraSettings(Section):
@@ -130,33 +130,46 @@ def builtin_finetune_recipes() -> dict[str, Path]:
 def load_finetune_config(source: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
     """A fine-tuning config from YAML (a path or a built-in recipe name, e.g. `lora-sft`) plus
     overrides. Data paths relative to the YAML file are found beside it (the built-in samples)."""
-    return load_config(FinetuneConfig, source, overrides, kind="fine-tuning config",
-                       builtins=builtin_finetune_recipes(), accepts="a model directory, a YAML file",
-                       beside=_data_beside)
-
-
-def _data_beside(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    data = raw.get("data")
-    for key in ("train", "val"):
-        value = data.get(key) if isinstance(data, dict) else None
-        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
-                and (path.parent / value).exists():
-            data[key] = str(path.parent / value)
-    return raw
+    raw: dict[str, Any] = {}
+    where = "fine-tuning config"
+    if source is not None:
+        path = Path(source)
+        if not path.exists() and str(source) in builtin_finetune_recipes():
+            path = builtin_finetune_recipes()[str(source)]
+        if not path.is_file():
+            names = ", ".join(builtin_finetune_recipes())
+            raise LmforgeError(f"{source} is neither a model directory nor a fine-tuning config (a YAML file or a "
+                               f"built-in recipe: {names})")
+        where = f"fine-tuning config {path}"
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise LmforgeError(f"{path} must be a YAML mapping")
+        data = raw.get("data")
+        for key in ("train", "val"):
+            value = data.get(key) if isinstance(data, dict) else None
+            if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
+                    and (path.parent / value).exists():
+                data[key] = str(path.parent / value)
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as e:
+        raise LmforgeError(describe_validation_error(e, where)) from None
 
 
 # ----------------------------------------------------------------------------- tasks
 
-class Task(Protocol):
-    """What the loop needs from a task."""
+class Task(LoopTask, Protocol):
+    """A fine-tuning task: the loop's (`train.run.Task`, with batches as dicts of tensors and
+    evaluation as a dict of metrics with val_loss), and what the saved model needs to know."""
 
     head: nn.Module | None  # trained with the model (task heads); None for language-model tasks
     task_type: str  # PEFT's name for it: CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION
-    tokens_per_batch: int
 
-    def batch(self, index: int) -> dict[str, torch.Tensor]: ...
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...  # includes val_loss
     def head_record(self) -> dict[str, Any]: ...  # what head.json says (labels), {} without a head
 
 
@@ -221,7 +234,8 @@ def model_bytes(model: nn.Module) -> int:
 def quantize_base(model: nn.Module, q: QloraSettings) -> None:
     """Every block linear of the frozen base becomes an int8/int4 `QuantizedLinear` (lmforge.compress)."""
     from lmforge.compress.qlinear import QuantizedLinear, check_group_size
-    from lmforge.model.lora import BLOCK_LINEARS, _set_module
+    from lmforge.compress.storage import set_module
+    from lmforge.model.lora import BLOCK_LINEARS
 
     for i in range(len(model.blocks)):
         for part in BLOCK_LINEARS:
@@ -230,56 +244,7 @@ def quantize_base(model: nn.Module, q: QloraSettings) -> None:
             if q.bits == 4:
                 check_group_size(linear.in_features, q.group_size, name)
             with torch.no_grad():
-                _set_module(model, name, QuantizedLinear.from_float(linear, q.bits, q.group_size))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def trainable_state(model: nn.Module, head: nn.Module | None) -> dict[str, torch.Tensor]:
-    out = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    if head is not None:
-        out.update({f"head.{n}": p for n, p in head.named_parameters()})
-    return out
-
-
-def save_finetune_checkpoint(run_dir: Path, step: int, model, head, optimizer, state: dict[str, Any],
-                             keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    from lmforge.model_dir import atomic_directory
-    from lmforge.train.checkpoint import checkpoint_name, commit_checkpoint
-    from lmforge.train.recovery import save_trainer_state, write_checksums
-
-    folder = run_dir / "checkpoints" / checkpoint_name(step)
-    with atomic_directory(folder) as d:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, head).items()}
-        save_file(tensors, str(d / TRAINABLE))
-        save_trainer_state({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
-        write_checksums(d)
-    commit_checkpoint(run_dir, folder, keep)
-    return folder
-
-
-def load_finetune_checkpoint(folder: Path, model, head, optimizer) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    for name in (TRAINABLE, TRAINER_STATE):
-        if not (folder / name).is_file():
-            raise LmforgeError(f"{folder / name} is missing: the checkpoint is incomplete")
-    saved = load_file(str(folder / TRAINABLE))
-    current = trainable_state(model, head)
-    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
-        raise LmforgeError(f"checkpoint {folder} does not match this run's model ({len(saved)} tensors saved, "
-                           f"{len(current)} trainable now); resume with the run's own recipe.yaml")
-    with torch.no_grad():
-        for k, p in current.items():
-            p.copy_(saved[k])
-    try:
-        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise LmforgeError(f"{folder / TRAINER_STATE} is corrupt ({type(e).__name__})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    return state
+                set_module(model, name, QuantizedLinear.from_float(linear, q.bits, q.group_size))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -299,114 +264,40 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     """Run a fine-tuning config. `resume` continues from the newest intact checkpoint, `resume_from`
     (`step-N` or a checkpoint path) from that one. `interrupt_at` stops as a signal would at that
     step (for tests)."""
-    from lmforge.train.recovery import run_dir_writes
-    from lmforge.train.trainer import check_run_dir
-
     resume = resume or resume_from is not None
     check_run_dir(cfg.run.dir, resume, resume_from)
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
-    with run_dir_writes(cfg.run.dir):
-        return _finetune(cfg, resume, resume_from, progress, log, interrupt_at)
+    with Run.open(cfg.train, cfg.run.dir, parallel=False, eval_every=cfg.eval.every, log=log, progress=progress,
+                  interrupt_at=interrupt_at) as run:
+        return _finetune(cfg, run, resume, resume_from)
 
 
-def _finetune(cfg: FinetuneConfig, resume: bool, resume_from: str | None, progress: bool, log,
-              interrupt_at: int | None) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, run: Run, resume: bool, resume_from: str | None) -> FinetuneResult:
     from lmforge.eval.compute import EnergyMeter, write_run_summary
-    from lmforge.train.checkpoint import point_link
-    from lmforge.train.early_stop import EarlyStopping
-    from lmforge.train.optim import build_optimizer
-    from lmforge.train.recovery import find_checkpoint
-    from lmforge.train.trainer import MetricsLog, autocast_for, plot_losses, precision_note, run_steps, stop_record
+    from lmforge.train.checkpoint import TrainableCheckpoints
+    from lmforge.train.metrics import plot_losses
 
-    run_dir, tc = cfg.run.dir, cfg.train
-    device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir, tc, device, log = cfg.run.dir, cfg.train, run.device, run.log
     torch.manual_seed(tc.seed)
     loaded = prepare_model(cfg, device, log)
     model = loaded.model
     task = make_task(cfg, loaded, device, log)
     head = task.head.to(device) if task.head is not None else None
-    if tc.activation_checkpointing:
-        from lmforge.train.distributed import checkpoint_activations
-
-        checkpoint_activations(model)  # LoRA or full alike: each block recomputed in backward
+    step_model = run.parallelize(model)  # LoRA or full alike: with activation checkpointing, blocks recomputed
     model.train()
-    trainables = nn.ModuleList([model] + ([head] if head is not None else []))
-    optimizer = build_optimizer(trainables, tc, device)
-    autocast = autocast_for(device, tc.dtype)
-    if note := precision_note(device, tc.dtype):
-        log(note)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
-    tokens_per_step = tc.grad_accum * task.tokens_per_batch
-    start_step, start_tokens, elapsed_before = 0, 0, 0.0
-    early = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
-    if resume:
-        ckpt = find_checkpoint(run_dir, resume_from, log, set_aside=True)
-        state = load_finetune_checkpoint(ckpt, model, head, optimizer)
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        start_step, elapsed_before = state["step"], state["elapsed"]
-        start_tokens = state.get("tokens", start_step * tokens_per_step)  # checkpoints before tokens were kept
-        early.restore(state.get("early_stop"))
-        point_link(run_dir, "latest", ckpt)
-        log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step)
-
-    def checkpoint(step: int, elapsed: float, tokens: int) -> Path:
-        state = {"step": step, "rng_cpu": torch.get_rng_state(), "elapsed": elapsed, "tokens": tokens,
-                 "early_stop": early.state()}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        return save_finetune_checkpoint(run_dir, step, model, head, optimizer, state, tc.keep_checkpoints)
-
-    def validate(step: int) -> dict[str, float]:
-        model.eval()
-        if head is not None:
-            head.eval()
-        with torch.no_grad(), autocast_for(device, tc.dtype):
-            result = task.evaluate(model)
-        model.train()
-        if head is not None:
-            head.train()
-        metrics.write({"step": step, **result})
-        return result
-
-    def train_step(step: int) -> tuple[float, float]:
-        loss_sum = 0.0
-        for micro in range(tc.grad_accum):
-            batch = {k: v.to(device) for k, v in task.batch(step * tc.grad_accum + micro).items()}
-            with autocast:
-                loss = task.loss(model, batch)
-            (loss / tc.grad_accum).backward()
-            loss_sum += loss.item()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in trainables.parameters() if p.requires_grad], tc.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum / tc.grad_accum, grad_norm
+    run.prepare(nn.ModuleList([model] + ([head] if head is not None else [])))
+    run.start(cfg.to_yaml(), TrainableCheckpoints(run_dir, model, head, tc.keep_checkpoints), resume, resume_from)
 
     flops_per_token = training_flops_per_token(model.config)
     energy = EnergyMeter(device)
-    try:
-        end = run_steps(train_step, optimizer, tc, eval_every=cfg.eval.every, run_dir=run_dir, start_step=start_step,
-                        start_tokens=start_tokens, elapsed_before=elapsed_before,
-                        tokens_per_step=tokens_per_step, metrics=metrics, validate=validate,
-                        checkpoint=checkpoint, log=log, bar_label=cfg.task, progress=progress,
-                        interrupt_at=interrupt_at, early=early)
-        step, seconds, last_loss, val = end.steps, end.seconds, end.train_loss, end.val
-        provenance = {"finetune": cfg.model_dump(mode="json"),
-                      "metrics": {**val, "train_loss": last_loss, "steps": step, "seconds": seconds}}
-        output = save_outputs(cfg, loaded, task, head, run_dir, provenance)
-        plot_losses(run_dir)
-        write_run_summary(run_dir, flops_per_token, end.tokens, step, seconds, device, energy,
-                          seconds - elapsed_before, extra={"task": cfg.task, "method": cfg.method,
-                                                           **stop_record(end, run_dir)})
-    finally:
-        metrics.close()
-    return FinetuneResult(run_dir, output, step, seconds, last_loss, val)
+    end = run.fit(task, model, step_model, label=cfg.task)
+    provenance = {"finetune": cfg.model_dump(mode="json"),
+                  "metrics": {**end.val, "train_loss": end.train_loss, "steps": end.steps, "seconds": end.seconds}}
+    output = save_outputs(cfg, loaded, task, head, run_dir, provenance)
+    plot_losses(run_dir)
+    write_run_summary(run_dir, flops_per_token, end.tokens, end.steps, end.seconds, device, energy,
+                      end.seconds - run.elapsed_before, extra={"task": cfg.task, "method": cfg.method,
+                                                               **stop_record(end, run_dir)})
+    return FinetuneResult(run_dir, output, end.steps, end.seconds, end.train_loss, end.val)
 
 
 def training_flops_per_token(config: ModelConfig) -> float:
