@@ -32,12 +32,11 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn as nn
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import model_validator
 
 from lmforge.config import (
-    EvalConfig, ModelConfig, RunSection, Section, TrainConfig, deep_merge, describe_validation_error, parse_overrides,
+    EvalConfig, ModelConfig, RunSection, Section, TrainConfig, load_config,
 )
-from lmforge.errors import LmforgeError
 from lmforge.model.lora import LoraSettings
 from lmforge.train.run import Run, check_run_dir, stop_record
 from lmforge.train.run import Task as LoopTask
@@ -130,35 +129,19 @@ def builtin_finetune_recipes() -> dict[str, Path]:
 def load_finetune_config(source: str | Path | None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
     """A fine-tuning config from YAML (a path or a built-in recipe name, e.g. `lora-sft`) plus
     overrides. Data paths relative to the YAML file are found beside it (the built-in samples)."""
-    raw: dict[str, Any] = {}
-    where = "fine-tuning config"
-    if source is not None:
-        path = Path(source)
-        if not path.exists() and str(source) in builtin_finetune_recipes():
-            path = builtin_finetune_recipes()[str(source)]
-        if not path.is_file():
-            names = ", ".join(builtin_finetune_recipes())
-            raise LmforgeError(f"{source} is neither a model directory nor a fine-tuning config (a YAML file or a "
-                               f"built-in recipe: {names})")
-        where = f"fine-tuning config {path}"
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise LmforgeError(f"{path} must be a YAML mapping")
-        data = raw.get("data")
-        for key in ("train", "val"):
-            value = data.get(key) if isinstance(data, dict) else None
-            if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
-                    and (path.parent / value).exists():
-                data[key] = str(path.parent / value)
-    if overrides:
-        raw = deep_merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    try:
-        return FinetuneConfig.model_validate(raw)
-    except ValidationError as e:
-        raise LmforgeError(describe_validation_error(e, where)) from None
+    return load_config(FinetuneConfig, source, overrides, kind="fine-tuning config",
+                       builtins=builtin_finetune_recipes(), accepts="a model directory, a YAML file",
+                       beside=_data_beside)
+
+
+def _data_beside(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    data = raw.get("data")
+    for key in ("train", "val"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
+                and (path.parent / value).exists():
+            data[key] = str(path.parent / value)
+    return raw
 
 
 # ----------------------------------------------------------------------------- tasks
