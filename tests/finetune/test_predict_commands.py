@@ -154,6 +154,7 @@ def test_mistakes_are_one_line(heads, run, tmp_path):
         (("tag", classify_dir, "--text", "x"), "holds a classify head; use lmforge classify"),
         (("classify", tag_dir, "--text", "x"), "holds a tag head; use lmforge tag"),
         (("classify", tmp_path, "--text", "x"), "has no task head"),
+        (("tag", tmp_path / "no-such-model", "--text", "x"), "no-such-model not found"),
         (("classify", classify_dir, "--file", tmp_path / "missing.txt"), "missing.txt not found"),
     ]
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')

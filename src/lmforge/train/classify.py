@@ -287,6 +287,8 @@ def load_task_model(path: str | Path, base: str | Path | None = None) -> TaskMod
     from lmforge.model.lora import ADAPTER_CONFIG, apply_adapter, read_adapter
 
     folder = Path(path)
+    if not folder.is_dir():
+        raise LmforgeError(f"model directory {folder} not found")
     if not (folder / "head.json").is_file() or not (folder / "head.safetensors").is_file():
         raise LmforgeError(f"{folder} has no task head (head.json, head.safetensors): was it trained with "
                            "--task classify or tag?")
