@@ -1,8 +1,8 @@
 """GELU (tanh form) for the gpt2 family's MLP.
 
 On the CPU, in fp32 or bf16 (autocast), it runs as a C kernel (lmforge/native/elementwise.c)
-forward and backward: PyTorch's own takes 1.9-2.2 ms each way for 2,048 x 1,536 floats on
-two cores, the kernel 0.6-0.7 ms forward and 0.9-1.1 ms backward. Elsewhere (a GPU, fp16,
+forward and backward, several times faster than PyTorch's own there (figures in
+benchmarks/RESULTS.md). Elsewhere (a GPU, fp16,
 tracing for export or compilation, no C compiler) it is `F.gelu(x, approximate="tanh")`;
 the two agree to rounding.
 """

@@ -119,9 +119,8 @@ def language_model_loss(forward: Callable[..., torch.Tensor], head: nn.Linear, i
     the wrapper sees the forward pass; `head` is the model's own `lm_head`. With `chunk` > 0
     the loss is `chunked_cross_entropy` over the final hidden states. With `chunk` 0 it is
     too where the native kernel applies (a plain fp32 `lm_head` on the CPU, one process), as
-    one chunk: the same logits in one piece, their gradient taken in place (152 -> 42 ms against
-    PyTorch's log-softmax, scatter and log-softmax backward for 2,048 x 8,192 logits on two
-    cores; benchmarks/RESULTS.md)."""
+    one chunk: the same logits in one piece, their gradient taken in place, which beats
+    PyTorch's log-softmax, scatter and log-softmax backward (benchmarks/RESULTS.md)."""
     if not chunk and _fuse_whole(head):
         chunk = input_ids.numel()
     if chunk:
