@@ -158,7 +158,7 @@ def test_mistakes_are_one_line(heads, run, tmp_path):
         (("classify", classify_dir, "--file", tmp_path / "missing.txt"), "missing.txt not found"),
     ]
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    cases.append((("classify", classify_dir, "--file", tmp_path / "bad.jsonl"), "bad.jsonl line 2 is not JSON"))
+    cases.append((("classify", classify_dir, "--file", tmp_path / "bad.jsonl"), "bad.jsonl:2 is not valid JSON"))
     (tmp_path / "nofield.jsonl").write_text('{"body": "fine"}\n')
     cases.append((("classify", classify_dir, "--file", tmp_path / "nofield.jsonl"),
                   "line 1: expected a JSON object with a string field 'text'"))

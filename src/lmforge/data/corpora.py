@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import json
 import os
 import random
 import re
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.cache import cache_dir
+from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
 
 BUILTIN = ("shakespeare", "synthetic")
@@ -136,14 +136,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise LmforgeError(f"{path}:{lineno} is not valid JSON") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
+            for lineno, record in json_objects(f, str(path)):
+                text = record.get(text_field)
                 if not isinstance(text, str):
                     raise LmforgeError(f"{path}:{lineno} has no string field {text_field!r} (set --data.text_field)")
                 yield text

@@ -19,7 +19,6 @@ inside the example and positions restart at its first token (`Transformer(segmen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,46 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.jsonl import listed_lines, read_json_objects
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 
 IGNORE = -100  # label of a token that is context, not target (F.cross_entropy's ignore_index)
-MAX_LISTED = 5
-
-
-def _lines(numbers: list[int]) -> str:
-    listed = ", ".join(map(str, numbers[:MAX_LISTED]))
-    return f"line{'s' if len(numbers) > 1 else ''} {listed}" + (f" (and {len(numbers) - MAX_LISTED} more)"
-                                                                  if len(numbers) > MAX_LISTED else "")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; malformed lines are one error naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"data file {path} not found")
-    rows, bad, first = [], [], ""
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.append(number)
-                    first = first or e.msg
-                    continue
-                if not isinstance(obj, dict):
-                    bad.append(number)
-                    first = first or f"a JSON {type(obj).__name__}, not an object"
-                    continue
-                rows.append((number, obj))
-        except UnicodeDecodeError:
-            raise LmforgeError(f"{path} is not UTF-8 text") from None
-    if bad:
-        raise LmforgeError(f"{path}: {len(bad)} malformed JSONL {_lines(bad)} ({first}); each line must be one "
-                           "JSON object")
+    rows = read_json_objects(path, "data file")
     if not rows:
         raise LmforgeError(f"{path} holds no examples")
     return rows
@@ -186,7 +155,7 @@ def load_sft(path: str | Path, tokenizer: TextTokenizer, context: int, on_long: 
         examples.append(ex)
     if too_long and on_long == "error":
         raise LmforgeError(f"{path}: {len(too_long)} example(s) are longer than the context of {context} tokens "
-                           f"({_lines(too_long)}); shorten them, or pass --on-long truncate")
+                           f"({listed_lines(too_long)}); shorten them, or pass --on-long truncate")
     stats.truncated = len(too_long)
     if not examples:
         raise LmforgeError(f"{path}: every label is masked (all {stats.dropped} examples lost their target tokens "

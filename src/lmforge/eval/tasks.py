@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
 from lmforge.eval.scoring import fit_context, rolling_logprob, score_requests
 
@@ -103,13 +104,7 @@ def load_task(path: str | Path) -> Task:
         raise LmforgeError(f"task file {path} not found")
     examples, task_type = [], None
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, ex in json_objects(f, str(path)):
             found = _check_example(ex, f"{path}:{n}", None)
             if task_type not in (None, found):
                 raise LmforgeError(f"{path}:{n}: a {found.replace('_', '-')} example in a "

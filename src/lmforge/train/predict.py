@@ -22,6 +22,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
 
 # Han ideographs (with extensions A and the compatibility block), kana and CJK punctuation:
@@ -64,15 +65,9 @@ def _read_inputs(texts: list[str] | None, file: Path | None, text_field: str,
     first = next((line for line in lines if line.strip()), "")
     if file.suffix != ".jsonl" and not (name == "stdin" and first.lstrip().startswith("{")):
         return records + [{text_field: line} for line in lines if line.strip()]
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{name} line {number} is not JSON ({e.msg}); each line must be one JSON object") from None
-        has_words = tokens_field is not None and isinstance(obj, dict) and isinstance(obj.get(tokens_field), list)
-        if not isinstance(obj, dict) or not (isinstance(obj.get(text_field), str) or has_words):
+    for number, obj in json_objects(lines, name):
+        has_words = tokens_field is not None and isinstance(obj.get(tokens_field), list)
+        if not (isinstance(obj.get(text_field), str) or has_words):
             wanted = f"a string field {text_field!r}" + (f" or a list field {tokens_field!r}" if tokens_field else "")
             raise LmforgeError(f"{name} line {number}: expected a JSON object with {wanted}")
         records.append(obj)
