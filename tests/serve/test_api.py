@@ -143,8 +143,12 @@ def test_tokenize_and_detokenize(http, tiny):
     r = http.post("/tokenize", json={"model": MODEL, "prompt": "Héllo, 世界"}).json()
     assert r["tokens"] == tokenizer.encode("Héllo, 世界") and r["count"] == len(r["tokens"])
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Héllo, 世界"
-    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
-    assert chat["count"] > 2
+    messages = [{"role": "user", "content": "把 batch size 调大一点"}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    bare = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    assert bare["count"] < chat["count"]  # the assistant header is left off
     assert http.post("/detokenize", json={"tokens": [10**6]}).status_code == 400
 
 

@@ -71,11 +71,11 @@ class PromptEncoder:
             out.append(ids)
         return out
 
-    async def render_chat(self, messages: list[ChatMessage]) -> str:
-        """The conversation as the model's chat template renders it, ready for an answer."""
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template renders it (by default ready for an answer)."""
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         try:
-            return await run_in_threadpool(self.tokenizer.apply_chat_template, conversation, True)
+            return await run_in_threadpool(self.tokenizer.apply_chat_template, conversation, add_generation_prompt)
         except TemplateBudgetExceeded as e:
             raise APIError(400, f"{e} for these messages", param="messages", code="chat_template_budget") from None
         except LmforgeError as e:

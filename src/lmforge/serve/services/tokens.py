@@ -19,7 +19,10 @@ class TokenService:
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         body.check_one_input()
-        text = body.prompt if body.prompt is not None else await self.prompts.render_chat(body.messages or [])
+        if body.prompt is not None:
+            text = body.prompt
+        else:
+            text = await self.prompts.render_chat(body.messages or [], body.add_generation_prompt)
         (ids,) = await run_in_threadpool(self.tokenizer.encode_batch, [text])
         return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
 
