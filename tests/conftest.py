@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import DataConfig, ModelConfig, TokenizerConfig, deep_merge, load_recipe
+from lmforge.config import MOE_FAMILIES, DataConfig, ModelConfig, TokenizerConfig, deep_merge, load_recipe
 from lmforge.data.prepare import prepare
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.model import Transformer
@@ -41,6 +41,8 @@ def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
     fields = dict(family=family, vocab_size=320, n_layer=2, n_head=4, d_model=32, context=32)
     if family != "gpt2":
         fields["n_kv_head"] = 2
+    if family in MOE_FAMILIES:
+        fields["n_experts"] = 4
     return ModelConfig(**{**fields, **overrides})
 
 

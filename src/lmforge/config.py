@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmforge.errors import LmforgeError
 
-Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3"]
+Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe"]
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 class Section(BaseModel):
@@ -45,13 +46,35 @@ class Section(BaseModel):
 
 
 class RopeScaling(Section):
-    """Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3` in HF configs)."""
+    """RoPE frequency scaling as transformers defines it (`rope_type` in HF configs).
 
-    rope_type: Literal["llama3"] = "llama3"
+    llama3: long wavelengths slowed by `factor`, short ones kept, the band between blended
+    (`low_freq_factor`, `high_freq_factor`).
+    yarn: frequencies blended between interpolated (/ `factor`) and original along a ramp set by
+    `beta_fast`/`beta_slow` rotations; cos/sin scaled by `attention_factor` (None: derived from
+    `factor`, `mscale` and `mscale_all_dim`).
+    """
+
+    rope_type: Literal["llama3", "yarn"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def to_hf(self) -> dict[str, Any]:
+        """The keys transformers reads for this rope_type."""
+        keys = {"llama3": ("low_freq_factor", "high_freq_factor"),
+                "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")}
+        out = {"rope_type": self.rope_type, "factor": self.factor,
+               "original_max_position_embeddings": self.original_max_position_embeddings}
+        out.update({k: getattr(self, k) for k in keys[self.rope_type] if getattr(self, k) is not None})
+        return out
 
 
 class ModelConfig(Section):
@@ -61,6 +84,15 @@ class ModelConfig(Section):
     llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
     qwen2: llama with q/k/v biases.  mistral: llama with sliding-window attention.
     phi3: llama with an optional sliding window (Hugging Face stores its q/k/v and gate/up fused).
+    qwen3: llama with an RMSNorm on each query and key head before RoPE (`qk_norm`).
+    mixtral: mistral with a mixture-of-experts MLP; qwen3_moe: qwen3 with one.
+
+    Mixture of experts (`n_experts` > 0, the mixtral and qwen3_moe families): each token's
+    router picks `experts_per_token` SwiGLU experts of hidden size `moe_d_ff` (None: d_ff) by
+    softmax probability; their outputs are summed weighted by those probabilities, renormalized
+    over the chosen ones when `moe_norm_topk` (mixtral always; qwen3_moe's norm_topk_prob).
+    `router_aux_coef` > 0 adds the Switch-Transformer load-balancing loss to the gradients in
+    training (it does not change the reported loss).
     """
 
     family: Family = "llama"
@@ -81,6 +113,12 @@ class ModelConfig(Section):
     dropout: float = 0.0
     init_std: float = 0.02
     causal: bool = True  # False: a bidirectional encoder (masked-LM pretraining, task heads); no KV cache
+    qk_norm: bool | None = None  # None: the family's default (qwen3, qwen3_moe: yes)
+    n_experts: int = 0  # mixture of experts: experts per layer (mixtral, qwen3_moe); 0: a dense MLP
+    experts_per_token: int = 2
+    moe_d_ff: int | None = None  # each expert's hidden size; None: d_ff
+    moe_norm_topk: bool = True  # renormalize the chosen experts' probabilities to sum to 1
+    router_aux_coef: float = 0.0  # load-balancing loss weight in training; 0: off
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -96,8 +134,15 @@ class ModelConfig(Section):
                 raise ValueError("the gpt2 family has no grouped-query attention: leave n_kv_head unset")
             if not self.tie_embeddings:
                 raise ValueError("the gpt2 family always ties its input and output embeddings")
-        if self.sliding_window is not None and self.family not in ("mistral", "phi3"):
-            raise ValueError("sliding_window is a mistral- or phi3-family setting")
+        if self.sliding_window is not None and self.family not in ("mistral", "phi3", "mixtral"):
+            raise ValueError("sliding_window is a mistral-, mixtral- or phi3-family setting")
+        if (self.n_experts > 0) != (self.family in MOE_FAMILIES):
+            raise ValueError(f"n_experts > 0 goes with a mixture-of-experts family ({', '.join(MOE_FAMILIES)}), "
+                             "and those families need n_experts > 0")
+        if self.n_experts > 0 and not 0 < self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token must be in 1..n_experts ({self.n_experts})")
+        if self.router_aux_coef < 0:
+            raise ValueError("router_aux_coef must be >= 0")
         if self.rope_scaling is not None and not self.uses_rope:
             raise ValueError("rope_scaling needs a RoPE family (llama, qwen2, mistral)")
         if not 0.0 <= self.dropout < 1.0:
@@ -122,6 +167,16 @@ class ModelConfig(Section):
         if self.family == "gpt2":
             return 4 * self.d_model
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_d_ff or self.ffn_dim
+
+    @property
+    def has_qk_norm(self) -> bool:
+        if self.qk_norm is not None:
+            return self.qk_norm
+        return self.family in ("qwen3", "qwen3_moe")
 
     @property
     def uses_rope(self) -> bool:

@@ -1,8 +1,10 @@
 """The one decoder-only Transformer, configured per family (see `ModelConfig`).
 
 - gpt2: learned absolute positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied embeddings.
-- llama: rotary positions (with Llama-3 frequency scaling), RMSNorm, SwiGLU MLP,
-  grouped-query attention, no biases; qwen2 adds q/k/v biases, mistral a sliding window.
+- llama: rotary positions (with Llama-3 or YaRN frequency scaling), RMSNorm, SwiGLU MLP,
+  grouped-query attention, no biases; qwen2 adds q/k/v biases, mistral a sliding window,
+  qwen3 an RMSNorm on each query and key head before RoPE.
+- mixtral, qwen3_moe: mistral and qwen3 with a mixture-of-experts MLP (`model.moe`).
 
 Attention is `F.scaled_dot_product_attention`. The query/key/value projections are one
 fused matmul, and so are the SwiGLU gate and up projections: at batch 1 decoding reads
@@ -21,15 +23,18 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.model.activations import gelu_tanh
 from lmforge.model.kv_cache import KVCache
+from lmforge.model.moe import MoE
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama-3 scaling when configured."""
+    """Inverse frequencies (head_dim/2,), with Llama-3 or YaRN scaling when configured."""
     d = cfg.dim_head
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     s = cfg.rope_scaling
     if s is None:
         return inv_freq.float()
+    if s.rope_type == "yarn":
+        return yarn_frequencies(inv_freq, cfg).float()
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     wavelen = 2 * math.pi / inv_freq
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
@@ -39,6 +44,41 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, blended, scaled).float()
+
+
+def yarn_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """YaRN: dimensions that turn fewer than `beta_slow` times over the original context are
+    interpolated (divided by `factor`), those that turn more than `beta_fast` times are kept,
+    and a linear ramp blends the ones between."""
+    s, d = cfg.rope_scaling, cfg.dim_head
+
+    def dimension(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return d * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = dimension(s.beta_fast), dimension(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What YaRN multiplies cos and sin by (so q.k by its square); 1 otherwise."""
+    s = cfg.rope_scaling
+    if s is None or s.rope_type != "yarn":
+        return 1.0
+    if s.attention_factor is not None:
+        return s.attention_factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.mscale and s.mscale_all_dim:
+        return mscale(s.factor, s.mscale) / mscale(s.factor, s.mscale_all_dim)
+    return mscale(s.factor)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +130,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.d, bias=cfg.has_qkv_bias)
         self.proj = nn.Linear(self.n_head * self.d, cfg.d_model, bias=cfg.uses_bias)
         self.dropout = cfg.dropout
+        # qwen3: each query and key head normalized (one weight per head dimension) before RoPE
+        self.q_norm = RMSNorm(self.d, cfg.norm_eps) if cfg.has_qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.norm_eps) if cfg.has_qk_norm else None
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, mask, is_causal: bool):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
-        q = q.view(B, T, self.n_head, self.d).transpose(1, 2)  # (B, h, T, d)
-        k = k.view(B, T, self.n_kv, self.d).transpose(1, 2)  # (B, kv, T, d)
+        q, k = q.view(B, T, self.n_head, self.d), k.view(B, T, self.n_kv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, T, d), (B, kv, T, d)
         v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
@@ -114,10 +159,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """gpt2: fc -> GELU(tanh) -> proj.  llama family: SwiGLU with gate and up fused."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
         self.swiglu = cfg.family != "gpt2"
-        self.hidden = cfg.ffn_dim
+        self.hidden = hidden or cfg.ffn_dim
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * self.hidden, bias=cfg.uses_bias)
         self.down = nn.Linear(self.hidden, cfg.d_model, bias=cfg.uses_bias)
 
@@ -137,7 +182,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, lambda: MLP(cfg, cfg.expert_dim)) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache, layer, mask, is_causal):
@@ -172,8 +217,9 @@ class Transformer(nn.Module):
         angles = torch.outer(torch.arange(cfg.context, dtype=torch.float32, device=device),
                              rope_frequencies(cfg).to(device))
         angles = torch.cat((angles, angles), dim=-1)  # (context, head_dim)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        scale = rope_attention_factor(cfg)
+        self.register_buffer("rope_cos", angles.cos() * scale, persistent=False)
+        self.register_buffer("rope_sin", angles.sin() * scale, persistent=False)
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-2 style init; residual projections scaled by 1/sqrt(2 * n_layer)."""
@@ -268,6 +314,9 @@ class Transformer(nn.Module):
         cfg = self.config
         T = seq_len or cfg.context
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for moe in (m for m in self.modules() if isinstance(m, MoE)):  # a token runs only its chosen experts
+            expert = sum(p.numel() for p in moe.experts[0].parameters() if p.dim() == 2)
+            matmul_weights -= (moe.n_experts - moe.top_k) * expert
         attention = 2 * 2 * cfg.n_layer * T * cfg.n_head * cfg.dim_head
         forward = 2 * matmul_weights + attention
         return 3 * forward if training else forward

@@ -8,6 +8,8 @@ name checks, so a family is described once.
     gpt2                      GPT2LMHeadModel (Conv1D weights are stored transposed)
     llama, qwen2, mistral     LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM
     phi3                      Phi3ForCausalLM (fused qkv_proj and gate_up_proj)
+    qwen3                     Qwen3ForCausalLM (per-head q/k norms)
+    mixtral, qwen3_moe        MixtralForCausalLM / Qwen3MoeForCausalLM (mixture of experts)
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ class Rule:
 
 
 def family_module(model_type: Any) -> ModuleType:
-    from lmforge.interop.families import gpt2, llama, phi3
+    from lmforge.interop.families import gpt2, llama, moe, phi3, qwen3
 
-    modules = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "mistral": llama, "phi3": phi3}
+    modules = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "mistral": llama, "phi3": phi3, "qwen3": qwen3,
+               "mixtral": moe, "qwen3_moe": moe}
     if model_type not in modules:
         raise LmforgeError(f"unsupported model_type {model_type!r} in config.json: lmforge reads "
                            f"{', '.join(modules)}")
     return modules[model_type]
 
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3")
+SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe")
 
 
 def require(hf: dict[str, Any], key: str, kind: type = int) -> Any:

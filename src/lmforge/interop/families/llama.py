@@ -18,16 +18,20 @@ def normalize_name(name: str) -> str:
 
 
 def rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """rope_theta and Llama-3 scaling, from either the legacy keys or transformers 5's `rope_parameters`."""
+    """rope_theta and Llama-3 or YaRN scaling, from either the legacy keys or transformers 5's `rope_parameters`."""
     params = dict(hf.get("rope_parameters") or {})
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if kind in (None, "default"):
         return theta, None
-    if kind != "llama3":
-        raise LmforgeError(f"rope scaling {kind!r} is not supported (default and llama3 only)")
-    return theta, RopeScaling(**{k: scaling[k] for k in RopeScaling.model_fields if k in scaling})
+    if kind not in ("llama3", "yarn"):
+        raise LmforgeError(f"rope scaling {kind!r} is not supported (default, llama3 and yarn only)")
+    fields = {k: scaling[k] for k in RopeScaling.model_fields if scaling.get(k) is not None}
+    if kind == "yarn":  # as transformers: without them, the factor and context come from the config
+        fields.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+        fields.setdefault("factor", hf.get("max_position_embeddings", 2048) / fields["original_max_position_embeddings"])
+    return theta, RopeScaling(**{**fields, "rope_type": kind})
 
 
 def base_config(hf: dict[str, Any], family: str, **extra: Any) -> dict[str, Any]:
@@ -61,7 +65,7 @@ def base_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
                attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
     if cfg.rope_scaling is not None:
-        out["rope_scaling"] = cfg.rope_scaling.model_dump()
+        out["rope_scaling"] = cfg.rope_scaling.to_hf()
     return out
 
 
