@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.data.sentencepiece_convert import SPM_FILE, convert_sentencepiece
 from lmforge.errors import LmforgeError
 
 EOS = "<|endoftext|>"
@@ -21,6 +22,7 @@ PAD = "<|pad|>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 RESERVED = [f"<|reserved_{i}|>" for i in range(4)]
 SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS, *RESERVED]
+MASK_TOKENS = ("<|mask|>", "<mask>", "[MASK]", RESERVED[0])  # the first that a tokenizer has is its mask token
 BYTE_ALPHABET = 256
 
 # ChatML: what our own models are fine-tuned on when a model directory brings no template.
@@ -123,23 +125,40 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> "TextTokenizer":
+        """tokenizer.json (or, without one, a SentencePiece tokenizer.model, converted) + tokenizer_config.json."""
         d = Path(directory)
         path = d / "tokenizer.json" if d.is_dir() else d
-        if not path.is_file():
-            raise LmforgeError(f"no tokenizer.json in {directory}: lmforge reads Hugging Face fast tokenizers")
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises plain Exceptions with long messages
-            raise LmforgeError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
-        config_path = path.parent / "tokenizer_config.json"
-        config: dict[str, Any] = {}
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{config_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        config = _read_config(path.parent / "tokenizer_config.json")
         keep = ("eos_token", "pad_token", "bos_token", "unk_token", "chat_template")
-        return cls(tok, {k: config.get(k) for k in keep if k in config})
+        config = {k: config.get(k) for k in keep if k in config}
+        if path.is_file():
+            return cls(_read_tokenizer_json(path), config)
+        if d.is_dir() and (d / SPM_FILE).is_file():
+            tok, specials = convert_sentencepiece(d)
+            return cls(tok, {**{k: v for k, v in specials.items() if v is not None}, **config})
+        raise LmforgeError(f"no tokenizer.json or {SPM_FILE} in {directory}: lmforge reads Hugging Face fast "
+                           "tokenizers and SentencePiece models")
+
+
+def _read_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions with long messages
+        raise LmforgeError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{path} is not UTF-8 text") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path} must hold a JSON object")
+    return config
 
 
 def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -151,3 +170,13 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+def mask_token_id(tokenizer: TextTokenizer) -> int:
+    """The token a masked-LM encoder is trained to fill in (and scored with): the tokenizer's own
+    mask token, or the first reserved special token, which lmforge tokenizers carry for it."""
+    for token in MASK_TOKENS:
+        i = tokenizer.backend.token_to_id(token)
+        if i is not None:
+            return i
+    raise LmforgeError(f"the tokenizer has no mask token (one of {', '.join(MASK_TOKENS)}); masked-LM training needs one")
