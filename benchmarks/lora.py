@@ -59,7 +59,8 @@ def build(args, setup: str):
         return model, logits_loss(lambda ids: model(input_ids=ids).logits), lambda d: model.save_pretrained(d)
     from lmforge.config import ModelConfig
     from lmforge.model import Transformer
-    from lmforge.model.lora import LoraSettings, apply_lora, save_adapter
+    from lmforge.adapters import apply_lora, save_adapter
+    from lmforge.model.lora import LoraSettings
 
     model = Transformer(ModelConfig(family="gpt2", vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
                                     d_model=args.d_model, context=1024))

@@ -51,7 +51,7 @@ def _load_with_adapter(model: Path, adapter: Path | None):
 
     m = lmforge.load(model)
     if adapter is not None:
-        from lmforge.model.lora import apply_adapter
+        from lmforge.adapters import apply_adapter
 
         apply_adapter(m, adapter, merge=True)
     return m

@@ -12,10 +12,8 @@ from helpers import randomize_adapters, random_model, save_random_model
 
 import lmforge
 from lmforge.errors import LmforgeError
-from lmforge.model.lora import (
-    LoraSettings, apply_adapter, apply_lora, lora_layers, merge_lora, save_adapter, target_names,
-    trainable_parameters,
-)
+from lmforge.adapters import apply_adapter, apply_lora, save_adapter, target_names
+from lmforge.model.lora import LoraSettings, lora_layers, merge_lora, trainable_parameters
 
 FAMILIES = ["gpt2", "llama", "qwen2", "phi3"]
 IDS = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(3))

@@ -11,7 +11,8 @@ from helpers import randomize_adapters, random_model, save_random_model, small_t
 
 import lmforge
 from lmforge.config import deep_merge
-from lmforge.model.lora import LoraSettings, apply_adapter, apply_lora, merge_lora
+from lmforge.adapters import apply_adapter, apply_lora
+from lmforge.model.lora import LoraSettings, merge_lora
 from lmforge.train.finetune import QloraSettings, finetune, load_finetune_config, model_bytes, quantize_base
 
 IDS = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(3))

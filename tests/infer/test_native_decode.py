@@ -219,7 +219,8 @@ def assert_batch_of_six_within_quantizer_error(make_model, method: str, group: i
 
 
 def test_lora_models_and_encoders_stay_on_the_reference_path(make_model):
-    from lmforge.model.lora import LoraSettings, apply_lora
+    from lmforge.adapters import apply_lora
+    from lmforge.model.lora import LoraSettings
 
     model = make_model("llama")
     assert why_not(model) is None

@@ -148,7 +148,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         lib = native.kernels()
-        if lib is None:
+        if lib is None or self.qweight.device.type != "cpu":  # the C kernel reads host memory
             if self.bits == 8:
                 return dequantize_int8(self.qweight, self.scales)
             return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)

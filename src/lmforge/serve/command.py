@@ -19,7 +19,7 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
     m = lmforge.load(model_dir, device=device)
     m.check_generates()  # an encoder would start and then fail every request
     if adapter is not None:  # a LoRA adapter, folded into the weights: no cost per token
-        from lmforge.model.lora import apply_adapter
+        from lmforge.adapters import apply_adapter
 
         apply_adapter(m, adapter, merge=True)
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,

@@ -284,7 +284,7 @@ def load_task_model(path: str | Path, base: str | Path | None = None) -> TaskMod
     from safetensors.torch import load_file
 
     import lmforge
-    from lmforge.model.lora import ADAPTER_CONFIG, apply_adapter, read_adapter
+    from lmforge.adapters import ADAPTER_CONFIG, apply_adapter, read_adapter
 
     folder = Path(path)
     if not folder.is_dir():

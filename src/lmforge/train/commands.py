@@ -1,5 +1,5 @@
 """`lmforge finetune`, `lmforge merge`, `lmforge export-checkpoint` and `lmforge hpo`: thin
-commands over `lmforge.train.finetune`, `lmforge.model.lora`, `lmforge.train.checkpoint` and
+commands over `lmforge.train.finetune`, `lmforge.adapters`, `lmforge.train.checkpoint` and
 `lmforge.train.hpo` (listed in `lmforge.cli`'s table)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def merge(
     import json
 
     import lmforge
-    from lmforge.model.lora import ADAPTER_CONFIG, apply_adapter
+    from lmforge.adapters import ADAPTER_CONFIG, apply_adapter
 
     m = apply_adapter(lmforge.load(base), adapter, merge=True, check=not force)
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())

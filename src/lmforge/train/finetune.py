@@ -178,8 +178,9 @@ def make_task(cfg: FinetuneConfig, loaded, device: torch.device, log) -> Task:
 
 def prepare_model(cfg: FinetuneConfig, device: torch.device, log):
     """The base (or a new encoder) as a LoadedModel, with LoRA/QLoRA applied as configured."""
+    from lmforge.adapters import apply_lora
     from lmforge.loaded import LoadedModel
-    from lmforge.model.lora import apply_lora, trainable_parameters
+    from lmforge.model.lora import trainable_parameters
 
     if cfg.base is not None:
         import lmforge
@@ -300,7 +301,7 @@ def save_outputs(cfg: FinetuneConfig, loaded, task: Task, head, run_dir: Path, p
 
     from safetensors.torch import save_file
 
-    from lmforge.model.lora import save_adapter
+    from lmforge.adapters import save_adapter
     from lmforge.model_dir import save_model_dir
 
     model = loaded.model
