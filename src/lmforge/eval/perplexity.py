@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.loader import TokenSplit, sequential_windows
-from lmforge.data.tokenizer import TextTokenizer
+from lmforge.data.tokenizer import TextTokenizer, mask_token_id
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.train.losses import chunked_cross_entropy
@@ -112,11 +112,7 @@ def _score(model: Transformer, windows, mask_id: int | None, autocast=None) -> t
 
 def encoder_mask_id(model: Transformer, tokenizer: TextTokenizer) -> int | None:
     """The mask token an encoder was trained with (None for a causal model, which needs none)."""
-    if model.config.causal:
-        return None
-    from lmforge.train.mlm import mask_token_id
-
-    return mask_token_id(tokenizer)
+    return None if model.config.causal else mask_token_id(tokenizer)
 
 
 def evaluate_split(model: Transformer, split: TokenSplit, batch_size: int = 8, max_batches: int | None = None,

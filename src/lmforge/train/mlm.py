@@ -19,18 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.sft import IGNORE
+from lmforge.data.tokenizer import mask_token_id
 from lmforge.errors import LmforgeError
-
-MASK_TOKENS = ("<|mask|>", "<mask>", "[MASK]", "<|reserved_0|>")
-
-
-def mask_token_id(tokenizer) -> int:
-    for token in MASK_TOKENS:
-        i = tokenizer.backend.token_to_id(token)
-        if i is not None:
-            return i
-    raise LmforgeError(f"the tokenizer has no mask token (one of {', '.join(MASK_TOKENS)}); masked-LM training needs one")
-
 
 def mask_tokens(x: torch.Tensor, mask_id: int, vocab: int, prob: float, generator: torch.Generator,
                 special: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
