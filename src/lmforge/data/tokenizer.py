@@ -23,7 +23,6 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 RESERVED = [f"<|reserved_{i}|>" for i in range(4)]
 SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS, *RESERVED]
 MASK_TOKENS = ("<|mask|>", "<mask>", "[MASK]", RESERVED[0])  # the first that a tokenizer has is its mask token
-MASK_TOKENS = ("<|mask|>", "<mask>", "[MASK]", RESERVED[0])  # the first that a tokenizer has is its mask token
 BYTE_ALPHABET = 256
 
 # ChatML: what our own models are fine-tuned on when a model directory brings no template.
@@ -171,16 +170,6 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-def mask_token_id(tokenizer: TextTokenizer) -> int:
-    """The token a masked-LM encoder is trained to fill in (and scored with): the tokenizer's own
-    mask token, or the first reserved special token, which lmforge tokenizers carry for it."""
-    for token in MASK_TOKENS:
-        i = tokenizer.backend.token_to_id(token)
-        if i is not None:
-            return i
-    raise LmforgeError(f"the tokenizer has no mask token (one of {', '.join(MASK_TOKENS)}); masked-LM training needs one")
 
 
 def mask_token_id(tokenizer: TextTokenizer) -> int:
