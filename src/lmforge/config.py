@@ -21,8 +21,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmforge.errors import LmforgeError
 
-Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe"]
+Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe",
+                 "gemma", "gemma2", "gemma3"]
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+LayerType = Literal["sliding_attention", "full_attention"]
 
 
 class Section(BaseModel):
@@ -86,6 +89,13 @@ class ModelConfig(Section):
     phi3: llama with an optional sliding window (Hugging Face stores its q/k/v and gate/up fused).
     qwen3: llama with an RMSNorm on each query and key head before RoPE (`qk_norm`).
     mixtral: mistral with a mixture-of-experts MLP; qwen3_moe: qwen3 with one.
+    gemma: llama with embeddings scaled by sqrt(d_model) and a GeGLU MLP (gelu-tanh gate).
+    gemma2: gemma with a second RMSNorm after attention and after the MLP (on their outputs),
+    `query_pre_attn_scalar`, soft-capped attention scores and logits (`attn_softcap`,
+    `logit_softcap`: c * tanh(x / c)) and sliding-window layers as `layer_types` says.
+    gemma3: gemma2 with `qk_norm` and its own rope base for the sliding layers (`rope_local_theta`).
+    Gemma's (1 + w) RMSNorm weights are stored as 1 + w (interop adds and removes the 1), so the
+    norm is the plain RMSNorm every consumer (the native decoder, GGUF, quantization) knows.
 
     Mixture of experts (`n_experts` > 0, the mixtral and qwen3_moe families): each token's
     router picks `experts_per_token` SwiGLU experts of hidden size `moe_d_ff` (None: d_ff) by
@@ -119,6 +129,11 @@ class ModelConfig(Section):
     moe_d_ff: int | None = None  # each expert's hidden size; None: d_ff
     moe_norm_topk: bool = True  # renormalize the chosen experts' probabilities to sum to 1
     router_aux_coef: float = 0.0  # load-balancing loss weight in training; 0: off
+    query_pre_attn_scalar: int | None = None  # attention scores scaled by its -1/2 power; None: head_dim
+    attn_softcap: float | None = None  # gemma2/3: attention scores -> c * tanh(scores / c)
+    logit_softcap: float | None = None  # gemma2/3: output logits -> c * tanh(logits / c)
+    layer_types: list[LayerType] | None = None  # gemma2/3: which layers use sliding_window; None: all
+    rope_local_theta: float | None = None  # gemma3: the rope base of the sliding_attention layers
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -134,8 +149,9 @@ class ModelConfig(Section):
                 raise ValueError("the gpt2 family has no grouped-query attention: leave n_kv_head unset")
             if not self.tie_embeddings:
                 raise ValueError("the gpt2 family always ties its input and output embeddings")
-        if self.sliding_window is not None and self.family not in ("mistral", "phi3", "mixtral"):
-            raise ValueError("sliding_window is a mistral-, mixtral- or phi3-family setting")
+        if self.sliding_window is not None and self.family not in ("mistral", "phi3", "mixtral", "gemma2", "gemma3"):
+            raise ValueError("sliding_window is a mistral-, mixtral-, phi3-, gemma2- or gemma3-family setting")
+        self._check_gemma()
         if (self.n_experts > 0) != (self.family in MOE_FAMILIES):
             raise ValueError(f"n_experts > 0 goes with a mixture-of-experts family ({', '.join(MOE_FAMILIES)}), "
                              "and those families need n_experts > 0")
@@ -150,6 +166,22 @@ class ModelConfig(Section):
         if not self.causal and self.sliding_window is not None:
             raise ValueError("a bidirectional encoder (causal: false) has no sliding window")
         return self
+
+    def _check_gemma(self) -> None:
+        later = self.family in ("gemma2", "gemma3")
+        for name in ("attn_softcap", "logit_softcap", "layer_types"):
+            if getattr(self, name) is not None and not later:
+                raise ValueError(f"{name} is a gemma2- or gemma3-family setting")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "logit_softcap", "rope_local_theta"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer:
+                raise ValueError(f"layer_types lists {len(self.layer_types)} layers for n_layer {self.n_layer}")
+            if self.sliding_window is None and "sliding_attention" in self.layer_types:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.rope_local_theta is not None and self.family != "gemma3":
+            raise ValueError("rope_local_theta is a gemma3-family setting")
 
     # Derived properties: one place decides what each family means.
     @property
@@ -176,7 +208,32 @@ class ModelConfig(Section):
     def has_qk_norm(self) -> bool:
         if self.qk_norm is not None:
             return self.qk_norm
-        return self.family in ("qwen3", "qwen3_moe")
+        return self.family in ("qwen3", "qwen3_moe", "gemma3")
+
+    @property
+    def is_gemma(self) -> bool:
+        """Embeddings scaled by sqrt(d_model), a GeGLU MLP (gemma, gemma2, gemma3)."""
+        return self.family in GEMMA_FAMILIES
+
+    @property
+    def post_norms(self) -> bool:
+        """An RMSNorm on the attention's and the MLP's outputs too (gemma2, gemma3)."""
+        return self.family in ("gemma2", "gemma3")
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.dim_head) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to every earlier token)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope_theta(self, layer: int) -> float:
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return self.rope_local_theta
+        return self.rope_theta
 
     @property
     def uses_rope(self) -> bool:

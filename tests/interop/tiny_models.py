@@ -45,6 +45,18 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=False, max_position_embeddings=64),
+    # Gemma: head_dim 16 (not 32 / 4); sliding and full layers both occur, with a
+    # window of 4 that a 24-token probe crosses; query_pre_attn_scalar = head_dim, as llama.cpp assumes.
+    "gemma": lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
+    "gemma2": lambda: transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": lambda: transformers.Gemma3TextConfig(  # six layers: the sixth is gemma3's first full one
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=16),
 }
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -53,10 +65,11 @@ def make_hf_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     config = FAMILIES[family]()
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    identity = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + w
     with torch.no_grad():  # random norms and biases too, so a swapped tensor cannot hide
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name or "ln_" in name else 0.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (identity if "norm" in name or "ln_" in name else 0.0))
     return model.eval()
 
 

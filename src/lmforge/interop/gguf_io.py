@@ -32,7 +32,8 @@ from lmforge.interop.hf import split_rule, weight_map
 from lmforge.model import Transformer
 from lmforge.model.transformer import rope_frequencies
 
-ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3"}
+ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3",
+        "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
 FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 CONFIG_KEY = "lmforge.config"
@@ -62,7 +63,38 @@ def _layout(name: str, t: torch.Tensor, cfg: ModelConfig, to_gguf: bool) -> torc
     if ARCH[cfg.family] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = cfg.n_head if name.endswith("q_proj.weight") else cfg.kv_heads
         return (permute_qk if to_gguf else unpermute_qk)(t, heads).contiguous()
+    if cfg.is_gemma and name.endswith("norm.weight"):  # llama.cpp's Gemma norms hold 1 + w, as ours do
+        return t + 1 if to_gguf else t - 1
     return t
+
+
+# Which layers llama.cpp's gemma2/gemma3 graphs make sliding: every `period`-th from the
+# first is full (gemma2: 2 -> even layers slide; gemma3: 6 -> all but 5, 11, ...).
+GEMMA_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+
+
+def _llama_cpp_gap(cfg: ModelConfig) -> str | None:
+    """What of a Gemma config llama.cpp would compute differently (it fixes these in its graph), or None."""
+    if not cfg.is_gemma:
+        return None
+    if cfg.family in ("gemma", "gemma2") and not cfg.tie_embeddings:
+        return f"llama.cpp's {cfg.family} has no separate output matrix (untied embeddings)"
+    if cfg.query_pre_attn_scalar not in (None, cfg.dim_head):
+        return f"llama.cpp scales {cfg.family} attention by 1/sqrt(head_dim), not 1/sqrt(query_pre_attn_scalar)"
+    if cfg.rope_scaling is not None:
+        return f"RoPE scaling on {cfg.family} does not travel to llama.cpp"
+    if cfg.family == "gemma2" and (cfg.attn_softcap is None or cfg.logit_softcap is None):
+        return "llama.cpp's gemma2 always soft-caps scores and logits (50 and 30 where the file gives none)"
+    if cfg.family == "gemma3" and cfg.attn_softcap is not None:
+        return "llama.cpp's gemma3 does not soft-cap attention scores"
+    if cfg.family == "gemma3" and (cfg.rope_local_theta or 10000.0) != 10000.0:
+        return "llama.cpp's gemma3 uses a rope base of 10000 for its sliding layers"
+    period = GEMMA_SWA_PERIOD.get(cfg.family)
+    if period is not None and cfg.sliding_window is not None:
+        fixed = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(cfg.n_layer)]
+        if [cfg.layer_window(i) is not None for i in range(cfg.n_layer)] != [t == "sliding_attention" for t in fixed]:
+            return f"llama.cpp's {cfg.family} makes every {period}th layer full attention, the rest sliding"
+    return None
 
 
 def _hf_tensors(model: Transformer):
@@ -129,6 +161,16 @@ def _add_hparams(writer, cfg: ModelConfig) -> None:
     writer.add_value_length(cfg.dim_head)
     if cfg.sliding_window is not None and cfg.family == "phi3":
         writer.add_sliding_window(cfg.sliding_window)
+    if cfg.post_norms:  # gemma2, gemma3
+        if cfg.sliding_window is not None:
+            writer.add_sliding_window(cfg.sliding_window)
+            writer.add_sliding_window_pattern([cfg.layer_window(i) is not None for i in range(cfg.n_layer)])
+        if cfg.attn_softcap is not None:
+            writer.add_attn_logit_softcapping(cfg.attn_softcap)
+        if cfg.logit_softcap is not None:
+            writer.add_final_logit_softcapping(cfg.logit_softcap)
+        if cfg.rope_local_theta is not None:
+            writer.add_rope_freq_base_swa(cfg.rope_local_theta)
 
 
 def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
@@ -139,6 +181,9 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
     if out.suffix != ".gguf":
         raise LmforgeError(f"--out {out} should end in .gguf")
     cfg: ModelConfig = loaded.config
+    gap = _llama_cpp_gap(cfg)
+    if gap is not None:
+        raise LmforgeError(f"GGUF export of this {cfg.family} model would not run the same in llama.cpp: {gap}")
     ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -27,6 +27,9 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -95,4 +98,6 @@ def split_rule(rule: Rule, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return {rule.theirs[0]: tensor.t().contiguous()}
     if rule.kind == "concat":
         return {name: part.contiguous() for name, part in zip(rule.theirs, tensor.split(list(rule.sizes)))}
+    if rule.kind == "plus_one":
+        return {rule.theirs[0]: (tensor.float() - 1).to(tensor.dtype)}
     return {rule.theirs[0]: tensor}

@@ -121,7 +121,7 @@ def _check_shapes(rule: Rule, expected: tuple[int, ...], source: TensorSource, n
         if not dtype.is_floating_point:
             raise LmforgeError(f"{source.where(names[n])}: tensor {n!r} is {dtype}; weights must be floating point")
     shapes = [shape for _, _, shape in entries]
-    if rule.kind == "same":
+    if rule.kind in ("same", "plus_one"):
         ok, want = shapes[0] == expected, [expected]
     elif rule.kind == "transpose":
         ok, want = shapes[0] == expected[::-1], [expected[::-1]]
@@ -192,6 +192,8 @@ def load_weights(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | No
                     for name, size in zip(rule.theirs, rule.sizes):
                         source.read_into(names[name], dest[offset:offset + size])
                         offset += size
+                elif rule.kind == "plus_one":  # in fp32, as the (1 + w) norm computes it
+                    dest.copy_(source.read(names[rule.theirs[0]]).float() + 1)
                 else:
                     source.read_into(names[rule.theirs[0]], dest)
     finally:

@@ -5,6 +5,9 @@
   grouped-query attention, no biases; qwen2 adds q/k/v biases, mistral a sliding window,
   qwen3 an RMSNorm on each query and key head before RoPE.
 - mixtral, qwen3_moe: mistral and qwen3 with a mixture-of-experts MLP (`model.moe`).
+- gemma: llama with embeddings scaled by sqrt(d_model) and a GeGLU MLP; gemma2/gemma3 add
+  RMSNorms on the attention and MLP outputs, soft-capped scores and logits, per-layer sliding
+  windows (and, gemma3, q/k norms and a rope base of their own for the sliding layers).
 
 Attention is `F.scaled_dot_product_attention`. The query/key/value projections are one
 fused matmul, and so are the SwiGLU gate and up projections: at batch 1 decoding reads
@@ -86,6 +89,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): values kept within (-cap, cap), smoothly (gemma2/3)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def eager_attention(q, k, v, mask, is_causal: bool, scale: float, softcap: float | None, dropout: float):
+    """Attention written out, for what SDPA cannot do: soft-capping the scores before the softmax."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = soft_cap((q @ k.transpose(-1, -2)) * scale, softcap)  # (B, h, T, S)
+    if is_causal:  # as SDPA's is_causal: query i sees keys 0..i
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = F.dropout(scores.float().softmax(-1).to(q.dtype), dropout)
+    return p @ v
+
+
 def segment_attention(segment_ids: torch.Tensor, causal: bool,
                       sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (B, T) restarting at each segment, and the boolean attention mask (B, 1, T, T)
@@ -130,7 +153,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.d, bias=cfg.has_qkv_bias)
         self.proj = nn.Linear(self.n_head * self.d, cfg.d_model, bias=cfg.uses_bias)
         self.dropout = cfg.dropout
-        # qwen3: each query and key head normalized (one weight per head dimension) before RoPE
+        self.scale = cfg.attn_scale if cfg.query_pre_attn_scalar is not None else None  # None: SDPA's 1/sqrt(d)
+        self.softcap = cfg.attn_softcap
+        # qwen3, gemma3: each query and key head normalized (one weight per head dimension) before RoPE
         self.q_norm = RMSNorm(self.d, cfg.norm_eps) if cfg.has_qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.norm_eps) if cfg.has_qk_norm else None
 
@@ -148,20 +173,23 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv != self.n_head,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is not None:
+            y = eager_attention(q, k, v, mask, is_causal, self.scale or self.d ** -0.5, self.softcap, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                               enable_gqa=self.n_kv != self.n_head, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d))
 
 
 class MLP(nn.Module):
-    """gpt2: fc -> GELU(tanh) -> proj.  llama family: SwiGLU with gate and up fused."""
+    """gpt2: fc -> GELU(tanh) -> proj.  llama family: SwiGLU with gate and up fused;
+    gemma family: the same with a GELU(tanh) gate (GeGLU)."""
 
     def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        self.swiglu = cfg.family != "gpt2"
+        self.swiglu = cfg.family != "gpt2"  # gated: SwiGLU, or GeGLU (gemma)
+        self.gate_act = gelu_tanh if cfg.is_gemma else F.silu
         self.hidden = hidden or cfg.ffn_dim
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * self.hidden, bias=cfg.uses_bias)
         self.down = nn.Linear(self.hidden, cfg.d_model, bias=cfg.uses_bias)
@@ -170,7 +198,7 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.swiglu:
             gate, up = h.split(self.hidden, dim=-1)
-            h = F.silu(gate) * up
+            h = self.gate_act(gate) * up
         else:
             h = gelu_tanh(h)
         return self.down(h)
@@ -184,10 +212,13 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MoE(cfg, lambda: MLP(cfg, cfg.expert_dim)) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        # gemma2/3 normalize what attention and the MLP add to the residual stream too.
+        self.post_attn_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
+        self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
 
     def forward(self, x, rope, cache, layer, mask, is_causal):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, mask, is_causal))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        x = x + self.drop(self.post_attn_norm(self.attn(self.norm1(x), rope, cache, layer, mask, is_causal)))
+        return x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
 
 
 class Transformer(nn.Module):
@@ -213,13 +244,17 @@ class Transformer(nn.Module):
         device = self.tok_emb.weight.device
         if device.type == "meta":
             device = None
-        # Angles for every position up to the context, in fp32; cos/sin are taken per step.
-        angles = torch.outer(torch.arange(cfg.context, dtype=torch.float32, device=device),
-                             rope_frequencies(cfg).to(device))
-        angles = torch.cat((angles, angles), dim=-1)  # (context, head_dim)
-        scale = rope_attention_factor(cfg)
-        self.register_buffer("rope_cos", angles.cos() * scale, persistent=False)
-        self.register_buffer("rope_sin", angles.sin() * scale, persistent=False)
+        tables = {"rope": cfg}
+        if cfg.rope_local_theta is not None:  # gemma3's sliding layers: a base of their own, unscaled
+            tables["rope_local"] = cfg.model_copy(update={"rope_theta": cfg.rope_local_theta, "rope_scaling": None})
+        for prefix, table_cfg in tables.items():
+            # Angles for every position up to the context, in fp32; cos/sin are taken per step.
+            angles = torch.outer(torch.arange(cfg.context, dtype=torch.float32, device=device),
+                                 rope_frequencies(table_cfg).to(device))
+            angles = torch.cat((angles, angles), dim=-1)  # (context, head_dim)
+            scale = rope_attention_factor(table_cfg)
+            self.register_buffer(f"{prefix}_cos", angles.cos() * scale, persistent=False)
+            self.register_buffer(f"{prefix}_sin", angles.sin() * scale, persistent=False)
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-2 style init; residual projections scaled by 1/sqrt(2 * n_layer)."""
@@ -235,14 +270,46 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def _rope(self, positions: torch.Tensor | None, T: int, dtype: torch.dtype):
+    def _rope(self, positions: torch.Tensor | None, T: int, dtype: torch.dtype, local: bool = False):
+        """cos and sin for the next T tokens; `local`: the sliding layers' own table (gemma3)."""
         if not self.config.uses_rope:
             return None
+        cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
         if positions is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, d), broadcast over (B, h)
+            cos, sin = cos[:T], sin[:T]  # (T, d), broadcast over (B, h)
         else:
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, d)
         return cos.to(dtype), sin.to(dtype)
+
+    def layer_rope(self, layer: int, positions: torch.Tensor | None, T: int, dtype: torch.dtype):
+        cfg = self.config
+        return self._rope(positions, T, dtype, cfg.rope_local_theta is not None and cfg.layer_window(layer) is not None)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The input to the first block (B, T, d_model): token (and learned position) embeddings."""
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.config.is_gemma:  # the scale in the weights' dtype, as Gemma rounds it (bf16: 55.5, not 55.43)
+            x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions if positions is not None else
+                                 torch.arange(input_ids.shape[1], device=input_ids.device))
+        return x
+
+    def _attention_mask(self, window: int | None, T: int, device, kv_cache: KVCache | None,
+                        segment_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for the layers with sliding `window` (None: every earlier token)."""
+        cfg = self.config
+        if kv_cache is not None:
+            mask = kv_cache.attention_mask(T, window)
+            # Without a mask, SDPA's is_causal aligns queries to the first keys, which is only
+            # right when nothing is cached yet; a single new token may see every slot.
+            return mask, mask is None and kv_cache.length == 0 and T > 1
+        if segment_ids is not None:
+            return segment_attention(segment_ids, cfg.causal, window)[1], False
+        if window is not None and T > window:
+            i = torch.arange(T, device=device)
+            return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window), False
+        return None, cfg.causal
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
                       pad_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,31 +322,20 @@ class Transformer(nn.Module):
         if kv_cache is None:
             if T > cfg.context:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context of {cfg.context}")
-            positions, mask, is_causal = None, None, cfg.causal
             if pad_mask is not None:
                 raise ValueError("pad_mask needs a kv_cache (padding is only for batched generation)")
-            if segment_ids is not None:
-                positions, mask = segment_attention(segment_ids, cfg.causal, cfg.sliding_window)
-                is_causal = False
-            elif cfg.sliding_window is not None and T > cfg.sliding_window:
-                i = torch.arange(T, device=input_ids.device)
-                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - cfg.sliding_window)
-                is_causal = False
+            positions = None if segment_ids is None else segment_attention(segment_ids, cfg.causal)[0]
         elif not cfg.causal:
             raise ValueError("a bidirectional encoder (causal: false) does not decode with a KV cache")
         else:
             positions = kv_cache.positions(pad_mask, T)
-            mask = kv_cache.attention_mask(T, cfg.sliding_window)
-            # Without a mask, SDPA's is_causal aligns queries to the first keys, which is only
-            # right when nothing is cached yet; a single new token may see every slot.
-            is_causal = mask is None and kv_cache.length == 0 and T > 1
-        x = self.tok_emb(input_ids)  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions if positions is not None else torch.arange(T, device=input_ids.device))
-        x = self.drop(x)
-        rope = self._rope(positions, T, x.dtype)
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
+        masks = {w: self._attention_mask(w, T, input_ids.device, kv_cache, segment_ids) for w in set(windows)}
+        x = self.drop(self.embed(input_ids, positions))
+        ropes = {local: self._rope(positions, T, x.dtype, local) for local in {False, cfg.rope_local_theta is not None}}
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, kv_cache, i, mask, is_causal)
+            local = cfg.rope_local_theta is not None and windows[i] is not None
+            x = block(x, ropes[local], kv_cache, i, *masks[windows[i]])
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm_f(x)
@@ -295,7 +351,7 @@ class Transformer(nn.Module):
             return h
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return soft_cap(self.lm_head(h), self.config.logit_softcap)
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         cfg = self.config

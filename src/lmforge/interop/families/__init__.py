@@ -10,6 +10,7 @@ name checks, so a family is described once.
     phi3                      Phi3ForCausalLM (fused qkv_proj and gate_up_proj)
     qwen3                     Qwen3ForCausalLM (per-head q/k norms)
     mixtral, qwen3_moe        MixtralForCausalLM / Qwen3MoeForCausalLM (mixture of experts)
+    gemma, gemma2, gemma3     GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM (gemma3_text)
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ class Rule:
     same:      one tensor, same layout.
     transpose: one 2-D tensor stored transposed (GPT-2's Conv1D).
     concat:    several tensors stacked along dim 0, of `sizes` rows each (fused q/k/v, gate/up).
+    plus_one:  one tensor w of a norm that scales by (1 + w) (Gemma): ours is 1 + w.
     """
 
     ours: str
     theirs: tuple[str, ...]
-    kind: Literal["same", "transpose", "concat"] = "same"
+    kind: Literal["same", "transpose", "concat", "plus_one"] = "same"
     sizes: tuple[int, ...] = ()
 
     @staticmethod
@@ -45,22 +47,28 @@ class Rule:
         return Rule(ours, (theirs,), "transpose")
 
     @staticmethod
+    def plus_one(ours: str, theirs: str) -> "Rule":
+        return Rule(ours, (theirs,), "plus_one")
+
+    @staticmethod
     def concat(ours: str, theirs: list[str], sizes: list[int]) -> "Rule":
         return Rule(ours, tuple(theirs), "concat", tuple(sizes))
 
 
 def family_module(model_type: Any) -> ModuleType:
-    from lmforge.interop.families import gpt2, llama, moe, phi3, qwen3
+    from lmforge.interop.families import gemma, gpt2, llama, moe, phi3, qwen3
 
     modules = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "mistral": llama, "phi3": phi3, "qwen3": qwen3,
-               "mixtral": moe, "qwen3_moe": moe}
+               "mixtral": moe, "qwen3_moe": moe, "gemma": gemma, "gemma2": gemma, "gemma3_text": gemma,
+               "gemma3": gemma}  # our family name; as a model_type, gemma.config_from_hf refuses it
     if model_type not in modules:
         raise LmforgeError(f"unsupported model_type {model_type!r} in config.json: lmforge reads "
                            f"{', '.join(modules)}")
     return modules[model_type]
 
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe")
+SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
+             "gemma3_text")
 
 
 def require(hf: dict[str, Any], key: str, kind: type = int) -> Any:
