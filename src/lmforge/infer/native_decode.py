@@ -32,6 +32,9 @@ from lmforge.native.decode_abi import F32, Q4, Q8
 PARALLEL_MIN_WORK = 32 << 20
 
 
+# decode.c sorts a row's chosen experts in a fixed-size array.
+MAX_EXPERTS_PER_TOKEN = 16
+
 # The phases decode.c times when profiling, in order.
 PROFILE_PHASES = tuple(abi.PROFILE_PHASES.values())
 
@@ -74,26 +77,42 @@ class NativeDecoder:
             raise Unsupported("a bidirectional encoder does not decode")
         if model.training and cfg.dropout > 0:
             raise Unsupported("the model is in training mode with dropout")
+        if cfg.is_gemma:
+            raise Unsupported(f"decode.c does not cover the {cfg.family} family's design (scaled embeddings, "
+                              "GeGLU, soft-capping, per-layer windows)")
+        if cfg.n_experts and cfg.experts_per_token > MAX_EXPERTS_PER_TOKEN:
+            raise Unsupported(f"more than {MAX_EXPERTS_PER_TOKEN} experts per token")
         keep: list[torch.Tensor] = []
         t = lambda x: _tensor(None if x is None else x.detach(), keep)  # noqa: E731
         layers = (abi.Layer * cfg.n_layer)()
+        experts = []  # each MoE layer's (up, down) pairs, which its Layer points into
         for i, block in enumerate(model.blocks):
+            attn, mlp = block.attn, block.mlp
+            norm = lambda n: None if n is None else t(n.weight)  # noqa: E731
+            if cfg.n_experts:
+                pairs = (abi.Linear * (2 * cfg.n_experts))(*(_linear(layer, keep) for expert in mlp.experts
+                                                            for layer in (expert.up, expert.down)))
+                experts.append(pairs)
+                up, down, router, expert_ptr = abi.Linear(), abi.Linear(), _linear(mlp.router, keep), pairs
+            else:
+                up, down, router, expert_ptr = _linear(mlp.up, keep), _linear(mlp.down, keep), abi.Linear(), None
             layers[i] = abi.Layer(t(block.norm1.weight), t(getattr(block.norm1, "bias", None)),
                                    t(block.norm2.weight), t(getattr(block.norm2, "bias", None)),
-                                   _linear(block.attn.qkv, keep), _linear(block.attn.proj, keep),
-                                   _linear(block.mlp.up, keep), _linear(block.mlp.down, keep),
-                                   t(keys[i]), t(values[i]))
+                                   _linear(attn.qkv, keep), _linear(attn.proj, keep), up, down,
+                                   t(keys[i]), t(values[i]), norm(attn.q_norm), norm(attn.k_norm), router,
+                                   None if expert_ptr is None else ctypes.addressof(expert_ptr))
         self.rows, _, self.capacity, _ = keys[0].shape
         self.row_stride = keys[0].stride(0)
         self.spec = abi.Model(
-            cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head, cfg.ffn_dim, cfg.vocab,
+            cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head,
+            cfg.expert_dim if cfg.n_experts else cfg.ffn_dim, cfg.vocab,
             self.capacity, cfg.sliding_window or 0, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"),
-            int(cfg.uses_rope), cfg.norm_eps, t(model.tok_emb.weight),
+            int(cfg.uses_rope), cfg.n_experts, cfg.experts_per_token, int(cfg.moe_norm_topk), cfg.norm_eps, t(model.tok_emb.weight),
             t(None if model.pos_emb is None else model.pos_emb.weight),
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),
             t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), _linear(model.lm_head, keep),
             ctypes.addressof(layers), None)
-        self._layers, self._keep = layers, keep  # the C struct points into these: keep them alive
+        self._layers, self._experts, self._keep = layers, experts, keep  # the C structs point into these: keep them alive
         self.lib, self.vocab = lib, cfg.vocab
         self.weight_bytes = matmul_bytes(model)
         self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)

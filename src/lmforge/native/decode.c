@@ -13,7 +13,9 @@
  *
  * Covers the families of lmforge.model.Transformer: LayerNorm or RMSNorm, learned or
  * rotary positions, GELU (tanh) or SwiGLU, optional biases, grouped-query attention,
- * a sliding window. Weights are fp32, int8 (per-row scale) or int4 (groups), per layer.
+ * a sliding window, per-head q/k norms, and mixture-of-experts MLPs (each row's experts
+ * chosen by its router; the rows are grouped by expert so each expert's weights are read
+ * once per step for all the rows that chose it). Weights are fp32, int8 (per-row scale) or int4 (groups), per layer.
  * The caller owns every buffer: weights and the KV cache are the model's own tensors,
  * shared, never copied. Numerics follow the PyTorch reference (same formulas, fp32).
  *
@@ -114,6 +116,11 @@ static void end_phase(Worker *w) {
 typedef struct {
     float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
     int8_t *xq;
+    /* mixture of experts: router logits (B, n_experts); per (row, choice) its expert, weight
+     * and place in the grouped rows; expert e's rows are offset[e]..offset[e+1]-1 of the
+     * grouped inputs gx and outputs eout, order[i] the (row, choice) at grouped row i */
+    float *router, *weight, *gx, *eout;
+    int *chosen, *place, *order, *offset;
     int lowbit_tiles; /* int8/int4 matmuls in tiles of four rows (see lowbit_tiles_pay) */
 } Work;
 
@@ -202,6 +209,14 @@ static void norm(const Model *m, const float *x, const float *w, const float *b,
 
 static void norm_rows(const Model *m, const float *x, const float *w, const float *bias, float *out, int B, Worker *wk) {
     FOR_ITEMS(wk, b, B) norm(m, x + (size_t)b * m->d_model, w, bias, out + (size_t)b * m->d_model);
+}
+
+/* x * w / rms(x), in place, for one head (qwen3's q/k norms; fp32 as the reference's). */
+static void head_norm(float *x, const float *w, int d, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / d + eps);
+    for (int i = 0; i < d; i++) x[i] = w[i] * (x[i] * inv);
 }
 
 /* x * cos + rotate_half(x) * sin, in place, for one head. */
@@ -346,6 +361,10 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
     const int hd = m->head_dim, nq = m->n_head * hd, nkv = m->n_kv * hd, width = nq + 2 * nkv;
     FOR_ITEMS(wk, b, r->B) {
         float *q = ws->qkv + (size_t)b * width, *k = q + nq, *v = q + nq + nkv;
+        if (L->q_norm) {
+            for (int h = 0; h < m->n_head; h++) head_norm(q + h * hd, L->q_norm, hd, m->eps);
+            for (int h = 0; h < m->n_kv; h++) head_norm(k + h * hd, L->k_norm, hd, m->eps);
+        }
         if (m->rope) {
             const float *cos = m->rope_cos + (size_t)r->pos[b] * hd, *sin = m->rope_sin + (size_t)r->pos[b] * hd;
             for (int h = 0; h < m->n_head; h++) rotate(q + h * hd, cos, sin, hd);
@@ -360,6 +379,60 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
 }
 
 static size_t lowbit_bytes(const Linear *L) { return L->kind == F32 ? 0 : (size_t)L->N * L->K * L->kind / 8; }
+
+/* Each row's experts: a softmax over its router logits, the top_k most probable (renormalized
+ * to sum to 1 with norm_topk), then the (row, choice) pairs grouped by expert, rows in order
+ * within each group. One item: it is a few hundred operations. */
+static void route(const Model *m, Work *ws, int B) {
+    const int E = m->n_experts, k = m->top_k;
+    for (int e = 0; e <= E; e++) ws->offset[e] = 0;
+    for (int b = 0; b < B; b++) {
+        float *p = ws->router + (size_t)b * E, top = -INFINITY, total = 0.0f, picked = 0.0f;
+        for (int e = 0; e < E; e++) top = fmaxf(top, p[e]);
+        for (int e = 0; e < E; e++) total += p[e] = expf(p[e] - top);
+        for (int j = 0; j < k; j++) { /* the most probable expert not yet chosen (the lowest on a tie) */
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= ws->chosen[b * k + i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ws->chosen[b * k + j] = best, ws->weight[b * k + j] = p[best] / total;
+            picked += p[best] / total;
+            ws->offset[best + 1]++;
+        }
+        if (m->norm_topk)
+            for (int j = 0; j < k; j++) ws->weight[b * k + j] /= picked;
+    }
+    for (int e = 0; e < E; e++) ws->offset[e + 1] += ws->offset[e];
+    int *fill = ws->place + B * k; /* scratch: the next free grouped row of each expert */
+    for (int e = 0; e < E; e++) fill[e] = ws->offset[e];
+    for (int b = 0; b < B; b++)
+        for (int j = 0; j < k; j++) {
+            const int at = fill[ws->chosen[b * k + j]]++;
+            ws->place[b * k + j] = at, ws->order[at] = b * k + j;
+        }
+}
+
+/* x += the weighted sum of row b's experts' outputs, summed in the order of the experts'
+ * numbers as the reference does (then added to the residual). */
+static void combine(const Model *m, Work *ws, int b) {
+    const int d = m->d_model, k = m->top_k;
+    int js[16];
+    for (int j = 0; j < k; j++) js[j] = j;
+    for (int i = 1; i < k; i++) /* the choices by expert number */
+        for (int j = i; j > 0 && ws->chosen[b * k + js[j]] < ws->chosen[b * k + js[j - 1]]; j--) {
+            const int t = js[j];
+            js[j] = js[j - 1], js[j - 1] = t;
+        }
+    float *x = ws->x + (size_t)b * d;
+    for (int i = 0; i < d; i++) {
+        float sum = 0.0f;
+        for (int j = 0; j < k; j++)
+            sum += ws->eout[(size_t)ws->place[b * k + js[j]] * d + i] * ws->weight[b * k + js[j]];
+        x[i] += sum;
+    }
+}
 
 /* The largest cache one core sees, as sysfs lists it (cpuid's figure can be a whole socket's,
  * e.g. 384 MB in a VM whose core shares 32 MB); 32 MB where sysfs says nothing. */
@@ -394,6 +467,8 @@ static int lowbit_tiles_pay(const Model *m, int B) {
     for (int l = 0; l < m->n_layer; l++) {
         const Layer *L = &m->layers[l];
         total += lowbit_bytes(&L->qkv) + lowbit_bytes(&L->proj) + lowbit_bytes(&L->up) + lowbit_bytes(&L->down);
+        if (L->experts)
+            for (int e = 0; e < 2 * m->n_experts; e++) total += lowbit_bytes(&L->experts[e]);
     }
     return total <= (size_t)cache;
 }
@@ -403,20 +478,32 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     const int d = m->d_model, hd = m->head_dim, B = r->B;
     const int width = (m->n_head + 2 * m->n_kv) * hd, up_width = (m->swiglu ? 2 : 1) * m->ffn;
     const int widest = max_int(max_int(d, m->ffn), m->n_head * hd);
+    const int E = m->n_experts, k = E ? m->top_k : 1, mlp_rows = B * k; /* an expert's rows: (row, choice) pairs */
     Work ws;
     ws.x = malloc(sizeof(float) * B * d);
     ws.h = malloc(sizeof(float) * B * d);
     ws.qkv = malloc(sizeof(float) * B * width);
     ws.att = malloc(sizeof(float) * B * m->n_head * hd);
-    ws.up = malloc(sizeof(float) * B * up_width);
-    ws.act = malloc(sizeof(float) * B * m->ffn);
+    ws.up = malloc(sizeof(float) * mlp_rows * up_width);
+    ws.act = malloc(sizeof(float) * mlp_rows * m->ffn);
     ws.scores = malloc(sizeof(float) * (size_t)B * m->n_head * m->capacity);
-    ws.xq = malloc((size_t)B * widest + QK);
-    ws.xs = malloc(sizeof(float) * B * (widest / QK + 1));
-    ws.gsum = malloc(sizeof(float) * B * (widest / QK + 1));
+    ws.xq = malloc((size_t)mlp_rows * widest + QK);
+    ws.xs = malloc(sizeof(float) * mlp_rows * (widest / QK + 1));
+    ws.gsum = malloc(sizeof(float) * mlp_rows * (widest / QK + 1));
+    ws.router = malloc(sizeof(float) * B * (E + 1));
+    ws.weight = malloc(sizeof(float) * mlp_rows);
+    ws.gx = malloc(sizeof(float) * (size_t)mlp_rows * d);
+    ws.eout = malloc(sizeof(float) * (size_t)mlp_rows * d);
+    ws.chosen = malloc(sizeof(int) * mlp_rows);
+    ws.place = malloc(sizeof(int) * (mlp_rows + E + 1));
+    ws.order = malloc(sizeof(int) * mlp_rows);
+    ws.offset = malloc(sizeof(int) * (E + 2));
     ws.lowbit_tiles = lowbit_tiles_pay(m, B);
     const int team_size = threads > 0 ? threads : omp_get_max_threads();
-    const int phases = 13 * m->n_layer + 4; /* at most: every matmul quantized, some logits rows wanted */
+    /* at most: every matmul quantized, some logits rows wanted; a mixture of experts adds the
+     * router and the routing, and two matmuls for each expert some row chose */
+    const int experts_run = E < mlp_rows ? E : mlp_rows;
+    const int phases = (13 + (E ? 6 + 4 * experts_run : 0)) * m->n_layer + 4;
     Team team = {aligned_alloc(64, sizeof(Line) * phases * team_size), aligned_alloc(64, sizeof(Line) * team_size),
                  team_size, phases};
     memset(team.taken, 0, sizeof(Line) * (size_t)phases * team_size);
@@ -451,6 +538,33 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             SYNC(P_PROJ)
             norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B, &wk);
             SYNC(P_NORM)
+            if (L->experts) {
+                matvec(&L->router, ws.h, ws.router, B, 0, &ws, &wk);
+                SYNC(P_ROUTE)
+                FOR_ITEMS(&wk, one, 1) route(m, &ws, B);
+                SYNC(P_ROUTE)
+                FOR_ITEMS(&wk, i, mlp_rows) /* each (row, choice)'s input to its expert's group */
+                    memcpy(ws.gx + (size_t)i * d, ws.h + (size_t)(ws.order[i] / k) * d, sizeof(float) * d);
+                SYNC(P_ROUTE)
+                for (int e = 0; e < E; e++) /* the phases of the experts that some row chose */
+                    if (ws.offset[e + 1] > ws.offset[e]) {
+                        const int lo = ws.offset[e], n = ws.offset[e + 1] - lo;
+                        matvec(&L->experts[2 * e], ws.gx + (size_t)lo * d, ws.up + (size_t)lo * up_width, n, 0, &ws, &wk);
+                        SYNC(P_UP)
+                    }
+                mlp_activation(m, &ws, mlp_rows, &wk);
+                SYNC(P_ACTIVATION)
+                for (int e = 0; e < E; e++)
+                    if (ws.offset[e + 1] > ws.offset[e]) {
+                        const int lo = ws.offset[e], n = ws.offset[e + 1] - lo;
+                        matvec(&L->experts[2 * e + 1], ws.act + (size_t)lo * m->ffn, ws.eout + (size_t)lo * d, n, 0,
+                               &ws, &wk);
+                        SYNC(P_DOWN)
+                    }
+                FOR_ITEMS(&wk, b, B) combine(m, &ws, b);
+                SYNC(P_ROUTE)
+                continue;
+            }
             matvec(&L->up, ws.h, ws.up, B, 0, &ws, &wk);
             SYNC(P_UP)
             mlp_activation(m, &ws, B, &wk);
@@ -476,6 +590,8 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
 #undef SYNC
     free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.act), free(ws.scores);
     free(ws.xq), free(ws.xs), free(ws.gsum), free(team.taken), free(team.done);
+    free(ws.router), free(ws.weight), free(ws.gx), free(ws.eout), free(ws.chosen), free(ws.place), free(ws.order);
+    free(ws.offset);
 }
 #else
 #define DECODE_ISA "none"
@@ -512,10 +628,12 @@ static const Entry LAYOUT[] = {
 
     SIZE(Layer), FIELD(Layer, norm1_w), FIELD(Layer, norm1_b), FIELD(Layer, norm2_w), FIELD(Layer, norm2_b),
     FIELD(Layer, qkv), FIELD(Layer, proj), FIELD(Layer, up), FIELD(Layer, down), FIELD(Layer, k), FIELD(Layer, v),
+    FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, router), FIELD(Layer, experts),
 
     SIZE(Model), FIELD(Model, n_layer), FIELD(Model, d_model), FIELD(Model, n_head), FIELD(Model, n_kv),
     FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity), FIELD(Model, window),
-    FIELD(Model, layernorm), FIELD(Model, swiglu), FIELD(Model, rope), FIELD(Model, eps), FIELD(Model, tok_emb),
+    FIELD(Model, layernorm), FIELD(Model, swiglu), FIELD(Model, rope), FIELD(Model, n_experts),
+    FIELD(Model, top_k), FIELD(Model, norm_topk), FIELD(Model, eps), FIELD(Model, tok_emb),
     FIELD(Model, pos_emb), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, norm_f_w),
     FIELD(Model, norm_f_b), FIELD(Model, lm_head), FIELD(Model, layers), FIELD(Model, profile),
 
@@ -524,7 +642,8 @@ static const Entry LAYOUT[] = {
 
     CONSTANT(F32), CONSTANT(Q4), CONSTANT(Q8),
     CONSTANT(P_NORM), CONSTANT(P_QKV), CONSTANT(P_ROPE_CACHE), CONSTANT(P_ATTENTION), CONSTANT(P_PROJ),
-    CONSTANT(P_UP), CONSTANT(P_ACTIVATION), CONSTANT(P_DOWN), CONSTANT(P_LM_HEAD), CONSTANT(PROFILE_PHASES),
+    CONSTANT(P_UP), CONSTANT(P_ACTIVATION), CONSTANT(P_DOWN), CONSTANT(P_LM_HEAD), CONSTANT(P_ROUTE),
+    CONSTANT(PROFILE_PHASES),
 };
 
 int decode_layout(char *out, int size) {

@@ -21,13 +21,17 @@ typedef struct {
 
 typedef struct {
     const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* the _b are NULL for RMSNorm */
-    Linear qkv, proj, up, down;
+    Linear qkv, proj, up, down; /* up, down: unused in a mixture-of-experts layer */
     float *k, *v; /* this layer's cache, row 0 of (rows, n_kv, capacity, head_dim) */
+    const float *q_norm, *k_norm; /* (head_dim,) RMSNorm weights of each query/key head before RoPE, or NULL */
+    Linear router;                /* mixture of experts: (n_experts, d_model) */
+    const Linear *experts;        /* n_experts (up, down) pairs, or NULL for a dense MLP */
 } Layer;
 
 typedef struct {
     int n_layer, d_model, n_head, n_kv, head_dim, ffn, vocab, capacity, window; /* window 0: none */
     int layernorm, swiglu, rope;                                                /* flags */
+    int n_experts, top_k, norm_topk; /* mixture of experts (n_experts 0: dense); ffn is each expert's */
     float eps;
     const float *tok_emb, *pos_emb;   /* (vocab, d), (context, d) or NULL */
     const float *rope_cos, *rope_sin; /* (context, head_dim), angles repeated in both halves */
@@ -39,7 +43,7 @@ typedef struct {
 
 /* Where a step's time goes, for benchmarks/cpu_decode.py --profile: a phase ends when all
  * its items are done, so its time includes waiting for the last one. */
-enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, PROFILE_PHASES };
+enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, P_ROUTE, PROFILE_PHASES };
 
 /* One decoding step's rows: row b feeds token[b] at rotary/learned position pos[b], writes
  * its keys and values to cache slot slot[b] of cache row cache_row[b] (b when NULL), and

@@ -25,12 +25,14 @@ class Linear(ctypes.Structure):
 class Layer(ctypes.Structure):
     _fields_ = [("norm1_w", c_void_p), ("norm1_b", c_void_p), ("norm2_w", c_void_p), ("norm2_b", c_void_p),
                 ("qkv", Linear), ("proj", Linear), ("up", Linear), ("down", Linear),
-                ("k", c_void_p), ("v", c_void_p)]
+                ("k", c_void_p), ("v", c_void_p), ("q_norm", c_void_p), ("k_norm", c_void_p),
+                ("router", Linear), ("experts", c_void_p)]
 
 
 class Model(ctypes.Structure):
     _fields_ = [(name, c_int) for name in ("n_layer", "d_model", "n_head", "n_kv", "head_dim", "ffn", "vocab",
-                                           "capacity", "window", "layernorm", "swiglu", "rope")] + [
+                                           "capacity", "window", "layernorm", "swiglu", "rope", "n_experts",
+                                           "top_k", "norm_topk")] + [
         ("eps", c_float), ("tok_emb", c_void_p), ("pos_emb", c_void_p), ("rope_cos", c_void_p),
         ("rope_sin", c_void_p), ("norm_f_w", c_void_p), ("norm_f_b", c_void_p), ("lm_head", Linear),
         ("layers", c_void_p), ("profile", c_void_p)]
@@ -44,7 +46,8 @@ class Rows(ctypes.Structure):
 # decode.h's profiling phases, in the order of its enum: what each is called in reports.
 PROFILE_PHASES = {"P_NORM": "norm", "P_QKV": "qkv matmul", "P_ROPE_CACHE": "rope + cache write",
                   "P_ATTENTION": "attention", "P_PROJ": "out-proj matmul", "P_UP": "up matmul",
-                  "P_ACTIVATION": "activation", "P_DOWN": "down matmul", "P_LM_HEAD": "lm_head matmul"}
+                  "P_ACTIVATION": "activation", "P_DOWN": "down matmul", "P_LM_HEAD": "lm_head matmul",
+                  "P_ROUTE": "expert routing"}
 
 STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, Layer, Model, Rows)  # each named as in decode.h
 CONSTANTS: dict[str, int] = {"F32": F32, "Q4": Q4, "Q8": Q8, **{name: i for i, name in enumerate(PROFILE_PHASES)},
