@@ -93,7 +93,8 @@ class ModelConfig(Section):
     gemma2: gemma with a second RMSNorm after attention and after the MLP (on their outputs),
     `query_pre_attn_scalar`, soft-capped attention scores and logits (`attn_softcap`,
     `logit_softcap`: c * tanh(x / c)) and sliding-window layers as `layer_types` says.
-    gemma3: gemma2 with `qk_norm` and its own rope base for the sliding layers (`rope_local_theta`).
+    gemma3: gemma2 with `qk_norm`, its own rope base for the sliding layers (`rope_local_theta`)
+    and no soft-capping of attention scores (transformers ignores the key for gemma3).
     Gemma's (1 + w) RMSNorm weights are stored as 1 + w (interop adds and removes the 1), so the
     norm is the plain RMSNorm every consumer (the native decoder, GGUF, quantization) knows.
 
@@ -130,7 +131,7 @@ class ModelConfig(Section):
     moe_norm_topk: bool = True  # renormalize the chosen experts' probabilities to sum to 1
     router_aux_coef: float = 0.0  # load-balancing loss weight in training; 0: off
     query_pre_attn_scalar: int | None = None  # attention scores scaled by its -1/2 power; None: head_dim
-    attn_softcap: float | None = None  # gemma2/3: attention scores -> c * tanh(scores / c)
+    attn_softcap: float | None = None  # gemma2: attention scores -> c * tanh(scores / c)
     logit_softcap: float | None = None  # gemma2/3: output logits -> c * tanh(logits / c)
     layer_types: list[LayerType] | None = None  # gemma2/3: which layers use sliding_window; None: all
     rope_local_theta: float | None = None  # gemma3: the rope base of the sliding_attention layers
@@ -169,9 +170,11 @@ class ModelConfig(Section):
 
     def _check_gemma(self) -> None:
         later = self.family in ("gemma2", "gemma3")
-        for name in ("attn_softcap", "logit_softcap", "layer_types"):
+        for name in ("logit_softcap", "layer_types"):
             if getattr(self, name) is not None and not later:
                 raise ValueError(f"{name} is a gemma2- or gemma3-family setting")
+        if self.attn_softcap is not None and self.family != "gemma2":
+            raise ValueError("attn_softcap is a gemma2-family setting")
         for name in ("query_pre_attn_scalar", "attn_softcap", "logit_softcap", "rope_local_theta"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

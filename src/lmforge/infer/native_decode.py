@@ -80,6 +80,9 @@ class NativeDecoder:
         if cfg.is_gemma:
             raise Unsupported(f"decode.c does not cover the {cfg.family} family's design (scaled embeddings, "
                               "GeGLU, soft-capping, per-layer windows)")
+        if cfg.is_gemma:
+            raise Unsupported(f"decode.c does not cover the {cfg.family} family's design (scaled embeddings, "
+                              "GeGLU, soft-capping, per-layer windows)")
         if cfg.n_experts and cfg.experts_per_token > MAX_EXPERTS_PER_TOKEN:
             raise Unsupported(f"more than {MAX_EXPERTS_PER_TOKEN} experts per token")
         keep: list[torch.Tensor] = []

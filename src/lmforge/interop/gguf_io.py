@@ -85,8 +85,6 @@ def _llama_cpp_gap(cfg: ModelConfig) -> str | None:
         return f"RoPE scaling on {cfg.family} does not travel to llama.cpp"
     if cfg.family == "gemma2" and (cfg.attn_softcap is None or cfg.logit_softcap is None):
         return "llama.cpp's gemma2 always soft-caps scores and logits (50 and 30 where the file gives none)"
-    if cfg.family == "gemma3" and cfg.attn_softcap is not None:
-        return "llama.cpp's gemma3 does not soft-cap attention scores"
     if cfg.family == "gemma3" and (cfg.rope_local_theta or 10000.0) != 10000.0:
         return "llama.cpp's gemma3 uses a rope base of 10000 for its sliding layers"
     period = GEMMA_SWA_PERIOD.get(cfg.family)

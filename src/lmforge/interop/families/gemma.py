@@ -84,7 +84,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                   tie_embeddings=bool(hf.get("tie_word_embeddings", True)), **_rope(hf, family))
     if family in DEFAULTS:
         get = lambda key: hf.get(key, DEFAULTS[family][key])  # noqa: E731
-        fields.update(query_pre_attn_scalar=get("query_pre_attn_scalar"), attn_softcap=get("attn_logit_softcapping"),
+        # transformers' Gemma 3 never soft-caps attention scores, whatever its config says
+        attn_softcap = get("attn_logit_softcapping") if family == "gemma2" else None
+        fields.update(query_pre_attn_scalar=get("query_pre_attn_scalar"), attn_softcap=attn_softcap,
                       logit_softcap=get("final_logit_softcapping"), sliding_window=get("sliding_window"),
                       layer_types=_layer_types(hf, family, n_layer))
     return ModelConfig(**fields)
