@@ -31,8 +31,8 @@ from lmforge.interop.hf import from_hf_config, split_rule, to_hf_config, weight_
 from lmforge.interop.weights import MemoryTensors, SafetensorsFiles, TensorSource, load_weights
 from lmforge.model import Transformer
 from lmforge.model_files import (
-    WEIGHTS, WEIGHTS_INDEX, load_tokenizer, pickle_files, read_json, refuse_links_out, sha256_file, weight_files,
-    weight_index,
+    WEIGHTS, WEIGHTS_INDEX, check_tokenizer_fits, load_tokenizer, pickle_files, read_json, refuse_links_out,
+    sha256_file, weight_files, weight_index,
 )
 
 MAX_SHARD_BYTES = 4 << 30
@@ -153,9 +153,10 @@ def weight_source(folder: Path, allow_pickle: bool = False, key: bytes | None = 
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   allow_pickle: bool = False,
-                   key: bytes | str | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
-    """Load any model directory: ours, a Hugging Face one of a supported family, or an encrypted one (+ key)."""
+                   allow_pickle: bool = False, key: bytes | str | None = None,
+                   tokenizer: str | Path | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+    """Load any model directory: ours, a Hugging Face one of a supported family, or an encrypted one (+ key).
+    `tokenizer`: a directory to take the tokenizer from instead (for weights that come without one)."""
     folder = Path(path)
     if not folder.is_dir():
         raise LmforgeError(f"model directory {path} not found")
@@ -170,10 +171,13 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
         return load_quantized(folder, hf_config, device, dtype, key)
     cfg: ModelConfig = from_hf_config(hf_config)
-    model = load_weights(weight_source(folder, allow_pickle, key), cfg, dtype).to(device)
-    tokenizer = load_tokenizer(folder)
+    source = weight_source(folder, allow_pickle, key)
+    tokenizer_dir = folder if tokenizer is None else Path(tokenizer)
+    text_tokenizer = load_tokenizer(tokenizer_dir)  # before reading the weights: a missing one fails in seconds
+    check_tokenizer_fits(text_tokenizer, cfg.vocab, tokenizer_dir)
+    model = load_weights(source, cfg, dtype).to(device)
     meta = read_json(folder / "lmforge.json") if (folder / "lmforge.json").is_file() else {}
-    return model, tokenizer, meta
+    return model, text_tokenizer, meta
 
 
 def verify_model_dir(path: str | Path) -> dict[str, str]:

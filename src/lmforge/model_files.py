@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.sentencepiece_convert import SPM_FILE
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 
@@ -92,10 +93,24 @@ def refuse_links_out(folder: Path) -> None:
 
 
 def load_tokenizer(folder: Path) -> TextTokenizer:
-    """tokenizer.json + tokenizer_config.json; newer transformers keep the chat template in chat_template.jinja."""
+    """tokenizer.json (or a SentencePiece tokenizer.model) + tokenizer_config.json; newer transformers
+    keep the chat template in chat_template.jinja."""
     refuse_links_out(folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", SPM_FILE)):
+        raise LmforgeError(f"{folder} has no tokenizer (tokenizer.json or {SPM_FILE}): copy the tokenizer files of "
+                           "the model these weights come from into it, or import the weights with a tokenizer from "
+                           f"another directory: lmforge import {folder} --out DIR --tokenizer TOKENIZER_DIR")
     tokenizer = TextTokenizer.load(folder)
     template = folder / "chat_template.jinja"
     if tokenizer.chat_template is None and template.is_file():
         tokenizer.config["chat_template"] = template.read_text()
     return tokenizer
+
+
+def check_tokenizer_fits(tokenizer: TextTokenizer, vocab: int, where: Path) -> None:
+    """Every id the tokenizer can produce needs a row of the embedding. A larger embedding is
+    fine: vocabularies are often padded to a multiple of 64 or 128 for speed."""
+    if tokenizer.vocab_size > vocab:
+        raise LmforgeError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens but config.json's vocab_size "
+                           f"is {vocab}: ids from {vocab} up would have no embedding; the tokenizer does not belong "
+                           "to these weights")

@@ -52,11 +52,14 @@ def import_(
     out: Annotated[Path, typer.Option(help="The lmforge model directory to write.")],
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: as stored).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Also read pickle weights (.bin/.pt/.ckpt), weights-only.")] = False,
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="Take the tokenizer (tokenizer.json or SentencePiece tokenizer.model, with tokenizer_config.json and "
+             "chat template) from this directory, for weights that come without one.")] = None,
 ):
     """Import a Hugging Face directory (gpt2, llama, qwen2, mistral, phi3) or a GGUF file."""
     from lmforge.interop.convert import import_model
 
-    path = import_model(src, out, dtype=dtype, allow_pickle=allow_pickle)
+    path = import_model(src, out, dtype=dtype, allow_pickle=allow_pickle, tokenizer=tokenizer)
     console.print(f"imported {src} -> {path}")
 
 

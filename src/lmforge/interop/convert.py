@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from lmforge.data.sentencepiece_convert import SPM_FILE
 from lmforge.errors import LmforgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,10 +28,10 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def import_model(src: str | Path, out: str | Path, dtype: str | None = None, allow_pickle: bool = False,
-                 key: bytes | str | None = None) -> Path:
-    """Read a foreign model and write it as an lmforge model directory at `out`."""
-    import lmforge
-    from lmforge.model_dir import save_model_dir
+                 key: bytes | str | None = None, tokenizer: str | Path | None = None) -> Path:
+    """Read a foreign model and write it as an lmforge model directory at `out`; `tokenizer`: a
+    directory to take the tokenizer from, for weights that come without one."""
+    from lmforge.model_dir import load_model_dir, save_model_dir
 
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -38,15 +39,30 @@ def import_model(src: str | Path, out: str | Path, dtype: str | None = None, all
     if src.resolve() == out.resolve():
         raise LmforgeError("--out must differ from the source")
     if src.is_file() and src.suffix == ".gguf":
+        if tokenizer is not None:
+            raise LmforgeError("--tokenizer is for Hugging Face directories: a .gguf file carries its own tokenizer")
         from lmforge.interop.gguf_io import load_gguf
 
-        model, tokenizer = load_gguf(src, parse_dtype(dtype))
-        return save_model_dir(model, tokenizer, out, {"parents": [str(src)], "imported_from": "gguf"})
+        model, text_tokenizer = load_gguf(src, parse_dtype(dtype))
+        return save_model_dir(model, text_tokenizer, out, {"parents": [str(src)], "imported_from": "gguf"})
     if src.is_file():
         raise LmforgeError(f"{src} is a file: give a model directory (config.json + weights) or a .gguf file")
-    loaded = lmforge.load(src, dtype=parse_dtype(dtype), key=key, allow_pickle=allow_pickle)
-    return loaded.save(out, imported_from=loaded.config.family)
+    if tokenizer is not None:
+        _check_tokenizer_option(Path(tokenizer))
+    model, text_tokenizer, _ = load_model_dir(src, dtype=parse_dtype(dtype), allow_pickle=allow_pickle, key=key,
+                                              tokenizer=tokenizer)
+    provenance = {"parents": [str(src)], "imported_from": model.config.family}
+    if tokenizer is not None:
+        provenance["tokenizer_from"] = str(tokenizer)
+    return save_model_dir(model, text_tokenizer, out, provenance)
 
+
+def _check_tokenizer_option(tokenizer: Path) -> None:
+    if not tokenizer.is_dir():
+        raise LmforgeError(f"--tokenizer {tokenizer}: not a directory (give the folder that holds tokenizer.json "
+                           f"or {SPM_FILE})")
+    if not ((tokenizer / "tokenizer.json").is_file() or (tokenizer / SPM_FILE).is_file()):
+        raise LmforgeError(f"--tokenizer {tokenizer} has no tokenizer.json or {SPM_FILE}")
 
 def export_model(model: str | Path, fmt: Format, out: str | Path, dtype: str | None = None,
                  gguf_type: str = "f16", quantize: str | None = None, key: bytes | str | None = None) -> Path:
