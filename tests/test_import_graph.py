@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("infer", "interop.weights"),
     ("model_files",),                                   # the model directory's files: names, index, hashes, JSON, tokenizer
     ("interop.crypto",),                                # weights sealed at rest
+    ("compress.ecosystem",),                            # quantized layers in the compressed-tensors layout
     ("compress.storage",),                              # weights quantized on disk (maybe sealed too)
     ("model_dir",),                                     # load and save any model directory
     ("loaded",),                                        # lmforge.load()

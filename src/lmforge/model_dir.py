@@ -80,9 +80,9 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
     hf_config = to_hf_config(cfg, tokenizer.special_ids(), dtype)
     quantization = getattr(model, "quantization", None)  # set by lmforge.compress on quantized models
     if quantization:
-        from lmforge.compress.storage import quantized_params, write_quantized_weights
+        from lmforge.compress.storage import quantized_hf_config, quantized_params, write_quantized_weights
 
-        hf_config["quantization_config"] = quantization
+        hf_config = quantized_hf_config(hf_config, model)
         hashes, parameters = write_quantized_weights(d, model), quantized_params(model)
     else:
         hashes, parameters = write_weights(d, model, max_shard_bytes), model.num_params()

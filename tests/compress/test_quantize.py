@@ -112,12 +112,29 @@ def _size(path):
 @pytest.mark.parametrize("method,low,high", [("int8", 3.5, 4.1), ("int4", 6.5, 8.1), ("w8a8", 3.5, 4.1)])
 def test_packed_files_are_a_quarter_and_an_eighth(mid_model_dir, tmp_path, method, low, high):
     out = tmp_path / method
-    run_quantize(mid_model_dir, method, out, group_size=128, log=lambda s: None)
+    run_quantize(mid_model_dir, method, out, group_size=128, log=lambda s: None, layout="lmforge")
     ratio = _size(mid_model_dir) / _size(out)
     assert low <= ratio <= high, ratio
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["method"] == method and config["quant_method"] == "lmforge"
     assert config["group_size"] == (128 if method == "int4" else None)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compressed_tensors_files_add_only_the_tied_embedding(mid_model_dir, tmp_path, method):
+    """The default layout holds the same codes and scales (int4: symmetric, so no zero points); a tied model
+    also stores its input embedding (the dequantized lm_head) in fp32, as transformers reads embeddings as floats."""
+    run_quantize(mid_model_dir, method, tmp_path / "native", group_size=128, log=lambda s: None, layout="lmforge")
+    run_quantize(mid_model_dir, method, tmp_path / "ct", group_size=128, log=lambda s: None)
+    embedding = lmforge.load(mid_model_dir).model.tok_emb.weight
+    native = lmforge.load(tmp_path / "native").model.state_dict()
+    zero_points = sum(t.numel() for name, t in native.items() if name.endswith(".zeros"))
+    expected = embedding.numel() * 4 - zero_points
+    extra = _size(tmp_path / "ct") - _size(tmp_path / "native")
+    assert abs(extra - expected) < 0.01 * expected, (extra, expected)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == (8 if method == "int8" else 4)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "w8a8", "gptq"])
@@ -186,11 +203,17 @@ def test_cli_quantize(cli, tiny_model_dir, tmp_path):
     r = cli("quantize", tiny_model_dir, "--method", "int4", "--out", tmp_path / "q4")
     assert r.returncode == 0, r.stderr
     assert "groups of 32" in r.stdout
-    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert group_size_of(tmp_path / "q4") == 32
     # An explicit group size that does not fit stays an error.
     r = cli("quantize", tiny_model_dir, "--method", "int4", "--group-size", "128", "--out", tmp_path / "q4-128")
     assert r.returncode == 2 and "group size 128" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "q4-128").exists()
+
+
+def group_size_of(folder):
+    """The int4 group size config.json records (compressed-tensors: its one weight scheme)."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    return config["config_groups"]["group_0"]["weights"]["group_size"]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +232,7 @@ def test_without_a_group_size_the_largest_that_divides_every_layer_is_used(quick
     logs = []
     r = run_quantize(quickstart_shaped_dir, method, tmp_path / "q", data=tiny_data, samples=8, log=logs.append)
     assert r["group_size"] == 64
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert group_size_of(tmp_path / "q") == 64
     assert any("groups of 64" in line and "128" in line for line in logs), logs
     assert lmforge.load(tmp_path / "q").model.blocks[0].mlp.down.group_size == 64
 

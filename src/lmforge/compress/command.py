@@ -24,14 +24,19 @@ def quantize(
     data: Annotated[Optional[Path], typer.Option(help="gptq: calibration data, a prepared data directory or a text file.")] = None,
     samples: Annotated[int, typer.Option(help="gptq: calibration sequences.")] = 256,
     seq_len: Annotated[Optional[int], typer.Option(help="gptq: tokens per calibration sequence (default min(512, context)).")] = None,
+    format: Annotated[Optional[str], typer.Option(
+        "--format", help="compressed-tensors (int8/int4/gptq: Hugging Face names, read by transformers, vLLM and "
+                         "lmforge) | lmforge (lmforge's own layout; other loaders refuse it). Default: "
+                         "compressed-tensors where it can hold the model (not w8a8, not gpt2's Conv1D).")] = None,
 ):
-    """Quantize a model: packed integers and scales that load back with `lmforge.load`."""
+    """Quantize a model: packed integers and scales that load back with `lmforge.load` (and, in the
+    compressed-tensors layout, with transformers)."""
     from lmforge.compress.quantize import run_quantize
 
     r = run_quantize(model, method, out, group_size=group_size, data=data, samples=samples, seq_len=seq_len,
-                     log=lambda s: console.print(f"   {s}", highlight=False))
+                     log=lambda s: console.print(f"   {s}", highlight=False), layout=format)
     groups = f", groups of {r['group_size']}" if r["group_size"] else ""
-    console.print(f"[green]quantized[/] ({r['method']}{groups}) in {r['seconds']:.1f} s: weights {r['bytes_before'] / 1e6:.1f} MB "
+    console.print(f"[green]quantized[/] ({r['method']}{groups}, {r['layout']} layout) in {r['seconds']:.1f} s: weights {r['bytes_before'] / 1e6:.1f} MB "
                   f"-> {r['bytes_after'] / 1e6:.1f} MB ({r['bytes_before'] / max(1, r['bytes_after']):.1f}x smaller): {out}")
 
 

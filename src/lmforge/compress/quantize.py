@@ -22,9 +22,12 @@ import torch.nn as nn
 
 from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
 from lmforge.compress.qlinear import (
-    CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_grid, pack_int4,
+    CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_codes, int4_grid, pack_int4,
 )
-from lmforge.compress.storage import FORMAT, LINEARS, linear_names, quantization_config, set_module, tie_embedding
+from lmforge.compress import ecosystem
+from lmforge.compress.storage import (
+    FORMAT, LAYOUTS, LINEARS, linear_names, quantization_config, set_module, tie_embedding,
+)
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
@@ -35,6 +38,21 @@ GROUP_SIZES = (128, 64, 32)  # int4 group sizes tried, largest first, when none 
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise LmforgeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def choose_layout(model: Transformer, method: str, requested: str | None, log=lambda s: None) -> str:
+    """compressed-tensors (what transformers and vLLM read) wherever it can hold the model; lmforge's
+    own layout where it cannot (w8a8, GPT-2's Conv1D), or when asked for."""
+    if requested is not None and requested not in LAYOUTS:
+        raise LmforgeError(f"--format {requested!r} is not one of {', '.join(LAYOUTS)}")
+    reason = ecosystem.unsupported_reason(model.config, method)
+    if requested == ecosystem.QUANT_METHOD and reason:
+        raise LmforgeError(f"--format {ecosystem.QUANT_METHOD} cannot hold this model: {reason}; "
+                           "use --format lmforge (lmforge reads it, other loaders refuse it)")
+    if requested is None and reason:
+        log(f"stored in lmforge's own layout, which only lmforge reads: {reason}")
+        return "lmforge"
+    return requested or ecosystem.QUANT_METHOD
 
 
 def check_quantizable(model: Transformer, method: str, group_size: int) -> None:
@@ -80,7 +98,21 @@ def choose_group_size(model: Transformer, method: str, requested: int | None, lo
     return group
 
 
-def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01):
+def symmetric_int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric int4 per group: zero fixed at 8, so W = scale * (q - 8) with q - 8 in
+    -8..7, the grid compressed-tensors stores without zero points (transformers cannot load its packed
+    zero points). The largest magnitude maps to 7.5 steps: every weight within half a step."""
+    N, K = w.shape
+    amax = w.detach().float().reshape(N, K // group_size, group_size).abs().amax(dim=-1)
+    scale = (amax / 7.5).clamp(min=1e-10)
+    return scale, torch.full_like(scale, 8, dtype=torch.uint8)
+
+
+def int4_grid_for(symmetric: bool):
+    return symmetric_int4_grid if symmetric else int4_grid
+
+
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01, symmetric: bool = False):
     """GPTQ for one layer: (packed codes, scales, zeros) in the int4 format of `QuantizedLinear`."""
     W = w.detach().double().clone()
     N, K = W.shape
@@ -99,7 +131,7 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: fl
     for g0 in range(0, K, group_size):  # one block of columns = one quantization group
         g1 = g0 + group_size
         W1, Hinv1 = W[:, g0:g1].clone(), Hinv[g0:g1, g0:g1]
-        scale, zero = int4_grid(W1.float(), group_size)
+        scale, zero = int4_grid_for(symmetric)(W1.float(), group_size)
         scales[:, g0 // group_size], zeros[:, g0 // group_size] = scale[:, 0], zero[:, 0]
         s, z = scale[:, 0].double(), zero[:, 0].double()
         errors = torch.zeros_like(W1)
@@ -114,20 +146,29 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: fl
     return pack_int4(codes), scales, zeros
 
 
-def quantize_layer(linear: nn.Linear, method: str, group_size: int, hessian: torch.Tensor | None = None) -> nn.Module:
+def quantize_layer(linear: nn.Linear, method: str, group_size: int, hessian: torch.Tensor | None = None,
+                   symmetric: bool = False) -> nn.Module:
     if method == "w8a8":
         return DynamicInt8Linear.from_float(linear)
     if method == "int8":
         return QuantizedLinear.from_float(linear, 8)
-    codes = gptq_codes(linear.weight, hessian, group_size) if method == "gptq" else None
+    if method == "gptq":
+        codes = gptq_codes(linear.weight, hessian, group_size, symmetric=symmetric)
+    else:
+        check_group_size(linear.in_features, group_size)
+        scale, zero = int4_grid_for(symmetric)(linear.weight, group_size)
+        codes = (pack_int4(int4_codes(linear.weight, scale, zero, group_size)), scale, zero)
     return QuantizedLinear.from_float(linear, 4, group_size, codes)
 
 
 @torch.no_grad()
 def quantize_model(model: Transformer, method: str, group_size: int = 128, calibration: torch.Tensor | None = None,
-                   log=lambda s: None) -> Transformer:
-    """Replace every linear of `model` (in place) with its quantized counterpart."""
+                   log=lambda s: None, layout: str = "lmforge") -> Transformer:
+    """Replace every linear of `model` (in place) with its quantized counterpart. int4 and gptq use a
+    symmetric grid in the compressed-tensors layout (see `symmetric_int4_grid`), lmforge's asymmetric one
+    otherwise."""
     check_quantizable(model, method, group_size)
+    symmetric = layout == ecosystem.QUANT_METHOD
     model.eval()
     if method == "gptq":
         if calibration is None:
@@ -143,23 +184,23 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128, calib
             stats.close()
             for name in names:
                 hessian = stats.gram[name] / stats.count[name]
-                set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size, hessian))
+                set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size, hessian, symmetric))
             log(f"gptq: {'block ' + str(layer) if layer < len(model.blocks) else 'lm_head'} done")
     else:
         for name in linear_names(model):
-            set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size))
+            set_module(model, name, quantize_layer(model.get_submodule(name), method, group_size, symmetric=symmetric))
     if model.config.tie_embeddings:
         tie_embedding(model)
     bits = 8 if method in ("int8", "w8a8") else 4
     stored = "int4" if method == "gptq" else method
     model.quantization = {"quant_method": "lmforge", "format": FORMAT, "method": stored, "bits": bits,
-                          "group_size": group_size if bits == 4 else None,
-                          "algorithm": {"gptq": "gptq", "w8a8": "dynamic"}.get(method, "rtn")}
+                          "group_size": group_size if bits == 4 else None, "symmetric": bits == 8 or symmetric,
+                          "algorithm": {"gptq": "gptq", "w8a8": "dynamic"}.get(method, "rtn"), "layout": layout}
     return model
 
 
 def run_quantize(model_dir, method: str, out, group_size: int | None = None, data=None, samples: int = 256,
-                 seq_len: int | None = None, seed: int = 0, log=print) -> dict[str, Any]:
+                 seq_len: int | None = None, seed: int = 0, log=print, layout: str | None = None) -> dict[str, Any]:
     import lmforge
     from lmforge.native import kernels
     from lmforge.compress.storage import check_out, is_quantized_dir, stored_weight_bytes
@@ -174,13 +215,14 @@ def run_quantize(model_dir, method: str, out, group_size: int | None = None, dat
     group_size = choose_group_size(m.model, method, group_size, log)
     stored_group = group_size or GROUP_SIZES[0]  # ignored by the per-channel methods
     check_quantizable(m.model, method, stored_group)
+    layout = choose_layout(m.model, method, layout, log)
     calibration = None
     if method == "gptq":
         T = min(seq_len or 512, m.config.context)
         calibration = calibration_tokens(data, m.tokenizer, m.config.vocab, samples, T, seed)
         log(f"calibration: {len(calibration)} sequences of {T} tokens")
     start = time.perf_counter()
-    quantize_model(m.model, method, stored_group, calibration, log=log)
+    quantize_model(m.model, method, stored_group, calibration, log=log, layout=layout)
     seconds = time.perf_counter() - start
     provenance = {"parents": [str(model_dir)], "quantized_in_s": round(seconds, 1)}
     if calibration is not None:
@@ -191,4 +233,4 @@ def run_quantize(model_dir, method: str, out, group_size: int | None = None, dat
         log("note: the native kernels could not be built here (no C compiler?); this model runs through "
             "dequantize-then-matmul, which is correct but not faster")
     return {"method": method, "group_size": group_size, "seconds": seconds, "bytes_before": before,
-            "bytes_after": after, "out": str(out)}
+            "bytes_after": after, "out": str(out), "layout": layout}

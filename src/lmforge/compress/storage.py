@@ -1,14 +1,21 @@
 """A quantized model directory: packed integers and scales on disk, back through `lmforge.load`.
 
-Same files as any model directory, with two differences:
+Same files as any model directory; `config.json` carries a `quantization_config` and
+`load_model_dir` hands such a directory to `load_quantized`. Two layouts:
 
-- `config.json` carries `quantization_config` = {"quant_method": "lmforge", "method",
-  "bits", "group_size", "format"}; `load_model_dir` sees the key and calls `load_quantized`.
-  (transformers refuses an unknown quant_method instead of loading garbage.)
-- `model.safetensors` holds our own tensor names: per quantized layer `<name>.qweight`
+- compressed-tensors (int8, int4/gptq; the default): Hugging Face tensor names and the
+  `pack-quantized` layout transformers and vLLM read (`ecosystem.py`). lmforge converts it
+  to its own buffers when loading, exactly.
+- lmforge's own (w8a8, GPT-2's Conv1D layers, or `--format lmforge`): `<name>.qweight`
   (int8, or two int4 codes per byte), `<name>.scales`, `<name>.zeros` (int4) and
-  `<name>.bias`; norms and position embeddings stay fp32. A tied input embedding is not
-  stored: it is rebuilt from the quantized `lm_head` when loading.
+  `<name>.bias` under our module names; a tied input embedding is not stored (rebuilt from
+  the quantized lm_head). Other loaders cannot read these tensors, so config.json names
+  the model type `lmforge_quantized` (the family in `lmforge_model_type`): transformers
+  refuses an unknown model type with an error, where an unknown quant_method only
+  warns and loads random weights.
+
+lmforge.json's `quantization` describes either in lmforge's terms (method, bits,
+group_size, algorithm, layout).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.compress import ecosystem
 from lmforge.compress.qlinear import STORED_METHODS, DynamicInt8Linear, QuantizedLinear
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
@@ -32,6 +40,8 @@ from lmforge.model import Transformer
 from lmforge.model_files import WEIGHTS, load_tokenizer, read_json, sha256_file, weight_files
 
 FORMAT = 1
+LAYOUTS = ("compressed-tensors", "lmforge")
+NATIVE_MODEL_TYPE = "lmforge_quantized"  # no other loader knows it, so none loads our tensors as random weights
 LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 
 
@@ -76,24 +86,43 @@ def tie_embedding(model: Transformer) -> None:
     model.lm_head.tied = (model.tok_emb.weight,)  # a tuple: not registered as a second parameter
 
 
+def layout(qcfg: dict[str, Any]) -> str:
+    return qcfg.get("layout", "lmforge")
+
+
+def quantized_hf_config(hf_config: dict[str, Any], model: Transformer) -> dict[str, Any]:
+    """config.json of a quantized model: the plain model's `hf_config` plus how its weights are stored."""
+    qcfg = quantization_config(model)
+    if layout(qcfg) == ecosystem.QUANT_METHOD:
+        return {**hf_config, "tie_word_embeddings": False, "quantization_config": ecosystem.quantization_config(qcfg)}
+    return {**hf_config, "architectures": ["LmforgeQuantizedForCausalLM"], "model_type": NATIVE_MODEL_TYPE,
+            "lmforge_model_type": hf_config["model_type"], "quantization_config": qcfg}
+
+
 def write_quantized_weights(d: Path, model: Transformer) -> dict[str, str]:
     """The packed codes and scales as one safetensors file in `d`; returns {file: sha256}.
 
-    The rest of the directory (config.json with `quantization_config`, tokenizer,
+    The rest of the directory (config.json from `quantized_hf_config`, tokenizer,
     lmforge.json) is written by `lmforge.model_dir.write_model_files`."""
     qcfg = quantization_config(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("tok_emb.weight")  # rebuilt from lm_head's codes when loading
+    if layout(qcfg) == ecosystem.QUANT_METHOD:
+        state = ecosystem.hf_tensors(model)
+    else:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_embeddings:
+            state.pop("tok_emb.weight")  # rebuilt from lm_head's codes when loading
     save_file(state, str(d / WEIGHTS), metadata={"format": "pt", "lmforge_quantized": json.dumps(qcfg)})
     return {WEIGHTS: sha256_file(d / WEIGHTS)}
 
 
-def build_quantized(cfg: ModelConfig, qcfg: dict[str, Any]) -> Transformer:
-    """A Transformer whose linears are empty quantized layers of `qcfg`'s method (weights on meta)."""
+def build_quantized(cfg: ModelConfig, qcfg: dict[str, Any], plain: set[str] = frozenset()) -> Transformer:
+    """A Transformer whose linears (but those in `plain`) are empty quantized layers of `qcfg`'s method
+    (weights on meta)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     for name in linear_names(model):
+        if name in plain:
+            continue
         old = model.get_submodule(name)
         set_module(model, name, empty_layer(qcfg["method"], old.in_features, old.out_features,
                                             old.bias is not None, qcfg.get("group_size") or 0))
@@ -101,22 +130,57 @@ def build_quantized(cfg: ModelConfig, qcfg: dict[str, Any]) -> Transformer:
     return model
 
 
-def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None,
-                   key: bytes | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+def native_state(folder: Path, hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """(config, lmforge's quantization dict, state, unquantized linears) of a directory in lmforge's layout."""
     qcfg = hf_config["quantization_config"]
     if qcfg.get("quant_method") != "lmforge" or qcfg.get("format") != FORMAT:
         raise LmforgeError(f"{folder}: quantization_config {qcfg.get('quant_method')!r} (format {qcfg.get('format')}) "
-                           "is not one lmforge reads; lmforge reads its own quantized directories")
+                           f"is not one lmforge reads; lmforge reads its own and {ecosystem.QUANT_METHOD} "
+                           f"({ecosystem.PACKED}) directories")
     if qcfg.get("method") not in STORED_METHODS:
         raise LmforgeError(f"{folder}: unknown quantization method {qcfg.get('method')!r}")
+    plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    if plain.get("model_type") == NATIVE_MODEL_TYPE:
+        plain["model_type"] = plain.get("lmforge_model_type")
+    return from_hf_config(plain), qcfg, tensors, set()
+
+
+def compressed_tensors_state(folder: Path, hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """(config, lmforge's quantization dict, state, unquantized linears) of a compressed-tensors directory.
+    A model lmforge wrote and tied gets its tie back (lmforge.json says so); the stored embedding is
+    then the dequantized lm_head, which the tie rebuilds."""
+    cfg = from_hf_config({k: v for k, v in hf_config.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        linears = linear_names(Transformer(cfg))
+    state, qcfg, plain = ecosystem.lmforge_state(tensors, cfg, hf_config["quantization_config"], linears, str(folder))
+    meta = read_json(folder / "lmforge.json") if (folder / "lmforge.json").is_file() else {}
+    stored = meta.get("quantization") or {}
+    if stored.get("layout") == ecosystem.QUANT_METHOD and (stored.get("bits"), stored.get("group_size")) == \
+            (qcfg["bits"], qcfg["group_size"]):
+        qcfg = stored  # lmforge's own record: keeps the algorithm (rtn, gptq)
+    if (meta.get("model") or {}).get("tie_embeddings") and "lm_head" not in plain:
+        cfg = cfg.model_copy(update={"tie_embeddings": True})
+        state.pop("tok_emb.weight")
+    return cfg, qcfg, state, plain
+
+
+def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None,
+                   key: bytes | None = None) -> tuple[Transformer, TextTokenizer, dict[str, Any]]:
+    qconfig = hf_config["quantization_config"]
+    if not isinstance(qconfig, dict):
+        raise LmforgeError(f"{folder}: quantization_config in config.json must be a mapping")
     if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
         raise LmforgeError("quantized models run on the CPU in fp32 activations; load without dtype/device")
-    cfg = from_hf_config({k: v for k, v in hf_config.items() if k != "quantization_config"})
-    model = build_quantized(cfg, qcfg)
-    state = read_sealed_tensors(folder, key) if (folder / ENCRYPTION_FILE).is_file() else read_tensors(weight_files(folder))
+    if qconfig.get("quant_method") not in ("lmforge", ecosystem.QUANT_METHOD):
+        raise LmforgeError(f"{folder}: quantization_config {qconfig.get('quant_method')!r} is not one lmforge reads; "
+                           f"lmforge reads its own and {ecosystem.QUANT_METHOD} ({ecosystem.PACKED}) directories")
+    tensors = read_sealed_tensors(folder, key) if (folder / ENCRYPTION_FILE).is_file() else read_tensors(weight_files(folder))
+    reader = compressed_tensors_state if qconfig.get("quant_method") == ecosystem.QUANT_METHOD else native_state
+    cfg, qcfg, state, plain = reader(folder, hf_config, tensors)
+    model = build_quantized(cfg, qcfg, plain)
     expected = model.state_dict()
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "lm_head" not in plain:
         expected.pop("tok_emb.weight")  # rebuilt from lm_head below
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
@@ -128,7 +192,10 @@ def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.
                                f"{tuple(expected[name].shape)}")
     model.load_state_dict(state, assign=True, strict=False)
     if cfg.tie_embeddings:
-        tie_embedding(model)
+        if "lm_head" in plain:
+            model.lm_head.weight = model.tok_emb.weight
+        else:
+            tie_embedding(model)
     model.init_rope()
     model.eval()
     tokenizer = load_tokenizer(folder)
