@@ -9,7 +9,7 @@ from tiny_models import CHAT_TEMPLATE, FAMILIES, probe_ids
 import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.interop.convert import import_model
-from lmforge.interop.gguf_io import ARCH, _hf_tensors, _layout, export_gguf
+from lmforge.interop.gguf_io import ARCH, _hf_tensors, _layout, export_gguf, stack_experts
 from lmforge.interop.hf import to_hf_config
 
 gguf = pytest.importorskip("gguf")
@@ -65,7 +65,7 @@ def test_gguf_tensors_and_metadata(family, qtype, loaded, tmp_path):
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
     stored = {t.name: t for t in reader.tensors}
     expected_names = set()
-    for hf_name, t in _hf_tensors(m.model):
+    for hf_name, t in stack_experts(_hf_tensors(m.model), cfg.n_experts):  # a layer's experts in one tensor
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         expected_names.add(name)
         g = stored[name]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -25,16 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, RopeScaling
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import split_rule, weight_map
 from lmforge.model import Transformer
-from lmforge.model.transformer import rope_frequencies
+from lmforge.model.transformer import rope_attention_factor, rope_frequencies
 
-ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3",
+ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3", "qwen3": "qwen3",
+        "mixtral": "llama", "qwen3_moe": "qwen3moe",
         "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
-FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}
+FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+# One expert's projection in Hugging Face's checkpoints; llama.cpp stacks a layer's experts
+# into one (n_experts, rows, cols) tensor per projection, named as the name without the number.
+EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.(\w+)\.weight$")
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 CONFIG_KEY = "lmforge.config"
 
@@ -93,6 +99,62 @@ def _llama_cpp_gap(cfg: ModelConfig) -> str | None:
         if [cfg.layer_window(i) is not None for i in range(cfg.n_layer)] != [t == "sliding_attention" for t in fixed]:
             return f"llama.cpp's {cfg.family} makes every {period}th layer full attention, the rest sliding"
     return None
+
+
+def _moe_gap(cfg: ModelConfig) -> str | None:
+    """What of a mixture-of-experts config llama.cpp's graphs would compute differently, or None."""
+    if cfg.family == "mixtral" and cfg.expert_dim != cfg.ffn_dim:
+        return "llama.cpp's llama architecture sizes its experts by feed_forward_length (moe_d_ff must be d_ff)"
+    if cfg.family == "qwen3_moe" and not cfg.moe_norm_topk:
+        return "llama.cpp's qwen3moe always renormalizes the chosen experts' weights (norm_topk_prob true)"
+    return None
+
+
+def _add_yarn(writer, cfg: ModelConfig) -> None:
+    """YaRN as llama.cpp's rope reads it. Its graph scales cos/sin by attn_factor * (1 + 0.1 ln factor),
+    so attn_factor carries only what transformers' attention factor differs from that by."""
+    gguf = _gguf()
+    s = cfg.rope_scaling
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(s.factor)
+    writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
+    writer.add_rope_scaling_yarn_beta_fast(s.beta_fast)
+    writer.add_rope_scaling_yarn_beta_slow(s.beta_slow)
+    implied = 1.0 + 0.1 * math.log(s.factor) if s.factor > 1 else 1.0
+    if not math.isclose(rope_attention_factor(cfg), implied, rel_tol=1e-6):
+        writer.add_rope_scaling_attn_factors(rope_attention_factor(cfg) / implied)
+
+
+def _read_yarn(field, config: dict) -> RopeScaling | None:
+    """The YaRN scaling a foreign GGUF's rope.scaling keys describe (None: no scaling)."""
+    kind = field("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind != "yarn":
+        raise LmforgeError(f"GGUF rope scaling {kind!r} is not supported (yarn only)")
+    factor = field("rope.scaling.factor")
+    implied = 1.0 + 0.1 * math.log(factor) if factor > 1 else 1.0
+    attn = field("rope.scaling.attn_factor")
+    return RopeScaling(rope_type="yarn", factor=factor,
+                       original_max_position_embeddings=field("rope.scaling.original_context_length"),
+                       beta_fast=field("rope.scaling.yarn_beta_fast") or 32.0,
+                       beta_slow=field("rope.scaling.yarn_beta_slow") or 1.0,
+                       attention_factor=None if attn is None else attn * implied)
+
+
+def stack_experts(tensors, n_experts: int):
+    """(name, tensor) pairs with each layer's per-expert projections stacked as llama.cpp
+    keeps them: (n_experts, rows, cols) under the name without the expert's number."""
+    pending: dict[str, list[torch.Tensor]] = {}
+    for name, t in tensors:
+        m = EXPERT.match(name)
+        if m is None:
+            yield name, t
+            continue
+        stacked = f"{m[1]}.{m[3]}.weight"
+        pending.setdefault(stacked, []).append(t)
+        if len(pending[stacked]) == n_experts:  # the rules list a layer's experts in order
+            yield stacked, torch.stack(pending.pop(stacked))
 
 
 def _hf_tensors(model: Transformer):
@@ -157,8 +219,15 @@ def _add_hparams(writer, cfg: ModelConfig) -> None:
     writer.add_rope_dimension_count(cfg.dim_head)
     writer.add_key_length(cfg.dim_head)
     writer.add_value_length(cfg.dim_head)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "yarn":
+        _add_yarn(writer, cfg)
     if cfg.sliding_window is not None and cfg.family == "phi3":
         writer.add_sliding_window(cfg.sliding_window)
+    if cfg.n_experts:
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.experts_per_token)
+        if cfg.family == "qwen3_moe":
+            writer.add_expert_feed_forward_length(cfg.expert_dim)
     if cfg.post_norms:  # gemma2, gemma3
         if cfg.sliding_window is not None:
             writer.add_sliding_window(cfg.sliding_window)
@@ -179,7 +248,7 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
     if out.suffix != ".gguf":
         raise LmforgeError(f"--out {out} should end in .gguf")
     cfg: ModelConfig = loaded.config
-    gap = _llama_cpp_gap(cfg)
+    gap = _llama_cpp_gap(cfg) or _moe_gap(cfg)
     if gap is not None:
         raise LmforgeError(f"GGUF export of this {cfg.family} model would not run the same in llama.cpp: {gap}")
     ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -199,16 +268,17 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
         writer.add_string(CONFIG_KEY, json.dumps(cfg.model_dump(mode="json")))
         _add_tokenizer(writer, loaded.tokenizer, cfg.vocab)
         extra = []
-        if cfg.rope_scaling is not None:
+        if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
             base = rope_frequencies(cfg.model_copy(update={"rope_scaling": None}))
             extra.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
-        for hf_name, t in itertools.chain(_hf_tensors(loaded.model), extra):  # one f32 copy at a time
+        tensors = stack_experts(_hf_tensors(loaded.model), cfg.n_experts)
+        for hf_name, t in itertools.chain(tensors, extra):  # one f32 copy at a time (a layer's experts at once)
             name = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
                 names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise RuntimeError(f"no GGUF name for {hf_name}")  # a gap in the family tables: a bug
             data = _layout(hf_name, t, cfg, to_gguf=True).numpy()
-            kind = ggml[qtype] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+            kind = ggml[qtype] if data.ndim >= 2 else gguf.GGMLQuantizationType.F32
             if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0) and data.shape[-1] % 32:
                 kind = gguf.GGMLQuantizationType.F16
             if kind == gguf.GGMLQuantizationType.F16:
@@ -259,9 +329,16 @@ def _config(reader, arch: str, tensor_names: set[str]) -> ModelConfig:
                   tie_embeddings="output.weight" not in tensor_names)
     if arch == "gpt2":
         return ModelConfig(**common, norm_eps=key("attention.layer_norm_epsilon"))
+    experts = _field(reader, f"{arch}.expert_count") or 0
+    if experts:
+        if arch == "llama":
+            common["family"] = "mixtral"
+        common.update(n_experts=experts, experts_per_token=key("expert_used_count"),
+                      moe_d_ff=_field(reader, f"{arch}.expert_feed_forward_length"), moe_norm_topk=True)
     return ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head),
                        head_dim=key("attention.key_length", d_model // n_head),
                        norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=key("rope.freq_base", 10000.0),
+                       rope_scaling=_read_yarn(lambda name: _field(reader, f"{arch}.{name}"), common),
                        qkv_bias=arch == "qwen2" or None,
                        sliding_window=_field(reader, f"{arch}.attention.sliding_window") if arch == "phi3" else None)
 
@@ -347,19 +424,31 @@ def _load_gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[Transforme
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
     hf: dict[str, torch.Tensor] = {}
     used = set()
+    stacked: dict[str, np.ndarray] = {}  # a layer's experts, dequantized once for all of them
     for rule in weight_map(cfg):
         for hf_name in rule.theirs:
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            expert = EXPERT.match(hf_name)
+            name = names.get_name(f"{expert[1]}.{expert[3]}.weight" if expert else hf_name,
+                                  try_suffixes=(".weight", ".bias"))
             if name not in gguf_tensors:
                 raise LmforgeError(f"{path}: tensor {name} ({hf_name}) is missing")
-            t = gguf_tensors[name]
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            try:
-                data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-            except (ValueError, NotImplementedError) as e:
-                raise LmforgeError(f"{path}: tensor {name} cannot be dequantized ({e})") from None
-            hf[hf_name] = _layout(hf_name, torch.from_numpy(np.array(data, dtype=np.float32)), cfg,
-                                  to_gguf=False)
+            if name not in stacked:
+                t = gguf_tensors[name]
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                try:
+                    data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+                except (ValueError, NotImplementedError) as e:
+                    raise LmforgeError(f"{path}: tensor {name} cannot be dequantized ({e})") from None
+                if not expert:
+                    hf[hf_name] = _layout(hf_name, torch.from_numpy(np.array(data, dtype=np.float32)), cfg,
+                                          to_gguf=False)
+                    used.add(name)
+                    continue
+                stacked[name] = data
+            if int(expert[2]) >= stacked[name].shape[0]:
+                raise LmforgeError(f"{path}: tensor {name} has {stacked[name].shape[0]} experts, the config "
+                                   f"{cfg.n_experts}")
+            hf[hf_name] = torch.from_numpy(np.array(stacked[name][int(expert[2])], dtype=np.float32))
             used.add(name)
     extra = sorted(set(gguf_tensors) - used - {"rope_freqs.weight"})
     if extra:
