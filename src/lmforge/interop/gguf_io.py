@@ -41,7 +41,7 @@ FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "q
 # One expert's projection in Hugging Face's checkpoints; llama.cpp stacks a layer's experts
 # into one (n_experts, rows, cols) tensor per projection, named as the name without the number.
 EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.(\w+)\.weight$")
-TYPES = ("f32", "f16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q6_k", "q4_k_m")
 CONFIG_KEY = "lmforge.config"
 
 
@@ -157,11 +157,90 @@ def stack_experts(tensors, n_experts: int):
             yield stacked, torch.stack(pending.pop(stacked))
 
 
-def _hf_tensors(model: Transformer):
-    """(Hugging Face name, f32 tensor) pairs, one of our tensors at a time."""
+class Blocks:
+    """A quantized layer's own codes already laid out as GGUF blocks (rows of bytes) of `kind`."""
+
+    def __init__(self, data: torch.Tensor, kind: str):
+        self.data, self.kind = data, kind
+
+
+def _code_blocks(layer, qtype: str, cfg: ModelConfig) -> Blocks | None:
+    """lmforge's int8 codes as Q8_0, its symmetric int4 codes as Q4_0 (None: requantize instead)."""
+    from lmforge.interop import gguf_quants
+
+    if getattr(layer, "qweight", None) is None or cfg.family == "gpt2" or cfg.n_experts:
+        return None  # gpt2's Conv1D weights are transposed for llama.cpp: codes cannot move rows to columns
+    if qtype == "q8_0" and layer.bits == 8:
+        return Blocks(torch.from_numpy(gguf_quants.q8_0_from_codes(layer.qweight.numpy(), layer.scales.numpy())),
+                      "q8_0")
+    if qtype == "q4_0" and layer.bits == 4 and bool((layer.zeros == 8).all()):
+        return Blocks(torch.from_numpy(gguf_quants.q4_0_from_codes(layer.qweight.numpy(), layer.scales.numpy(),
+                                                                   layer.group_size)), "q4_0")
+    return None
+
+
+def quantized_export_note(model: Transformer, qtype: str) -> str | None:
+    """What a GGUF export of a quantized model does with its codes (None: not quantized)."""
+    q = getattr(model, "quantization", None)
+    if not q:
+        return None
+    kept = {("int8", "q8_0"), ("w8a8", "q8_0"), ("int4", "q4_0")}
+    if (q.get("method"), qtype) in kept and (q["method"] != "int4" or q.get("symmetric")) \
+            and model.config.family != "gpt2":
+        return (f"{q['method']} codes kept as {qtype} blocks (scales rounded to fp16); "
+                "the tied embedding and 1-D tensors are written as for any model")
+    return (f"{q['method']} ({'symmetric' if q.get('symmetric') else 'asymmetric'}) codes do not map onto {qtype}: "
+            f"requantized from the dequantized weights (int8 keeps its codes in q8_0; symmetric int4, "
+            f"as `lmforge quantize` writes by default, in q4_0)")
+
+
+def _hf_tensors(model: Transformer, qtype: str = "f32"):
+    """(Hugging Face name, f32 tensor or Blocks) pairs, one of our tensors at a time."""
     state = model.state_dict()
     for rule in weight_map(model.config):
-        yield from split_rule(rule, state[rule.ours].detach().float().cpu()).items()
+        module = rule.ours.rpartition(".")[0]
+        layer = model.get_submodule(module) if rule.ours.endswith(".weight") and rule.ours not in state else None
+        if layer is None:
+            yield from split_rule(rule, state[rule.ours].detach().float().cpu()).items()
+            continue
+        blocks = _code_blocks(layer, qtype, model.config)
+        if blocks is None:
+            yield from split_rule(rule, layer.dequantize().detach().float().cpu()).items()
+        else:
+            yield from ((name, Blocks(part, blocks.kind)) for name, part in split_rule(rule, blocks.data).items())
+
+
+def _tensor_kind(qtype: str, gguf_name: str, shape: tuple[int, ...], n_layer: int) -> str:
+    """The GGUF type of one tensor: 1-D ones f32; k-quants where rows are whole super-blocks of 256
+    (else the fallback llama.cpp uses: q5_0 for q4_K, q8_0 for q6_K); f16 where a row is not whole
+    32-value blocks."""
+    from lmforge.interop.gguf_quants import QK_K, q4_k_m_type
+
+    if len(shape) < 2:
+        return "f32"
+    kind = q4_k_m_type(gguf_name, n_layer) if qtype == "q4_k_m" else qtype
+    if kind in ("q4_k", "q6_k") and shape[-1] % QK_K:
+        kind = {"q4_k": "q5_0", "q6_k": "q8_0"}[kind]
+    if kind not in ("f32", "f16") and shape[-1] % 32:
+        kind = "f16"
+    return kind
+
+
+def _encode(data: np.ndarray, kind: str):
+    """(array for GGUFWriter.add_tensor, raw_dtype or None)."""
+    gguf = _gguf()
+    from lmforge.interop.gguf_quants import quantize_q4_k, quantize_q6_k
+
+    if kind == "f32":
+        return data.astype(np.float32), None
+    if kind == "f16":
+        return data.astype(np.float16), None
+    ggml = gguf.GGMLQuantizationType[kind.upper()]
+    own = {"q4_k": quantize_q4_k, "q6_k": quantize_q6_k}.get(kind)
+    if own is None:
+        return gguf.quants.quantize(data, ggml), ggml
+    rows = data.reshape(-1, data.shape[-1])
+    return own(rows).reshape(*data.shape[:-1], -1), ggml
 
 
 def _pre_tokenizer_name(tokenizer: TextTokenizer) -> str:
@@ -240,7 +319,7 @@ def _add_hparams(writer, cfg: ModelConfig) -> None:
             writer.add_rope_freq_base_swa(cfg.rope_local_theta)
 
 
-def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
+def export_gguf(loaded, out: str | Path, qtype: str = "f16", log=print) -> Path:
     gguf = _gguf()
     if qtype not in TYPES:
         raise LmforgeError(f"--gguf-type {qtype!r} is not one of {', '.join(TYPES)}")
@@ -251,10 +330,12 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
     gap = _llama_cpp_gap(cfg) or _moe_gap(cfg)
     if gap is not None:
         raise LmforgeError(f"GGUF export of this {cfg.family} model would not run the same in llama.cpp: {gap}")
-    ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+    note = quantized_export_note(loaded.model, qtype)
+    if note:
+        log(f"quantized model: {note}")
     arch = ARCH[cfg.family]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,22 +352,19 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16") -> Path:
         if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
             base = rope_frequencies(cfg.model_copy(update={"rope_scaling": None}))
             extra.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
-        tensors = stack_experts(_hf_tensors(loaded.model), cfg.n_experts)
+        tensors = stack_experts(_hf_tensors(loaded.model, qtype), cfg.n_experts)
         for hf_name, t in itertools.chain(tensors, extra):  # one f32 copy at a time (a layer's experts at once)
             name = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
                 names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise RuntimeError(f"no GGUF name for {hf_name}")  # a gap in the family tables: a bug
+            if isinstance(t, Blocks):  # the layer's own codes, already in blocks
+                data = _layout(hf_name, t.data, cfg, to_gguf=True).numpy()
+                writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t.kind.upper()])
+                continue
             data = _layout(hf_name, t, cfg, to_gguf=True).numpy()
-            kind = ggml[qtype] if data.ndim >= 2 else gguf.GGMLQuantizationType.F32
-            if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0) and data.shape[-1] % 32:
-                kind = gguf.GGMLQuantizationType.F16
-            if kind == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(name, data.astype(np.float16))
-            elif kind == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(name, data.astype(np.float32))
-            else:
-                writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            array, raw = _encode(data, _tensor_kind(qtype, name, data.shape, cfg.n_layer))
+            writer.add_tensor(name, array, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
