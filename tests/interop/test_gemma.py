@@ -148,3 +148,66 @@ def test_norm_weights_are_stored_as_transformers_stores_them(hf_dirs, tmp_path):
     saved = load_file(str(export_model(hf_dir, "hf", tmp_path / "out") / "model.safetensors"))
     for name in ("model.norm.weight", "model.layers.5.post_feedforward_layernorm.weight"):
         assert (saved[name] - theirs[name]).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_lora_adapter_loads_in_peft_with_the_same_logits_and_merges(family, hf_dirs, tmp_path):
+    peft = pytest.importorskip("peft")
+    from lmforge.adapters import apply_lora, save_adapter
+    from lmforge.model.lora import LoraSettings, merge_lora
+
+    hf_model, hf_dir = hf_dirs[family]
+    ours = lmforge.load(hf_dir)
+    apply_lora(ours.model, LoraSettings(r=4, alpha=8, targets="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.model.named_parameters():
+            if ".lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    adapter = save_adapter(ours.model, tmp_path / "adapter", str(hf_dir), ours.meta)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    theirs = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    ids = probe_ids()
+    with torch.no_grad():
+        adapted = ours.model(ids)
+        assert (adapted - hf_logits(hf_model, ids)).abs().max() > 1e-2  # the adapter does something
+        assert (adapted - theirs(ids).logits).abs().max() < 1e-4
+        merge_lora(ours.model)
+        assert (ours.model(ids) - adapted).abs().max() < 1e-4
+
+
+def test_training_loss_sees_the_soft_capped_logits(hf_dirs):
+    """gemma2's loss is the cross-entropy of the capped logits, also where the loss would
+    otherwise apply lm_head itself (the fused/chunked path), and its gradient flows."""
+    import torch.nn.functional as F
+
+    from lmforge.train.losses import language_model_loss
+
+    model = lmforge.load(hf_dirs["gemma2"][1]).model.train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits well past the cap of 3, so capping them matters
+    ids, targets = probe_ids(16, 2), probe_ids(16, 2).roll(-1, dims=1)
+    expected = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+    uncapped = F.cross_entropy(model.lm_head(model(ids, return_hidden=True)).flatten(0, 1), targets.flatten())
+    assert abs(uncapped.item() - expected.item()) > 0.1
+    for chunk in (0, 8):
+        loss = language_model_loss(model, model.lm_head, ids, targets, chunk)
+        assert abs(loss.item() - expected.item()) < 1e-5
+    loss.backward()
+    assert model.blocks[0].post_attn_norm.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method,tolerance", [("int8", 0.03), ("int4", 0.3)])
+def test_quantized_gemma_stays_close_and_loads(method, tolerance, hf_dirs, tmp_path):
+    from lmforge.compress.quantize import run_quantize
+
+    hf_model, hf_dir = hf_dirs["gemma2"]
+    base = lmforge.load(import_model(hf_dir, tmp_path / "base"))
+    run_quantize(base.path, method, tmp_path / method, group_size=32, log=lambda s: None)
+    quantized = lmforge.load(tmp_path / method)
+    ids = probe_ids()
+    with torch.no_grad():
+        reference = base.model(ids)
+        assert 0 < (quantized.model(ids) - reference).abs().max() < tolerance
+    (completion,) = quantized.complete([ids[0, :6].tolist()], max_new_tokens=6, temperature=0.0)
+    assert len(completion.token_ids) >= 1

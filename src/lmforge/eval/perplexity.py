@@ -57,8 +57,9 @@ def _score_windows(model: Transformer, windows, autocast=None) -> tuple[float, i
     device = model.tok_emb.weight.device
     head = model.lm_head
     # A plain output layer is applied a slice of rows at a time (what training's chunked loss
-    # does); another one (a quantized lm_head) gets the whole logits from the model.
-    rows = max(1, LOGITS_BYTES // (4 * head.out_features)) if type(head) is torch.nn.Linear and head.bias is None else 0
+    # does); another one (a quantized lm_head, soft-capped logits) gets the whole logits from the model.
+    plain = type(head) is torch.nn.Linear and head.bias is None and getattr(head, "soft_cap", None) is None
+    rows = max(1, LOGITS_BYTES // (4 * head.out_features)) if plain else 0
     total, count = 0.0, 0
     for x, y in windows:
         x, y = x.to(device), y.to(device)

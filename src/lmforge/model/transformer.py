@@ -233,6 +233,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Losses that apply lm_head themselves, chunk by chunk, read this to leave such models alone.
+        self.lm_head.soft_cap = cfg.logit_softcap
         self.init_rope()
         self.reset_parameters()
 

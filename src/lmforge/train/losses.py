@@ -121,7 +121,9 @@ def language_model_loss(forward: Callable[..., torch.Tensor], head: nn.Linear, i
     too where the native kernel applies (a plain fp32 `lm_head` on the CPU, one process), as
     one chunk: the same logits in one piece, their gradient taken in place, which beats
     PyTorch's log-softmax, scatter and log-softmax backward (benchmarks/RESULTS.md)."""
-    if not chunk and _fuse_whole(head):
+    if getattr(head, "soft_cap", None) is not None:
+        chunk = 0  # gemma2/3 soft-cap the logits between lm_head and the loss: the model applies it
+    elif not chunk and _fuse_whole(head):
         chunk = input_ids.numel()
     if chunk:
         hidden = forward(input_ids, return_hidden=True, **forward_kwargs)  # (B, T, C)
