@@ -272,10 +272,14 @@ TRAINABLE = "trainable.safetensors"
 class TrainableCheckpoints:
     """A run's checkpoints as only what trains (fine-tuning): the tensors that take gradients (all of
     a full fine-tune, LoRA's for an adapter) and the task head, in `trainable.safetensors`, beside
-    `trainer.pt` and `checksums.sha256`. One process."""
+    `trainer.pt` and `checksums.sha256`. Under DDP every process holds the same tensors and optimizer
+    state, so rank 0 writes the checkpoint as one process would, and every process reads it whole:
+    a checkpoint resumes at any number of processes."""
 
-    def __init__(self, run_dir: Path, model: torch.nn.Module, head: torch.nn.Module | None, keep: int):
+    def __init__(self, run_dir: Path, model: torch.nn.Module, head: torch.nn.Module | None, keep: int,
+                 ctx: DistContext | None = None):
         self.run_dir, self.model, self.head, self.keep = run_dir, model, head, keep
+        self.ctx = ctx or DistContext()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"model.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -287,11 +291,13 @@ class TrainableCheckpoints:
         from safetensors.torch import save_file
 
         folder = self.run_dir / "checkpoints" / checkpoint_name(step)
-        with atomic_directory(folder) as d:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(d / TRAINABLE))
-            save_trainer_state({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
-            write_checksums(d)
-        commit_checkpoint(self.run_dir, folder, self.keep)
+        if self.ctx.is_main:
+            with atomic_directory(folder) as d:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}, str(d / TRAINABLE))
+                save_trainer_state({**state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
+                write_checksums(d)
+            commit_checkpoint(self.run_dir, folder, self.keep)
+        self.ctx.barrier()  # no rank goes on (or exits) before the checkpoint is complete and `latest`
         return folder
 
     def load(self, folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -73,7 +73,8 @@ class _HeadTask:
 class ClassifyTask(_HeadTask):
     task_type = "SEQ_CLS"
 
-    def __init__(self, cfg, loaded, device, log):
+    def __init__(self, cfg, loaded, device, log, share: BatchShare | None = None):
+        self.share = share or BatchShare()  # the loss is a mean over texts: this process's rows, unweighted
         tok, self.context = loaded.tokenizer, loaded.config.context
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.batch_size, self.eval_batches = cfg.train.batch_size, cfg.eval.batches
@@ -118,7 +119,7 @@ class ClassifyTask(_HeadTask):
                 "labels": torch.tensor([label for _, label in rows])}
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
-        return self._collate(self.batches.batch(index))
+        return self.share.rows(self._collate(self.batches.batch(index)))
 
     def logits(self, model, b) -> torch.Tensor:
         return self.head(backbone_hidden(model, b["input_ids"], b["lengths"]), b["lengths"]).float()
@@ -146,7 +147,8 @@ class ClassifyTask(_HeadTask):
 class TagTask(_HeadTask):
     task_type = "TOKEN_CLS"
 
-    def __init__(self, cfg, loaded, device, log):
+    def __init__(self, cfg, loaded, device, log, share: BatchShare | None = None):
+        self.share = share or BatchShare()
         self.tok, self.context, self.causal = loaded.tokenizer, loaded.config.context, loaded.config.causal
         self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else 0
         self.batch_size, self.eval_batches, self.on_long = cfg.train.batch_size, cfg.eval.batches, cfg.data.on_long
@@ -202,13 +204,15 @@ class TagTask(_HeadTask):
         return {"input_ids": x, "labels": y, "lengths": torch.tensor([len(ids) for ids, _, _ in rows])}
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
-        return self._collate(self.batches.batch(index))
+        b = self._collate(self.batches.batch(index))
+        return self.share.rows(b, counted=b["labels"] != IGNORE)
 
     def logits(self, model, b) -> torch.Tensor:
         return self.head(backbone_hidden(model, b["input_ids"], b["lengths"])).float()
 
     def loss(self, model, b) -> torch.Tensor:
-        return F.cross_entropy(self.logits(model, b).flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE)
+        loss = F.cross_entropy(self.logits(model, b).flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE)
+        return weighted(loss, b)
 
     def evaluate(self, model) -> dict[str, float]:
         device = next(model.parameters()).device

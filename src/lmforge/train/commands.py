@@ -45,9 +45,13 @@ def finetune(
     resume_from: Annotated[Optional[str], typer.Option(help="Continue from this checkpoint: step-N, or a "
                                                       "checkpoint path.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (launches torchrun).")] = 1,
 ):
     """Fine-tune a model: SFT, DPO, task heads or masked-LM, in full or with LoRA/QLoRA.
     Any config key can be set: `--lora.r 16 --train.lr 2e-4 --data.pack true`."""
+    import os
+    import sys
+
     from lmforge.train.finetune import finetune as run_finetune
     from lmforge.train.finetune import load_finetune_config
 
@@ -66,7 +70,13 @@ def finetune(
     from lmforge.config import deep_merge, parse_overrides
 
     cfg = load_finetune_config(source, deep_merge(parse_overrides(list(ctx.args)), overrides))
+    if nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from lmforge.train.distributed import launch, without_option
+
+        raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
     result = run_finetune(cfg, resume=resume, progress=progress, log=console.print, resume_from=resume_from)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[green]done[/]: {result.steps} steps in {result.seconds:.0f} s; {shown}")
     console.print(f"{'adapter' if cfg.method != 'full' else 'model'}: {result.output}   "

@@ -8,8 +8,10 @@ them (2 -> 1 -> 2); `full_model_state()` gathers the whole model only for the fi
 model directory.
 
 A recipe's `train.batch_size` is the global batch: every rank draws the same batch
-(the loader is seeded by the step) and keeps its own rows, so N processes see exactly
-the data one process would, and their averaged gradients equal the single-process ones.
+(the loader is seeded by the step) and keeps its own rows (`BatchShare`), so N processes
+see exactly the data one process would, and their averaged gradients equal the
+single-process ones. Fine-tuning wraps the model with its task head and loss
+(`train.run.TaskStep`) in DDP and keeps whole, replicated checkpoints of what trains.
 """
 
 from __future__ import annotations
@@ -75,6 +77,39 @@ class DistContext:
         return box[0]
 
 
+class BatchShare:
+    """This process's part of each global batch: its rows (`DistContext.rows`), so that N processes
+    together see the batch one process would. A loss averaged over the tokens of one's own rows
+    (a masked language-model loss) is reweighted by `loss_weight`, N times the share of the
+    batch's counted tokens those rows hold: DDP's average of the N weighted losses is then the
+    average over the whole batch's tokens, as on one process. A loss averaged over rows needs
+    no weight (every process has as many rows). On one process a batch is left as it is."""
+
+    def __init__(self, ctx: DistContext | None = None):
+        self.ctx = ctx or DistContext()
+
+    def items(self, items: list) -> list:
+        """This process's examples of a global batch's `items`."""
+        return items[self.ctx.rows(len(items))] if self.ctx.active else items
+
+    def rows(self, batch: dict[str, torch.Tensor], counted: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """This process's rows of every tensor of `batch`; with `counted` (a (rows, ...) mask of the
+        entries the loss averages over), the `loss_weight` that `weighted` applies."""
+        if not self.ctx.active:
+            return batch
+        mine = self.ctx.rows(next(iter(batch.values())).shape[0])
+        out = {k: v[mine] for k, v in batch.items()}
+        if counted is not None:
+            total = int(counted.sum())
+            out["loss_weight"] = torch.tensor(self.ctx.world * int(counted[mine].sum()) / max(total, 1))
+        return out
+
+
+def weighted(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`loss` times the batch's `loss_weight` (`BatchShare.rows`), when it has one."""
+    return loss * batch["loss_weight"] if "loss_weight" in batch else loss
+
+
 def setup(strategy: str, batch_size: int, device_name: str) -> tuple[DistContext, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -128,9 +163,7 @@ def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
     if not ctx.active or ctx.strategy == "none":
         return model
     if ctx.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return data_parallel(model, device)
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -141,6 +174,24 @@ def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
         fully_shard(model, **kwargs)
         return model
     raise LmforgeError(f"unknown train.parallel {ctx.strategy!r}: use auto, ddp or fsdp")
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, partly_used: bool = False,
+                  sync_buffers: bool = True) -> torch.nn.Module:
+    """`module` under DDP. Only parameters that take gradients are in its all-reduce buckets (a LoRA
+    run's frozen base is not). `partly_used`: some trainable parameters may get no gradient in a
+    step (a task head's backbone skips the language-model head). Without `sync_buffers`, rank 0's
+    buffers are copied once, not before every forward (a QLoRA base keeps its integer weights in
+    buffers, which never change)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # forward_sync_buffers is what newer PyTorch calls broadcast_buffers (which it deprecates)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=partly_used, **{sync: sync_buffers})
 
 
 def no_gradient_sync(wrapped: torch.nn.Module, ctx: DistContext, last_micro_step: bool):
@@ -195,6 +246,20 @@ def launch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lmforge", *argv]
     return subprocess.call(cmd)
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less option `name` and its value (`--nproc 2` or `--nproc=2`): a command's own
+    arguments to re-run under torchrun."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def plain_copy(model_state: dict[str, Any], like: Transformer) -> Transformer:

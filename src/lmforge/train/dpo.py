@@ -27,6 +27,7 @@ from lmforge.data.sft import (
     split_validation,
 )
 from lmforge.errors import LmforgeError
+from lmforge.train.distributed import BatchShare
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,7 +66,8 @@ class DPOTask:
     head = None
     task_type = "CAUSAL_LM"
 
-    def __init__(self, cfg, loaded, device, log):
+    def __init__(self, cfg, loaded, device, log, share: BatchShare | None = None):
+        self.share = share or BatchShare()  # the loss is a mean over pairs: this process's pairs, unweighted
         tok, self.context = loaded.tokenizer, loaded.config.context
         self.pad_id, self.beta = tok.pad_id if tok.pad_id is not None else 0, cfg.dpo.beta
         self.batch_size, self.eval_batches = cfg.train.batch_size, cfg.eval.batches
@@ -130,7 +132,7 @@ class DPOTask:
         return b
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
-        return self._collate(self.batches.batch(index))
+        return self._collate(self.share.items(self.batches.batch(index)))
 
     def margins(self, model, b) -> torch.Tensor:
         """beta * ((policy - reference) on chosen - (policy - reference) on rejected), per pair."""

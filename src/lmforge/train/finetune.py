@@ -20,7 +20,8 @@ loss plot and the run directory are those of every training run (`train.run.Run`
       summary.json     compute (FLOPs, energy) and why the run stopped, as pretraining writes it
 
 Batches are drawn by step number from a seeded order, so a resumed run sees the batches an
-uninterrupted one would.
+uninterrupted one would. Under torchrun (`--nproc N`) each process trains on its rows of every
+batch with DDP, and rank 0 writes the run directory (`train.distributed`, docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from lmforge.config import (
     EvalConfig, ModelConfig, RunSection, Section, TrainConfig, load_config,
 )
 from lmforge.model.lora import LoraSettings
-from lmforge.train.run import Run, check_run_dir, stop_record
+from lmforge.train.distributed import BatchShare
+from lmforge.train.run import Run, TaskStep, check_run_dir, stop_record
 from lmforge.train.run import Task as LoopTask
 
 TASKS = ("sft", "dpo", "classify", "tag", "mlm")
@@ -110,6 +112,9 @@ class FinetuneConfig(Section):
             raise ValueError("a model built from scratch trains in full (method: full)")
         if self.train.init_from is not None:
             raise ValueError("train.init_from is for pretraining; fine-tuning names its model in base")
+        if self.train.parallel == "fsdp":
+            raise ValueError("train.parallel fsdp shards pretraining only; fine-tuning under torchrun trains "
+                             "data-parallel: use ddp (or auto)")
         if self.train.loss_chunk and self.task != "sft":
             raise ValueError(f"train.loss_chunk applies to pretraining and task sft; task {self.task} computes "
                              "its own loss (leave it 0)")
@@ -156,22 +161,23 @@ class Task(LoopTask, Protocol):
     def head_record(self) -> dict[str, Any]: ...  # what head.json says (labels), {} without a head
 
 
-def make_task(cfg: FinetuneConfig, loaded, device: torch.device, log) -> Task:
+def make_task(cfg: FinetuneConfig, loaded, device: torch.device, log, share: BatchShare | None = None) -> Task:
+    """The task of `cfg`, drawing `share` of each global batch (this process's rows under torchrun)."""
     if cfg.task == "sft":
         from lmforge.train.sft import SFTTask
 
-        return SFTTask(cfg, loaded, device, log)
+        return SFTTask(cfg, loaded, device, log, share)
     if cfg.task == "dpo":
         from lmforge.train.dpo import DPOTask
 
-        return DPOTask(cfg, loaded, device, log)
+        return DPOTask(cfg, loaded, device, log, share)
     if cfg.task in ("classify", "tag"):
         from lmforge.train.classify import ClassifyTask, TagTask
 
-        return (ClassifyTask if cfg.task == "classify" else TagTask)(cfg, loaded, device, log)
+        return (ClassifyTask if cfg.task == "classify" else TagTask)(cfg, loaded, device, log, share)
     from lmforge.train.mlm import MLMTask
 
-    return MLMTask(cfg, loaded, device, log)
+    return MLMTask(cfg, loaded, device, log, share)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -250,7 +256,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     step (for tests)."""
     resume = resume or resume_from is not None
     check_run_dir(cfg.run.dir, resume, resume_from)
-    with Run.open(cfg.train, cfg.run.dir, parallel=False, eval_every=cfg.eval.every, log=log, progress=progress,
+    with Run.open(cfg.train, cfg.run.dir, eval_every=cfg.eval.every, log=log, progress=progress,
                   interrupt_at=interrupt_at) as run:
         return _finetune(cfg, run, resume, resume_from)
 
@@ -260,27 +266,38 @@ def _finetune(cfg: FinetuneConfig, run: Run, resume: bool, resume_from: str | No
     from lmforge.train.checkpoint import TrainableCheckpoints
     from lmforge.train.metrics import plot_losses
 
-    run_dir, tc, device, log = cfg.run.dir, cfg.train, run.device, run.log
+    run_dir, tc, ctx, device, log = cfg.run.dir, cfg.train, run.ctx, run.device, run.log
+    if cfg.task == "mlm" and ctx.is_main:  # one process prepares the text; the others then find it ready
+        from lmforge.train.mlm import data_dir
+
+        data_dir(cfg, str(cfg.base) if cfg.base else None)
+    ctx.barrier()
     torch.manual_seed(tc.seed)
     loaded = prepare_model(cfg, device, log)
     model = loaded.model
-    task = make_task(cfg, loaded, device, log)
+    task = make_task(cfg, loaded, device, log, BatchShare(ctx))
     head = task.head.to(device) if task.head is not None else None
-    step_model = run.parallelize(model)  # LoRA or full alike: with activation checkpointing, blocks recomputed
+    # Under DDP the model with its head and loss is what is wrapped; a head's backbone leaves the
+    # language-model head without a gradient. With activation checkpointing, blocks are recomputed.
+    run.parallelize(model, TaskStep(task, model, head), partly_used=head is not None)
     model.train()
     run.prepare(nn.ModuleList([model] + ([head] if head is not None else [])))
-    run.start(cfg.to_yaml(), TrainableCheckpoints(run_dir, model, head, tc.keep_checkpoints), resume, resume_from)
+    run.start(cfg.to_yaml(), TrainableCheckpoints(run_dir, model, head, tc.keep_checkpoints, ctx), resume,
+              resume_from)
 
     flops_per_token = training_flops_per_token(model.config)
     energy = EnergyMeter(device)
-    end = run.fit(task, model, step_model, label=cfg.task)
+    end = run.fit(task, model, label=cfg.task)
     provenance = {"finetune": cfg.model_dump(mode="json"),
                   "metrics": {**end.val, "train_loss": end.train_loss, "steps": end.steps, "seconds": end.seconds}}
-    output = save_outputs(cfg, loaded, task, head, run_dir, provenance)
-    plot_losses(run_dir)
-    write_run_summary(run_dir, flops_per_token, end.tokens, end.steps, end.seconds, device, energy,
-                      end.seconds - run.elapsed_before, extra={"task": cfg.task, "method": cfg.method,
-                                                               **stop_record(end, run_dir)})
+    output = run_dir / ("model" if cfg.method == "full" else "adapter")
+    if ctx.is_main:  # every process holds the same trained tensors
+        output = save_outputs(cfg, loaded, task, head, run_dir, provenance)
+        plot_losses(run_dir)
+        write_run_summary(run_dir, flops_per_token, end.tokens, end.steps, end.seconds, device, energy,
+                          end.seconds - run.elapsed_before, ctx.world,
+                          extra={"task": cfg.task, "method": cfg.method, **stop_record(end, run_dir)})
+    ctx.barrier()
     return FinetuneResult(run_dir, output, end.steps, end.seconds, end.train_loss, end.val)
 
 

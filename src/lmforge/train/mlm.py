@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lmforge.data.sft import IGNORE
 from lmforge.data.tokenizer import mask_token_id
 from lmforge.errors import LmforgeError
+from lmforge.train.distributed import BatchShare, weighted
 
 def mask_tokens(x: torch.Tensor, mask_id: int, vocab: int, prob: float, generator: torch.Generator,
                 special: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +73,10 @@ class MLMTask:
     head = None
     task_type = "FEATURE_EXTRACTION"
 
-    def __init__(self, cfg, loaded, device, log):
+    def __init__(self, cfg, loaded, device, log, share: BatchShare | None = None):
         from lmforge.data.loader import BatchLoader, TokenSplit
+
+        self.share = share or BatchShare()
 
         if loaded.config.causal:
             raise LmforgeError("task mlm needs a bidirectional encoder (model.causal: false); a causal model cannot "
@@ -97,11 +100,12 @@ class MLMTask:
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         x, _ = self.loader.batch(index)
-        return self._masked(x, index, 0)
+        b = self._masked(x, index, 0)  # the masks of the whole batch, as one process draws them
+        return self.share.rows(b, counted=b["targets"] != IGNORE)
 
     def loss(self, model, b) -> torch.Tensor:
         logits = model(b["input_ids"]).float()
-        return F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=IGNORE)
+        return weighted(F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=IGNORE), b)
 
     def evaluate(self, model) -> dict[str, float]:
         from lmforge.data.loader import sequential_windows

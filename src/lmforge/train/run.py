@@ -49,6 +49,20 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> Any: ...  # metrics with val_loss (a dict), or an EvalResult
 
 
+class TaskStep(nn.Module):
+    """What trains (the model, and a task head when there is one) as one module whose forward is
+    the task's loss on a batch. Data parallelism wraps this instead of the bare model when the loss
+    needs more than the model's forward (the head, the model's hidden states or its `lm_head`):
+    DDP then sees the forward the loss runs and averages every trainable parameter's gradient."""
+
+    def __init__(self, task: Task, model: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.model, self.head, self.task = model, head, task
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task.loss(self.model, batch)
+
+
 class Checkpoints(Protocol):
     """How a run's checkpoints hold what trains (a whole model directory, or only the trainable tensors)."""
 
@@ -67,11 +81,12 @@ class LoopEnd:
     early: EarlyStopping
 
 
-def check_run_dir(run_dir: Path, resume: bool, resume_from: str | None = None) -> None:
-    """A new run needs a run directory without checkpoints, and a resumed one a checkpoint."""
+def check_run_dir(run_dir: Path, resume: bool, resume_from: str | None = None, another: str = "--run.name") -> None:
+    """A new run needs a run directory without checkpoints, and a resumed one a checkpoint. `another`:
+    the flag that names a different run directory."""
     if not resume and checkpoint_folders(run_dir):
         raise LmforgeError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
-                           "or choose another --run.name")
+                           f"or choose another {another}")
     if resume and resume_from is None and not checkpoint_folders(run_dir):
         raise LmforgeError(f"nothing to resume in {run_dir}: it has no checkpoint yet")
 
@@ -116,6 +131,7 @@ class Run:
         self.early = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
         self.start_step, self.start_tokens, self.elapsed_before = 0, 0, 0.0
         self.wrapped: nn.Module | None = None
+        self.loss_in_forward = False  # the step module's forward is the loss (a TaskStep)
         self.store: Checkpoints | None = None
 
     @classmethod
@@ -137,11 +153,24 @@ class Run:
 
     # ------------------------------------------------------------------------- set-up
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
+    def parallelize(self, model: nn.Module, step: TaskStep | None = None, partly_used: bool = False) -> nn.Module:
         """`model` as the step calls it: DDP- or FSDP-wrapped under torchrun, its blocks recomputed in
-        backward with train.activation_checkpointing."""
-        self.wrapped = distributed.parallelize(model, self.ctx, self.device,
-                                               activation_checkpointing=self.tc.activation_checkpointing)
+        backward with train.activation_checkpointing. With `step` (`model` with the task's loss as
+        its forward, and the task head), DDP wraps `step` instead and the loop calls it for the loss;
+        `partly_used`: some trainable parameters may get no gradient (see `distributed.data_parallel`).
+        Such a step is not sharded: train.parallel fsdp is refused."""
+        if step is None:
+            self.wrapped = distributed.parallelize(model, self.ctx, self.device,
+                                                   activation_checkpointing=self.tc.activation_checkpointing)
+            return self.wrapped
+        if self.tc.activation_checkpointing:
+            distributed.checkpoint_activations(model)
+        self.wrapped, self.loss_in_forward = step, True
+        if self.ctx.active and self.ctx.strategy == "fsdp":
+            raise LmforgeError("train.parallel fsdp shards pretraining only; this run trains data-parallel with "
+                               "--train.parallel ddp (or auto)")
+        if self.ctx.active and self.ctx.strategy == "ddp":
+            self.wrapped = distributed.data_parallel(step, self.device, partly_used, sync_buffers=False)
         return self.wrapped
 
     def prepare(self, trainables: nn.Module) -> torch.optim.Optimizer:
@@ -197,9 +226,10 @@ class Run:
         train.max_minutes (checkpoint, then finish) or a signal / `interrupt_at` (checkpoint, then
         raise TrainingInterrupted), and on early stopping (train.early_stop_patience evaluations
         without improvement: a checkpoint at each new best, marked `best`, then finish).
-        `step_model` is what the loss calls (the wrapped, maybe compiled, model); evaluation sees
-        `model`. Under torch.distributed the loss is averaged and the stop decisions agreed across
-        ranks; only rank 0 writes the metrics, draws the bar and the plot."""
+        `step_model` is what the loss calls (the wrapped, maybe compiled, model; by default what
+        `parallelize` returned, which a `TaskStep` makes the loss itself); evaluation sees `model`.
+        Under torch.distributed the loss is averaged and the stop decisions agreed across ranks;
+        only rank 0 writes the metrics, draws the bar and the plot."""
         tc, ctx = self.tc, self.ctx
         self.task, self.model = task, model
         self.step_model = next(m for m in (step_model, self.wrapped, model) if m is not None)
@@ -288,7 +318,7 @@ class Run:
             batch = _to_device(self.task.batch(step * tc.grad_accum + micro), self.device)
             with distributed.no_gradient_sync(self.wrapped, self.ctx, micro == tc.grad_accum - 1):
                 with self.autocast:
-                    loss = self.task.loss(self.step_model, batch)
+                    loss = self.step_model(batch) if self.loss_in_forward else self.task.loss(self.step_model, batch)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, tc.grad_clip)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.sft import IGNORE, EpochBatches, chunks, collate, load_sft, split_validation, to_rows
+from lmforge.train.distributed import BatchShare, weighted
 from lmforge.train.losses import language_model_loss
 
 
@@ -24,7 +25,8 @@ class SFTTask:
     head = None
     task_type = "CAUSAL_LM"
 
-    def __init__(self, cfg, loaded, device, log):
+    def __init__(self, cfg, loaded, device, log, share: BatchShare | None = None):
+        self.share = share or BatchShare()
         tok, context = loaded.tokenizer, loaded.config.context
         self.pack, self.pad_id = cfg.data.pack, tok.pad_id if tok.pad_id is not None else 0
         self.eval_batches, self.batch_size = cfg.eval.batches, cfg.train.batch_size
@@ -43,11 +45,13 @@ class SFTTask:
         self.stats = stats
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
-        return collate(self.batches.batch(index), self.pad_id, self.pack)
+        b = collate(self.batches.batch(index), self.pad_id, self.pack)
+        return self.share.rows(b, counted=b["targets"] != IGNORE)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return language_model_loss(model, model.lm_head, batch["input_ids"], batch["targets"], self.loss_chunk,
+        loss = language_model_loss(model, model.lm_head, batch["input_ids"], batch["targets"], self.loss_chunk,
                                    segment_ids=batch.get("segment_ids"))
+        return weighted(loss, batch)
 
     def evaluate(self, model) -> dict[str, float]:
         if not self.val_rows:
