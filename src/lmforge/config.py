@@ -439,8 +439,8 @@ def find_config(source: str | Path, builtins: dict[str, Path], kind: str, accept
         path = builtins[str(source)]
     if not path.is_file():
         problem = "is not a file" if path.exists() else "does not exist"
-        raise LmforgeError(f"{kind} {source} {problem}: give {accepts} or a built-in {kind} "
-                           f"({', '.join(builtins)})")
+        named = f" or a built-in {kind} ({', '.join(builtins)})" if builtins else ""
+        raise LmforgeError(f"{kind} {source} {problem}: give {accepts}{named}")
     return path
 
 
@@ -456,7 +456,8 @@ def read_yaml_mapping(path: Path, schema: type[BaseModel]) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise LmforgeError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     if not isinstance(raw, dict):
-        raise LmforgeError(f"{path} must be a YAML mapping of the keys {', '.join(schema.model_fields)}")
+        keys = f" of the keys {', '.join(schema.model_fields)}" if schema.model_fields else ""
+        raise LmforgeError(f"{path} must be a YAML mapping{keys}")
     return raw
 
 

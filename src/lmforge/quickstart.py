@@ -22,11 +22,10 @@ from rich.table import Table
 from lmforge.config import load_recipe
 from lmforge.console_text import print_model_text
 from lmforge.data.loader import BatchLoader, TokenSplit
-from lmforge.data.prepare import prepare
+from lmforge.data.prepare import data_dir_for, prepare
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import unigram_baseline
 from lmforge.model import Transformer
-from lmforge.train.lm import data_dir_for
 from lmforge.train.losses import language_model_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import autocast_for

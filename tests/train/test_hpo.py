@@ -80,6 +80,22 @@ def test_space_reads_yaml_and_accepts_exponents_without_a_dot(base, tmp_path):
     assert 1 <= values["model.n_layer"] <= 4 and values["train.schedule"] in ("cosine", "wsd")
 
 
+@pytest.mark.parametrize("text, message", [
+    (None, "search space space.yaml does not exist: give a YAML file of recipe keys and their distributions"),
+    ("train.lr: {type: float, low: 1e-4\n", "space.yaml is not valid YAML at line 2, column 1"),
+    ("- train.lr\n- train.warmup\n", "space.yaml must be a YAML mapping"),
+    ("", "search space space.yaml must be a non-empty YAML mapping of recipe keys to distributions"),
+    ("train.lr: {type: float, low: 1.0e-2, high: 1.0e-4}\n", "search space space.yaml: train.lr: low (0.01) must be below high"),
+])
+def test_space_file_problems_are_one_clear_line(base, tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    if text is not None:
+        (tmp_path / "space.yaml").write_text(text)
+    with pytest.raises(LmforgeError) as err:
+        SearchSpace.load("space.yaml", base)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 def test_combined_values_are_checked_per_trial_not_up_front(base):
     # d_model 48 with n_head 4 is fine, 32 with 6 is not: such combinations are judged per trial.
     SearchSpace({"model.d_model": {"type": "categorical", "choices": [32, 48]},

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.atomic import atomic_directory
-from lmforge.config import DataConfig
+from lmforge.config import DataConfig, Recipe
 from lmforge.data.corpora import iter_documents
 from lmforge.data.tokenizer import TextTokenizer, batched, train_tokenizer
 from lmforge.errors import LmforgeError
@@ -105,6 +105,16 @@ def adopt_prepared(cfg: DataConfig) -> DataConfig:
                                                  "min_frequency": made["min_frequency"]})
     return cfg.model_copy(update={"corpus": made["corpus"], "text_field": made["text_field"],
                                   "val_fraction": made["val_fraction"], "tokenizer": tokenizer})
+
+
+def data_dir_for(recipe: Recipe) -> Path:
+    """Where a recipe's corpus is (or will be) prepared: data.dir, or a folder named after the
+    corpus and the tokenizer under run.out."""
+    if recipe.data.dir:
+        return Path(recipe.data.dir)
+    name = Path(recipe.data.corpus.rstrip("/")).name.replace("*", "_") or "corpus"
+    tok = f"tok-{Path(recipe.data.tokenizer.path).name}" if recipe.data.tokenizer.path else f"v{recipe.data.tokenizer.vocab_size}"
+    return Path(recipe.run.out) / "data" / f"{name}-{tok}"
 
 
 def prepare(cfg: DataConfig, out: str | Path, force: bool = False, progress=None) -> Path:

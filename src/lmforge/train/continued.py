@@ -12,13 +12,12 @@ import json
 from pathlib import Path
 
 from lmforge.config import Recipe
-from lmforge.data.prepare import INDEX, read_index
+from lmforge.data.prepare import INDEX, data_dir_for, read_index
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import from_hf_config
 from lmforge.model import Transformer
 from lmforge.model_dir import load_model_dir, load_tokenizer, read_json
-from lmforge.train.lm import data_dir_for
 
 # The parts of tokenizer.json that decide which ids a text becomes.
 _TOKENIZER_PARTS = ("model", "normalizer", "pre_tokenizer", "added_tokens")

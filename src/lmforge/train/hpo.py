@@ -28,21 +28,22 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from lmforge.config import Recipe, deep_merge, validated
+from lmforge.config import Recipe, Section, deep_merge, validated
+from lmforge.data.prepare import data_dir_for, prepare
 from lmforge.errors import LmforgeError, LossDiverged
 from lmforge.train.hpo_space import SearchSpace, nested
 
-PRUNERS = ("median", "hyperband", "none")
+Pruner = Literal["median", "hyperband", "none"]
+PRUNERS = get_args(Pruner)
 MAX_FAILURES_IN_A_ROW = 5
 POLL_SECONDS = 1.0
 
 
-@dataclass
-class HpoSettings:
+class HpoSettings(Section):
     """Everything a worker needs; plain data, so it can be handed to a worker process as JSON."""
 
     recipe: dict[str, Any]  # the base recipe, resolved (data.dir pinned unless data.* is searched)
@@ -50,7 +51,7 @@ class HpoSettings:
     trials: int
     storage: str
     study: str
-    pruner: str = "median"
+    pruner: Pruner = "median"
     seed: int | None = 0
     workers: int = 1
     heartbeat: int = 10
@@ -352,9 +353,6 @@ def prepare_locked(recipe: Recipe, log=None) -> Path:
     together would otherwise tokenize into the same directory at once)."""
     import fcntl
 
-    from lmforge.data.prepare import prepare
-    from lmforge.train.trainer import data_dir_for
-
     folder = data_dir_for(recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
@@ -364,7 +362,7 @@ def prepare_locked(recipe: Recipe, log=None) -> Path:
 
 def _worker_main(settings_json: str, index: str) -> None:
     """Entry point of a worker process started by `run_hpo` (python -m lmforge.train.hpo)."""
-    settings = HpoSettings(**json.loads(settings_json))
+    settings = HpoSettings.model_validate_json(settings_json)
     try:
         run_worker(settings, int(index), log=lambda s: print(f"[worker {index}] {s}", flush=True))
     except LmforgeError as e:
@@ -412,7 +410,7 @@ def run_hpo(base: Recipe, space: SearchSpace | dict, trials: int, storage: str |
     done, _ = _counts(optuna_study)
     log(f"study {settings.study} in {_hide_password(settings.storage)}: {done} of {trials} trials done; "
         f"{workers} worker{'s' if workers > 1 else ''}, pruner {pruner}")
-    children = [subprocess.Popen([sys.executable, "-m", "lmforge.train.hpo", json.dumps(asdict(settings)), str(i)])
+    children = [subprocess.Popen([sys.executable, "-m", "lmforge.train.hpo", settings.model_dump_json(), str(i)])
                 for i in range(1, workers)]
     try:
         run_worker(settings, 0, log=(lambda s: log(f"[worker 0] {s}")) if workers > 1 else log)

@@ -15,15 +15,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from lmforge.config import Recipe, deep_merge, describe_validation_error
+from lmforge.config import Recipe, deep_merge, describe_validation_error, load_config
 from lmforge.errors import LmforgeError
 
 TYPES = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
 FROZEN_SECTIONS = {"run": "trials are written under runs/<study>/trial-NNNN",
                    "eval": "every trial must be measured the same way"}
+
+
+class SpaceFile(BaseModel):
+    """A search space file as read: any dotted recipe keys, each with its distribution
+    (`SearchSpace` checks them, with messages about distributions)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 def nested(values: dict[str, Any]) -> dict[str, Any]:
@@ -95,14 +101,9 @@ class SearchSpace:
 
     @classmethod
     def load(cls, path: str | Path, base: Recipe) -> "SearchSpace":
-        path = Path(path)
-        if not path.is_file():
-            raise LmforgeError(f"search space file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        return cls(raw, base, where=f"search space {path}")
+        read = load_config(SpaceFile, path, kind="search space", builtins={},
+                           accepts="a YAML file of recipe keys and their distributions")
+        return cls(read.model_extra, base, where=f"search space {path}")
 
     @staticmethod
     def _distribution(key: str, spec: Any, where: str):

@@ -15,16 +15,6 @@ from lmforge.train.losses import language_model_loss
 from lmforge.train.precision import autocast_for
 
 
-def data_dir_for(recipe: Recipe) -> Path:
-    """Where a recipe's corpus is (or will be) prepared: data.dir, or a folder named after the
-    corpus and the tokenizer under run.out."""
-    if recipe.data.dir:
-        return Path(recipe.data.dir)
-    name = Path(recipe.data.corpus.rstrip("/")).name.replace("*", "_") or "corpus"
-    tok = f"tok-{Path(recipe.data.tokenizer.path).name}" if recipe.data.tokenizer.path else f"v{recipe.data.tokenizer.vocab_size}"
-    return Path(recipe.run.out) / "data" / f"{name}-{tok}"
-
-
 class LMTask:
     """Batches of `train.batch_size` windows of the model's context drawn by number (`BatchLoader`),
     each process keeping its `rows`; the loss is `language_model_loss` through `lm_head` (the

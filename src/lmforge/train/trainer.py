@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import Recipe
-from lmforge.data.prepare import adopt_prepared, prepare, read_index
+from lmforge.data.prepare import adopt_prepared, data_dir_for, prepare, read_index
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.compute import EnergyMeter, write_run_summary
@@ -27,7 +27,7 @@ from lmforge.model_dir import save_model_dir
 from lmforge.train import distributed
 from lmforge.train.checkpoint import ModelCheckpoints
 from lmforge.train.continued import continued_pretraining, load_initial_weights
-from lmforge.train.lm import LMTask, data_dir_for
+from lmforge.train.lm import LMTask
 from lmforge.train.metrics import plot_losses
 from lmforge.train.run import Run, check_run_dir, stop_record
 
