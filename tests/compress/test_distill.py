@@ -73,10 +73,24 @@ def test_mismatched_vocabularies_are_refused(make_model, tiny_data):
         distill(make_model(vocab_size=320), make_model(vocab_size=300), tiny_data, DistillConfig(steps=1))
 
 
-def test_bad_settings_are_clear_errors():
-    for bad in ({"temperature": 0}, {"alpha": 1.5}, {"steps": 0}, {"top_k": -1}, {"hidden_weight": -1}):
-        with pytest.raises(LmforgeError):
+def test_bad_settings_are_clear_errors(cli, tmp_path):
+    """The settings are a config Section (unknown keys refused); `lmforge distill` names the flag."""
+    from pydantic import ValidationError
+
+    for bad, message in (({"temperature": 0}, "temperature\n  Value error, must be positive"),
+                         ({"alpha": 1.5}, "alpha\n  Value error, must be in [0, 1]"),
+                         ({"steps": 0}, "steps\n  Value error, must be positive"),
+                         ({"top_k": -1}, "top_k\n  Value error, must be >= 0"),
+                         ({"hidden_weight": -1}, "hidden_weight\n  Value error, must be >= 0"),
+                         ({"temprature": 2.0}, "temprature\n  Extra inputs are not permitted")):
+        with pytest.raises(ValidationError) as info:
             DistillConfig(**bad)
+        assert message in str(info.value)
+    run = cli("distill", "--teacher", tmp_path, "--student", tmp_path, "--data", tmp_path, "--out", tmp_path / "s",
+              "--top-k", "-1", "--alpha", "2")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--alpha must be in [0, 1]; --top-k must be >= 0" in " ".join(run.stderr.split())
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s-run").exists()
 
 
 def test_distillation_runs_on_the_training_loop(make_model, tiny_data, tmp_path):
@@ -98,3 +112,47 @@ def test_distillation_runs_on_the_training_loop(make_model, tiny_data, tmp_path)
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-000006" / "trainable.safetensors"))
     assert {k for k in saved if k.startswith("model.1.")} == {f"model.1.{j}.weight" for j in range(2)}  # the maps
     assert result.val_after < result.val_before and not student.training
+
+
+def test_an_interrupted_distillation_resumes_from_its_run_directory(make_model, tiny_data, tmp_path):
+    """Stopped after 3 of 6 steps (as Ctrl-C stops it: a checkpoint, then TrainingInterrupted) and
+    resumed with --resume: the losses and the student equal those of an uninterrupted run."""
+    from lmforge.errors import TrainingInterrupted
+    from lmforge.train.metrics import read_metrics
+
+    def run(name: str, **options):
+        teacher = make_model(vocab_size=512, n_layer=4, d_model=64)
+        student = make_model(vocab_size=512, seed=1, n_layer=2, d_model=32)  # as built: the run replaces its weights
+        cfg = DistillConfig(steps=6, batch_size=4, lr=1e-2, hidden_weight=1.0, top_k=8)
+        return distill(teacher, student, tiny_data, cfg, run_dir=tmp_path / name, **options), student
+
+    whole, whole_student = run("whole")
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3; .* continue with --resume"):
+        run("resumed", interrupt_at=3)
+    assert (tmp_path / "resumed" / "latest").resolve().name == "step-000003"
+    with pytest.raises(LmforgeError, match="already has checkpoints: pass --resume to continue it, or choose "
+                                           "another --run-dir"):
+        run("resumed")
+    resumed, resumed_student = run("resumed", resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert resumed.losses == whole.losses
+    assert resumed.val_before == whole.val_before and resumed.val_after == whole.val_after
+    whole_state, resumed_state = whole_student.state_dict(), resumed_student.state_dict()
+    assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
+
+
+@pytest.mark.slow
+def test_distill_command_keeps_its_run_beside_the_output_and_resumes(trained_run, tiny_data, tmp_path, cli):
+    teacher = lmforge.load(trained_run.model_dir)
+    flags = ["distill", "--teacher", trained_run.model_dir, "--student", _half_depth_recipe(teacher, tmp_path),
+             "--data", tiny_data, "--out", tmp_path / "student", "--steps", "4", "--batch-size", "4"]
+    first = cli(*flags)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "student-run"
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "latest").resolve().name == "step-000004"
+    assert "steps: 4" in (run_dir / "recipe.yaml").read_text()
+    again = cli(*flags)
+    assert again.returncode == 2 and "pass --resume to continue it, or choose another --run-dir" in again.stderr
+    resumed = cli(*flags, "--resume")  # a finished run: nothing left to train, the student is written again
+    assert resumed.returncode == 0, resumed.stderr
+    assert lmforge.load(tmp_path / "student").meta["distillation"]["steps"] == 4

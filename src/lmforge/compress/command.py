@@ -113,17 +113,32 @@ def distill(
     hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term: each student block imitates "
                                                  "an evenly spaced teacher block (0: logits only).")] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed of a new student's weights and of the batch order.")] = 0,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (default: one at the "
+                                                            "end, and one when interrupted).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="The run's directory: recipe.yaml, metrics.jsonl, "
+                                                    "checkpoints (default: OUT-run beside --out).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint (the same "
+                                              "flags, --run-dir included).")] = False,
 ):
     """Distillation: temperature-scaled KL to the teacher's logits, cross-entropy on the data, and
     the teacher's hidden states block by block."""
-    from lmforge.compress.distill import DistillConfig, run_distill
+    from pydantic import ValidationError
 
-    cfg = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
-                        top_k=top_k, pool=pool, hidden_weight=hidden_weight, seed=seed)
-    r = run_distill(teacher, student, data, out, cfg, log=lambda s: console.print(f"   {s}", highlight=False))
+    from lmforge.compress.distill import DistillConfig, run_distill
+    from lmforge.errors import LmforgeError
+
+    try:
+        cfg = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
+                            top_k=top_k, pool=pool, hidden_weight=hidden_weight, seed=seed,
+                            checkpoint_every=checkpoint_every)
+    except ValidationError as e:  # a setting's problem, named by its flag
+        raise LmforgeError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['msg'].removeprefix('Value error, ')}"
+                                     for err in e.errors())) from None
+    r = run_distill(teacher, student, data, out, cfg, log=lambda s: console.print(f"   {s}", highlight=False),
+                    run_dir=run_dir, resume=resume)
     console.print(f"[green]distilled[/] a {r['student_params'] / 1e6:.2f}M student from a {r['teacher_params'] / 1e6:.2f}M "
                   f"teacher in {r['seconds']:.0f} s: validation perplexity {r['val_perplexity_before']:.2f} -> "
-                  f"{r['val_perplexity_after']:.2f}: {out}")
+                  f"{r['val_perplexity_after']:.2f}: {out}   (run: {r['run_dir']})")
 
 
 def quickstart_report(model_dir: Path, data_dir: Path, run_dir: Path, out: Console) -> None:

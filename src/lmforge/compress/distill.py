@@ -25,22 +25,22 @@ tokenizer.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import yaml
+from pydantic import field_validator
 from torch import nn
 
-from lmforge.config import TrainConfig
+from lmforge.config import Section, TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 
 
-@dataclass
-class DistillConfig:
+class DistillConfig(Section):
     steps: int = 200
     batch_size: int = 16
     seq_len: int | None = None  # default: the student's context
@@ -50,19 +50,29 @@ class DistillConfig:
     top_k: int = 0  # 0: full teacher distribution
     pool: int = 0  # distinct batches, revisited in turn (0: as many as steps)
     hidden_weight: float = 3.0  # beta: weight of the hidden-state term (0: logits only)
+    checkpoint_every: int | None = None  # steps between checkpoints (None: at the end, and when interrupted)
     seed: int = 0
 
-    def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise LmforgeError("--steps and --batch-size must be positive")
-        if self.temperature <= 0:
-            raise LmforgeError("--temperature must be positive")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise LmforgeError("--alpha must be in [0, 1]")
-        if self.top_k < 0:
-            raise LmforgeError("--top-k must be >= 0")
-        if self.hidden_weight < 0:
-            raise LmforgeError("--hidden-weight must be >= 0")
+    @field_validator("steps", "batch_size", "seq_len", "lr", "temperature", "checkpoint_every")
+    @classmethod
+    def _positive(cls, value):
+        if value is not None and value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("top_k", "pool", "hidden_weight")
+    @classmethod
+    def _not_negative(cls, value):
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _share(cls, value):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return value
 
 
 @dataclass
@@ -232,39 +242,54 @@ class DistillTask:
 
 def train_config(cfg: DistillConfig, device: torch.device) -> TrainConfig:
     """The training settings of a distillation: AdamW (weight decay 0.01 on matrices), a warmup of a
-    twentieth of the steps, cosine down to a tenth of the peak, gradient norm clipped at 1, fp32; one
-    checkpoint, at the end, and every step's loss in metrics.jsonl."""
+    twentieth of the steps, cosine down to a tenth of the peak, gradient norm clipped at 1, fp32; a
+    checkpoint every `checkpoint_every` steps (keeping the newest), at the end and when interrupted,
+    and every step's loss in metrics.jsonl."""
     return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=0.1, schedule="cosine",
                        warmup=max(1, cfg.steps // 20), max_steps=cfg.steps, weight_decay=0.01, grad_clip=1.0,
-                       seed=cfg.seed, device=str(device), dtype="float32", checkpoint_every=cfg.steps,
-                       keep_checkpoints=1, log_every=1)
+                       seed=cfg.seed, device=str(device), dtype="float32",
+                       checkpoint_every=cfg.checkpoint_every or cfg.steps, keep_checkpoints=1, log_every=1)
+
+
+def default_run_dir(out: Path) -> Path:
+    """Where `lmforge distill --out OUT` keeps its run (recipe.yaml, metrics.jsonl, checkpoints): beside OUT."""
+    out = Path(out)
+    return out.parent / f"{out.name}-run"
 
 
 def distill(teacher: Transformer, student: Transformer, data_dir: Path, cfg: DistillConfig, log=lambda s: None,
-            run_dir: Path | None = None) -> DistillResult:
+            run_dir: Path | None = None, resume: bool = False, interrupt_at: int | None = None) -> DistillResult:
     """Train `student` on `teacher` (see the module docstring) on the one training loop, in `run_dir`
-    (metrics.jsonl, the final checkpoint; a temporary directory when None)."""
+    (recipe.yaml, metrics.jsonl, checkpoints; a temporary directory when None). `resume` continues
+    from the run's newest intact checkpoint (`student` as it was built: the checkpoint replaces its
+    weights); `interrupt_at` stops as a signal would at that step (for tests)."""
     import tempfile
 
     from lmforge.train.checkpoint import TrainableCheckpoints
     from lmforge.train.metrics import read_metrics
-    from lmforge.train.run import Run
+    from lmforge.train.run import Run, check_run_dir
 
+    if run_dir is not None:
+        check_run_dir(run_dir, resume, another="--run-dir")
+    elif resume:
+        raise LmforgeError("resuming a distillation needs its run directory")
     task = DistillTask(teacher, student, Path(data_dir), cfg, log)
     teacher.eval()
     with contextlib.ExitStack() as stack:
         stack.callback(task.close)
         if run_dir is None:
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmforge-distill-")))
-        result = DistillResult(val_before=task.evaluate(student)["val_ppl"])
+        result = DistillResult(val_before=task.evaluate(student)["val_ppl"])  # the student as built
         student.train()
         tc = train_config(cfg, next(student.parameters()).device)
-        run = stack.enter_context(Run.open(tc, run_dir, parallel=False, eval_every=cfg.steps, log=log, progress=False))
+        run = stack.enter_context(Run.open(tc, run_dir, parallel=False, eval_every=cfg.steps, log=log, progress=False,
+                                           interrupt_at=interrupt_at))
         trainables = nn.ModuleList([student] + ([task.maps] if task.maps is not None else []))
         run.parallelize(student)
         run.prepare(trainables)
-        run.start(yaml.safe_dump({"distill": asdict(cfg)}, sort_keys=False),
-                  TrainableCheckpoints(run_dir, trainables, None, keep=1), resume=False)
+        run.start(yaml.safe_dump({"distill": cfg.model_dump(mode="json")}, sort_keys=False),
+                  TrainableCheckpoints(run_dir, trainables, None, keep=1), resume)
+        task.steps_done = run.start_step
         end = run.fit(task, student, label="distill")
         result.losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     student.eval()
@@ -289,7 +314,10 @@ def build_student(spec: str, teacher_vocab: int, seed: int = 0):
     return Transformer(recipe.model), None
 
 
-def run_distill(teacher_dir, student_spec: str, data_dir, out, cfg: DistillConfig, log=print) -> dict[str, Any]:
+def run_distill(teacher_dir, student_spec: str, data_dir, out, cfg: DistillConfig, log=print,
+                run_dir: Path | None = None, resume: bool = False, interrupt_at: int | None = None) -> dict[str, Any]:
+    """Distill `teacher_dir` into a student (`build_student`) and write it to `out`; the run (its
+    checkpoints, to `resume` from) is `run_dir`, by default `default_run_dir(out)`."""
     import lmforge
     from lmforge.compress.storage import is_quantized_dir
     from lmforge.model_dir import save_model_dir
@@ -300,10 +328,11 @@ def run_distill(teacher_dir, student_spec: str, data_dir, out, cfg: DistillConfi
         raise LmforgeError(f"--data must be a prepared data directory (`lmforge data prepare`), not {data_dir}")
     teacher = lmforge.load(teacher_dir)
     student, tokenizer = build_student(student_spec, teacher.config.vocab, cfg.seed)
-    result = distill(teacher.model, student, Path(data_dir), cfg, log)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(out))
+    result = distill(teacher.model, student, Path(data_dir), cfg, log, run_dir, resume, interrupt_at)
     record = {"teacher": str(teacher_dir), "student": student_spec, "steps": cfg.steps, "temperature": cfg.temperature,
               "alpha": cfg.alpha, "top_k": cfg.top_k, "hidden_weight": cfg.hidden_weight, "val_perplexity_before": result.val_before,
               "val_perplexity_after": result.val_after}
     save_model_dir(student, tokenizer or teacher.tokenizer, out, {"parents": [str(teacher_dir)], "distillation": record})
     return {**record, "losses": result.losses, "seconds": result.seconds, "student_params": student.num_params(),
-            "teacher_params": teacher.model.num_params()}
+            "teacher_params": teacher.model.num_params(), "run_dir": str(run_dir)}
