@@ -120,6 +120,13 @@ def test_a_batch_share_weights_each_half_to_the_mean_over_the_whole_batch():
     assert BatchShare(DistContext(rank=1, world=2)).items(list("abcd")) == ["c", "d"]
 
 
+def test_nproc_relaunches_the_same_command_without_it():
+    from lmforge.train.distributed import without_option
+
+    argv = ["finetune", "lora-sft", "--nproc", "2", "--data", "chat.jsonl", "--nproc=2", "--nproc-x", "1"]
+    assert without_option(argv, "--nproc") == ["finetune", "lora-sft", "--data", "chat.jsonl", "--nproc-x", "1"]
+
+
 def test_fsdp_is_refused_for_fine_tuning(root):
     from lmforge.errors import LmforgeError
 
