@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.sft import IGNORE, EpochBatches, chunks, read_jsonl, split_validation
+from lmforge.data.words import word_texts
 from lmforge.errors import LmforgeError
 from lmforge.model.heads import SequenceClassifier, TokenClassifier, accuracy, entity_f1, macro_f1
+from lmforge.train.distributed import BatchShare, weighted
 
 
 def _field(obj: dict, key: str, kind: type, path: Path, line: int):
@@ -179,8 +181,8 @@ class TagTask(_HeadTask):
     def _encode(self, words: list[str], tags: list[str]):
         """(ids, a label per sub-token (IGNORE but on one per word), the tags of the words kept)."""
         ids, labels, kept = [], [], 0
-        for i, (word, tag) in enumerate(zip(words, tags)):
-            piece = self.tok.encode(word if i == 0 else " " + word) or [self.pad_id]
+        for text, tag in zip(word_texts(words), tags):
+            piece = self.tok.encode(text) or [self.pad_id]
             if len(ids) + len(piece) > self.context:
                 if self.on_long == "error":
                     raise LmforgeError(f"a sentence of {len(words)} words is longer than the context of "
@@ -270,8 +272,8 @@ class TaskModel:
         out = []
         for words in sentences:
             ids, where = [], []
-            for i, word in enumerate(words):
-                piece = tok.encode(word if i == 0 else " " + word) or [tok.pad_id or 0]
+            for text in word_texts(words):
+                piece = tok.encode(text) or [tok.pad_id or 0]
                 where.append(len(ids) + (len(piece) - 1 if causal else 0))
                 ids += piece
             ids = ids[:self.loaded.config.context]

@@ -15,7 +15,6 @@ given with its character offsets in the text.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -23,12 +22,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lmforge.data.jsonl import json_objects
+from lmforge.data.words import join_words, split_words
 from lmforge.errors import LmforgeError
-
-# Han ideographs (with extensions A and the compatibility block), kana and CJK punctuation:
-# one word per character.
-_CHARACTER_WORDS = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
-_WORD = re.compile(rf"[{_CHARACTER_WORDS}]|(?:(?![{_CHARACTER_WORDS}])\w)+|[^\w\s]")
 
 ModelArg = Annotated[Path, typer.Argument(help="A model/ or adapter/ directory written by lmforge finetune "
                                                "--task classify|tag (it holds head.json).")]
@@ -37,11 +32,6 @@ FileOpt = Annotated[Optional[Path], typer.Option(help="Texts, one a line, or JSO
 FieldOpt = Annotated[str, typer.Option(help="The JSONL field holding the text.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line instead of readable lines.")]
 BaseOpt = Annotated[Optional[Path], typer.Option(help="The base model of an adapter that does not record it.")]
-
-
-def split_words(text: str) -> list[tuple[str, int, int]]:
-    """(word, start, end) in `text`, as tagging corpora split words."""
-    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
 def _read_inputs(texts: list[str] | None, file: Path | None, text_field: str,
@@ -137,12 +127,7 @@ def tag(
     sentences = []
     for r in records:
         if isinstance(r.get(tokens_field), list):  # pre-split, as in the training data: offsets into the joined words
-            given = [str(w) for w in r[tokens_field]]
-            joined, words, at = " ".join(given), [], 0
-            for w in given:
-                words.append((w, at, at + len(w)))
-                at += len(w) + 1
-            sentences.append((joined, words))
+            sentences.append(join_words([str(w) for w in r[tokens_field]]))
         else:
             sentences.append((r[text_field], split_words(r[text_field])))
     predicted = [tuned.tag([[w for w, _, _ in words]])[0] if words else [] for _, words in sentences]
