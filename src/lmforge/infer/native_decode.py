@@ -23,6 +23,7 @@ from lmforge import native
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
+from lmforge.model.transformer import soft_cap
 from lmforge.native import decode_abi as abi
 from lmforge.native.decode_abi import F32, Q4, Q8
 
@@ -77,12 +78,6 @@ class NativeDecoder:
             raise Unsupported("a bidirectional encoder does not decode")
         if model.training and cfg.dropout > 0:
             raise Unsupported("the model is in training mode with dropout")
-        if cfg.is_gemma:
-            raise Unsupported(f"decode.c does not cover the {cfg.family} family's design (scaled embeddings, "
-                              "GeGLU, soft-capping, per-layer windows)")
-        if cfg.is_gemma:
-            raise Unsupported(f"decode.c does not cover the {cfg.family} family's design (scaled embeddings, "
-                              "GeGLU, soft-capping, per-layer windows)")
         if cfg.n_experts and cfg.experts_per_token > MAX_EXPERTS_PER_TOKEN:
             raise Unsupported(f"more than {MAX_EXPERTS_PER_TOKEN} experts per token")
         keep: list[torch.Tensor] = []
@@ -103,20 +98,23 @@ class NativeDecoder:
                                    t(block.norm2.weight), t(getattr(block.norm2, "bias", None)),
                                    _linear(attn.qkv, keep), _linear(attn.proj, keep), up, down,
                                    t(keys[i]), t(values[i]), norm(attn.q_norm), norm(attn.k_norm), router,
-                                   None if expert_ptr is None else ctypes.addressof(expert_ptr))
+                                   None if expert_ptr is None else ctypes.addressof(expert_ptr),
+                                   *(norm(n) if cfg.post_norms else None for n in (block.post_attn_norm, block.post_mlp_norm)),
+                                   *self._layer_rope(model, i, t), cfg.layer_window(i) or 0)
         self.rows, _, self.capacity, _ = keys[0].shape
         self.row_stride = keys[0].stride(0)
         self.spec = abi.Model(
             cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head,
             cfg.expert_dim if cfg.n_experts else cfg.ffn_dim, cfg.vocab,
-            self.capacity, cfg.sliding_window or 0, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"),
-            int(cfg.uses_rope), cfg.n_experts, cfg.experts_per_token, int(cfg.moe_norm_topk), cfg.norm_eps, t(model.tok_emb.weight),
+            self.capacity, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"), int(cfg.uses_rope),
+            int(cfg.is_gemma), cfg.n_experts, cfg.experts_per_token, int(cfg.moe_norm_topk), cfg.norm_eps,
+            cfg.d_model ** 0.5 if cfg.is_gemma else 1.0, cfg.attn_scale, cfg.attn_softcap or 0.0, t(model.tok_emb.weight),
             t(None if model.pos_emb is None else model.pos_emb.weight),
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),
             t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), _linear(model.lm_head, keep),
             ctypes.addressof(layers), None)
         self._layers, self._experts, self._keep = layers, experts, keep  # the C structs point into these: keep them alive
-        self.lib, self.vocab = lib, cfg.vocab
+        self.lib, self.vocab, self.logit_softcap = lib, cfg.vocab, cfg.logit_softcap
         self.weight_bytes = matmul_bytes(model)
         self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
 
@@ -185,7 +183,15 @@ class NativeDecoder:
         team = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
         threads = team if threads is None else max(1, min(team, threads))
         self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())
-        return logits
+        return soft_cap(logits, self.logit_softcap)
+
+    @staticmethod
+    def _layer_rope(model: Transformer, layer: int, t) -> tuple[int | None, int | None]:
+        """The layer's own rotary table (gemma3's sliding layers), or (None, None): the model's."""
+        cfg = model.config
+        if cfg.rope_local_theta is None or cfg.layer_window(layer) is None:
+            return None, None
+        return t(model.rope_local_cos), t(model.rope_local_sin)
 
     def profile(self, steps) -> dict[str, float]:
         """Run `steps()` with the C side timing its phases; seconds per phase, in all."""

@@ -13,7 +13,8 @@
  *
  * Covers the families of lmforge.model.Transformer: LayerNorm or RMSNorm, learned or
  * rotary positions, GELU (tanh) or SwiGLU, optional biases, grouped-query attention,
- * a sliding window, per-head q/k norms, and mixture-of-experts MLPs (each row's experts
+ * sliding windows (per layer), per-head q/k norms, Gemma's scaled embeddings, GeGLU,
+ * post-attention/MLP norms and soft-capped scores, and mixture-of-experts MLPs (each row's experts
  * chosen by its router; the rows are grouped by expert so each expert's weights are read
  * once per step for all the rows that chose it). Weights are fp32, int8 (per-row scale) or int4 (groups), per layer.
  * The caller owns every buffer: weights and the KV cache are the model's own tensors,
@@ -211,6 +212,18 @@ static void norm_rows(const Model *m, const float *x, const float *w, const floa
     FOR_ITEMS(wk, b, B) norm(m, x + (size_t)b * m->d_model, w, bias, out + (size_t)b * m->d_model);
 }
 
+/* x += w * y / rms(y) per row: gemma2/3's normalized attention or MLP output joining the residual. */
+static void add_normed_rows(const Model *m, const float *y, const float *w, float *x, int B, Worker *wk) {
+    const int d = m->d_model;
+    FOR_ITEMS(wk, b, B) {
+        const float *yb = y + (size_t)b * d;
+        float *xb = x + (size_t)b * d, ss = 0.0f;
+        for (int i = 0; i < d; i++) ss += yb[i] * yb[i];
+        const float inv = 1.0f / sqrtf(ss / d + m->eps);
+        for (int i = 0; i < d; i++) xb[i] += w[i] * (yb[i] * inv);
+    }
+}
+
 /* x * w / rms(x), in place, for one head (qwen3's q/k norms; fp32 as the reference's). */
 static void head_norm(float *x, const float *w, int d, float eps) {
     float ss = 0.0f;
@@ -265,12 +278,12 @@ static float dot(const float *a, const float *b, int n) {
 /* Attention of each row's new query, per head, over its cached slots (team-shared). */
 static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws, Worker *wk) {
     const int hd = m->head_dim, group = m->n_head / m->n_kv, cap = m->capacity, width = (m->n_head + 2 * m->n_kv) * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = m->attn_scale, softcap = m->attn_softcap;
     const size_t row_bytes = sizeof(float) * hd;
     FOR_ITEMS(wk, bh, r->B * m->n_head) {
         const int b = bh / m->n_head, h = bh % m->n_head, end = r->slot[b];
         int lo = r->first[b];
-        if (m->window > 0 && end - m->window + 1 > lo) lo = end - m->window + 1;
+        if (L->window > 0 && end - L->window + 1 > lo) lo = end - L->window + 1;
         const float *q = ws->qkv + (size_t)b * width + (size_t)h * hd;
         const size_t base = cache_base(r, b) + (size_t)(h / group) * cap * hd;
         const float *k = L->k + base, *v = L->v + base;
@@ -291,6 +304,10 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws, Work
         top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
         float top = fmaxf(_mm_cvtss_f32(top4), _mm_cvtss_f32(_mm_movehdup_ps(top4)));
         for (; j <= end; j++) top = fmaxf(top, s[j] = dot(q, k + (size_t)j * hd, hd) * scale);
+        if (softcap > 0.0f) { /* cap * tanh(s / cap): monotonic, so the largest stays the largest */
+            for (j = lo; j <= end; j++) s[j] = softcap * tanhf(s[j] / softcap);
+            top = softcap * tanhf(top / softcap);
+        }
         /* exponentials eight at a time (exp8: expf's accuracy) */
         __m256 sum8 = _mm256_setzero_ps();
         const __m256 top8 = _mm256_set1_ps(top);
@@ -345,14 +362,17 @@ static void mlp_activation(const Model *m, Work *ws, int B, Worker *wk) {
         for (; i + 8 <= hi; i += 8) {
             const __m256 x = _mm256_loadu_ps(row + i);
             if (m->swiglu) {
-                const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+                const __m256 sig = m->gelu_gate ? gelu_sigmoid(x)
+                                                : _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
                 _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(row + f + i)));
             } else {
                 _mm256_storeu_ps(out + i, _mm256_mul_ps(x, gelu_sigmoid(x)));
             }
         }
-        for (; i < hi; i++)
-            out[i] = m->swiglu ? row[i] / (1.0f + expf(-row[i])) * row[f + i] : row[i] * gelu_sigmoid1(row[i]);
+        for (; i < hi; i++) {
+            const float sig = m->swiglu && !m->gelu_gate ? 1.0f / (1.0f + expf(-row[i])) : gelu_sigmoid1(row[i]);
+            out[i] = row[i] * sig * (m->swiglu ? row[f + i] : 1.0f);
+        }
     }
 }
 
@@ -366,7 +386,8 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
             for (int h = 0; h < m->n_kv; h++) head_norm(k + h * hd, L->k_norm, hd, m->eps);
         }
         if (m->rope) {
-            const float *cos = m->rope_cos + (size_t)r->pos[b] * hd, *sin = m->rope_sin + (size_t)r->pos[b] * hd;
+            const float *table_cos = L->rope_cos ? L->rope_cos : m->rope_cos, *table_sin = L->rope_sin ? L->rope_sin : m->rope_sin;
+            const float *cos = table_cos + (size_t)r->pos[b] * hd, *sin = table_sin + (size_t)r->pos[b] * hd;
             for (int h = 0; h < m->n_head; h++) rotate(q + h * hd, cos, sin, hd);
             for (int h = 0; h < m->n_kv; h++) rotate(k + h * hd, cos, sin, hd);
         }
@@ -503,7 +524,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     /* at most: every matmul quantized, some logits rows wanted; a mixture of experts adds the
      * router and the routing, and two matmuls for each expert some row chose */
     const int experts_run = E < mlp_rows ? E : mlp_rows;
-    const int phases = (13 + (E ? 6 + 4 * experts_run : 0)) * m->n_layer + 4;
+    const int phases = (15 + (E ? 6 + 4 * experts_run : 0)) * m->n_layer + 4; /* 15: gemma's two post-norms */
     Team team = {aligned_alloc(64, sizeof(Line) * phases * team_size), aligned_alloc(64, sizeof(Line) * team_size),
                  team_size, phases};
     memset(team.taken, 0, sizeof(Line) * (size_t)phases * team_size);
@@ -511,7 +532,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
 
     for (int b = 0; b < B; b++)
         for (int i = 0; i < d; i++)
-            ws.x[(size_t)b * d + i] = m->tok_emb[(size_t)r->token[b] * d + i] +
+            ws.x[(size_t)b * d + i] = m->tok_emb[(size_t)r->token[b] * d + i] * m->embed_scale +
                                       (m->pos_emb ? m->pos_emb[(size_t)r->pos[b] * d + i] : 0.0f);
 
     double *prof = m->profile, last = prof ? omp_get_wtime() : 0.0;
@@ -534,8 +555,15 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             SYNC(P_ROPE_CACHE)
             attend(m, L, r, &ws, &wk);
             SYNC(P_ATTENTION)
-            matvec(&L->proj, ws.att, ws.x, B, 1, &ws, &wk);
-            SYNC(P_PROJ)
+            if (L->post_attn_w) { /* the output normalized, then added (h is free until norm2) */
+                matvec(&L->proj, ws.att, ws.h, B, 0, &ws, &wk);
+                SYNC(P_PROJ)
+                add_normed_rows(m, ws.h, L->post_attn_w, ws.x, B, &wk);
+                SYNC(P_NORM)
+            } else {
+                matvec(&L->proj, ws.att, ws.x, B, 1, &ws, &wk);
+                SYNC(P_PROJ)
+            }
             norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B, &wk);
             SYNC(P_NORM)
             if (L->experts) {
@@ -569,8 +597,15 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             SYNC(P_UP)
             mlp_activation(m, &ws, B, &wk);
             SYNC(P_ACTIVATION)
-            matvec(&L->down, ws.act, ws.x, B, 1, &ws, &wk);
-            SYNC(P_DOWN)
+            if (L->post_mlp_w) {
+                matvec(&L->down, ws.act, ws.h, B, 0, &ws, &wk);
+                SYNC(P_DOWN)
+                add_normed_rows(m, ws.h, L->post_mlp_w, ws.x, B, &wk);
+                SYNC(P_NORM)
+            } else {
+                matvec(&L->down, ws.act, ws.x, B, 1, &ws, &wk);
+                SYNC(P_DOWN)
+            }
         }
         /* Only the rows whose next token is wanted go through the output layer (a prompt fed
          * in the step needs its last row's logits only): gather them to the front of x. */
@@ -629,11 +664,14 @@ static const Entry LAYOUT[] = {
     SIZE(Layer), FIELD(Layer, norm1_w), FIELD(Layer, norm1_b), FIELD(Layer, norm2_w), FIELD(Layer, norm2_b),
     FIELD(Layer, qkv), FIELD(Layer, proj), FIELD(Layer, up), FIELD(Layer, down), FIELD(Layer, k), FIELD(Layer, v),
     FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, router), FIELD(Layer, experts),
+    FIELD(Layer, post_attn_w), FIELD(Layer, post_mlp_w), FIELD(Layer, rope_cos), FIELD(Layer, rope_sin),
+    FIELD(Layer, window),
 
     SIZE(Model), FIELD(Model, n_layer), FIELD(Model, d_model), FIELD(Model, n_head), FIELD(Model, n_kv),
-    FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity), FIELD(Model, window),
-    FIELD(Model, layernorm), FIELD(Model, swiglu), FIELD(Model, rope), FIELD(Model, n_experts),
-    FIELD(Model, top_k), FIELD(Model, norm_topk), FIELD(Model, eps), FIELD(Model, tok_emb),
+    FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity),
+    FIELD(Model, layernorm), FIELD(Model, swiglu), FIELD(Model, rope), FIELD(Model, gelu_gate), FIELD(Model, n_experts),
+    FIELD(Model, top_k), FIELD(Model, norm_topk), FIELD(Model, eps), FIELD(Model, embed_scale),
+    FIELD(Model, attn_scale), FIELD(Model, attn_softcap), FIELD(Model, tok_emb),
     FIELD(Model, pos_emb), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, norm_f_w),
     FIELD(Model, norm_f_b), FIELD(Model, lm_head), FIELD(Model, layers), FIELD(Model, profile),
 

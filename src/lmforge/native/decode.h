@@ -26,13 +26,19 @@ typedef struct {
     const float *q_norm, *k_norm; /* (head_dim,) RMSNorm weights of each query/key head before RoPE, or NULL */
     Linear router;                /* mixture of experts: (n_experts, d_model) */
     const Linear *experts;        /* n_experts (up, down) pairs, or NULL for a dense MLP */
+    const float *post_attn_w, *post_mlp_w; /* gemma2/3: RMSNorm of the attention / MLP output before
+                                              it joins the residual, or NULL */
+    const float *rope_cos, *rope_sin;      /* this layer's rotary table (gemma3's sliding layers), or NULL */
+    int window;                            /* this layer's sliding window, 0: none */
 } Layer;
 
 typedef struct {
-    int n_layer, d_model, n_head, n_kv, head_dim, ffn, vocab, capacity, window; /* window 0: none */
-    int layernorm, swiglu, rope;                                                /* flags */
+    int n_layer, d_model, n_head, n_kv, head_dim, ffn, vocab, capacity;
+    int layernorm, swiglu, rope, gelu_gate; /* flags; gelu_gate: the gated MLP's gate is GELU (tanh), GeGLU */
     int n_experts, top_k, norm_topk; /* mixture of experts (n_experts 0: dense); ffn is each expert's */
     float eps;
+    float embed_scale, attn_scale, attn_softcap; /* token embeddings times embed_scale; scores q.k times
+                                                    attn_scale, then soft-capped where attn_softcap > 0 */
     const float *tok_emb, *pos_emb;   /* (vocab, d), (context, d) or NULL */
     const float *rope_cos, *rope_sin; /* (context, head_dim), angles repeated in both halves */
     const float *norm_f_w, *norm_f_b;
