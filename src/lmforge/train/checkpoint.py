@@ -192,7 +192,7 @@ def _load_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
     # The optimizer's state is created (a zero-lr step) so that DCP has tensors to load into.
     model_state, optim_state = get_state_dict(model, optimizers)
     alias = _tied_alias(model)
-    wanted = {k: v for k, v in model_state.items() if k != alias}  # (checkpoints before 2026-12-03 hold it too)
+    wanted = {k: v for k, v in model_state.items() if k != alias}  # the tied head is the embedding: not read twice
     request = {"model": wanted, **({"optimizer": optim_state} if optimizer is not None else {})}
     _dcp_load(request, shards, ctx, advice)
     if alias in model_state:
