@@ -46,8 +46,18 @@ LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 
 
 def linear_names(model: Transformer) -> list[str]:
-    """Every matmul of the model, in forward order: the layers quantization replaces."""
-    return [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in LINEARS] + ["lm_head"]
+    """Every matmul of the model, in forward order: the layers quantization replaces. In a
+    mixture-of-experts layer each expert's up and down; the router stays as it is (a small
+    matrix whose rounding would change which experts run)."""
+    names = []
+    for i, block in enumerate(model.blocks):
+        experts = getattr(block.mlp, "experts", None)
+        if experts is None:
+            names += [f"blocks.{i}.{part}" for part in LINEARS]
+        else:
+            names += [f"blocks.{i}.{part}" for part in LINEARS if part.startswith("attn.")]
+            names += [f"blocks.{i}.mlp.experts.{e}.{part}" for e in range(len(experts)) for part in ("up", "down")]
+    return names + ["lm_head"]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

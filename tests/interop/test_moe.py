@@ -1,0 +1,214 @@
+"""Mixture of experts (mixtral, qwen3_moe): routing equal to transformers', both normalisations,
+training with the load-balancing loss, LoRA, int8 (saved, reloaded, decoded natively) and GGUF
+refusals. Import/export parity, GGUF, ONNX and the fp32 native decoder run for these families
+in test_hf.py, test_gguf.py, test_onnx.py and tests/infer/test_native_decode.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers
+
+import lmforge
+from lmforge.adapters import apply_lora, save_adapter, target_names
+from lmforge.compress.qlinear import QuantizedLinear
+from lmforge.compress.quantize import quantize_model
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.infer.native_decode import NativeDecoder, step_cache, why_not
+from lmforge.interop.convert import export_model, import_model
+from lmforge.interop.gguf_io import export_gguf
+from lmforge.model import Transformer
+from lmforge.model.lora import LoraSettings, lora_layers, merge_lora
+from lmforge.model.moe import load_balancing_loss
+from lmforge.model_dir import save_model_dir
+
+MOE = ["mixtral", "qwen3_moe"]
+
+
+def router_logits(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's router logits (tokens, n_experts) for `ids`."""
+    seen = []
+    hooks = [b.mlp.router.register_forward_hook(lambda m, i, o: seen.append(o.detach())) for b in model.blocks]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_router_logits_and_chosen_experts_equal_transformers(family, hf_dirs):
+    hf_model, hf_dir = hf_dirs[family]
+    m = lmforge.load(hf_dir)
+    ids = probe_ids()
+    with torch.no_grad():
+        theirs = hf_model(ids, output_router_logits=True).router_logits
+    ours = router_logits(m.model, ids)
+    assert len(ours) == len(theirs) == 2
+    for mine, hf in zip(ours, theirs):
+        torch.testing.assert_close(mine, hf, atol=1e-6, rtol=0)
+        k = m.config.experts_per_token
+        assert torch.equal(mine.softmax(-1).topk(k).indices, hf.softmax(-1).topk(k).indices)
+    used = torch.cat(ours).softmax(-1).topk(2).indices.unique()
+    assert len(used) == m.config.n_experts  # the probe exercises every expert
+
+
+def tiny_moe_hf(family: str, seed: int = 0, **extra):
+    cls = transformers.MixtralConfig if family == "mixtral" else transformers.Qwen3MoeConfig
+    sizes = {"intermediate_size": 64} if family == "mixtral" else {"intermediate_size": 64, "moe_intermediate_size": 32,
+                                                                     "head_dim": 16}
+    fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1, **sizes)
+    cfg = cls(**{**fields, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+@pytest.mark.parametrize(("family", "extra"), [
+    ("qwen3_moe", {"norm_topk_prob": False, "num_experts": 6}),  # raw top-k probabilities, as released configs allow
+    ("qwen3_moe", {"norm_topk_prob": True, "num_experts": 5, "num_experts_per_tok": 3}),
+    ("mixtral", {"num_local_experts": 3, "sliding_window": 8}),
+])
+def test_variants_match_transformers_both_ways(family, extra, tokenizer, tmp_path):
+    hf_model = tiny_moe_hf(family, **extra)
+    ids = probe_ids(30)
+    expected = hf_logits(hf_model, ids)
+    imported = import_model(save_hf_dir(hf_model, tokenizer, tmp_path / "hf"), tmp_path / "imported")
+    m = lmforge.load(imported)
+    assert m.config.moe_norm_topk == extra.get("norm_topk_prob", family == "mixtral")
+    with torch.no_grad():
+        assert (m.model(ids) - expected).abs().max() < 1e-4
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_model(imported, "hf", tmp_path / "out"),
+                                                             attn_implementation="eager").eval()
+    assert (hf_logits(back, ids) - expected).abs().max() < 1e-4
+    if family == "qwen3_moe" and not m.config.moe_norm_topk:
+        with pytest.raises(LmforgeError, match="renormalizes the chosen experts"):
+            export_gguf(m, tmp_path / "m.gguf")
+        assert not (tmp_path / "m.gguf").exists()
+
+
+def test_dense_layers_and_bad_expert_counts_are_refused_in_one_line(tokenizer, tmp_path):
+    hf_model = tiny_moe_hf("qwen3_moe", num_experts=4, mlp_only_layers=[1])
+    folder = save_hf_dir(hf_model, tokenizer, tmp_path / "hf")
+    with pytest.raises(LmforgeError, match="every layer must be a mixture of experts"):
+        lmforge.load(folder)
+    with pytest.raises(ValueError, match="experts_per_token must be in 1..n_experts"):
+        ModelConfig(family="mixtral", n_experts=2, experts_per_token=3)
+    with pytest.raises(ValueError, match="n_experts > 0 goes with a mixture-of-experts family"):
+        ModelConfig(family="llama", n_experts=4)
+    with pytest.raises(ValueError, match="n_experts > 0 goes with"):
+        ModelConfig(family="mixtral")
+
+
+def test_load_balancing_loss_counts_imbalance():
+    # balanced: every expert gets its share of picks and of probability -> top_k
+    probs = torch.full((8, 4), 0.25)
+    chosen = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert load_balancing_loss(probs, chosen, 4).item() == pytest.approx(2.0)
+    # every token on experts 0 and 1 with most of the probability there -> more
+    skewed = torch.tensor([[0.45, 0.45, 0.05, 0.05]] * 8)
+    assert load_balancing_loss(skewed, torch.tensor([[0, 1]] * 8), 4).item() == pytest.approx(3.6)
+
+
+def test_training_reaches_the_router_with_and_without_the_auxiliary_loss():
+    ids = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+
+    def router_grads(coef: float) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(family="mixtral", vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                        context=32, n_experts=4, router_aux_coef=coef)).train()
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return [b.mlp.router.weight.grad.clone() for b in model.blocks], loss.item()
+
+    plain, loss_plain = router_grads(0.0)
+    balanced, loss_balanced = router_grads(0.5)
+    assert loss_plain == loss_balanced  # the auxiliary loss reaches the gradients, not the reported loss
+    assert all(g.abs().sum() > 0 for g in plain)  # the chosen experts' weights carry the language-model gradient
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(plain, balanced))
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="qwen3_moe", vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                    context=32, n_experts=4, router_aux_coef=0.01)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    # a token's flops count only the experts it runs (2 of 4 here)
+    cfg = model.config
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    expert = sum(p.numel() for p in model.blocks[0].mlp.experts[0].parameters())
+    attention = 2 * 2 * cfg.n_layer * cfg.context * cfg.n_head * cfg.dim_head
+    assert model.flops_per_token(training=False) == 2 * (linears - cfg.n_layer * 2 * expert) + attention
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_lora_on_attention_loads_in_peft_with_the_same_logits(family, hf_dirs, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf_model, hf_dir = hf_dirs[family]
+    m = lmforge.load(hf_dir)
+    assert set(target_names(m.model)) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # experts stay frozen
+    apply_lora(m.model, LoraSettings(r=4, alpha=8))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in lora_layers(m.model).values():
+            for b in layer.lora_B:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    adapter = save_adapter(m.model, tmp_path / "adapter", str(hf_dir), m.meta)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter).eval()
+    ids = probe_ids()
+    with torch.no_grad():
+        adapted = m.model(ids)
+        torch.testing.assert_close(adapted, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+        assert (adapted - hf_logits(hf_model, ids)).abs().max() > 1e-2
+        merge_lora(m.model)
+        torch.testing.assert_close(m.model(ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_int8_experts_saved_reloaded_and_decoded_natively(family, hf_dirs, tmp_path):
+    m = lmforge.load(hf_dirs[family][1])
+    ids = probe_ids()
+    with torch.no_grad():
+        reference = m.model(ids)
+    q = quantize_model(copy.deepcopy(m.model), "int8")
+    block = q.blocks[0].mlp
+    assert all(isinstance(e.up, QuantizedLinear) and isinstance(e.down, QuantizedLinear) for e in block.experts)
+    assert type(block.router) is torch.nn.Linear  # the router keeps its fp32 weights: it picks the experts
+    with torch.no_grad():
+        got = q(ids)
+    assert ((got - reference).norm() / reference.norm()).item() < 0.02
+    out = save_model_dir(q, m.tokenizer, tmp_path / "q8")
+    back = lmforge.load(out)
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), got)
+    # the C decoder on int8 experts: near the Python path (its activations are int8 too)
+    assert why_not(back.model) is None
+    prompts = [probe_ids(5, 3)[r].tolist() for r in range(3)]
+    x = torch.tensor(prompts)
+    ref_cache, nat_cache = back.model.new_cache(3), back.model.new_cache(3)
+    with torch.no_grad():
+        back.model(x, ref_cache)
+        back.model(x, nat_cache)
+        decoder = NativeDecoder.for_cache(back.model, nat_cache)
+        ref, nat = [], []
+        for token in probe_ids(8, 1)[0].tolist():
+            ref.append(back.model(torch.full((3, 1), token), ref_cache)[:, -1])
+            nat.append(step_cache(decoder, nat_cache, [token] * 3))
+    ref, nat = torch.stack(ref), torch.stack(nat)
+    assert ((nat - ref).norm() / ref.norm()).item() < 0.03
