@@ -233,11 +233,6 @@ class ModelConfig(Section):
             return None
         return self.sliding_window
 
-    def layer_rope_theta(self, layer: int) -> float:
-        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
-            return self.rope_local_theta
-        return self.rope_theta
-
     @property
     def uses_rope(self) -> bool:
         return self.family != "gpt2"

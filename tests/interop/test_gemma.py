@@ -211,3 +211,16 @@ def test_quantized_gemma_stays_close_and_loads(method, tolerance, hf_dirs, tmp_p
         assert 0 < (quantized.model(ids) - reference).abs().max() < tolerance
     (completion,) = quantized.complete([ids[0, :6].tolist()], max_new_tokens=6, temperature=0.0)
     assert len(completion.token_ids) >= 1
+
+
+def test_block_by_block_replay_is_the_forward_pass(hf_dirs):
+    """GPTQ calibrates one block at a time: each block must get the scaled embeddings, its own
+    rope table and its own window, as in the forward pass."""
+    from lmforge.compress.calibration import blocks_with_inputs
+
+    model = lmforge.load(hf_dirs["gemma3"][1]).model
+    tokens = probe_ids(24, 2)
+    *_, (layer, final) = blocks_with_inputs(model, tokens)
+    with torch.no_grad():
+        expected = model(tokens, return_hidden=True)
+    assert layer == 6 and (final[0] - expected).abs().max() < 1e-5

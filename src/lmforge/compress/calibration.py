@@ -57,11 +57,7 @@ def block_inputs(model: Transformer, tokens: torch.Tensor, batch: int = 16) -> l
     """Hidden states entering block 0, in batches."""
     out = []
     for i in range(0, len(tokens), batch):
-        ids = tokens[i:i + batch]
-        x = model.tok_emb(ids)
-        if model.pos_emb is not None:
-            x = x + model.pos_emb(torch.arange(ids.shape[1]))
-        out.append(x)
+        out.append(model.embed(tokens[i:i + batch]))
     return out
 
 
@@ -69,9 +65,8 @@ def block_inputs(model: Transformer, tokens: torch.Tensor, batch: int = 16) -> l
 def replay(model: Transformer, layer: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run block `layer` on every batch of inputs; returns its outputs."""
     block = model.blocks[layer]
-    T = inputs[0].shape[1]
-    rope = model._rope(None, T, inputs[0].dtype)
-    return [block(x, rope, None, layer, None, True) for x in inputs]
+    rope, mask, is_causal = model.layer_inputs(layer, inputs[0].shape[1], inputs[0].dtype, inputs[0].device)
+    return [block(x, rope, None, layer, mask, is_causal) for x in inputs]
 
 
 class InputStats:

@@ -283,9 +283,12 @@ class Transformer(nn.Module):
             cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, d)
         return cos.to(dtype), sin.to(dtype)
 
-    def layer_rope(self, layer: int, positions: torch.Tensor | None, T: int, dtype: torch.dtype):
+    def layer_inputs(self, layer: int, T: int, dtype: torch.dtype, device) -> tuple:
+        """(rope, mask, is_causal) that block `layer` gets for T tokens from position 0 without a
+        cache: what replaying one block at a time (GPTQ's calibration) passes it."""
         cfg = self.config
-        return self._rope(positions, T, dtype, cfg.rope_local_theta is not None and cfg.layer_window(layer) is not None)
+        local = cfg.rope_local_theta is not None and cfg.layer_window(layer) is not None
+        return self._rope(None, T, dtype, local), *self._attention_mask(cfg.layer_window(layer), T, device, None, None)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The input to the first block (B, T, d_model): token (and learned position) embeddings."""
