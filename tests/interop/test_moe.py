@@ -212,3 +212,50 @@ def test_int8_experts_saved_reloaded_and_decoded_natively(family, hf_dirs, tmp_p
             nat.append(step_cache(decoder, nat_cache, [token] * 3))
     ref, nat = torch.stack(ref), torch.stack(nat)
     assert ((nat - ref).norm() / ref.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize(("family", "method"), [("mixtral", "int8"), ("qwen3_moe", "int4"), ("qwen3", "int4")])
+def test_quantized_directory_loads_in_transformers_with_lmforges_logits(family, method, hf_dirs, tmp_path):
+    from lmforge.compress.quantize import run_quantize
+
+    result = run_quantize(hf_dirs[family][1], method, tmp_path / method, log=lambda *a: None)
+    assert result["layout"] == "compressed-tensors"
+    ours = lmforge.load(tmp_path / method)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / method).eval()
+    ids = probe_ids()
+    with torch.no_grad():
+        assert (hf_logits(theirs, ids) - ours.model(ids)).abs().max() < 1e-4
+
+
+DDP_WORKER = """
+import json, sys
+from lmforge.config import load_recipe
+from lmforge.train.trainer import train
+train(load_recipe(None, json.loads(sys.argv[1])), progress=False, log=lambda *a: None)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_a_mixture_of_experts(tmp_path):
+    """Experts no token of a step chose get no gradient: DDP must not wait for them."""
+    import json
+    import subprocess
+    import sys
+
+    overrides = {
+        # 8 tokens a rank, each to 1 of 16 experts: most experts idle in every step
+        "model": {"family": "mixtral", "n_experts": 16, "experts_per_token": 1, "n_layer": 2, "d_model": 32,
+                  "n_head": 4, "n_kv_head": 2, "context": 8, "router_aux_coef": 0.01},
+        "data": {"corpus": "synthetic", "dir": str(tmp_path / "data"), "tokenizer": {"vocab_size": 300}},
+        "train": {"batch_size": 2, "max_steps": 4, "warmup": 1, "checkpoint_every": 100, "log_every": 1,
+                  "parallel": "ddp", "dtype": "float32"},
+        "eval": {"every": 100, "batches": 1},
+        "run": {"name": "moe", "out": str(tmp_path / "runs")},
+    }
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), json.dumps(overrides)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = lmforge.load(tmp_path / "runs" / "moe" / "model")
+    assert trained.config.family == "mixtral" and trained.config.n_experts == 16

@@ -187,6 +187,11 @@ def data_parallel(module: torch.nn.Module, device: torch.device, partly_used: bo
 
     from torch.nn.parallel import DistributedDataParallel
 
+    from lmforge.model.moe import MoE
+
+    # a mixture-of-experts layer's experts that no token of a step chose get no gradient in it
+    partly_used = partly_used or any(isinstance(m, MoE) for m in module.modules())
+
     # forward_sync_buffers is what newer PyTorch calls broadcast_buffers (which it deprecates)
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
         else "broadcast_buffers"
