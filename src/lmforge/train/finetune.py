@@ -277,9 +277,12 @@ def _finetune(cfg: FinetuneConfig, run: Run, resume: bool, resume_from: str | No
     model = loaded.model
     task = make_task(cfg, loaded, device, log, BatchShare(ctx))
     head = task.head.to(device) if task.head is not None else None
-    # Under DDP the model with its head and loss is what is wrapped; a head's backbone leaves the
-    # language-model head without a gradient. With activation checkpointing, blocks are recomputed.
-    run.parallelize(model, TaskStep(task, model, head), partly_used=head is not None)
+    # Under DDP the model with its head and loss is what is wrapped. A task head reads the backbone's
+    # hidden states, so a language-model head that trains (full, untied) gets no gradient.
+    # With activation checkpointing, blocks are recomputed.
+    lm_head = model.lm_head.weight
+    unused_lm_head = head is not None and lm_head.requires_grad and lm_head is not model.tok_emb.weight
+    run.parallelize(model, TaskStep(task, model, head), partly_used=unused_lm_head)
     model.train()
     run.prepare(nn.ModuleList([model] + ([head] if head is not None else [])))
     run.start(cfg.to_yaml(), TrainableCheckpoints(run_dir, model, head, tc.keep_checkpoints, ctx), resume,
