@@ -36,7 +36,7 @@ from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.families import Rule
-from lmforge.interop.hf import weight_map
+from lmforge.interop.hf import split_rule, weight_map
 from lmforge.model import Transformer
 
 QUANT_METHOD = "compressed-tensors"
@@ -125,7 +125,7 @@ def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         elif isinstance(layer, DynamicInt8Linear):
             raise LmforgeError(unsupported_reason(cfg, "w8a8"))
         else:
-            out.update({k: v.detach().float().contiguous() for k, v in split_rows(rule, [("t", state[rule.ours])]).items()})
+            out.update({k: v.detach().float().contiguous() for k, v in split_rule(rule, state[rule.ours]).items()})
     return out
 
 
@@ -239,7 +239,7 @@ def lmforge_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, qconfig: d
         if missing:
             raise LmforgeError(f"{where}: tensor {missing[0]} is missing")
         state[rule.ours] = torch.cat([tensors[t].float() for t in rule.theirs]) if len(rule.theirs) > 1 \
-            else tensors[rule.theirs[0]].float()
+            else tensors[rule.theirs[0]].float() + (1 if rule.kind == "plus_one" else 0)
         if rule.ours.endswith(".weight") and module in linears:
             plain.add(module)
     if tied_plain_head:
