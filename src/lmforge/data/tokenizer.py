@@ -106,11 +106,13 @@ class TextTokenizer:
     def special_ids(self) -> dict[str, int | None]:
         return {"bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "pad_token_id": self.pad_id}
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """`variables` are more names for the template (HF's convention: `tools`)."""
         from lmforge.data.chat_template import render_chat_template
 
         return render_chat_template(self.chat_template or DEFAULT_CHAT_TEMPLATE, messages,
-                                    add_generation_prompt=add_generation_prompt,
+                                    add_generation_prompt=add_generation_prompt, **variables,
                                     bos_token=_token_text(self.config.get("bos_token")) or "",
                                     eos_token=_token_text(self.config.get("eos_token")) or "")
 
