@@ -125,7 +125,7 @@ def _add_yarn(writer, cfg: ModelConfig) -> None:
         writer.add_rope_scaling_attn_factors(rope_attention_factor(cfg) / implied)
 
 
-def _read_yarn(field, config: dict) -> RopeScaling | None:
+def _read_yarn(field) -> RopeScaling | None:
     """The YaRN scaling a foreign GGUF's rope.scaling keys describe (None: no scaling)."""
     kind = field("rope.scaling.type")
     if kind in (None, "none"):
@@ -416,7 +416,7 @@ def _config(reader, arch: str, tensor_names: set[str]) -> ModelConfig:
     return ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head),
                        head_dim=key("attention.key_length", d_model // n_head),
                        norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=key("rope.freq_base", 10000.0),
-                       rope_scaling=_read_yarn(lambda name: _field(reader, f"{arch}.{name}"), common),
+                       rope_scaling=_read_yarn(lambda name: _field(reader, f"{arch}.{name}")),
                        qkv_bias=arch == "qwen2" or None,
                        sliding_window=_field(reader, f"{arch}.attention.sliding_window") if arch == "phi3" else None)
 
