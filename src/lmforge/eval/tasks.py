@@ -1,17 +1,22 @@
-"""Benchmark tasks from local JSONL files: multiple choice, exact-match generation, perplexity.
+"""Benchmark tasks from local JSONL files: multiple choice, generation, code, perplexity.
 
 One example per line; the fields decide the task type (all examples of a file must agree):
 
     {"context": "The capital of France is", "choices": ["Paris", "Rome"], "gold": 0}   multiple choice
     {"context": "2 + 2 =", "answer": "4"}                  generation (answer: a string or a list)
+    {"prompt": "def f(x):\n", "test": "def check(f): ...", "entry_point": "f"}   code (HumanEval's fields)
     {"text": "Any document ..."}                            perplexity and bits per byte
 
-Multiple choice scores each choice by log P(" " + choice | context) (the choice follows
-the context after one space, lm-eval's target delimiter): `acc` takes the highest
-log-likelihood, `acc_norm` the highest log-likelihood per UTF-8 byte of the choice.
-Generation decodes greedily until a newline and compares the stripped text to the answer.
-Few-shot prompts put `num_fewshot` other solved examples of the same file (drawn with a
-fixed seed) before the context, separated by blank lines.
+An optional first line `{"config": {...}}` sets the file's settings (`TaskConfig`): metrics,
+stop strings, max tokens, samples, temperature, chat template, delimiter, pass@k's k.
+
+Multiple choice scores each choice by log P(delimiter + choice | context): `acc` takes the
+highest log-likelihood, `acc_norm` the highest log-likelihood per UTF-8 byte of the choice.
+The delimiter is one space (lm-eval's target delimiter) unless the context ends in a space
+or a CJK character (Chinese and Japanese put no space before an answer), or the file's
+config sets one. Generation and code tasks decode (generation.py) and score with
+metrics.py. Few-shot prompts put `num_fewshot` other solved examples of the same file
+(drawn with a fixed seed) before the context, separated by blank lines.
 """
 
 from __future__ import annotations
@@ -21,18 +26,86 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
+from lmforge.eval.metrics import CODE_METRICS, TEXT_METRICS, is_cjk
 from lmforge.eval.scoring import fit_context, rolling_logprob, score_requests
 
-DELIMITER = " "  # between a context and its choice/answer
 SHOT_SEPARATOR = "\n\n"
-TYPES = {"multiple_choice": ("context", "choices", "gold"), "generation": ("context", "answer"),
-         "perplexity": ("text",)}
-MARKER = {"multiple_choice": "choices", "generation": "answer", "perplexity": "text"}  # the field that tells
+TYPES = {"code": ("prompt", "test", "entry_point"), "multiple_choice": ("context", "choices", "gold"),
+         "generation": ("context", "answer"), "perplexity": ("text",)}
+# The field that tells the type, checked in this order.
+MARKER = {"code": "entry_point", "multiple_choice": "choices", "generation": "answer", "perplexity": "text"}
+# HumanEval's stop sequences: the function body ends where a new top-level statement begins.
+CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+BUILTIN = resources.files("lmforge.eval") / "code_tasks"
+
+
+class TaskConfig(BaseModel):
+    """A task file's settings, from its optional first line `{"config": {...}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: list[str] | None = None  # default: exact_match (generation), pass@k (code)
+    stop: list[str] | None = None  # default: a newline (generation), CODE_STOP (code)
+    max_tokens: int | None = Field(None, ge=1)  # default: 32 (generation), 256 (code)
+    n: int = Field(1, ge=1, le=1000)  # samples per example
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None  # default: the run's seed
+    chat: bool = False  # render the prompt with the model's chat template, as user turns
+    delimiter: str | None = None  # default: by the context's last character
+    k: list[int] | None = None  # pass@k; default: 1, 10, 100 up to n
+    timeout: float = Field(10.0, gt=0.0, le=600.0)  # seconds per program (code)
+
+    @field_validator("metric", "stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+APPLIES = {"multiple_choice": {"delimiter"}, "perplexity": set(),
+           "generation": set(TaskConfig.model_fields) - {"k", "timeout"},
+           "code": set(TaskConfig.model_fields) - {"chat", "delimiter"}}
+
+
+def _check_config(raw: Any, task_type: str, where: str) -> TaskConfig:
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"{where}: 'config' must be a JSON object")
+    try:
+        config = TaskConfig(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise LmforgeError(f"{where}: config {loc}: {err['msg']}") from None
+    wrong = sorted(set(raw) - APPLIES[task_type])
+    if wrong:
+        raise LmforgeError(f"{where}: config {', '.join(wrong)} does not apply to a {task_type.replace('_', '-')} "
+                           f"task (it takes {', '.join(sorted(APPLIES[task_type])) or 'no settings'})")
+    known = CODE_METRICS if task_type == "code" else TEXT_METRICS
+    for m in config.metric or []:
+        if m not in known:
+            raise LmforgeError(f"{where}: unknown metric {m!r} for a {task_type} task; choose from {', '.join(known)}")
+    if config.n > 1 and config.temperature == 0:
+        raise LmforgeError(f"{where}: n={config.n} samples need a temperature > 0 (greedy samples are all the same)")
+    for k in config.k or []:
+        if not 1 <= k <= config.n:
+            raise LmforgeError(f"{where}: pass@{k} needs k between 1 and n={config.n} (set n, the samples per problem)")
+    return config
+
+
+def delimiter(context: str, config: TaskConfig) -> str:
+    """What goes between a context and its answer: the file's choice, else none after a space
+    or a CJK character (中文的答案直接接在后面), else one space."""
+    if config.delimiter is not None:
+        return config.delimiter
+    return "" if not context or context[-1].isspace() or is_cjk(context[-1]) else " "
 
 
 @dataclass
@@ -41,6 +114,7 @@ class Task:
     type: str
     examples: list[dict[str, Any]]
     path: Path | None = None
+    config: TaskConfig = field(default_factory=TaskConfig)
 
     def shots(self, index: int, k: int, seed: int) -> list[dict[str, Any]]:
         """`k` solved examples other than `index`, the same for a given (index, seed)."""
@@ -53,16 +127,31 @@ class Task:
         return [self.examples[j] for j in random.Random(seed * 1_000_003 + index).sample(others, k)]
 
 
-def _answer(example: dict[str, Any], task_type: str) -> str:
+def context_of(example: dict[str, Any], task_type: str) -> str:
+    return example["prompt" if task_type == "code" else "context"]
+
+
+def answer_of(example: dict[str, Any], task_type: str) -> str:
     if task_type == "multiple_choice":
         return example["choices"][example["gold"]]
+    if task_type == "code":
+        if "canonical_solution" not in example:
+            raise LmforgeError("few-shot code prompts need a 'canonical_solution' in every example")
+        return example["canonical_solution"]
     answer = example["answer"]
     return answer[0] if isinstance(answer, list) else answer
 
 
+def solved(task: Task, example: dict[str, Any]) -> str:
+    """A few-shot example: its context, the delimiter, its answer."""
+    context = context_of(example, task.type)
+    sep = "" if task.type == "code" else delimiter(context, task.config)
+    return context + sep + answer_of(example, task.type)
+
+
 def build_prompt(task: Task, index: int, num_fewshot: int = 0, seed: int = 1234) -> str:
-    shots = [s["context"] + DELIMITER + _answer(s, task.type) for s in task.shots(index, num_fewshot, seed)]
-    return SHOT_SEPARATOR.join([*shots, task.examples[index]["context"]])
+    shots = [solved(task, s) for s in task.shots(index, num_fewshot, seed)]
+    return SHOT_SEPARATOR.join([*shots, context_of(task.examples[index], task.type)])
 
 
 def _check_example(ex: Any, where: str, task_type: str | None) -> str:
@@ -71,13 +160,13 @@ def _check_example(ex: Any, where: str, task_type: str | None) -> str:
     found = task_type or next((t for t, marker in MARKER.items() if marker in ex), None)
     if found is None:
         raise LmforgeError(f"{where}: cannot tell the task type: an example needs 'choices' (multiple choice), "
-                           "'answer' (generation) or 'text' (perplexity)")
+                           "'answer' (generation), 'entry_point' (code) or 'text' (perplexity)")
     missing = [f for f in TYPES[found] if f not in ex]
     if missing:
         raise LmforgeError(f"{where}: missing field {', '.join(repr(m) for m in missing)} "
                            f"(a {found.replace('_', '-')} example has {', '.join(TYPES[found])})")
     for f in TYPES[found]:
-        if f in ("context", "text") and not (isinstance(ex[f], str) and ex[f]):
+        if f in ("context", "text", "prompt", "test", "entry_point") and not (isinstance(ex[f], str) and ex[f]):
             raise LmforgeError(f"{where}: '{f}' must be a non-empty string")
     if found == "multiple_choice":
         choices = ex["choices"]
@@ -98,13 +187,26 @@ def _check_example(ex: Any, where: str, task_type: str | None) -> str:
     return found
 
 
+def builtin_tasks() -> list[str]:
+    return sorted(p.name.removesuffix(".jsonl") for p in BUILTIN.iterdir() if p.name.endswith(".jsonl"))
+
+
 def load_task(path: str | Path) -> Task:
+    """A task file; a name that is no file but a built-in task (`pycode`) loads the one lmforge ships."""
     path = Path(path)
+    if not path.is_file() and str(path) in builtin_tasks():
+        path = Path(str(BUILTIN / f"{path}.jsonl"))
     if not path.is_file():
-        raise LmforgeError(f"task file {path} not found")
-    examples, task_type = [], None
+        builtin = ", ".join(builtin_tasks())
+        raise LmforgeError(f"task file {path} not found (built-in tasks: {builtin})")
+    examples, task_type, raw_config = [], None, None
     with open(path, encoding="utf-8") as f:
         for n, ex in json_objects(f, str(path)):
+            if set(ex) == {"config"}:
+                if examples or raw_config is not None:
+                    raise LmforgeError(f"{path}:{n}: the config line must be the file's first line")
+                raw_config = (n, ex["config"])
+                continue
             found = _check_example(ex, f"{path}:{n}", None)
             if task_type not in (None, found):
                 raise LmforgeError(f"{path}:{n}: a {found.replace('_', '-')} example in a "
@@ -113,7 +215,8 @@ def load_task(path: str | Path) -> Task:
             examples.append(ex)
     if not examples:
         raise LmforgeError(f"task file {path} has no examples")
-    return Task(path.stem, task_type, examples, path)
+    config = _check_config(raw_config[1], task_type, f"{path}:{raw_config[0]}") if raw_config else TaskConfig()
+    return Task(path.stem, task_type, examples, path, config)
 
 
 @dataclass
@@ -130,6 +233,8 @@ class TaskResult:
         d = {"task": self.task, "type": self.type, "examples": self.examples, "num_fewshot": self.num_fewshot,
              **self.metrics, "seconds": round(self.seconds, 3),
              "examples_per_s": round(self.examples / max(self.seconds, 1e-9), 2)}
+        if self.type in ("generation", "code"):
+            d["metric_names"] = list(self.metrics)
         if with_predictions:
             d["predictions"] = self.predictions
         return d
@@ -146,11 +251,14 @@ def evaluate_multiple_choice(lm, task: Task, num_fewshot: int = 0, batch_size: i
                              seed: int = 1234) -> TaskResult:
     tok = lm.tokenizer
     requests, spans, names = [], [], []
+    prompts = []
     for i, ex in enumerate(task.examples):
-        ctx, moved = _context_ids(tok, build_prompt(task, i, num_fewshot, seed))
+        prompts.append(build_prompt(task, i, num_fewshot, seed))
+        ctx, moved = _context_ids(tok, prompts[-1])
+        sep = delimiter(prompts[-1], task.config)
         spans.append((len(requests), len(ex["choices"])))
         for c in ex["choices"]:
-            requests.append((ctx, tok.encode(moved + DELIMITER + c)))
+            requests.append((ctx, tok.encode(moved + sep + c)))
             names.append(f"task {task.name}, example {i + 1}")
     start = time.perf_counter()
     scores = score_requests(lm.model, requests, batch_size=batch_size, pad_id=tok.pad_id or 0,
@@ -158,40 +266,18 @@ def evaluate_multiple_choice(lm, task: Task, num_fewshot: int = 0, batch_size: i
     seconds = time.perf_counter() - start
     acc = acc_norm = 0
     predictions = []
-    for ex, (s, n) in zip(task.examples, spans):
+    for i, (ex, (s, n)) in enumerate(zip(task.examples, spans)):
         ll = [sc.logprob for sc in scores[s:s + n]]
         per_byte = [v / len(c.encode("utf-8")) for v, c in zip(ll, ex["choices"])]
         pick, pick_norm = max(range(n), key=ll.__getitem__), max(range(n), key=per_byte.__getitem__)
         acc += pick == ex["gold"]
         acc_norm += pick_norm == ex["gold"]
-        predictions.append({"loglikelihoods": ll, "pred": pick, "pred_norm": pick_norm, "gold": ex["gold"]})
+        predictions.append({"index": i, "prompt": prompts[i], "choices": ex["choices"], "gold": ex["gold"],
+                            "pred": pick, "pred_norm": pick_norm, "loglikelihoods": ll, "acc": float(pick == ex["gold"]),
+                            "acc_norm": float(pick_norm == ex["gold"])})
     n = len(task.examples)
     return TaskResult(task.name, task.type, n, num_fewshot, {"acc": acc / n, "acc_norm": acc_norm / n},
                       seconds, predictions)
-
-
-def evaluate_generation(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, seed: int = 1234,
-                        max_new_tokens: int = 32, stop: tuple[str, ...] = ("\n",)) -> TaskResult:
-    limit = lm.config.context
-    prompts = []
-    for i in range(len(task.examples)):
-        ids = lm.tokenizer.encode(build_prompt(task, i, num_fewshot, seed))
-        fit_context(ids, [0], limit, truncate=False, what=f"task {task.name}, example {i + 1} (prompt + 1 token)")
-        prompts.append(ids)
-    start = time.perf_counter()
-    texts = []
-    for b in range(0, len(prompts), batch_size):
-        texts += [c.text for c in lm.complete(prompts[b:b + batch_size], max_new_tokens=max_new_tokens,
-                                              temperature=0.0, stop=list(stop))]
-    seconds = time.perf_counter() - start
-    hits, predictions = 0, []
-    for ex, text in zip(task.examples, texts):
-        answers = ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]]
-        hit = text.strip() in [a.strip() for a in answers]
-        hits += hit
-        predictions.append({"output": text, "exact_match": hit})
-    n = len(task.examples)
-    return TaskResult(task.name, task.type, n, num_fewshot, {"exact_match": hits / n}, seconds, predictions)
 
 
 def evaluate_perplexity(lm, task: Task) -> TaskResult:
@@ -199,37 +285,57 @@ def evaluate_perplexity(lm, task: Task) -> TaskResult:
     bos = tok.eos_id if tok.eos_id is not None else (tok.bos_id or 0)
     start = time.perf_counter()
     nll = tokens = nbytes = 0
-    for ex in task.examples:
+    predictions = []
+    for i, ex in enumerate(task.examples):
         ids = tok.encode(ex["text"])
-        nll -= rolling_logprob(lm.model, ids, bos)
+        example_nll = -rolling_logprob(lm.model, ids, bos)
+        nll += example_nll
         tokens += len(ids)
         nbytes += len(ex["text"].encode("utf-8"))
+        predictions.append({"index": i, "text": ex["text"], "tokens": len(ids),
+                            "loss": example_nll / max(len(ids), 1)})
     seconds = time.perf_counter() - start
     loss = nll / max(tokens, 1)
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": nll / math.log(2) / nbytes,
                "tokens": tokens}
-    return TaskResult(task.name, task.type, len(task.examples), 0, metrics, seconds)
+    return TaskResult(task.name, task.type, len(task.examples), 0, metrics, seconds, predictions)
 
 
 def evaluate_task(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, limit: int | None = None,
                   seed: int = 1234) -> TaskResult:
     if limit is not None:
-        task = Task(task.name, task.type, task.examples[:limit], task.path)
+        task = Task(task.name, task.type, task.examples[:limit], task.path, task.config)
     if task.type == "multiple_choice":
         return evaluate_multiple_choice(lm, task, num_fewshot, batch_size, seed)
-    if task.type == "generation":
-        return evaluate_generation(lm, task, num_fewshot, batch_size, seed)
+    if task.type in ("generation", "code"):
+        from lmforge.eval.generation import evaluate_code, evaluate_generation
+
+        evaluate = evaluate_code if task.type == "code" else evaluate_generation
+        return evaluate(lm, task, num_fewshot, batch_size, seed)
     return evaluate_perplexity(lm, task)
 
 
-MAIN_METRIC = {"multiple_choice": ("acc", "acc_norm"), "generation": ("exact_match",),
-               "perplexity": ("perplexity", "bits_per_byte")}
+MAIN_METRIC = {"multiple_choice": ("acc", "acc_norm"), "perplexity": ("perplexity", "bits_per_byte")}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def examples_dir_for(out: Path) -> Path:
+    """Where the per-example outputs of the report `out` go: `results.json` -> `results.examples/`."""
+    return out.parent / f"{out.stem}.examples"
 
 
 def run_tasks(model_paths: list[Path], task_paths: list[Path], num_fewshot: int = 0, batch_size: int = 16,
               limit: int | None = None, seed: int = 1234, device: str = "cpu",
-              with_predictions: bool = False) -> dict[str, Any]:
-    """Every task on every model: {"models": [...], "results": {model: {task: metrics}}}."""
+              with_predictions: bool = False, examples_dir: Path | None = None) -> dict[str, Any]:
+    """Every task on every model: {"models": [...], "results": {model: {task: metrics}}}. With
+    `examples_dir`, each task's per-example rows (prompt, output, reference, scores; one row per
+    model and example, its `model` named) go to `examples_dir/TASK.jsonl`."""
     import lmforge
 
     tasks = [load_task(p) for p in task_paths]  # validate every file before loading a model
@@ -237,11 +343,21 @@ def run_tasks(model_paths: list[Path], task_paths: list[Path], num_fewshot: int 
     if len(set(names)) != len(names):
         raise LmforgeError(f"two task files share a name ({', '.join(names)}); rename one")
     results: dict[str, Any] = {}
+    rows: dict[str, list[str]] = {t.name: [] for t in tasks}
     for path in model_paths:
         lm = lmforge.load(path, device=device)
-        results[str(path)] = {t.name: evaluate_task(lm, t, num_fewshot, batch_size, limit, seed).to_dict(with_predictions)
-                              for t in tasks}
-    return {"models": [str(p) for p in model_paths], "num_fewshot": num_fewshot, "seed": seed, "results": results}
+        results[str(path)] = {}
+        for t in tasks:
+            result = evaluate_task(lm, t, num_fewshot, batch_size, limit, seed)
+            results[str(path)][t.name] = result.to_dict(with_predictions)
+            rows[t.name] += [json.dumps({"model": str(path), "task": t.name, **p}, ensure_ascii=False)
+                             for p in result.predictions]
+    report = {"models": [str(p) for p in model_paths], "num_fewshot": num_fewshot, "seed": seed, "results": results}
+    if examples_dir is not None:
+        for name, lines in rows.items():
+            _write_atomic(examples_dir / f"{name}.jsonl", "".join(line + "\n" for line in lines))
+        report["examples"] = {name: str(examples_dir / f"{name}.jsonl") for name in rows}
+    return report
 
 
 def results_table(report: dict[str, Any]):
@@ -256,7 +372,7 @@ def results_table(report: dict[str, Any]):
         table.add_column(m, justify="right")
     first = report["results"][models[0]]
     for task, r in first.items():
-        for metric in MAIN_METRIC[r["type"]]:
+        for metric in MAIN_METRIC.get(r["type"]) or r["metric_names"]:
             table.add_row(task, metric, *(f"{report['results'][m][task][metric]:.4f}" for m in models))
         table.add_row(task, "examples/s", *(f"{report['results'][m][task]['examples_per_s']:.1f}" for m in models),
                       style="dim")
@@ -266,16 +382,14 @@ def results_table(report: dict[str, Any]):
 def eval_command(models: list[Path], task_paths: list[Path], num_fewshot: int, batch_size: int,
                  limit: int | None, out: Path | None, as_json: bool, console) -> dict[str, Any]:
     """`lmforge eval MODEL --tasks ... [--compare MODEL2]`: run, print a table or JSON, write `out`."""
-    report = run_tasks(models, task_paths, num_fewshot, batch_size, limit)
+    report = run_tasks(models, task_paths, num_fewshot, batch_size, limit,
+                       examples_dir=examples_dir_for(out) if out is not None else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        _write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False))
     if as_json:
         print(json.dumps(report))
     else:
         console.print(results_table(report))
         if out is not None:
-            console.print(f"results: {out}")
+            console.print(f"results: {out}; what the model wrote, per example: {examples_dir_for(out)}/")
     return report
