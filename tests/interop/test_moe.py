@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers
+from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers, without_lmforge_keys
 
 import lmforge
 from lmforge.adapters import apply_lora, save_adapter, target_names
@@ -259,3 +259,15 @@ def test_two_process_ddp_trains_a_mixture_of_experts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = lmforge.load(tmp_path / "runs" / "moe" / "model")
     assert trained.config.family == "mixtral" and trained.config.n_experts == 16
+
+
+@pytest.mark.parametrize("family", [*MOE, "qwen3"])
+def test_foreign_gguf_is_read_from_llama_cpp_keys(family, hf_dirs, tmp_path):
+    m = lmforge.load(hf_dirs[family][1])
+    foreign = without_lmforge_keys(export_gguf(m, tmp_path / "m.gguf", "f32"), tmp_path / "foreign.gguf")
+    back = lmforge.load(import_model(foreign, tmp_path / "back"))
+    for key in ("family", "n_experts", "experts_per_token", "expert_dim", "moe_norm_topk", "has_qk_norm", "dim_head"):
+        assert getattr(back.config, key) == getattr(m.config, key), key
+    ids = probe_ids()
+    with torch.no_grad():
+        assert (back.model(ids) - m.model(ids)).abs().max() < 1e-4

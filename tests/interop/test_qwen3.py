@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers
+from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers, without_lmforge_keys
 
 import lmforge
 from lmforge.adapters import apply_lora, save_adapter, target_names
@@ -122,6 +122,10 @@ def test_yarn_runs_the_same_in_llama_cpp(family, variant, tokenizer, tmp_path):
         llm.close()
     back = lmforge.load(import_model(path, tmp_path / "back"))
     assert back.config.rope_scaling == m.config.rope_scaling
+    foreign = lmforge.load(import_model(without_lmforge_keys(path, tmp_path / "foreign.gguf"), tmp_path / "foreign"))
+    assert foreign.config.rope_scaling.rope_type == "yarn"
+    ids = probe_ids(48)
+    assert (ours(foreign, ids) - ours(m, ids)).abs().max() < 1e-4
 
 
 def test_qwen3_lora_loads_in_peft_with_the_same_logits(hf_dirs, tmp_path):

@@ -87,3 +87,23 @@ def probe_ids(n: int = 24, batch: int = 2) -> torch.Tensor:
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
+
+
+def without_lmforge_keys(path, out):
+    """The GGUF at `path` as a file from elsewhere: llama.cpp's keys only (no lmforge.config)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(out, arch)
+    for f in reader.fields.values():
+        if f.name.startswith(("GGUF.", "general.architecture", "lmforge.")):
+            continue
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=tuple(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
