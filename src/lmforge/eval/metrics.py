@@ -30,6 +30,7 @@ from lmforge.errors import LmforgeError
 CJK = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 _HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _TOKEN = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")
+_CJK_OR_RUN = re.compile(f"[{CJK}]|[^{CJK}]+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 TEXT_METRICS = ("exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
@@ -50,7 +51,7 @@ def normalize_answer(text: str) -> list[str]:
     text = "".join(" " if unicodedata.category(c).startswith("P") or c in string.punctuation else c
                    for c in text.lower())
     text = _ARTICLES.sub(" ", text)
-    return [t for word in text.split() for t in (list(word) if _HAN.search(word) else [word])]
+    return [t for word in text.split() for t in _CJK_OR_RUN.findall(word)]
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
