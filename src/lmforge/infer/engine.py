@@ -30,6 +30,7 @@ import torch
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import RowText
+from lmforge.infer.grammar import Constraint, MaskWorker, apply_mask, grammar_tokenizer
 from lmforge.infer.native_decode import NativeDecoder
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.infer.slots import SlotCache
@@ -61,6 +62,7 @@ class Request:
     logprobs: int | None = None  # None: none; k: each sampled token's logprob and its k best alternatives
     prompt_logprobs: bool = False  # also the logprob of every prompt token given the ones before (echo)
     stop_token_ids: list[int] = field(default_factory=list)  # end tokens besides end-of-text (chat turns)
+    grammar: str | None = None  # llguidance grammar the output must follow (infer.grammar)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Sequence:
         self.row = RowText(tokenizer, request.params.stop)
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # for the repetition penalty
+        self.constraint: Constraint | None = None  # the grammar's state, for a constrained request
         self.logits: torch.Tensor | None = None  # (1, V): the distribution of the next token
         self.argmax: int | None = None  # its most likely token, when the step computed it for the batch
         self.sampled = 0
@@ -215,6 +218,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
         self._mailbox_lock = threading.Lock()
+        self._masks: MaskWorker | None = None  # made for the first constrained request
 
     def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         """Where this engine leaves the events of streams read in `loop` (see _Mailbox)."""
@@ -245,6 +249,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._masks is not None:
+            self._masks.close()
+            self._masks = None
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -280,6 +287,9 @@ class Engine:
     def submit_many(self, requests: list[Request], on_event: list[EventCallback]) -> list[Sequence]:
         """Queue requests together (all or none: the queue bound counts them all)."""
         seqs = [Sequence(r, self.check(r), cb, self.tokenizer) for r, cb in zip(requests, on_event)]
+        for seq in seqs:
+            if seq.request.grammar is not None:
+                seq.constraint = self._constraint(seq.request)
         with self._wake:
             if self._stopping or self._thread is None:
                 raise EngineOverloaded("the engine is not running")
@@ -294,6 +304,17 @@ class Engine:
             self._waiting.extend(seqs)
             self._wake.notify()
         return seqs
+
+    def _constraint(self, request: Request) -> Constraint:
+        """A matcher for the request's grammar (GrammarError if it cannot be used), whose end
+        tokens are the request's: end-of-text and its stop tokens."""
+        vocab = self.model.config.vocab
+        ends = tuple(dict.fromkeys(t for t in (self.tokenizer.eos_id, *request.stop_token_ids) if t is not None))
+        constraint = Constraint(request.grammar, grammar_tokenizer(self.tokenizer, vocab, ends))
+        with self._wake:
+            if self._masks is None:
+                self._masks = MaskWorker(vocab)
+        return constraint
 
     def submit(self, request: Request, on_event: EventCallback) -> Sequence:
         return self.submit_many([request], [on_event])[0]
@@ -422,6 +443,8 @@ class Engine:
         if token == eos or token in seq.request.stop_token_ids:
             finish = "stop"
         else:
+            if seq.constraint is not None:
+                seq.constraint.consume(token)
             text = seq.row.add(token)
             if seq.row.stopped:
                 finish = "stop"
@@ -431,7 +454,23 @@ class Engine:
             text += seq.row.flush()
         return Event(text=text, tokens=tokens, finish_reason=finish)
 
+    def _mask(self) -> None:
+        """Constrained sequences' logits: -inf for the tokens their grammar does not allow next
+        (masks computed during the forward pass, or now for a sequence that was prefilled)."""
+        if self._masks is None:
+            return
+        ready = self._masks.wait()
+        for seq in self._running:
+            c = seq.constraint
+            if c is None or c.masked or seq.logits is None or seq.pending:
+                continue
+            allowed = ready.get(id(c))
+            apply_mask(seq.logits, allowed if allowed is not None else self._masks.compute_now(c))
+            seq.argmax = None  # the batch's argmax was taken before the mask
+            c.masked = True
+
     def _step(self) -> None:
+        self._mask()
         for seq in self._running:
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
@@ -455,6 +494,8 @@ class Engine:
         n = len(self._running)
         if n == 0:
             return
+        if self._masks is not None:  # the next masks, computed while the forward pass runs
+            self._masks.start([s.constraint for s in self._running if s.constraint is not None])
         if self.native is not None:
             # One row per running sequence, and one per prompt token for those just admitted.
             tokens: list[int] = []

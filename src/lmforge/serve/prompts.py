@@ -9,6 +9,8 @@ that goes over it on a short conversation is refused when the server starts.
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.concurrency import run_in_threadpool
 
 from lmforge.data.chat_template import TemplateBudgetExceeded
@@ -73,9 +75,15 @@ class PromptEncoder:
 
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template renders it (by default ready for an answer)."""
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        return await self.render_conversation([{"role": m.role, "content": m.text()} for m in messages],
+                                              add_generation_prompt)
+
+    async def render_conversation(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = True,
+                                  **variables: Any) -> str:
+        """Messages as dicts (HF's shape), with more template variables (`tools`)."""
         try:
-            return await run_in_threadpool(self.tokenizer.apply_chat_template, conversation, add_generation_prompt)
+            return await run_in_threadpool(self.tokenizer.apply_chat_template, conversation, add_generation_prompt,
+                                           **variables)
         except TemplateBudgetExceeded as e:
             raise APIError(400, f"{e} for these messages", param="messages", code="chat_template_budget") from None
         except LmforgeError as e:

@@ -71,7 +71,37 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(RequestBody):
+JsonValue = dict[str, Any]
+GRAMMAR_TEXT_MAX = 100_000  # characters of a regex or Lark grammar
+
+
+class JsonSchemaFormat(Body):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = Field(None, max_length=GRAMMAR_TEXT_MAX)
+    json_schema: JsonValue = Field(alias="schema", description="The JSON schema the output must follow")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredFields(Body):
+    """What the output must follow: OpenAI's response_format, or one of vLLM's guided_* fields
+    (lmforge extensions; serve.structured turns them into a grammar)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: JsonValue | str | None = Field(None, description="A JSON schema (object or text) the output follows")
+    guided_regex: str | None = Field(None, max_length=GRAMMAR_TEXT_MAX, description="A regex the output matches")
+    guided_choice: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+        None, min_length=1, max_length=1024, description="The output is one of these strings")
+    guided_grammar: str | None = Field(None, max_length=GRAMMAR_TEXT_MAX,
+                                       description="A Lark grammar (llguidance's dialect) the output follows")
+
+
+class SamplingFields(RequestBody, StructuredFields):
     model: str = Field(max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -105,10 +135,23 @@ class TextPart(Body):
     text: str
 
 
+class FunctionCall(Body):
+    name: str = Field(max_length=256)
+    arguments: str = Field(description="The arguments as a JSON object in text")
+
+
+class ToolCall(Body):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=1024, description="An assistant's earlier calls")
+    tool_call_id: str | None = Field(None, max_length=256, description="The call a tool message answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -118,8 +161,33 @@ class ChatMessage(Body):
         return "".join(p.text for p in self.content)
 
 
+class FunctionSpec(Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = Field(None, max_length=GRAMMAR_TEXT_MAX)
+    parameters: JsonValue = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                  description="A JSON schema of the arguments object")
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Body):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, ge=0, le=INT_MAX)
     max_completion_tokens: int | None = Field(None, ge=0, le=INT_MAX)
     logprobs: bool = False

@@ -16,6 +16,7 @@ from lmforge.infer.engine import Event, TokenLogprob
 from lmforge.serve.logprobs import completion_logprobs
 from lmforge.serve.protocol import CompletionRequest
 from lmforge.serve.services.generation import GenerationService, Job
+from lmforge.serve.structured import grammar_of
 
 
 class CompletionService:
@@ -42,7 +43,8 @@ class CompletionService:
                      key_id: str) -> dict[str, Any] | AsyncIterator[str]:
         """The whole response, or (body.stream) its SSE frames."""
         gen = self.generation
-        job = await gen.job(body, body.prompt_list(), body.max_tokens, body.logprobs, body.echo, key_id)
+        job = await gen.job(body, body.prompt_list(), body.max_tokens, body.logprobs, body.echo, key_id,
+                            await grammar_of(body))
         head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
                 "model": gen.settings.model_name}
         if not body.stream:

@@ -82,8 +82,9 @@ class GenerationService:
         return self.engine.tokenizer.decode([token])
 
     async def job(self, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
-                  logprobs: int | None, echo: bool, key_id: str) -> Job:
-        """The engine requests for these prompts, their tokens reserved (or a 4xx)."""
+                  logprobs: int | None, echo: bool, key_id: str, grammar: str | None = None) -> Job:
+        """The engine requests for these prompts, their tokens reserved (or a 4xx); with a
+        grammar (serve.structured), every output follows it."""
         settings = self.settings
         stop = check_limits(body, len(prompts), max_tokens, logprobs, settings)
         encoded = await self.prompts.encode(prompts)
@@ -98,7 +99,7 @@ class GenerationService:
                                         top_k=max(body.top_k, 0), top_p=body.top_p,
                                         repetition_penalty=body.repetition_penalty, stop=stop, seed=seed)
                 requests.append(EngineRequest(ids, params, logprobs=logprobs,
-                                              prompt_logprobs=echo and logprobs is not None))
+                                              prompt_logprobs=echo and logprobs is not None, grammar=grammar))
         cost = sum(len(r.prompt) + r.params.max_new_tokens for r in requests)
         job = Job(encoded, texts, requests, body.n, [Choice() for _ in requests], cost)
         if settings.tokens_per_minute and cost > settings.tokens_per_minute:

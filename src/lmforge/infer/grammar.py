@@ -1,0 +1,126 @@
+"""Constrained decoding: a grammar (llguidance) decides which tokens may come next.
+
+A request may carry a grammar (llguidance's JSON form: made from a JSON schema, a regex or a
+Lark grammar). Its sequence then gets a matcher, which follows the tokens sampled so far; at
+each step the tokens the grammar does not allow next get -inf logits before sampling, and the
+end-of-text token (or the chat's end of turn) is allowed only where the grammar accepts the
+output as complete. The masks of a step are computed in a worker thread while the model runs
+the forward pass (llguidance releases the GIL), so they cost the step little.
+
+llguidance was chosen over xgrammar and outlines-core (benchmarks/RESULTS.md): it covers JSON
+schema, regex and context-free grammars, compiles a schema in about a millisecond without a
+per-vocabulary index, and installs as one small wheel without dependencies.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import llguidance
+import torch
+from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.errors import LmforgeError
+
+
+class GrammarError(LmforgeError):
+    """A grammar (schema, regex, Lark) that cannot be used to constrain decoding."""
+
+
+_tokenizers: weakref.WeakKeyDictionary[TextTokenizer, dict[tuple, llguidance.LLTokenizer]] = \
+    weakref.WeakKeyDictionary()
+_tokenizers_lock = threading.Lock()
+
+
+def grammar_tokenizer(tokenizer: TextTokenizer, vocab: int, end_ids: tuple[int, ...]) -> llguidance.LLTokenizer:
+    """llguidance's view of a tokenizer, whose end tokens are `end_ids` (built once: it takes
+    a fraction of a second on a large vocabulary)."""
+    key = (vocab, end_ids)
+    with _tokenizers_lock:
+        per = _tokenizers.setdefault(tokenizer, {})
+        if key not in per:
+            per[key] = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab, eos_token=list(end_ids))
+        return per[key]
+
+
+def check_grammar(grammar: str, tokenizer: llguidance.LLTokenizer | None = None) -> None:
+    """Raise GrammarError with llguidance's reason when the grammar cannot be used."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    if is_error:
+        raise GrammarError(messages[0] if messages else "invalid grammar")
+
+
+class Constraint:
+    """One sequence's matcher: which tokens may come next given the ones sampled so far."""
+
+    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer):
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        self.end_ids = set(tokenizer.eos_tokens)
+        self.masked = False  # the current logits already had this step's mask applied
+
+    def consume(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise GrammarError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        self.masked = False
+
+    @property
+    def done(self) -> bool:
+        """The grammar allows nothing but the end."""
+        return self.matcher.is_stopped()
+
+
+class MaskWorker:
+    """Computes the next-token masks of several constraints in a worker thread."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+        self.executor = llguidance.LLExecutor(num_threads=1)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-grammar")
+        self.pending: Future | None = None
+        self.rows: list[Constraint] = []
+
+    def start(self, constraints: list[Constraint]) -> None:
+        """Begin computing masks for these constraints (their current states)."""
+        self.wait()
+        self.rows = constraints
+        if constraints:
+            self.pending = self.pool.submit(self._compute, constraints)
+
+    def _compute(self, constraints: list[Constraint]) -> torch.Tensor:
+        bitmask = allocate_token_bitmask(len(constraints), self.vocab)
+        fill_next_token_bitmask_par(self.executor, [(c.matcher, i) for i, c in enumerate(constraints)], bitmask)
+        return bitmask
+
+    def wait(self) -> dict[int, torch.Tensor]:
+        """The masks started last, by id of their constraint: (V,) bool, True where allowed."""
+        if self.pending is None:
+            return {}
+        bitmask, self.pending = self.pending.result(), None
+        allowed = unpack(bitmask, self.vocab)
+        return {id(c): allowed[i] for i, c in enumerate(self.rows)}
+
+    def compute_now(self, constraint: Constraint) -> torch.Tensor:
+        return unpack(self._compute([constraint]), self.vocab)[0]
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown()
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, ceil(V/32)) int32 bitmask -> (B, V) bool."""
+    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
+    """logits (1, V) in place: -inf where not allowed."""
+    logits.masked_fill_(~allowed.to(logits.device).unsqueeze(0), float("-inf"))
