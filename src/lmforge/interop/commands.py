@@ -68,7 +68,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help="hf, gguf or onnx.")],
     out: Annotated[Path, typer.Option(help="Output directory (hf, onnx) or .gguf file.")],
     dtype: Annotated[Optional[str], typer.Option(help="hf/onnx: float32, bfloat16 or float16.")] = None,
-    gguf_type: Annotated[str, typer.Option(help="gguf: f32, f16, q8_0, q4_0, q6_k or q4_k_m (a quantized model keeps its own int8/int4 codes as q8_0/q4_0).")] = "f16",
+    gguf_type: Annotated[str, typer.Option(help="gguf: f32, f16, q8_0, q4_0, q6_k or q4_k_m (q8_0 of an int8 model and q4_0 of a symmetric int4 one keep its codes).")] = "f16",
     quantize: Annotated[Optional[str], typer.Option(help="onnx: int8 for dynamic int8 quantization.")] = None,
 ):
     """Export a model directory for transformers (hf), llama.cpp (gguf) or onnxruntime (onnx)."""
