@@ -24,6 +24,8 @@ from lmforge.eval.tasks import CODE_STOP, Task, TaskResult, answer_of, build_pro
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 
+SAMPLE_BATCH = 16  # rows per decoding batch when sampling; part of what the seed reproduces
+
 
 def chat_prompt(lm, task: Task, index: int, num_fewshot: int, seed: int) -> str:
     if lm.tokenizer.chat_template is None:
@@ -39,8 +41,9 @@ def chat_prompt(lm, task: Task, index: int, num_fewshot: int, seed: int) -> str:
 
 def _sample_all(lm, task: Task, prompts: list[str], batch_size: int, seed: int, stop: list[str],
                 max_tokens: int) -> list[list[str]]:
-    """n outputs per prompt. Greedy prompts share batches; sampled ones draw their n samples
-    together from a generator seeded by (seed, example), so a run is repeatable whatever the batch size."""
+    """n outputs per prompt. Greedy prompts share batches of `batch_size`; a sampled example draws
+    its n samples in batches of SAMPLE_BATCH rows, each from a generator seeded by (seed, example,
+    batch), so a run repeats whatever `batch_size` is."""
     from lmforge.data.chat_template import end_of_turn_ids
 
     lm.check_generates()
@@ -66,8 +69,8 @@ def _sample_all(lm, task: Task, prompts: list[str], batch_size: int, seed: int, 
     outputs = []
     for i, row in enumerate(ids):
         samples: list[str] = []
-        for b in range(0, config.n, batch_size):
-            rows = min(batch_size, config.n - b)
+        for b in range(0, config.n, SAMPLE_BATCH):
+            rows = min(SAMPLE_BATCH, config.n - b)
             samples += run([row] * rows, (base * 1_000_003 + i * 1_009 + b) % (1 << 63))
         outputs.append(samples)
     return outputs
