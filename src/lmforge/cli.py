@@ -255,11 +255,11 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    tasks: Annotated[Optional[list[Path]], typer.Option(help="A JSONL task file (multiple choice, generation, perplexity); repeatable.")] = None,
+    tasks: Annotated[Optional[list[Path]], typer.Option(help="A JSONL task file (multiple choice, generation, code, perplexity) or a built-in task (pycode); repeatable.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate this model on the tasks, side by side; repeatable.")] = None,
     num_fewshot: Annotated[int, typer.Option(help="Solved examples put before each task prompt.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N examples of each task.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the task results JSON here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the task results JSON here, and what the model wrote per example to OUT_STEM.examples/TASK.jsonl.")] = None,
 ):
     """Perplexity and bits-per-byte on a text file or prepared split (--data), or benchmark tasks (--tasks)."""
     import lmforge
