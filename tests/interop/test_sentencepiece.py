@@ -9,14 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import sentencepiece as spm
 import torch
 from tiny_models import FAMILIES, hf_logits, transformers
 
 import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.interop.convert import import_model
-
-spm = pytest.importorskip("sentencepiece")
 
 TEXT = """\
 The quick brown fox jumps over the lazy dog. Tokenizers split text into pieces; models see only ids.
