@@ -10,6 +10,7 @@ at every run; a random model may still run past max_tokens, which is counted sep
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis_jsonschema import from_schema
 from serve_helpers import KEY, MODEL
 
-from lmforge.infer.engine import Engine, Request
+from lmforge.infer.engine import PROMPT_IN_STEP_MAX, Engine, Request
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.structured import json_schema_grammar
 
@@ -75,6 +76,7 @@ def to_schema(d: list) -> dict:
     return {"type": kind}
 
 
+@functools.lru_cache(maxsize=1)
 def generated_schemas(count: int) -> list[dict]:
     found: dict[str, dict] = {}
 
@@ -142,3 +144,91 @@ def test_generated_schemas_give_valid_json_streaming_and_not(http):
             stopped += 1
             jsonschema.validate(json.loads(text), schema)
     assert stopped >= 180, f"only {stopped} of 200 outputs completed within 96 tokens"
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "ok": {"type": "boolean"}},
+          "required": ["name", "ok"], "additionalProperties": False}
+
+
+def complete(http: httpx.Client, **body) -> dict:
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 40, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_regex_choice_grammar_and_json_object(http):
+    for seed in range(4):
+        c = complete(http, guided_regex=r"[0-9]{3}-[A-Z]{2}( ok)?", temperature=1.0, seed=seed)
+        assert c["finish_reason"] == "stop" and re.fullmatch(r"[0-9]{3}-[A-Z]{2}( ok)?", c["text"]), c
+        c = complete(http, guided_choice=["yes", "no", "中文 \"quoted\""], temperature=1.0, seed=seed)
+        assert c["text"] in ["yes", "no", "中文 \"quoted\""] and c["finish_reason"] == "stop"
+        c = complete(http, guided_grammar='start: expr\nexpr: NUM | "(" expr "+" expr ")"\nNUM: /[0-9]/',
+                     temperature=1.0, seed=seed, max_tokens=100)
+        assert c["finish_reason"] == "stop" and re.fullmatch(r"[0-9()+]+", c["text"]), c
+        assert c["text"].count("(") == c["text"].count(")") == c["text"].count("+")
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "JSON?"}],
+                                                "response_format": {"type": "json_object"}, "max_tokens": 60,
+                                                "temperature": 0})
+    (c,) = r.json()["choices"]
+    assert c["finish_reason"] == "length" or isinstance(json.loads(c["message"]["content"]), dict)
+    assert c["message"]["content"].startswith("{")
+
+
+def test_max_tokens_before_the_grammar_completes_is_length(http):
+    c = complete(http, guided_json=SCHEMA, max_tokens=3)
+    assert c["finish_reason"] == "length" and c["text"].startswith('{"')
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integr"}}}},
+     "response_format", "response_format: not a usable JSON schema: "),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "response_format of type json_schema"),
+    ({"guided_json": "{not json"}, "guided_json", "guided_json is not JSON"),
+    ({"guided_json": {"type": "string", "pattern": "(?=a)b"}}, "guided_json", "guided_json: not a usable JSON schema"),
+    ({"guided_regex": "[a-"}, "guided_regex", "guided_regex: not a usable regex: "),
+    ({"guided_grammar": "start: missing_rule"}, "guided_grammar", "guided_grammar: not a usable grammar: "),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "guided_regex and guided_choice both constrain"),
+    ({"guided_choice": []}, "guided_choice", ""),
+])
+def test_unusable_constraints_are_400s_naming_the_field(http, body, param, message):
+    for path, extra in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions",
+                                                               {"messages": [{"role": "user", "content": "x"}]})):
+        r = http.post(path, json={"model": MODEL, **extra, **body})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["param"] or "").startswith(param) and err["message"].startswith(message), err
+
+
+def test_constrained_and_free_rows_share_a_batch(http, tiny):
+    """Free greedy rows give the same tokens beside constrained rows as alone, and the
+    constrained rows the same as alone."""
+    prompts = ["ROMEO:", "To be, or not", "The king", "Now is the winter"]
+    free = [complete(http, prompt=p, temperature=0, max_tokens=24)["text"] for p in prompts]
+    alone = [complete(http, prompt=p, temperature=0, max_tokens=24, guided_json=SCHEMA)["text"] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        mixed = list(pool.map(lambda a: complete(http, prompt=a[1], temperature=0, max_tokens=24,
+                                                 **({"guided_json": SCHEMA} if a[0] % 2 else {}))["text"],
+                              enumerate(p for p in prompts for _ in range(2))))
+    assert mixed[0::2] == free
+    assert mixed[1::2] == alone
+    assert all(a != f for a, f in zip(alone, free))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_engine_paths_constrain_alike(tiny, native):
+    """The native decode path and the PyTorch path (and a long prompt, prefilled alone) give
+    the same constrained tokens."""
+    model, tokenizer = tiny
+    grammar = json_schema_grammar(SCHEMA, "schema")
+    short, long = tokenizer.encode("ROMEO:"), tokenizer.encode("JULIET: O Romeo, Romeo! " * 3)
+    assert len(long) > PROMPT_IN_STEP_MAX  # prefilled alone, not in the step
+    requests = [Request(p, SamplingParams(max_new_tokens=40, temperature=1.0, seed=s), grammar=grammar)
+                for p in (short, long) for s in range(3)]
+    with Engine(model, tokenizer, native=native) as engine:
+        results = engine.generate(requests, timeout=120)
+    with Engine(model, tokenizer, native=False) as reference:
+        expected = reference.generate(requests, timeout=120)
+    for r, e in zip(results, expected):
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), SCHEMA)
+        assert r.token_ids == e.token_ids
