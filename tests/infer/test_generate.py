@@ -14,7 +14,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 
 # Mistral's (and phi3's) window of 6 is much shorter than the sequences below (up to ~30 tokens).
-FAMILY_CASES = [(f, {"sliding_window": 6} if f in ("mistral", "phi3") else {}) for f in get_args(Family)]
+FAMILY_CASES = [(f, {"sliding_window": 6} if f in ("mistral", "phi3", "mixtral") else {}) for f in get_args(Family)]
 FAMILY_IDS = [f + ("-window6" if extra else "") for f, extra in FAMILY_CASES]
 
 

@@ -23,7 +23,8 @@ from lmforge.native import decode_abi as abi
 # so it predicts the token it was fed, forever); gemma2/3 with every setting of theirs on.
 GEMMA_LAYERS = dict(tie_embeddings=False, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                     logit_softcap=10.0, query_pre_attn_scalar=24)
-EXTRA = {"mistral": {"sliding_window": 6}, "phi3": {"sliding_window": 6}, "gemma": {"tie_embeddings": False},
+EXTRA = {"mistral": {"sliding_window": 6}, "phi3": {"sliding_window": 6}, "mixtral": {"sliding_window": 6},
+         "gemma": {"tie_embeddings": False},
          "gemma2": {**GEMMA_LAYERS, "attn_softcap": 5.0}, "gemma3": {**GEMMA_LAYERS, "rope_local_theta": 100.0}}
 FAMILY_CASES = [(f, EXTRA.get(f, {})) for f in get_args(Family)]
 FAMILY_IDS = [f + ("-window6" if "sliding_window" in extra else "") for f, extra in FAMILY_CASES]
