@@ -47,6 +47,7 @@ class Task(Protocol):
     def batch(self, index: int) -> Any: ...  # batch number `index`: a tuple or dict of tensors
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...  # model: as the step calls it (wrapped)
     def evaluate(self, model: nn.Module) -> Any: ...  # metrics with val_loss (a dict), or an EvalResult
+    # Optional: `log_record() -> dict` adds the task's statistics since the last record to each record.
 
 
 class TaskStep(nn.Module):
@@ -277,6 +278,8 @@ class Run:
                               "tokens_per_s": tps}
                     if flops_per_token is not None:
                         record.update(flops_per_s=tps * flops_per_token, tokens=tokens)
+                    if hasattr(self.task, "log_record"):  # the task's own statistics (GRPO's rewards)
+                        record.update(self.task.log_record())
                     self.metrics.write({**record, "elapsed_s": self.elapsed_before + now - start})
                     bar.update(bar_task, loss=window_loss / window_steps, tps=tps)
                     window_loss, window_steps, window_start = 0.0, 0, now
@@ -314,6 +317,10 @@ class Run:
         """Accumulate train.grad_accum micro-batches, clip, step: (mean loss, gradient norm)."""
         tc = self.tc
         loss_sum = 0.0
+        if self.ctx.active:
+            # Every process starts from the same seed: without this, each would draw the same dropout
+            # masks (LoRA's) for its own rows. Seeded by the step, a resumed run draws the same ones.
+            torch.manual_seed((tc.seed * 1_000_003 + step) * 65_537 + self.ctx.rank)
         for micro in range(tc.grad_accum):
             batch = _to_device(self.task.batch(step * tc.grad_accum + micro), self.device)
             with distributed.no_gradient_sync(self.wrapped, self.ctx, micro == tc.grad_accum - 1):
