@@ -56,7 +56,8 @@ def test_qwen3_head_dim_and_per_head_norms(hf_dirs):
     attn = m.model.blocks[1].attn
     assert attn.qkv.weight.shape == ((4 + 2 * 2) * 16, 32) and attn.proj.weight.shape == (32, 64)
     theirs = hf_model.model.layers[1].self_attn
-    assert torch.equal(attn.q_norm.weight, theirs.q_norm.weight) and torch.equal(attn.k_norm.weight, theirs.k_norm.weight)
+    assert torch.equal(attn.q_norm.weight, theirs.q_norm.weight)
+    assert torch.equal(attn.k_norm.weight, theirs.k_norm.weight)
     with torch.no_grad():  # the norms matter: without them the logits are another model's
         expected = hf_logits(hf_model, probe_ids())
         for block in m.model.blocks:

@@ -113,7 +113,8 @@ class NativeDecoder:
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),
             t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), _linear(model.lm_head, keep),
             ctypes.addressof(layers), None)
-        self._layers, self._experts, self._keep = layers, experts, keep  # the C structs point into these: keep them alive
+        # the C structs point into these: keep them alive
+        self._layers, self._experts, self._keep = layers, experts, keep
         self.lib, self.vocab, self.logit_softcap = lib, cfg.vocab, cfg.logit_softcap
         self.weight_bytes = matmul_bytes(model)
         self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)

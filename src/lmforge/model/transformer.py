@@ -56,7 +56,8 @@ def yarn_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     s, d = cfg.rope_scaling, cfg.dim_head
 
     def dimension(rotations: float) -> float:  # the dimension that turns `rotations` times
-        return d * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        turns = s.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return d * math.log(turns) / (2 * math.log(cfg.rope_theta))
 
     low, high = dimension(s.beta_fast), dimension(s.beta_slow)
     if s.truncate:
