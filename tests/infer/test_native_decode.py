@@ -252,8 +252,9 @@ def test_without_native_kernels_generation_falls_back(make_model, monkeypatch):
         native.kernels.cache_clear()
 
 
-def test_engine_batches_native_equal_reference(make_model, tokenizer):
-    model = make_model("llama", vocab_size=tokenizer.vocab_size, context=64, init_std=0.3)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral", "qwen3_moe"])
+def test_engine_batches_native_equal_reference(make_model, tokenizer, family):
+    model = make_model(family, vocab_size=tokenizer.vocab_size, context=64, init_std=0.3)
     requests = [Request(prompt=prompt(n, tokenizer.vocab_size, seed=n), params=SamplingParams(max_new_tokens=m))
                 for n, m in ((4, 20), (9, 7), (2, 30), (6, 12))]  # they join and leave at different steps
     results = {}
