@@ -100,7 +100,10 @@ class MaskWorker:
         """The masks started last, by id of their constraint: (V,) bool, True where allowed."""
         if self.pending is None:
             return {}
-        bitmask, self.pending = self.pending.result(), None
+        future, self.pending = self.pending, None
+        # A worker that has not started yet (a busy machine did not schedule it) is not
+        # waited for: the masks are computed here at once.
+        bitmask = self._compute(self.rows) if future.cancel() else future.result()
         allowed = unpack(bitmask, self.vocab)
         return {id(c): allowed[i] for i, c in enumerate(self.rows)}
 
