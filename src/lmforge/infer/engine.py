@@ -32,6 +32,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import RowText
 from lmforge.infer.grammar import Constraint, MaskWorker, apply_mask, grammar_tokenizer
 from lmforge.infer.native_decode import NativeDecoder
+from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.infer.slots import SlotCache
 from lmforge.model import Transformer
@@ -105,6 +106,7 @@ class Sequence:
         self.argmax: int | None = None  # its most likely token, when the step computed it for the batch
         self.sampled = 0
         self.pending = False  # its prompt is still to be fed, in the next step
+        self.cached = 0  # how many of its prompt's first tokens came from the prefix cache
         self.cancelled = False
         self.finish_reason: str | None = None
 
@@ -199,9 +201,15 @@ class EventStream:
                 s.cancel()
 
 
+def _lane(in_step: bool) -> str:
+    """The prefix cache's chain for keys and values computed one way: rows of a native step
+    and a PyTorch prefill round differently (see prefix_cache)."""
+    return "native-step" if in_step else "prefill"
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256,
-                 native: bool = True):
+                 native: bool = True, prefix_cache: PrefixCache | None = None):
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -211,6 +219,7 @@ class Engine:
         # Decoding steps run through the native decoder where it covers the model.
         self.native = NativeDecoder.create(model, self.cache.k, self.cache.v) if native else None
         self.device = model.tok_emb.weight.device
+        self.prefix_cache = prefix_cache  # None: every prompt is computed whole
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # index == cache slot
         self._wake = threading.Condition()
@@ -402,13 +411,18 @@ class Engine:
         if params.repetition_penalty != 1.0:
             seq.seen = torch.zeros(1, self.model.config.vocab, dtype=torch.bool, device=self.device)
             seq.seen[0, ids[0]] = True
-        if self.native is not None and not req.prompt_logprobs and len(req.prompt) <= PROMPT_IN_STEP_MAX:
-            self.cache.lengths[slot] = 0
+        in_step = self.native is not None and not req.prompt_logprobs and len(req.prompt) <= PROMPT_IN_STEP_MAX
+        if self.prefix_cache is not None and not req.prompt_logprobs:  # echo needs every prompt position's logits
+            seq.cached = self.prefix_cache.lookup(_lane(in_step), req.prompt, self.cache.k, self.cache.v, slot)
+        if in_step:
+            self.cache.lengths[slot] = seq.cached
             seq.pending = True  # `_step` feeds the prompt with the others' next tokens
             self._running.append(seq)
             return
-        self.cache.bind_prefill(slot, ids.shape[1])
-        logits = self.model(ids, self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
+        self.cache.bind_prefill(slot, ids.shape[1] - seq.cached, start=seq.cached)
+        logits = self.model(ids[:, seq.cached:], self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(_lane(False), req.prompt, self.cache.k, self.cache.v, slot)
         seq.logits = logits[:, -1].clone() if req.prompt_logprobs else logits[:, -1]
         if req.prompt_logprobs:
             lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): token t+1 given 0..t
@@ -505,9 +519,9 @@ class Engine:
             for i, seq in enumerate(self._running):
                 if seq.pending:
                     prompt = seq.request.prompt
-                    tokens += prompt
-                    positions += range(len(prompt))
-                    rows += [i] * len(prompt)
+                    tokens += prompt[seq.cached:]
+                    positions += range(seq.cached, len(prompt))
+                    rows += [i] * (len(prompt) - seq.cached)
                 else:
                     tokens.append(seq.row.ids[-1])
                     positions.append(self.cache.lengths[i])
@@ -517,6 +531,8 @@ class Engine:
                                       logits_rows=last if len(tokens) != n else None)
             for i, seq in enumerate(self._running):
                 self.cache.lengths[i] = positions[last[i]] + 1
+                if seq.pending and self.prefix_cache is not None:
+                    self.prefix_cache.store(_lane(True), seq.request.prompt, self.cache.k, self.cache.v, i)
                 seq.pending = False
         else:
             last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)

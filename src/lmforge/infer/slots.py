@@ -41,9 +41,10 @@ class SlotCache:
         return len(self.lengths)
 
     # -- what the engine calls ---------------------------------------------------------------
-    def bind_prefill(self, slot: int, t: int) -> None:
-        """The next forward writes a fresh prompt of t tokens into `slot`."""
-        self.lengths[slot] = 0
+    def bind_prefill(self, slot: int, t: int, start: int = 0) -> None:
+        """The next forward writes t prompt tokens into `slot` after its first `start` tokens
+        (0: a fresh prompt; more: the slot already holds a cached prefix of the prompt)."""
+        self.lengths[slot] = start
         self._bind(slice(slot, slot + 1), t)
 
     def bind_decode(self, n: int) -> None:
@@ -82,10 +83,13 @@ class SlotCache:
         same_length = min(starts) == max(starts)
         if same_length and (t == 1 or starts[0] == 0) and (window is None or end <= window):
             return None  # causal over all slots: exactly what a lone sequence computes
-        if t > 1:  # a prompt longer than the sliding window, into an empty slot
-            q_slot = torch.arange(t, device=self.device)[:, None]
-            k_slot = torch.arange(t, device=self.device)[None, :]
-            return ((k_slot <= q_slot) & (k_slot > q_slot - window))[None, None]  # (1, 1, t, t)
+        if t > 1:  # a prompt into one slot: longer than the sliding window, or after a cached prefix
+            q_slot = starts[0] + torch.arange(t, device=self.device)[:, None]
+            k_slot = torch.arange(end, device=self.device)[None, :]
+            allowed = k_slot <= q_slot
+            if window is not None:
+                allowed = allowed & (k_slot > q_slot - window)
+            return allowed[None, None]  # (1, 1, t, end)
         k_slot = torch.arange(end, device=self.device)[None, :]  # (1, end)
         pos = torch.tensor(starts, device=self.device)[:, None]  # (n, 1): the new token's slot
         allowed = k_slot <= pos
