@@ -236,6 +236,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: torch's choice).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
+    prefix_cache_mb: Annotated[float, typer.Option(help="Memory for the keys and values of shared prompt prefixes (MiB).")] = 256.0,
+    no_prefix_cache: Annotated[bool, typer.Option(help="Compute every prompt whole (no prefix cache).")] = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
     from lmforge.serve.command import serve as run_server
@@ -246,7 +248,7 @@ def serve(
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or [],
         "allowed_hosts": allowed_hosts or [], "header_timeout": header_timeout, "body_timeout": body_timeout,
         "keep_alive_timeout": keep_alive_timeout, "max_connections": max_connections,
-        "native_decode": not reference_path})
+        "native_decode": not reference_path, "prefix_cache_mb": 0.0 if no_prefix_cache else prefix_cache_mb})
 
 
 def evaluate(
