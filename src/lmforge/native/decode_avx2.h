@@ -1,9 +1,10 @@
 /* Part of decode.c, included by it once where the CPU has AVX2 but not AVX-512
- * (decode_avx512.h otherwise): the batched fp32 matmul in 256-bit tiles. Builds on
- * decode.c's Linear, Worker, FOR_ITEMS, put and CHUNK_ROWS, and defines
+ * (decode_avx512.h otherwise): the batched matmuls in 256-bit tiles. Builds on decode.c's
+ * Linear, Work, Worker, FOR_ITEMS, put, CHUNK_ROWS and lowbit_row, and defines
  * - matvec_f32_batch, the fp32 matmul for a batch (B >= 4);
+ * - matvec_lowbit_batch (the int8/int4 matmul in tiles of two rows) and LOWBIT_TILE, which
+ *   has decode.c's matvec take it;
  * - DECODE_ISA, the name decode_isa() reports.
- * The int8/int4 matmuls keep kernels.h's row kernels here (no LOWBIT_TILE).
  */
 #ifndef LMFORGE_DECODE_AVX2_H
 #define LMFORGE_DECODE_AVX2_H
@@ -66,6 +67,122 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
                 if (pair) put(L, y, N, b, n + 1, f32_row(x + (size_t)b * K, K, w1), accumulate);
             }
         }
+    }
+}
+/* The int8/int4 tiles: without VNNI, a 32-byte product is vpmaddubsw (unsigned x signed
+ * bytes into pairs of int16) then vpmaddwd by ones (into eight int32), as in kernels.h's row
+ * kernels and llama.cpp's AVX2 path. Two weight rows meet up to four sequences: eight
+ * accumulators, and the weights' absolute values (int8) or unpacked codes (int4) are made
+ * once per block for all the sequences instead of once per sequence; one row per (row,
+ * sequence) re-derived them for each. AVX2's sixteen registers hold two rows, not four. */
+#define LOWBIT_TILE 1
+#define TILE_ROWS 2
+
+/* Two int8 weight rows (w, stride K) against S <= 4 rows of int8 activations (xq, stride K;
+ * block scales xs, stride K / 32): out[2 s + r] = sum over blocks b of xs_s[b] * (w_r . xq_s
+ * over block b), the rows' own scales left to the caller. vpmaddubsw multiplies unsigned by
+ * signed bytes: the weights enter as |w| and the activations take w's sign (|w| <= 127, so
+ * the int16 pair sums cannot saturate). */
+static inline __attribute__((always_inline)) void q8_tile2(const int8_t *xq, const float *xs, int K, const int8_t *w,
+                                                           int S, float *out) {
+    const int blocks = K / QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        _mm_prefetch((const char *)(w + 2 * (size_t)K + b * QK), _MM_HINT_T0); /* the next tile's rows */
+        _mm_prefetch((const char *)(w + 3 * (size_t)K + b * QK), _MM_HINT_T0);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + K + b * QK));
+        const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
+        for (int s = 0; s < S; s++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (size_t)s * K + b * QK));
+            const __m256 d = _mm256_set1_ps(xs[(size_t)s * blocks + b]);
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(a, w0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(a, w1)), ones);
+            acc[0][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d, acc[0][s]);
+            acc[1][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d, acc[1][s]);
+        }
+    }
+    for (int s = 0; s < S; s++) out[2 * s] = hsum(acc[0][s]), out[2 * s + 1] = hsum(acc[1][s]);
+}
+
+/* The int4 counterpart: two rows of codes (q, K/2 bytes a row; scale and zero per group of
+ * G) against S <= 4 sequences, fully scaled. The codes are unsigned, which is what
+ * vpmaddubsw takes; each block's product is scaled by the activations' block scale times the
+ * weights' group scale, and the zero points come off at the end through the activations'
+ * group sums (gsum, stride K/G), as in q4_row. */
+static inline __attribute__((always_inline)) void q4_tile2(const int8_t *xq, const float *xs, const float *gsum, int K,
+                                                           const uint8_t *q, const float *scale, const uint8_t *zero,
+                                                           int G, int S, float *out) {
+    const int blocks = K / QK, groups = K / G, per_group = G / QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *p = q + b * QK / 2;
+        _mm_prefetch((const char *)(p + (size_t)K), _MM_HINT_T0); /* the next tile's rows (K/2 bytes each) */
+        const __m256i c0 = nibbles(p), c1 = nibbles(p + K / 2);
+        const int g = b / per_group;
+        const __m256 s0 = _mm256_set1_ps(scale[g]), s1 = _mm256_set1_ps(scale[groups + g]);
+        for (int s = 0; s < S; s++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (size_t)s * K + b * QK));
+            const __m256 d = _mm256_set1_ps(xs[(size_t)s * blocks + b]);
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(c0, a), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, a), ones);
+            acc[0][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(d, s0), acc[0][s]);
+            acc[1][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(d, s1), acc[1][s]);
+        }
+    }
+    for (int s = 0; s < S; s++)
+        for (int r = 0; r < 2; r++) {
+            float v = hsum(acc[r][s]);
+            for (int g = 0; g < groups; g++)
+                v -= scale[(size_t)r * groups + g] * (float)zero[(size_t)r * groups + g] * gsum[(size_t)s * groups + g];
+            out[2 * s + r] = v;
+        }
+}
+
+/* Rows n, n+1 against sequences b..b+S-1 (S <= 4): out[2 s + r], fully scaled. */
+static inline void lowbit_tile2(const Linear *L, const Work *ws, int n, int b, int S, float *out) {
+    const int K = L->K, blocks = K / QK;
+    const int8_t *xq = ws->xq + (size_t)b * K;
+    const float *xs = ws->xs + (size_t)b * blocks;
+    if (L->kind == Q8) {
+        const int8_t *w = (const int8_t *)L->w + (size_t)n * K;
+        if (S == 4) q8_tile2(xq, xs, K, w, 4, out);
+        else if (S == 3) q8_tile2(xq, xs, K, w, 3, out);
+        else if (S == 2) q8_tile2(xq, xs, K, w, 2, out);
+        else q8_tile2(xq, xs, K, w, 1, out);
+        for (int i = 0; i < 2 * S; i++) out[i] *= L->scale[n + i % 2];
+        return;
+    }
+    const int groups = K / L->G;
+    const uint8_t *q = (const uint8_t *)L->w + (size_t)n * K / 2, *zero = L->zero + (size_t)n * groups;
+    const float *gsum = ws->gsum + (size_t)b * groups, *scale = L->scale + (size_t)n * groups;
+    if (S == 4) q4_tile2(xq, xs, gsum, K, q, scale, zero, L->G, 4, out);
+    else if (S == 3) q4_tile2(xq, xs, gsum, K, q, scale, zero, L->G, 3, out);
+    else if (S == 2) q4_tile2(xq, xs, gsum, K, q, scale, zero, L->G, 2, out);
+    else q4_tile2(xq, xs, gsum, K, q, scale, zero, L->G, 1, out);
+}
+
+/* The int8/int4 matmul on the activations quantized by `matvec`, in tiles of two rows. */
+static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
+    const int N = L->N, pairs = N / 2, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    FOR_ITEMS(wk, item, items) {
+        const int end = (item + 1) * CHUNK_ROWS / 2 < pairs ? (item + 1) * CHUNK_ROWS / 2 : pairs;
+        for (int p = item * CHUNK_ROWS / 2; p < end; p++)
+            for (int b = 0; b < B; b += 4) {
+                const int S = B - b < 4 ? B - b : 4;
+                float o[8];
+                lowbit_tile2(L, ws, 2 * p, b, S, o);
+                for (int s = 0; s < S; s++)
+                    for (int r = 0; r < 2; r++) put(L, y, N, b + s, 2 * p + r, o[2 * s + r], accumulate);
+            }
+        if (item == items - 1 && N % 2) /* an odd last row alone */
+            for (int b = 0; b < B; b++) put(L, y, N, b, N - 1, lowbit_row(L, ws, N - 1, b), accumulate);
     }
 }
 #endif

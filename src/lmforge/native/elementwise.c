@@ -21,13 +21,6 @@ int decode_supported(void); /* decode.c: whether this build has the AVX2 kernels
 int elementwise_supported(void) { return decode_supported(); }
 
 #ifdef __AVX2__
-static float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-
 /* Eight floats from fp32 or bf16 memory (element i on), and back; bf16 is rounded to nearest
  * even. Under bf16 autocast the logits and the MLP's activations are bf16, and reading them
  * as they are saves the fp32 copy PyTorch would make. */

@@ -23,15 +23,50 @@
 
 #define QK 32 /* activation block */
 
-/* x (M, K) fp32 -> xq (M, K) int8 and xs (M, K/32) fp32, symmetric per block. */
+#ifdef __AVX2__
+/* The largest of eight floats. */
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* The sum of 32 signed bytes. */
+static inline int32_t bytes_sum(__m256i v) {
+    const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+#endif
+
+/* x (M, K) fp32 -> xq (M, K) int8 and xs (M, K/32) fp32, symmetric per block. Every matmul
+ * input of a decoding step passes through here, so it is vectorized where the matmuls are;
+ * both versions round half to even (lrintf, vcvtps2dq) and give the same bytes. */
 static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
     for (size_t b = 0; b < (size_t)M * K / QK; b++) {
         const float *v = x + b * QK;
+#ifdef __AVX2__
+        const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                     v3 = _mm256_loadu_ps(v + 24);
+        const float amax = hmax(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, mask), _mm256_and_ps(v1, mask)),
+                                              _mm256_max_ps(_mm256_and_ps(v2, mask), _mm256_and_ps(v3, mask))));
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        xs[b] = d;
+        const __m256 s = _mm256_set1_ps(inv);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, s)),
+                      i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, s));
+        /* the packs work within 128-bit lanes: a final permutation puts the 32 bytes in order */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(xq + b * QK), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         xs[b] = d;
         for (int j = 0; j < QK; j++) xq[b * QK + j] = (int8_t)lrintf(v[j] * inv);
+#endif
     }
 }
 
@@ -40,8 +75,12 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
 static void group_sums(const int8_t *xq, const float *xs, int K, int G, float *gsum) {
     for (int g = 0; g < K / G; g++) gsum[g] = 0.0f;
     for (int b = 0; b < K / QK; b++) {
+#ifdef __AVX2__
+        const int32_t s = bytes_sum(_mm256_loadu_si256((const __m256i *)(xq + b * QK)));
+#else
         int32_t s = 0;
         for (int j = 0; j < QK; j++) s += xq[b * QK + j];
+#endif
         gsum[b * QK / G] += xs[b] * (float)s;
     }
 }
