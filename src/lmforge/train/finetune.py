@@ -40,10 +40,11 @@ from lmforge.config import (
 )
 from lmforge.model.lora import LoraSettings
 from lmforge.train.distributed import BatchShare
+from lmforge.train.grpo_settings import GrpoSettings
 from lmforge.train.run import Run, TaskStep, check_run_dir, stop_record
 from lmforge.train.run import Task as LoopTask
 
-TASKS = ("sft", "dpo", "classify", "tag", "mlm")
+TASKS = ("sft", "dpo", "grpo", "classify", "tag", "mlm")
 
 
 class QloraSettings(Section):
@@ -68,7 +69,7 @@ class MlmSettings(Section):
 
 
 class FinetuneData(Section):
-    train: str | None = None  # JSONL (sft, dpo, classify, tag), or text / a prepared directory (mlm)
+    train: str | None = None  # JSONL (sft, dpo, grpo, classify, tag), or text / a prepared directory (mlm)
     val: str | None = None  # None: hold out val_fraction of train
     val_fraction: float = 0.1
     pack: bool = False  # sft: pack several examples per row (attention kept within each)
@@ -88,11 +89,12 @@ def _finetune_train_defaults() -> TrainConfig:
 class FinetuneConfig(Section):
     base: str | None = None  # the model directory to adapt
     model: ModelConfig | None = None  # mlm only: the encoder to build from scratch (vocab from the data)
-    task: Literal["sft", "dpo", "classify", "tag", "mlm"] = "sft"
+    task: Literal["sft", "dpo", "grpo", "classify", "tag", "mlm"] = "sft"
     method: Literal["full", "lora", "qlora"] = "full"
     lora: LoraSettings = LoraSettings()
     qlora: QloraSettings = QloraSettings()
     dpo: DpoSettings = DpoSettings()
+    grpo: GrpoSettings = GrpoSettings()  # task grpo: rollouts, rewards, the clipped loss (train/grpo.py)
     mlm: MlmSettings = MlmSettings()
     data: FinetuneData = FinetuneData()
     train: TrainConfig = _finetune_train_defaults()
@@ -171,6 +173,10 @@ def make_task(cfg: FinetuneConfig, loaded, device: torch.device, log, share: Bat
         from lmforge.train.dpo import DPOTask
 
         return DPOTask(cfg, loaded, device, log, share)
+    if cfg.task == "grpo":
+        from lmforge.train.grpo import GrpoTask
+
+        return GrpoTask(cfg, loaded, device, log, share)
     if cfg.task in ("classify", "tag"):
         from lmforge.train.classify import ClassifyTask, TagTask
 
