@@ -14,6 +14,7 @@ from lmforge.serve.settings import ServeSettings
 def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None):
     import lmforge
     from lmforge.infer.engine import Engine
+    from lmforge.infer.prefix_cache import PrefixCache
     from lmforge.serve.app import create_app
 
     m = lmforge.load(model_dir, device=device)
@@ -22,8 +23,9 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
         from lmforge.adapters import apply_adapter
 
         apply_adapter(m, adapter, merge=True)
+    prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20)) if settings.prefix_cache_mb else None
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                    native=settings.native_decode)
+                    native=settings.native_decode, prefix_cache=prefix_cache)
     app = create_app(engine, settings)
     app.state.engine = engine
     return app
@@ -68,6 +70,8 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
     print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)
+    cache = app.state.engine.prefix_cache
+    print(f"prefix cache: {f'{config.prefix_cache_mb:g} MiB' if cache else 'off'}", file=sys.stderr)
     server = uvicorn.Server(uvicorn_config(app, config, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=5))
     server.run()

@@ -23,3 +23,13 @@ class ServerMetrics:
             lambda: engine.queue_depth)
         Gauge("lmforge_running_requests", "Sequences in the running batch", registry=r).set_function(
             lambda: engine.running)
+        cache = getattr(engine, "prefix_cache", None)  # None: the prefix cache is off
+        if cache is not None:
+            Gauge("lmforge_prefix_cache_hit_rate", "Share of prompt tokens whose keys and values came from the "
+                  "prefix cache", registry=r).set_function(lambda: cache.stats.hit_rate)
+            Gauge("lmforge_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache",
+                  registry=r).set_function(lambda: cache.stats.hit_tokens)
+            Gauge("lmforge_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache",
+                  registry=r).set_function(lambda: cache.stats.prompt_tokens)
+            Gauge("lmforge_prefix_cache_bytes", "Memory the prefix cache holds", registry=r).set_function(
+                lambda: cache.used_bytes)

@@ -30,6 +30,7 @@ class ServeSettings:
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 256  # requests waiting beyond that, then 503
     native_decode: bool = True  # decoding steps run through lmforge.infer.native_decode
+    prefix_cache_mb: float = 256.0  # keys and values of shared prompt prefixes (infer.prefix_cache); 0: off
 
     def __post_init__(self):
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
@@ -37,3 +38,5 @@ class ServeSettings:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be more than 0 seconds")
         if self.max_connections < 1:
             raise LmforgeError("--max-connections must be at least 1")
+        if not self.prefix_cache_mb >= 0:
+            raise LmforgeError("--prefix-cache-mb must be 0 or more (or give --no-prefix-cache)")
