@@ -12,7 +12,8 @@ import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.eval import generation
 from lmforge.eval.metrics import pass_at_k, score_texts
-from lmforge.eval.tasks import TaskConfig, build_prompt, delimiter, evaluate_task, load_task, run_tasks
+from lmforge.eval.task_file import TaskConfig, build_prompt, delimiter, load_task
+from lmforge.eval.tasks import evaluate_task, run_tasks
 
 
 def write_jsonl(path, rows):

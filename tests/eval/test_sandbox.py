@@ -11,7 +11,7 @@ import pytest
 
 from lmforge.eval.generation import program
 from lmforge.eval.sandbox import run_many, run_python
-from lmforge.eval.tasks import load_task
+from lmforge.eval.task_file import load_task
 
 
 def last_error(result) -> str:

@@ -20,7 +20,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.metrics import pass_at_k, score_texts
 from lmforge.eval.sandbox import run_many
 from lmforge.eval.scoring import fit_context
-from lmforge.eval.tasks import CODE_STOP, Task, TaskResult, answer_of, build_prompt, context_of
+from lmforge.eval.task_file import CODE_STOP, Task, TaskResult, answer_of, build_prompt, context_of
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 
