@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sysconfig
 import threading
 import time
 
@@ -78,6 +79,29 @@ def test_files_outside_the_directory_are_refused(code):
     r = run_python(code)
     assert r.status == "failed" and "PermissionError: sandbox:" in last_error(r), r.stderr
     assert not os.path.exists("/tmp/lmforge-sandbox-escape")
+
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+@pytest.mark.parametrize("code", [
+    # Paths that do not exist: were the hook to let them through, nothing would be changed.
+    f"import os\nos.open({STDLIB!r} + '/lmforge-no-such-dir/x.py', os.O_WRONLY | os.O_CREAT)",
+    f"import os\nos.remove({STDLIB!r} + '/lmforge-no-such-file.py')",
+    "import os\nos.link('/etc/passwd', 'passwd')",  # a hard link would open as an inside file
+    "import os\nos.symlink('/etc/passwd', 'passwd')",
+    "import os\nos.rename('a', '/tmp/lmforge-no-such-file')",
+])
+def test_changes_outside_are_refused_even_where_reading_is_allowed(code):
+    r = run_python(code)
+    assert r.status == "failed" and "PermissionError: sandbox:" in last_error(r), r.stderr
+
+
+def test_inside_the_directory_everything_works():
+    r = run_python(f"import os\nprint(len(os.listdir({STDLIB!r})) > 10)\nos.mkdir('d')\nos.chdir('d')\n"
+                   "fd = os.open('f', os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')\nos.close(fd)\n"
+                   "os.rename('f', 'g')\nprint(open('g').read(), os.listdir('.'))\n")
+    assert r.passed and r.stdout == "True\nx ['g']\n", r.stderr
 
 
 @pytest.mark.parametrize("code", [

@@ -82,17 +82,25 @@ def hook(event, args):
     if event == "import" and args[0].split(".")[0] in NO_IMPORT:
         raise PermissionError("sandbox: importing %s is not allowed" % args[0])
     if event == "open":
-        path, mode = args[0], args[1]
+        path, mode, flags = args
         if isinstance(path, int):
             return
-        writing = isinstance(mode, str) and any(c in mode for c in "wax+")
+        if isinstance(mode, str):
+            writing = any(c in mode for c in "wax+")
+        else:  # os.open: the flags say
+            writing = bool((flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC))
         if not inside(path, () if writing else readable):
             raise PermissionError("sandbox: %s is outside the sandbox" % os.fsdecode(path))
-    elif event in ("os.listdir", "os.scandir", "os.chdir", "os.remove", "os.rename", "os.rmdir", "os.mkdir",
-                   "os.chmod", "os.chown", "os.symlink", "os.link", "shutil.rmtree", "os.truncate", "os.utime"):
-        if args and isinstance(args[0], int):
-            return
-        if args and not inside(args[0] if args[0] is not None else ".", readable if event != "os.chdir" else ()):
+    elif event in ("os.listdir", "os.scandir"):
+        if args and not isinstance(args[0], int) and not inside(args[0] if args[0] is not None else ".", readable):
+            raise PermissionError("sandbox: %s of a path outside the sandbox" % event)
+    elif event in ("os.chdir", "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
+                   "os.symlink", "os.link", "shutil.rmtree", "shutil.move", "shutil.copyfile", "os.truncate",
+                   "os.utime", "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr"):
+        # Changes (and entering a directory) only inside: both paths of a rename or link, the
+        # target of a symlink too (a link to an outside file would open as an inside one).
+        paths = [a for a in args[:2] if isinstance(a, (str, bytes)) or hasattr(a, "__fspath__")]
+        if any(not inside(a) for a in paths):
             raise PermissionError("sandbox: %s of a path outside the sandbox" % event)
     elif event in ("os.kill", "os.killpg") and args[0] not in (pid, 0):
         raise PermissionError("sandbox: signalling another process is not allowed")
