@@ -259,6 +259,12 @@ def test_grpo_raises_the_reward(tmp_path, method):
     assert all(0 < r["rollout_share"] < 1 and 0 < r["completion_tokens"] <= 8 for r in train)
     assert result.metrics["val_reward"] > 0.2
     assert (result.output / ("adapter_config.json" if method == "lora" else "config.json")).is_file()
+    if method == "full":  # lmforge plot draws the rollout panels
+        from lmforge.explain.dashboard import plot_runs
+
+        names = [p.name for p in plot_runs([result.run_dir], tmp_path / "plots")]
+        assert {"rl.png", "reward.png", "kl.png", "clip_fraction.png", "step_seconds.png"} <= set(names)
+        assert all((tmp_path / "plots" / n).stat().st_size > 5000 for n in names)
 
 
 @pytest.mark.slow

@@ -2,7 +2,10 @@
 
 Writes one PNG per panel (loss with validation, learning rate, gradient norm, throughput)
 and `dashboard.png` with all four; each run's legend entry carries its compute summary
-(`summary.json`: total FLOPs, MFU, energy) when the run finished.
+(`summary.json`: total FLOPs, MFU, energy) when the run finished. Reinforcement-learning runs
+(`lmforge finetune --task grpo`) add `rl.png` and a PNG per panel of theirs: the reward (with
+each reward function's mean), the KL to the reference, the clip fraction, the completion length
+and the seconds per step spent sampling (rollout) and updating.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ PANELS = {  # file stem -> (metric key, y label, log scale)
     "grad_norm": ("grad_norm", "gradient norm (before clipping)", True),
     "throughput": ("tokens_per_s", "tokens/s", False),
 }
+RL_PANELS = {  # drawn when a run's records have a reward (task grpo)
+    "reward": ("reward", "reward (rollout mean)", False),
+    "kl": ("kl", "KL to the reference (k3)", False),
+    "clip_fraction": ("clip_fraction", "clipped token fraction", False),
+    "completion_tokens": ("completion_tokens", "completion tokens", False),
+    "step_seconds": ("rollout_s", "seconds per step", False),
+}
+# Further series drawn in a panel: (metric key or key prefix, line style, label suffix).
+EXTRA_SERIES = {"reward": ("reward/", ":", ""), "step_seconds": ("update_s", "--", " update")}
 
 
 def _label(run_dir: Path) -> str:
@@ -31,11 +43,20 @@ def _label(run_dir: Path) -> str:
 
 
 def _draw(ax, runs: list[tuple[Path, list[dict[str, Any]]]], stem: str) -> None:
-    key, ylabel, log = PANELS[stem]
+    key, ylabel, log = {**PANELS, **RL_PANELS}[stem]
     for i, (run_dir, records) in enumerate(runs):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
-            ax.plot(*zip(*points), label=_label(run_dir) if stem == "loss" else run_dir.name, color=f"C{i}")
+            suffix = " rollout" if stem == "step_seconds" else ""
+            ax.plot(*zip(*points), label=_label(run_dir) if stem == "loss" else run_dir.name + suffix, color=f"C{i}")
+        if stem in EXTRA_SERIES:
+            prefix, style, suffix = EXTRA_SERIES[stem]
+            names = sorted({k for r in records for k in r
+                            if k == prefix or (prefix.endswith("/") and k.startswith(prefix) and not k.endswith("_std"))})
+            for name in names:
+                extra = [(r["step"], r[name]) for r in records if name in r]
+                label = f"{run_dir.name} {name}" if prefix.endswith("/") else f"{run_dir.name}{suffix}"
+                ax.plot(*zip(*extra), linestyle=style, color=f"C{i}", label=label)
         if stem == "loss":
             val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
             if val:
@@ -71,7 +92,19 @@ def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     paths = [out / "dashboard.png"]
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
-    for stem in PANELS:
+    panels = list(PANELS)
+    if any("reward" in r for _, records in runs for r in records):
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+        for ax, stem in zip(axes.flat, RL_PANELS):
+            _draw(ax, runs, stem)
+        axes.flat[-1].axis("off")
+        fig.suptitle(" vs ".join(d.name for d, _ in runs) + ": rollouts")
+        fig.tight_layout()
+        paths.append(out / "rl.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+        panels += list(RL_PANELS)
+    for stem in panels:
         fig, ax = plt.subplots(figsize=(7, 4))
         _draw(ax, runs, stem)
         fig.tight_layout()
