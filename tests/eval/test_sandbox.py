@@ -148,3 +148,17 @@ def test_every_builtin_problem_passes_with_its_solution_and_fails_without():
     assert [r.status for r in right] == ["passed"] * len(task.examples), [r.stderr for r in right if not r.passed]
     wrong = run_many([program(ex, "    return None\n") for ex in task.examples])
     assert not any(r.passed for r in wrong)
+
+
+def test_the_kernel_refuses_new_processes_for_non_root_only():
+    """With the hook off: RLIMIT_NPROC 1 stops fork for an ordinary user; Linux does not apply it
+    to root, so as root only the hook (test above) refuses forks, as docs/eval.md says."""
+    code = ("import os\nchildren = 0\nfor _ in range(3):\n    try:\n        pid = os.fork()\n"
+            "    except OSError as e:\n        print('refused', e.errno)\n        break\n"
+            "    if pid == 0:\n        os._exit(0)\n    os.waitpid(pid, 0)\n    children += 1\nprint(children)\n")
+    r = run_python(code, audit_hook=False)
+    assert r.passed, r.stderr
+    if os.geteuid() == 0:
+        assert r.stdout == "3\n"
+    else:
+        assert r.stdout.startswith("refused") and r.stdout.endswith("\n0\n")
