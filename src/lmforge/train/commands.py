@@ -36,9 +36,9 @@ def finetune(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="The model directory to adapt, or a fine-tuning YAML "
                                                     "config (a path or a built-in recipe, e.g. lora-sft).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL (sft, dpo, classify, tag) or text (mlm).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL (sft, dpo, grpo, classify, tag) or text (mlm).")] = None,
     method: Annotated[Optional[str], typer.Option(help="full | lora | qlora.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="sft | dpo | classify | tag | mlm.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="sft | dpo | grpo | classify | tag | mlm.")] = None,
     val: Annotated[Optional[str], typer.Option(help="Validation data (default: hold out --data.val_fraction of it).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: runs/NAME.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint.")] = False,
@@ -47,7 +47,7 @@ def finetune(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (launches torchrun).")] = 1,
 ):
-    """Fine-tune a model: SFT, DPO, task heads or masked-LM, in full or with LoRA/QLoRA.
+    """Fine-tune a model: SFT, DPO, GRPO, task heads or masked-LM, in full or with LoRA/QLoRA.
     Any config key can be set: `--lora.r 16 --train.lr 2e-4 --data.pack true`."""
     import os
     import sys
