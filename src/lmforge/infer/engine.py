@@ -30,10 +30,11 @@ import torch
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import RowText
-from lmforge.infer.grammar import Constraint, MaskWorker, apply_mask, grammar_tokenizer
+from lmforge.infer.grammar import Constraint, Masks, apply_mask, grammar_tokenizer
 from lmforge.infer.native_decode import NativeDecoder
 from lmforge.infer.prefix_cache import PrefixCache
-from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from lmforge.infer.speculative import Speculator, target_probs, verify
+from lmforge.infer.sampling import GREEDY_BELOW, SamplingParams, apply_repetition_penalty, sample
 from lmforge.infer.slots import SlotCache
 from lmforge.model import Transformer
 
@@ -107,6 +108,7 @@ class Sequence:
         self.sampled = 0
         self.pending = False  # its prompt is still to be fed, in the next step
         self.cached = 0  # how many of its prompt's first tokens came from the prefix cache
+        self.residual: torch.Tensor | None = None  # (1, V): draw the next token from this (a draft was rejected)
         self.cancelled = False
         self.finish_reason: str | None = None
 
@@ -209,7 +211,8 @@ def _lane(in_step: bool) -> str:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256,
-                 native: bool = True, prefix_cache: PrefixCache | None = None):
+                 native: bool = True, prefix_cache: PrefixCache | None = None,
+                 speculator: Speculator | None = None):
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -220,6 +223,7 @@ class Engine:
         self.native = NativeDecoder.create(model, self.cache.k, self.cache.v) if native else None
         self.device = model.tok_emb.weight.device
         self.prefix_cache = prefix_cache  # None: every prompt is computed whole
+        self.speculator = speculator  # None: one token per sequence and step
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # index == cache slot
         self._wake = threading.Condition()
@@ -227,7 +231,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
         self._mailbox_lock = threading.Lock()
-        self._masks: MaskWorker | None = None  # made for the first constrained request
+        self._masks: Masks | None = None  # made for the first constrained request
 
     def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         """Where this engine leaves the events of streams read in `loop` (see _Mailbox)."""
@@ -258,9 +262,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._masks is not None:
-            self._masks.close()
-            self._masks = None
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -322,7 +323,7 @@ class Engine:
         constraint = Constraint(request.grammar, grammar_tokenizer(self.tokenizer, vocab, ends))
         with self._wake:
             if self._masks is None:
-                self._masks = MaskWorker(vocab)
+                self._masks = Masks(vocab)
         return constraint
 
     def submit(self, request: Request, on_event: EventCallback) -> Sequence:
@@ -432,6 +433,9 @@ class Engine:
         self._running.append(seq)
 
     def _sample(self, seq: Sequence) -> int:
+        if seq.residual is not None:  # the rejection rule's distribution (speculative.verify)
+            residual, seq.residual = seq.residual, None
+            return int(torch.multinomial(residual, 1, generator=seq.generator)[0])
         if seq.argmax is not None and seq.params.temperature == 0.0 and seq.seen is None:
             return seq.argmax  # greedy: chosen for the whole batch in one call (`_step`)
         logits = seq.logits
@@ -444,11 +448,14 @@ class Engine:
 
     def _next_token(self, seq: Sequence) -> Event:
         """Sample a sequence's next token: what it adds to the stream, and whether it ends it."""
+        return self._token_event(seq, self._sample(seq), seq.logits)
+
+    def _token_event(self, seq: Sequence, token: int, logits: torch.Tensor) -> Event:
+        """What `token`, drawn from `logits` (1, V), adds to a sequence's stream, and whether it ends it."""
         eos = self.tokenizer.eos_id
-        token = self._sample(seq)
         seq.sampled += 1
         if seq.request.logprobs is not None:
-            lp = torch.log_softmax(seq.logits[0].float(), dim=-1)
+            lp = torch.log_softmax(logits[0].float(), dim=-1)
             tokens = [_logprob_entry(lp, token, seq.request.logprobs)]
         else:
             tokens = [TokenLogprob(token, 0.0, [])]
@@ -469,19 +476,17 @@ class Engine:
         return Event(text=text, tokens=tokens, finish_reason=finish)
 
     def _mask(self) -> None:
-        """Constrained sequences' logits: -inf for the tokens their grammar does not allow next
-        (masks computed during the forward pass, or now for a sequence that was prefilled)."""
+        """Constrained sequences' logits: -inf for the tokens their grammar does not allow next."""
         if self._masks is None:
             return
-        ready = self._masks.wait()
-        for seq in self._running:
-            c = seq.constraint
-            if c is None or c.masked or seq.logits is None or seq.pending:
-                continue
-            allowed = ready.get(id(c))
-            apply_mask(seq.logits, allowed if allowed is not None else self._masks.compute_now(c))
+        rows = [s for s in self._running if s.constraint is not None and not s.constraint.masked
+                and s.logits is not None and not s.pending]
+        if not rows:
+            return
+        for seq, allowed in zip(rows, self._masks.allowed([s.constraint for s in rows])):
+            apply_mask(seq.logits, allowed)
             seq.argmax = None  # the batch's argmax was taken before the mask
-            c.masked = True
+            seq.constraint.masked = True
 
     def _step(self) -> None:
         self._mask()
@@ -508,8 +513,8 @@ class Engine:
         n = len(self._running)
         if n == 0:
             return
-        if self._masks is not None:  # the next masks, computed while the forward pass runs
-            self._masks.start([s.constraint for s in self._running if s.constraint is not None])
+        if n == 1 and self._speculate(self._running[0]):
+            return
         if self.native is not None:
             # One row per running sequence, and one per prompt token for those just admitted.
             tokens: list[int] = []
@@ -541,6 +546,48 @@ class Engine:
         argmax = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(self._running):
             seq.logits, seq.argmax = logits[i:i + 1], argmax[i]
+
+    def _speculate(self, seq: Sequence) -> bool:
+        """A lone sequence's forward pass with drafts (infer.speculative): emits the drafts the
+        model keeps and leaves the next token's distribution. False where it does not apply:
+        no speculator, the PyTorch path (its multi-row forward rounds unlike single steps), a
+        prompt still to feed, a grammar or a repetition penalty (both change the distribution
+        token by token), or no drafts."""
+        spec = self.speculator
+        if spec is None or self.native is None or seq.pending or seq.constraint is not None or seq.seen is not None:
+            return False
+        start = self.cache.lengths[0]
+        context = seq.request.prompt + seq.row.ids
+        room = min(spec.k, seq.max_new - seq.sampled, self.cache.capacity - start - 1)
+        if room <= 0:
+            return False
+        greedy = seq.params.temperature < GREEDY_BELOW
+        drafts, q = spec.drafter.propose(seq.id, context, room, seq.params, seq.generator)
+        if not drafts:
+            return False
+        drafts = drafts[:room]
+        m = len(drafts)
+        logits = self.native.step([context[-1], *drafts], list(range(start, start + m + 1)), cache_rows=[0] * (m + 1))
+        argmax = logits.argmax(dim=-1).tolist()
+        if greedy:
+            kept = next((j for j, d in enumerate(drafts) if argmax[j] != d), m)
+            residual = None
+        else:
+            kept, residual = verify(target_probs(logits[:m], seq.params), drafts, q, seq.generator)
+        spec.stats.steps += 1
+        spec.stats.proposed += m
+        spec.stats.accepted += kept
+        for j in range(kept):
+            event = self._token_event(seq, drafts[j], logits[j:j + 1])
+            self._emit(seq, event)
+            if event.finish_reason is not None:
+                self._retire()
+                return True
+        self.cache.lengths[0] = start + 1 + kept
+        spec.drafter.kept(seq.id, len(context) + kept)
+        seq.logits, seq.argmax = logits[kept:kept + 1], argmax[kept]
+        seq.residual = None if residual is None else residual[None]
+        return True
 
     def _retire(self) -> None:
         """Drop finished sequences and fill their slots with running ones from the end, so the
