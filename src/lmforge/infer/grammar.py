@@ -4,8 +4,7 @@ A request may carry a grammar (llguidance's JSON form: made from a JSON schema, 
 Lark grammar). Its sequence then gets a matcher, which follows the tokens sampled so far; at
 each step the tokens the grammar does not allow next get -inf logits before sampling, and the
 end-of-text token (or the chat's end of turn) is allowed only where the grammar accepts the
-output as complete. The masks of a step are computed in a worker thread while the model runs
-the forward pass (llguidance releases the GIL), so they cost the step little.
+output as complete.
 
 llguidance was chosen over xgrammar and outlines-core (benchmarks/RESULTS.md): it covers JSON
 schema, regex and context-free grammars, compiles a schema in about a millisecond without a
@@ -16,11 +15,10 @@ from __future__ import annotations
 
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import torch
-from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+from llguidance.torch import allocate_token_bitmask
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
@@ -74,45 +72,28 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
-class MaskWorker:
-    """Computes the next-token masks of several constraints in a worker thread."""
+class Masks:
+    """The next-token masks of constrained sequences, computed in the engine's thread.
+
+    Each matcher writes its mask straight into one row of a reused bitmask (llguidance
+    releases the GIL meanwhile). Handing the work to a thread that runs during the forward
+    pass measured slower on a 2-core machine: the forward already uses every core, and the
+    hand-offs between threads cost more than the masks (benchmarks/RESULTS.md)."""
 
     def __init__(self, vocab: int):
         self.vocab = vocab
-        self.executor = llguidance.LLExecutor(num_threads=1)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-grammar")
-        self.pending: Future | None = None
-        self.rows: list[Constraint] = []
+        self.bitmask = allocate_token_bitmask(1, vocab)
 
-    def start(self, constraints: list[Constraint]) -> None:
-        """Begin computing masks for these constraints (their current states)."""
-        self.wait()
-        self.rows = constraints
-        if constraints:
-            self.pending = self.pool.submit(self._compute, constraints)
-
-    def _compute(self, constraints: list[Constraint]) -> torch.Tensor:
-        bitmask = allocate_token_bitmask(len(constraints), self.vocab)
-        fill_next_token_bitmask_par(self.executor, [(c.matcher, i) for i, c in enumerate(constraints)], bitmask)
-        return bitmask
-
-    def wait(self) -> dict[int, torch.Tensor]:
-        """The masks started last, by id of their constraint: (V,) bool, True where allowed."""
-        if self.pending is None:
-            return {}
-        future, self.pending = self.pending, None
-        # A worker that has not started yet (a busy machine did not schedule it) is not
-        # waited for: the masks are computed here at once.
-        bitmask = self._compute(self.rows) if future.cancel() else future.result()
-        allowed = unpack(bitmask, self.vocab)
-        return {id(c): allowed[i] for i, c in enumerate(self.rows)}
-
-    def compute_now(self, constraint: Constraint) -> torch.Tensor:
-        return unpack(self._compute([constraint]), self.vocab)[0]
-
-    def close(self) -> None:
-        self.wait()
-        self.pool.shutdown()
+    def allowed(self, constraints: list[Constraint]) -> torch.Tensor:
+        """(len(constraints), V) bool: True where the token may come next."""
+        n = len(constraints)
+        if self.bitmask.shape[0] < n:
+            self.bitmask = allocate_token_bitmask(n, self.vocab)
+        row_bytes = self.bitmask.stride(0) * self.bitmask.element_size()
+        base = self.bitmask.data_ptr()
+        for i, c in enumerate(constraints):
+            c.matcher.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
+        return unpack(self.bitmask[:n], self.vocab)
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
