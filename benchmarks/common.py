@@ -36,6 +36,20 @@ def machine() -> str:
             f"{_dt.date.today().isoformat()}")
 
 
+def kernels_build() -> str:
+    """Which build of lmforge's kernels runs (-march, LMFORGE_NATIVE_ARCH), the instruction set it
+    decodes with, the CPU's SIMD flags and the load average: what a figure was measured on."""
+    from lmforge import native
+    from lmforge.native import decode_abi
+
+    lib = native.kernels()
+    flags = [f for f in native._cpu_flags().split(":", 1)[-1].split() if f.startswith(("avx", "fma", "f16c"))]
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"lmforge kernels: -march={os.environ.get('LMFORGE_NATIVE_ARCH') or 'native'}, decoding with "
+            f"{decode_abi.isa(lib) if lib is not None else 'none (no kernels)'}; CPU flags: {' '.join(flags)}; "
+            f"load average {load}")
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of streaming reads (torch.sum over a buffer much larger than the caches)."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)

@@ -14,19 +14,25 @@ Targets (issue 10): fp32 >= 0.8x llama.cpp f32; int8 >= 1.0x q8_0; int4 >= 0.7x 
 
     python benchmarks/cpu_decode.py                      # the full run (~5 min)
     python benchmarks/cpu_decode.py --layers 2 --rounds 1 --new 16 --ttft-prompt 64   # smoke run
+    python benchmarks/cpu_decode.py --arch haswell       # lmforge on its AVX2 kernels (any x86 with AVX2)
+
+It prints the CPU's flags, which build of lmforge's kernels ran, and what llama.cpp was built
+for: llama.cpp takes its best path for this CPU (AVX-512/VNNI where present) whatever --arch
+says, so a forced AVX2 run against it is a conservative comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import interleaved, llama_cpp_decoder, machine, read_bandwidth
+from common import interleaved, kernels_build, llama_cpp_decoder, machine, read_bandwidth
 
 from lmforge.compress.compare import matmul_bytes
 from lmforge.compress.quantize import quantize_model
@@ -129,7 +135,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
     ap.add_argument("--profile", action="store_true", help="also print where lmforge's decode time goes")
+    ap.add_argument("--arch", help="build lmforge's kernels for this -march instead of the CPU's own "
+                                   "(haswell: the AVX2 kernels); sets LMFORGE_NATIVE_ARCH")
     args = ap.parse_args()
+    if args.arch:
+        os.environ["LMFORGE_NATIVE_ARCH"] = args.arch
     torch.set_num_threads(args.threads)
 
     from lmforge.interop.gguf_io import export_gguf
@@ -175,7 +185,11 @@ def main() -> None:
             first = interleaved({name: ttft(decoders[name], long_prompt) for name in pairs}, args.rounds)
         bandwidth = read_bandwidth()
 
+    import llama_cpp
+
     print(f"machine: {machine()}")
+    print(kernels_build())
+    print(f"llama.cpp ({llama_cpp.__version__}) built with: {llama_cpp.llama_print_system_info().decode().strip()}")
     print(f"model: llama {args.layers} x {args.d_model}, {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, "
           f"{fp32.num_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, batch 1, "
           f"{args.threads} threads, median of {args.rounds} alternating rounds")

@@ -2,7 +2,8 @@
 2M model up: is any quantized format slower than fp32 at some size?
 
     python benchmarks/quant_decode_sizes.py [--threads N] [--rounds 30] [--shapes "quickstart 4x192,8x384"]
-                                            [--library OTHER.so]
+                                            [--library OTHER.so] [--batch 16]
+    LMFORGE_NATIVE_ARCH=haswell python benchmarks/quant_decode_sizes.py   # the AVX2 kernels
 
 Random weights (speed does not depend on the values), Llama-shaped models, each step one
 call into native/decode.c (what `lmforge generate` and `lmforge compare` run). The variants
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from common import machine
+from common import kernels_build, machine
 
 from lmforge import native
 from lmforge.compress.compare import matmul_bytes
@@ -56,10 +57,10 @@ def load_library(path: str) -> ctypes.CDLL:
     return lib
 
 
-def decoder(model: Transformer, lib) -> NativeDecoder:
-    cache = model.new_cache(1, capacity=PROMPT + STEPS + 1)
+def decoder(model: Transformer, lib, batch: int = 1) -> NativeDecoder:
+    cache = model.new_cache(batch, capacity=PROMPT + STEPS + 1)
     with torch.no_grad():
-        model(torch.arange(PROMPT)[None], cache)
+        model(torch.arange(PROMPT)[None].repeat(batch, 1), cache)
     return NativeDecoder(model, cache.k, cache.v, lib)
 
 
@@ -69,13 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="comma-separated names of SHAPES")
     ap.add_argument("--library", help="another build of the kernels, for its int8/int4 steps beside ours")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (a server's batch)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     libs = {"": native.kernels()}
     if args.library:
         libs[" (other)"] = load_library(args.library)
-    print(f"# {machine()}; us a step, 10th percentile / median of {args.rounds} rounds of {STEPS} steps")
+    print(f"# {machine()}; batch {args.batch}; us a step, 10th percentile / median of {args.rounds} rounds of {STEPS} steps")
+    print(f"# {kernels_build()}")
     wanted = args.shapes.split(",")
     for name, *shape in SHAPES:
         if name not in wanted:
@@ -83,14 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         base = build(*shape)
         models = {"fp32": base, "int8": quantize_model(copy.deepcopy(base), "int8"),
                   "int4": quantize_model(copy.deepcopy(base), "int4", fitting_group_size(base))}
-        decoders = {f"{m}{tag}": decoder(model, lib) for tag, lib in libs.items() for m, model in models.items()
+        decoders = {f"{m}{tag}": decoder(model, lib, args.batch) for tag, lib in libs.items() for m, model in models.items()
                     if not (m == "fp32" and tag)}
         times: dict[str, list[float]] = {k: [] for k in decoders}
         for _ in range(args.rounds):
             for key, d in decoders.items():
                 start = time.perf_counter()
                 for i in range(STEPS):
-                    d.step([5], [PROMPT + i], [PROMPT + i])
+                    d.step([5] * args.batch, [PROMPT + i] * args.batch, [PROMPT + i] * args.batch)
                 times[key].append((time.perf_counter() - start) / STEPS * 1e6)
         p10 = {k: sorted(v)[len(v) // 10] for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in times.items()}

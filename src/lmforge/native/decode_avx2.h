@@ -76,7 +76,6 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
  * once per block for all the sequences instead of once per sequence; one row per (row,
  * sequence) re-derived them for each. AVX2's sixteen registers hold two rows, not four. */
 #define LOWBIT_TILE 1
-#define TILE_ROWS 2
 
 /* Two int8 weight rows (w, stride K) against S <= 4 rows of int8 activations (xq, stride K;
  * block scales xs, stride K / 32): out[2 s + r] = sum over blocks b of xs_s[b] * (w_r . xq_s
@@ -168,9 +167,21 @@ static inline void lowbit_tile2(const Linear *L, const Work *ws, int n, int b, i
     else q4_tile2(xq, xs, gsum, K, q, scale, zero, L->G, 1, out);
 }
 
-/* The int8/int4 matmul on the activations quantized by `matvec`, in tiles of two rows. */
+/* The int8/int4 matmul on the activations quantized by `matvec`, in tiles of two rows from
+ * four sequences up. Fewer take the row kernels, whatever the model's size: with one or two
+ * accumulators per row a tile of 256-bit products ran slower than kernels.h's rows, whose
+ * two blocks per step keep more products in flight (benchmarks/quant_decode_sizes.py). */
+#define TILE_MIN_BATCH 4
 static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
     const int N = L->N, pairs = N / 2, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    if (B < TILE_MIN_BATCH) {
+        FOR_ITEMS(wk, item, items) {
+            const int end = (item + 1) * CHUNK_ROWS < N ? (item + 1) * CHUNK_ROWS : N;
+            for (int n = item * CHUNK_ROWS; n < end; n++)
+                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b), accumulate);
+        }
+        return;
+    }
     FOR_ITEMS(wk, item, items) {
         const int end = (item + 1) * CHUNK_ROWS / 2 < pairs ? (item + 1) * CHUNK_ROWS / 2 : pairs;
         for (int p = item * CHUNK_ROWS / 2; p < end; p++)
