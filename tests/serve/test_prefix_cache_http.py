@@ -105,3 +105,42 @@ def test_bad_prefix_cache_budget_is_one_line(cli, model_dir):
     r = cli("serve", model_dir, "--prefix-cache-mb", "-1")
     assert r.returncode == 2
     assert "--prefix-cache-mb must be 0 or more" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_lookup_server_gives_the_same_greedy_completions(model_dir):
+    prompt = SYSTEM + "Repeat the first sentence exactly.\n" + SYSTEM[:80]
+
+    def complete(url: str) -> dict:
+        r = httpx.post(url + "/v1/completions", json={"model": "helpdesk", "prompt": prompt, "max_tokens": 24, "temperature": 0},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    settings = ServeSettings(model_name="helpdesk", api_keys=ApiKeys([KEY]), speculative="ngram", speculative_tokens=4)
+    with Server(build_app(model_dir, settings)) as spec_server:
+        spec = complete(spec_server.url)
+        rate = _metric(spec_server.url, "lmforge_speculative_acceptance_rate")
+        proposed = _metric(spec_server.url, "lmforge_speculative_draft_tokens")
+    with _server(model_dir, 0) as plain_server:
+        plain = complete(plain_server.url)
+    assert (spec["text"], spec["finish_reason"]) == (plain["text"], plain["finish_reason"])
+    assert proposed > 0 and 0 <= rate <= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speculative", "medusa"], "--speculative 'medusa' is not known"),
+    (["--speculative", "ngram", "--speculative-tokens", "0"], "--speculative-tokens must be at least 1"),
+    (["--speculative", "ngram", "--draft", "."], "not both"),
+])
+def test_bad_speculative_flags_are_one_line(cli, model_dir, args, message):
+    r = cli("serve", model_dir, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_draft_with_another_tokenizer_is_refused(cli, model_dir, tmp_path):
+    tokenizer = train_tokenizer(["a different corpus of words entirely"] * 20, vocab_size=300)
+    cfg = ModelConfig(family="llama", n_layer=1, n_head=2, n_kv_head=1, d_model=32, context=128,
+                      vocab_size=tokenizer.vocab_size)
+    draft = save_model_dir(Transformer(cfg), tokenizer, tmp_path / "draft")
+    r = cli("serve", model_dir, "--draft", draft)
+    assert r.returncode == 2 and "another tokenizer" in r.stderr and "Traceback" not in r.stderr

@@ -25,10 +25,28 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
         apply_adapter(m, adapter, merge=True)
     prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20)) if settings.prefix_cache_mb else None
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                    native=settings.native_decode, prefix_cache=prefix_cache)
+                    native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device))
     app = create_app(engine, settings)
     app.state.engine = engine
     return app
+
+
+def speculator(m, settings: ServeSettings, device: str):
+    """The drafter the settings ask for, or None."""
+    from lmforge.infer.speculative import Speculator
+
+    if settings.speculative == "ngram":
+        return Speculator.ngram(settings.speculative_tokens)
+    if settings.draft is None:
+        return None
+    import lmforge
+
+    draft = lmforge.load(settings.draft, device=device)
+    if draft.tokenizer.vocab_size != m.tokenizer.vocab_size or \
+            draft.tokenizer.encode("Hello, world! 你好") != m.tokenizer.encode("Hello, world! 你好"):
+        raise LmforgeError(f"the draft model {settings.draft} has another tokenizer than the model: "
+                           "--draft needs a model of the same family and tokenizer")
+    return Speculator.draft_model(draft.model, m.model, settings.speculative_tokens)
 
 
 def decode_path(engine) -> str:
@@ -72,6 +90,9 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)
     cache = app.state.engine.prefix_cache
     print(f"prefix cache: {f'{config.prefix_cache_mb:g} MiB' if cache else 'off'}", file=sys.stderr)
+    if app.state.engine.speculator is not None:
+        how = "prompt lookup" if config.speculative else f"draft model {config.draft}"
+        print(f"speculative decoding: {how}, {config.speculative_tokens} tokens (for lone requests)", file=sys.stderr)
     server = uvicorn.Server(uvicorn_config(app, config, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=5))
     server.run()

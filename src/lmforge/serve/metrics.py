@@ -33,3 +33,9 @@ class ServerMetrics:
                   registry=r).set_function(lambda: cache.stats.prompt_tokens)
             Gauge("lmforge_prefix_cache_bytes", "Memory the prefix cache holds", registry=r).set_function(
                 lambda: cache.used_bytes)
+        spec = getattr(engine, "speculator", None)  # None: no speculative decoding
+        if spec is not None:
+            Gauge("lmforge_speculative_acceptance_rate", "Share of draft tokens the model kept",
+                  registry=r).set_function(lambda: spec.stats.acceptance_rate)
+            Gauge("lmforge_speculative_draft_tokens", "Draft tokens checked", registry=r).set_function(
+                lambda: spec.stats.proposed)

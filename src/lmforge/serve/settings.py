@@ -31,6 +31,9 @@ class ServeSettings:
     max_queue: int = 256  # requests waiting beyond that, then 503
     native_decode: bool = True  # decoding steps run through lmforge.infer.native_decode
     prefix_cache_mb: float = 256.0  # keys and values of shared prompt prefixes (infer.prefix_cache); 0: off
+    speculative: str | None = None  # "ngram": prompt-lookup drafts (infer.speculative)
+    speculative_tokens: int = 5  # drafts checked per step
+    draft: str | None = None  # a draft model directory
 
     def __post_init__(self):
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
@@ -40,3 +43,10 @@ class ServeSettings:
             raise LmforgeError("--max-connections must be at least 1")
         if not self.prefix_cache_mb >= 0:
             raise LmforgeError("--prefix-cache-mb must be 0 or more (or give --no-prefix-cache)")
+        if self.speculative not in (None, "ngram"):
+            raise LmforgeError(f"--speculative {self.speculative!r} is not known: give 'ngram' (prompt lookup), "
+                               "or --draft MODEL for a draft model")
+        if self.speculative and self.draft:
+            raise LmforgeError("give --speculative ngram or --draft MODEL, not both")
+        if self.speculative_tokens < 1:
+            raise LmforgeError("--speculative-tokens must be at least 1")
