@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=None,
                     help="peak learning rate of both students (default: the quickstart recipe's, 4e-3)")
     ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--alpha", type=float, default=DistillConfig.alpha, help="weight of the KL term (1 - alpha: cross-entropy)")
+    ap.add_argument("--alpha", type=float, default=DistillConfig().alpha, help="weight of the KL term (1 - alpha: cross-entropy)")
     ap.add_argument("--top-k", type=int, default=0, help="teacher logits kept per position (0: all)")
-    ap.add_argument("--hidden-weight", type=float, default=DistillConfig.hidden_weight,
+    ap.add_argument("--hidden-weight", type=float, default=DistillConfig().hidden_weight,
                     help="weight of the hidden-state term (0: logits only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control", action="store_true",
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     control = None
     if args.control:
         log("   control: the distill loop with alpha 0, hidden weight 0 (cross-entropy only)")
-        control, _ = distilled(DistillConfig(**{**d_cfg.__dict__, "alpha": 0.0, "hidden_weight": 0.0}),
+        control, _ = distilled(d_cfg.model_copy(update={"alpha": 0.0, "hidden_weight": 0.0}),
                                "student-control")
 
     # 4. One evaluation for all.
