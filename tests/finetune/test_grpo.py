@@ -296,3 +296,34 @@ def test_grpo_bad_input(tmp_path):
                  progress=False, log=lambda s: None)
     with pytest.raises(LmforgeError, match="group_size must be >= 2"):
         grpo_config(tmp_path / "g", {"grpo": {"group_size": 1}})
+
+
+# ----------------------------------------------------------------------------- the built-in recipe
+
+
+def test_arithmetic_data_is_checked_and_shipped():
+    from lmforge.data.arithmetic import evaluate_equation, problems, recipe_files
+    from lmforge.train.finetune import RECIPES
+
+    made = recipe_files()
+    for name, rows in made.items():  # the shipped files are what the generator makes
+        shipped = [json.loads(line) for line in (RECIPES / "data" / name).read_text(encoding="utf-8").splitlines()]
+        assert shipped == rows, name
+    held = {r["prompt"] for r in made["arithmetic-heldout.jsonl"]}
+    assert not held & {r["prompt"] for r in made["arithmetic-sft.jsonl"]}
+    assert not held & {r["prompt"] for r in made["arithmetic-grpo.jsonl"]}
+    for p in problems(300, seed=7):
+        assert evaluate_equation(p.equation) == p.answer
+        assert exact_answer(p.prompt, p.solution, answer=p.answer) == 1.0  # the SFT target earns the reward
+        assert exact_answer(p.prompt, p.solution.replace(str(p.answer), str(p.answer + 1)), answer=p.answer) == 0.0
+    langs = {r["lang"] for r in made["arithmetic-grpo.jsonl"]}
+    assert langs == {"en", "zh"}
+    assert any("答案是" in r["completion"] for r in made["arithmetic-sft.jsonl"])
+
+
+def test_builtin_grpo_recipes_load():
+    cfg = load_finetune_config("grpo-arithmetic")
+    assert cfg.task == "grpo" and cfg.grpo.rewards[0].function == "exact_answer"
+    assert cfg.data.train.endswith("data/arithmetic-grpo.jsonl") and json.loads(
+        open(cfg.data.val, encoding="utf-8").readline())["answer"] is not None
+    assert load_finetune_config("grpo-arithmetic-sft").task == "sft"
