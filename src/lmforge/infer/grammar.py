@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 
 import llguidance
 import torch
@@ -51,13 +52,35 @@ def check_grammar(grammar: str, tokenizer: llguidance.LLTokenizer | None = None)
         raise GrammarError(messages[0] if messages else "invalid grammar")
 
 
+# Compiled grammars, fresh, by (grammar, tokenizer): an application sends the same schema
+# again and again, and copying a matcher is cheaper than compiling its grammar.
+COMPILED_MAX = 64
+_compiled: OrderedDict[tuple[str, int], tuple[llguidance.LLTokenizer, llguidance.LLMatcher]] = OrderedDict()
+_compiled_lock = threading.Lock()
+
+
+def _fresh_matcher(grammar: str, tokenizer: llguidance.LLTokenizer) -> llguidance.LLMatcher:
+    key = (grammar, id(tokenizer))
+    with _compiled_lock:
+        hit = _compiled.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            _compiled.move_to_end(key)
+            return hit[1].deep_copy()
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        raise GrammarError(matcher.get_error())
+    with _compiled_lock:
+        _compiled[key] = (tokenizer, matcher.deep_copy())
+        while len(_compiled) > COMPILED_MAX:
+            _compiled.popitem(last=False)
+    return matcher
+
+
 class Constraint:
     """One sequence's matcher: which tokens may come next given the ones sampled so far."""
 
     def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer):
-        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+        self.matcher = _fresh_matcher(grammar, tokenizer)
         self.end_ids = set(tokenizer.eos_tokens)
         self.masked = False  # the current logits already had this step's mask applied
 
