@@ -18,11 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis_jsonschema import from_schema
 from serve_helpers import KEY, MODEL
 
+import lmforge.infer.grammar as grammar_module
 from lmforge.infer.engine import PROMPT_IN_STEP_MAX, Engine, Request
+from lmforge.infer.grammar import Constraint, Masks, grammar_tokenizer
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.structured import json_schema_grammar
 
@@ -232,3 +235,18 @@ def test_engine_paths_constrain_alike(tiny, native):
         assert r.finish_reason == "stop", r.text
         jsonschema.validate(json.loads(r.text), SCHEMA)
         assert r.token_ids == e.token_ids
+
+
+def test_compiled_grammars_are_reused_as_independent_copies(tiny):
+    model, tokenizer = tiny
+    matchers = grammar_tokenizer(tokenizer, model.config.vocab, (tokenizer.eos_id,))
+    grammar = json_schema_grammar(SCHEMA, "schema")
+    a = Constraint(grammar, matchers)
+    b = Constraint(grammar, matchers)
+    assert a.matcher is not b.matcher and (grammar, id(matchers)) in grammar_module._compiled
+    (brace,) = tokenizer.encode("{")
+    start = Masks(model.config.vocab).allowed([b])[0]
+    assert start[brace] and start.sum() == 1  # compact JSON: the object opens at once
+    a.consume(brace)
+    after_a, still_b = Masks(model.config.vocab).allowed([a, b])
+    assert torch.equal(still_b, start) and not after_a[brace]
