@@ -77,6 +77,13 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
  * sequence) re-derived them for each. AVX2's sixteen registers hold two rows, not four. */
 #define LOWBIT_TILE 1
 
+/* out[2 s + r] = the sum of acc[r][s]'s eight lanes, four at a time where S allows. */
+static inline __attribute__((always_inline)) void tile2_sums(__m256 acc[2][4], int S, float *out) {
+    int s = 0;
+    for (; s + 2 <= S; s += 2) _mm_storeu_ps(out + 2 * s, hsum4x8(acc[0][s], acc[1][s], acc[0][s + 1], acc[1][s + 1]));
+    if (s < S) out[2 * s] = hsum(acc[0][s]), out[2 * s + 1] = hsum(acc[1][s]);
+}
+
 /* Two int8 weight rows (w, stride K) against S <= 4 rows of int8 activations (xq, stride K;
  * block scales xs, stride K / 32): out[2 s + r] = sum over blocks b of xs_s[b] * (w_r . xq_s
  * over block b), the rows' own scales left to the caller. vpmaddubsw multiplies unsigned by
@@ -104,7 +111,7 @@ static inline __attribute__((always_inline)) void q8_tile2(const int8_t *xq, con
             acc[1][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d, acc[1][s]);
         }
     }
-    for (int s = 0; s < S; s++) out[2 * s] = hsum(acc[0][s]), out[2 * s + 1] = hsum(acc[1][s]);
+    tile2_sums(acc, S, out);
 }
 
 /* The int4 counterpart: two rows of codes (q, K/2 bytes a row; scale and zero per group of
@@ -135,12 +142,11 @@ static inline __attribute__((always_inline)) void q4_tile2(const int8_t *xq, con
             acc[1][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(d, s1), acc[1][s]);
         }
     }
-    for (int s = 0; s < S; s++)
-        for (int r = 0; r < 2; r++) {
-            float v = hsum(acc[r][s]);
-            for (int g = 0; g < groups; g++)
-                v -= scale[(size_t)r * groups + g] * (float)zero[(size_t)r * groups + g] * gsum[(size_t)s * groups + g];
-            out[2 * s + r] = v;
+    tile2_sums(acc, S, out);
+    for (int r = 0; r < 2; r++)
+        for (int g = 0; g < groups; g++) {
+            const float sz = scale[(size_t)r * groups + g] * (float)zero[(size_t)r * groups + g];
+            for (int s = 0; s < S; s++) out[2 * s + r] -= sz * gsum[(size_t)s * groups + g];
         }
 }
 
