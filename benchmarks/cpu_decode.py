@@ -15,6 +15,7 @@ Targets (issue 10): fp32 >= 0.8x llama.cpp f32; int8 >= 1.0x q8_0; int4 >= 0.7x 
     python benchmarks/cpu_decode.py                      # the full run (~5 min)
     python benchmarks/cpu_decode.py --layers 2 --rounds 1 --new 16 --ttft-prompt 64   # smoke run
     python benchmarks/cpu_decode.py --arch haswell       # lmforge on its AVX2 kernels (any x86 with AVX2)
+    python benchmarks/cpu_decode.py --threads 1 --cpu-time   # per CPU second: for a shared, loaded machine
 
 It prints the CPU's flags, which build of lmforge's kernels ran, and what llama.cpp was built
 for: llama.cpp takes its best path for this CPU (AVX-512/VNNI where present) whatever --arch
@@ -70,12 +71,12 @@ def transformers_decoder(folder: Path):
     return decode
 
 
-def timed(fn, prompt: list[int], n: int):
+def timed(fn, prompt: list[int], n: int, clock=time.perf_counter):
     def run() -> float:
-        t = time.perf_counter()
+        t = clock()
         out = fn(prompt, n)
         assert len(out) == n, (len(out), n)
-        return n / (time.perf_counter() - t)
+        return n / (clock() - t)
     return run
 
 
@@ -135,11 +136,16 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
     ap.add_argument("--profile", action="store_true", help="also print where lmforge's decode time goes")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="tokens per second of the process's CPU time instead of wall time (with --threads 1: "
+                         "on a shared, loaded machine what each runtime costs, not how long it waited for a core)")
     ap.add_argument("--arch", help="build lmforge's kernels for this -march instead of the CPU's own "
                                    "(haswell: the AVX2 kernels); sets LMFORGE_NATIVE_ARCH")
     args = ap.parse_args()
     if args.arch:
         os.environ["LMFORGE_NATIVE_ARCH"] = args.arch
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time needs --threads 1 (a second thread's spinning would count as work)")
     torch.set_num_threads(args.threads)
 
     from lmforge.interop.gguf_io import export_gguf
@@ -178,7 +184,8 @@ def main() -> None:
         agree = {name: sum(a == b for a, b in zip(fn(prompt, 16), reference)) for name, fn in decoders.items()}
         for fn in decoders.values():
             fn(prompt, 4)  # warm-up
-        rates = interleaved({name: timed(fn, prompt, args.new) for name, fn in decoders.items()}, args.rounds)
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        rates = interleaved({name: timed(fn, prompt, args.new, clock) for name, fn in decoders.items()}, args.rounds)
         first = {}
         if args.ttft_prompt:
             pairs = ["lmforge fp32", "llama.cpp f32", "lmforge int8", "llama.cpp q8_0", "lmforge int4", "llama.cpp q4_0"]
@@ -192,7 +199,8 @@ def main() -> None:
     print(f"llama.cpp ({llama_cpp.__version__}) built with: {llama_cpp.llama_print_system_info().decode().strip()}")
     print(f"model: llama {args.layers} x {args.d_model}, {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, "
           f"{fp32.num_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, batch 1, "
-          f"{args.threads} threads, median of {args.rounds} alternating rounds")
+          f"{args.threads} threads, median of {args.rounds} alternating rounds"
+          + (", tokens per CPU second" if args.cpu_time else ""))
     print(f"read bandwidth (torch.sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s")
     print(f"{'runtime':>30} {'tok/s':>7} {'MB/token':>9} {'roofline':>9}  vs llama.cpp     greedy tokens = reference")
     for name, r in rates.items():
