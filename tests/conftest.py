@@ -43,6 +43,8 @@ def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
         fields["n_kv_head"] = 2
     if family in MOE_FAMILIES:
         fields["n_experts"] = 4
+    if family == "qwen2_moe":
+        fields["moe_shared_d_ff"] = 48
     return ModelConfig(**{**fields, **overrides})
 
 

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from lmforge.errors import LmforgeError
 
 Family = Literal["gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe",
-                 "gemma", "gemma2", "gemma3"]
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+                 "gemma", "gemma2", "gemma3", "qwen2_moe"]
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
 LayerType = Literal["sliding_attention", "full_attention"]
 
@@ -88,7 +88,8 @@ class ModelConfig(Section):
     qwen2: llama with q/k/v biases.  mistral: llama with sliding-window attention.
     phi3: llama with an optional sliding window (Hugging Face stores its q/k/v and gate/up fused).
     qwen3: llama with an RMSNorm on each query and key head before RoPE (`qk_norm`).
-    mixtral: mistral with a mixture-of-experts MLP; qwen3_moe: qwen3 with one.
+    mixtral: mistral with a mixture-of-experts MLP; qwen3_moe: qwen3 with one; qwen2_moe: qwen2 with
+    one that also has a shared expert.
     gemma: llama with embeddings scaled by sqrt(d_model) and a GeGLU MLP (gelu-tanh gate).
     gemma2: gemma with a second RMSNorm after attention and after the MLP (on their outputs),
     `query_pre_attn_scalar`, soft-capped attention scores and logits (`attn_softcap`,
@@ -102,6 +103,8 @@ class ModelConfig(Section):
     router picks `experts_per_token` SwiGLU experts of hidden size `moe_d_ff` (None: d_ff) by
     softmax probability; their outputs are summed weighted by those probabilities, renormalized
     over the chosen ones when `moe_norm_topk` (mixtral always; qwen3_moe's norm_topk_prob).
+    `moe_shared_d_ff`: a shared SwiGLU expert of that hidden size that every token runs, its
+    output scaled by sigmoid(shared_gate . x) and added to the routed experts' (qwen2_moe).
     `router_aux_coef` > 0 adds the Switch-Transformer load-balancing loss to the gradients in
     training (it does not change the reported loss).
     """
@@ -130,6 +133,7 @@ class ModelConfig(Section):
     moe_d_ff: int | None = None  # each expert's hidden size; None: d_ff
     moe_norm_topk: bool = True  # renormalize the chosen experts' probabilities to sum to 1
     router_aux_coef: float = 0.0  # load-balancing loss weight in training; 0: off
+    moe_shared_d_ff: int | None = None  # a shared expert every token runs, gated by sigmoid (qwen2_moe); None: none
     query_pre_attn_scalar: int | None = None  # attention scores scaled by its -1/2 power; None: head_dim
     attn_softcap: float | None = None  # gemma2: attention scores -> c * tanh(scores / c)
     logit_softcap: float | None = None  # gemma2/3: output logits -> c * tanh(logits / c)
@@ -160,6 +164,8 @@ class ModelConfig(Section):
             raise ValueError(f"experts_per_token must be in 1..n_experts ({self.n_experts})")
         if self.router_aux_coef < 0:
             raise ValueError("router_aux_coef must be >= 0")
+        if self.moe_shared_d_ff is not None and (self.n_experts == 0 or self.moe_shared_d_ff <= 0):
+            raise ValueError("moe_shared_d_ff is a positive size, for a mixture-of-experts family")
         if self.rope_scaling is not None and not self.uses_rope:
             raise ValueError("rope_scaling needs a RoPE family (llama, qwen2, mistral)")
         if not 0.0 <= self.dropout < 1.0:
@@ -246,7 +252,7 @@ class ModelConfig(Section):
     def has_qkv_bias(self) -> bool:
         if self.qkv_bias is not None:
             return self.qkv_bias
-        return self.family in ("gpt2", "qwen2")
+        return self.family in ("gpt2", "qwen2", "qwen2_moe")
 
     @property
     def vocab(self) -> int:

@@ -1,4 +1,5 @@
-"""Mixture of experts (mixtral, qwen3_moe): routing equal to transformers', both normalisations,
+"""Mixture of experts (mixtral, qwen3_moe, qwen2_moe with its shared expert): routing equal to
+transformers', both normalisations,
 training with the load-balancing loss, LoRA, int8 (saved, reloaded, decoded natively) and GGUF
 refusals. Import/export parity, GGUF, ONNX and the fp32 native decoder run for these families
 in test_hf.py, test_gguf.py, test_onnx.py and tests/infer/test_native_decode.py."""
@@ -25,7 +26,7 @@ from lmforge.model.lora import LoraSettings, lora_layers, merge_lora
 from lmforge.model.moe import load_balancing_loss
 from lmforge.model_dir import save_model_dir
 
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 def router_logits(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -57,9 +58,12 @@ def test_router_logits_and_chosen_experts_equal_transformers(family, hf_dirs):
 
 
 def tiny_moe_hf(family: str, seed: int = 0, **extra):
-    cls = transformers.MixtralConfig if family == "mixtral" else transformers.Qwen3MoeConfig
-    sizes = {"intermediate_size": 64} if family == "mixtral" else {"intermediate_size": 64, "moe_intermediate_size": 32,
-                                                                     "head_dim": 16}
+    cls = {"mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "qwen2_moe": transformers.Qwen2MoeConfig}[family]
+    sizes = {"mixtral": {"intermediate_size": 64},
+             "qwen3_moe": {"intermediate_size": 64, "moe_intermediate_size": 32, "head_dim": 16},
+             "qwen2_moe": {"intermediate_size": 64, "moe_intermediate_size": 32,
+                           "shared_expert_intermediate_size": 48}}[family]
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1, **sizes)
     cfg = cls(**{**fields, **extra})
@@ -76,6 +80,8 @@ def tiny_moe_hf(family: str, seed: int = 0, **extra):
     ("qwen3_moe", {"norm_topk_prob": False, "num_experts": 6}),  # raw top-k probabilities, as released configs allow
     ("qwen3_moe", {"norm_topk_prob": True, "num_experts": 5, "num_experts_per_tok": 3}),
     ("mixtral", {"num_local_experts": 3, "sliding_window": 8}),
+    ("qwen2_moe", {"norm_topk_prob": True, "num_experts": 6}),  # renormalized, unlike the released models
+    ("qwen2_moe", {"norm_topk_prob": False, "num_experts": 5, "num_experts_per_tok": 3, "qkv_bias": False}),
 ])
 def test_variants_match_transformers_both_ways(family, extra, tokenizer, tmp_path):
     hf_model = tiny_moe_hf(family, **extra)
@@ -89,7 +95,9 @@ def test_variants_match_transformers_both_ways(family, extra, tokenizer, tmp_pat
     back = transformers.AutoModelForCausalLM.from_pretrained(export_model(imported, "hf", tmp_path / "out"),
                                                              attn_implementation="eager").eval()
     assert (hf_logits(back, ids) - expected).abs().max() < 1e-4
-    if family == "qwen3_moe" and not m.config.moe_norm_topk:
+    assert m.config.moe_shared_d_ff == (48 if family == "qwen2_moe" else None)
+    assert m.config.has_qkv_bias == (family == "qwen2_moe" and extra.get("qkv_bias", True))
+    if (family, m.config.moe_norm_topk) in (("qwen3_moe", False), ("qwen2_moe", True)):
         with pytest.raises(LmforgeError, match="renormalizes the chosen experts"):
             export_gguf(m, tmp_path / "m.gguf")
         assert not (tmp_path / "m.gguf").exists()
@@ -189,6 +197,8 @@ def test_int8_experts_saved_reloaded_and_decoded_natively(family, hf_dirs, tmp_p
     q = quantize_model(copy.deepcopy(m.model), "int8")
     block = q.blocks[0].mlp
     assert all(isinstance(e.up, QuantizedLinear) and isinstance(e.down, QuantizedLinear) for e in block.experts)
+    if block.shared is not None:  # qwen2_moe's shared expert and its gate are quantized too
+        assert isinstance(block.shared.up, QuantizedLinear) and isinstance(block.shared_gate, QuantizedLinear)
     assert type(block.router) is torch.nn.Linear  # the router keeps its fp32 weights: it picks the experts
     with torch.no_grad():
         got = q(ids)

@@ -45,6 +45,10 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=True, max_position_embeddings=64),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(  # q/k/v biases, a shared expert, weights not renormalized
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, max_position_embeddings=64),
     # Gemma: head_dim 16 (not 32 / 4); sliding and full layers both occur, with a
     # window of 4 that a 24-token probe crosses; query_pre_attn_scalar = head_dim, as llama.cpp assumes.
     "gemma": lambda: transformers.GemmaConfig(

@@ -57,6 +57,8 @@ def linear_names(model: Transformer) -> list[str]:
         else:
             names += [f"blocks.{i}.{part}" for part in LINEARS if part.startswith("attn.")]
             names += [f"blocks.{i}.mlp.experts.{e}.{part}" for e in range(len(experts)) for part in ("up", "down")]
+            if block.mlp.shared is not None:  # its gate scales the output smoothly: quantized like the rest
+                names += [f"blocks.{i}.mlp.shared.up", f"blocks.{i}.mlp.shared.down", f"blocks.{i}.mlp.shared_gate"]
     return names + ["lm_head"]
 
 

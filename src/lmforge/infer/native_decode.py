@@ -94,11 +94,14 @@ class NativeDecoder:
                 up, down, router, expert_ptr = abi.Linear(), abi.Linear(), _linear(mlp.router, keep), pairs
             else:
                 up, down, router, expert_ptr = _linear(mlp.up, keep), _linear(mlp.down, keep), abi.Linear(), None
+            shared = getattr(mlp, "shared", None)  # qwen2_moe's expert that every token runs
+            shared_linears = (abi.Linear(),) * 3 if shared is None else \
+                (_linear(shared.up, keep), _linear(shared.down, keep), _linear(mlp.shared_gate, keep))
             layers[i] = abi.Layer(t(block.norm1.weight), t(getattr(block.norm1, "bias", None)),
                                    t(block.norm2.weight), t(getattr(block.norm2, "bias", None)),
                                    _linear(attn.qkv, keep), _linear(attn.proj, keep), up, down,
                                    t(keys[i]), t(values[i]), norm(attn.q_norm), norm(attn.k_norm), router,
-                                   None if expert_ptr is None else ctypes.addressof(expert_ptr),
+                                   None if expert_ptr is None else ctypes.addressof(expert_ptr), *shared_linears,
                                    *(norm(n) if cfg.post_norms else None for n in (block.post_attn_norm, block.post_mlp_norm)),
                                    *self._layer_rope(model, i, t), cfg.layer_window(i) or 0)
         self.rows, _, self.capacity, _ = keys[0].shape
@@ -107,7 +110,8 @@ class NativeDecoder:
             cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head,
             cfg.expert_dim if cfg.n_experts else cfg.ffn_dim, cfg.vocab,
             self.capacity, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"), int(cfg.uses_rope),
-            int(cfg.is_gemma), cfg.n_experts, cfg.experts_per_token, int(cfg.moe_norm_topk), cfg.norm_eps,
+            int(cfg.is_gemma), cfg.n_experts, cfg.experts_per_token, int(cfg.moe_norm_topk), cfg.moe_shared_d_ff or 0,
+            cfg.norm_eps,
             cfg.d_model ** 0.5 if cfg.is_gemma else 1.0, cfg.attn_scale, cfg.attn_softcap or 0.0, t(model.tok_emb.weight),
             t(None if model.pos_emb is None else model.pos_emb.weight),
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),

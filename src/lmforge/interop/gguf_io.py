@@ -35,9 +35,10 @@ from lmforge.model import Transformer
 from lmforge.model.transformer import rope_attention_factor, rope_frequencies
 
 ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3", "qwen3": "qwen3",
-        "mixtral": "llama", "qwen3_moe": "qwen3moe",
+        "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe",
         "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
-FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+          "qwen2moe": "qwen2_moe"}
 # One expert's projection in Hugging Face's checkpoints; llama.cpp stacks a layer's experts
 # into one (n_experts, rows, cols) tensor per projection, named as the name without the number.
 EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -107,6 +108,8 @@ def _moe_gap(cfg: ModelConfig) -> str | None:
         return "llama.cpp's llama architecture sizes its experts by feed_forward_length (moe_d_ff must be d_ff)"
     if cfg.family == "qwen3_moe" and not cfg.moe_norm_topk:
         return "llama.cpp's qwen3moe always renormalizes the chosen experts' weights (norm_topk_prob true)"
+    if cfg.family == "qwen2_moe" and cfg.moe_norm_topk:
+        return "llama.cpp's qwen2moe never renormalizes the chosen experts' weights (norm_topk_prob false)"
     return None
 
 
@@ -305,8 +308,10 @@ def _add_hparams(writer, cfg: ModelConfig) -> None:
     if cfg.n_experts:
         writer.add_expert_count(cfg.n_experts)
         writer.add_expert_used_count(cfg.experts_per_token)
-        if cfg.family == "qwen3_moe":
+        if cfg.family in ("qwen3_moe", "qwen2_moe"):
             writer.add_expert_feed_forward_length(cfg.expert_dim)
+        if cfg.moe_shared_d_ff:
+            writer.add_expert_shared_feed_forward_length(cfg.moe_shared_d_ff)
     if cfg.post_norms:  # gemma2, gemma3
         if cfg.sliding_window is not None:
             writer.add_sliding_window(cfg.sliding_window)
@@ -412,12 +417,13 @@ def _config(reader, arch: str, tensor_names: set[str]) -> ModelConfig:
         if arch == "llama":
             common["family"] = "mixtral"
         common.update(n_experts=experts, experts_per_token=key("expert_used_count"),
-                      moe_d_ff=_field(reader, f"{arch}.expert_feed_forward_length"), moe_norm_topk=True)
+                      moe_d_ff=_field(reader, f"{arch}.expert_feed_forward_length"), moe_norm_topk=arch != "qwen2moe",
+                      moe_shared_d_ff=_field(reader, f"{arch}.expert_shared_feed_forward_length"))
     return ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head),
                        head_dim=key("attention.key_length", d_model // n_head),
                        norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=key("rope.freq_base", 10000.0),
                        rope_scaling=_read_yarn(lambda name: _field(reader, f"{arch}.{name}")),
-                       qkv_bias=arch == "qwen2" or None,
+                       qkv_bias=arch in ("qwen2", "qwen2moe") or None,
                        sliding_window=_field(reader, f"{arch}.attention.sliding_window") if arch == "phi3" else None)
 
 

@@ -1,10 +1,11 @@
-"""The mixture-of-experts MLP (mixtral, qwen3_moe): a router picks a few experts per token.
+"""The mixture-of-experts MLP (mixtral, qwen3_moe, qwen2_moe): a router picks a few experts per token.
 
 Each token's router logits go through a softmax over all experts; the `experts_per_token`
 most probable experts run on it, and their outputs are summed weighted by those
 probabilities (renormalized over the chosen ones when `moe_norm_topk`), as transformers'
-Mixtral and Qwen3-MoE do. Experts are ordinary SwiGLU MLPs (nn.Linear layers), so LoRA,
-quantization and the native decoder see them like any other layer.
+Mixtral and Qwen3-MoE do. With `moe_shared_d_ff` (Qwen2-MoE) a shared expert runs on every
+token too, its output scaled by sigmoid(shared_gate . x). Experts are ordinary SwiGLU MLPs
+(nn.Linear layers), so LoRA, quantization and the native decoder see them like any other layer.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, n_experts: in
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_expert: Callable[[], nn.Module]):
+    def __init__(self, cfg: ModelConfig, make_expert: Callable[[int], nn.Module]):
+        """`make_expert(hidden)`: a SwiGLU MLP of that hidden size."""
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.experts_per_token
         self.norm_topk, self.aux_coef = cfg.moe_norm_topk, cfg.router_aux_coef
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleList(make_expert() for _ in range(cfg.n_experts))
+        self.experts = nn.ModuleList(make_expert(cfg.expert_dim) for _ in range(cfg.n_experts))
+        self.shared = make_expert(cfg.moe_shared_d_ff) if cfg.moe_shared_d_ff else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.moe_shared_d_ff else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For tokens x (N, d): router logits (N, n_experts), the chosen experts (N, k) and
@@ -68,6 +72,8 @@ class MoE(nn.Module):
             for e in chosen.unique().tolist():  # only the experts some token chose
                 token, slot = (chosen == e).nonzero(as_tuple=True)
                 out.index_add_(0, token, self.experts[e](flat[token]) * weights[token, slot, None])
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         if self.training and self.aux_coef > 0:
             probs = F.softmax(logits.float(), dim=-1)
             out = _AddAuxiliaryLoss.apply(out, self.aux_coef * load_balancing_loss(probs, chosen, self.n_experts))

@@ -4,7 +4,8 @@
 - llama: rotary positions (with Llama-3 or YaRN frequency scaling), RMSNorm, SwiGLU MLP,
   grouped-query attention, no biases; qwen2 adds q/k/v biases, mistral a sliding window,
   qwen3 an RMSNorm on each query and key head before RoPE.
-- mixtral, qwen3_moe: mistral and qwen3 with a mixture-of-experts MLP (`model.moe`).
+- mixtral, qwen3_moe, qwen2_moe: mistral, qwen3 and qwen2 with a mixture-of-experts MLP
+  (`model.moe`; qwen2_moe's has a shared expert too).
 - gemma: llama with embeddings scaled by sqrt(d_model) and a GeGLU MLP; gemma2/gemma3 add
   RMSNorms on the attention and MLP outputs, soft-capped scores and logits, per-layer sliding
   windows (and, gemma3, q/k norms and a rope base of their own for the sliding layers).
@@ -211,7 +212,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg)
-        self.mlp = MoE(cfg, lambda: MLP(cfg, cfg.expert_dim)) if cfg.n_experts else MLP(cfg)
+        self.mlp = MoE(cfg, lambda hidden: MLP(cfg, hidden)) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         # gemma2/3 normalize what attention and the MLP add to the residual stream too.
         self.post_attn_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()

@@ -122,6 +122,7 @@ typedef struct {
      * grouped inputs gx and outputs eout, order[i] the (row, choice) at grouped row i */
     float *router, *weight, *gx, *eout;
     int *chosen, *place, *order, *offset;
+    float *sgate, *sup, *sact, *sout; /* the shared expert's gate logit, up, activation and output per row */
     int lowbit_tiles; /* int8/int4 matmuls in tiles of four rows (see lowbit_tiles_pay) */
 } Work;
 
@@ -351,13 +352,13 @@ static void attend(const Model *m, const Layer *L, const Rows *r, Work *ws, Work
 /* act = silu(gate) * up (SwiGLU) or gelu_tanh(h), both x times a sigmoid: silu's of the
  * gate itself, gelu's from kernels.h (the one training's GELU uses). Shared out in runs of
  * 512 features of one row (whole vectors, one division per vector). */
-static void mlp_activation(const Model *m, Work *ws, int B, Worker *wk) {
-    const int f = m->ffn, stride = (m->swiglu ? 2 : 1) * f, runs = (f + 511) / 512;
+static void mlp_activation(const Model *m, const float *up, float *act, int f, int B, Worker *wk) {
+    const int stride = (m->swiglu ? 2 : 1) * f, runs = (f + 511) / 512;
     const __m256 one = _mm256_set1_ps(1.0f);
     FOR_ITEMS(wk, t, B * runs) {
         const int b = t / runs, lo = (t % runs) * 512, hi = lo + 512 < f ? lo + 512 : f;
-        const float *row = ws->up + (size_t)b * stride;
-        float *out = ws->act + (size_t)b * f;
+        const float *row = up + (size_t)b * stride;
+        float *out = act + (size_t)b * f;
         int i = lo;
         for (; i + 8 <= hi; i += 8) {
             const __m256 x = _mm256_loadu_ps(row + i);
@@ -436,7 +437,8 @@ static void route(const Model *m, Work *ws, int B) {
 }
 
 /* x += the weighted sum of row b's experts' outputs, summed in the order of the experts'
- * numbers as the reference does (then added to the residual). */
+ * numbers as the reference does, plus the shared expert's gated output (then added to the
+ * residual). */
 static void combine(const Model *m, Work *ws, int b) {
     const int d = m->d_model, k = m->top_k;
     int js[16];
@@ -447,10 +449,12 @@ static void combine(const Model *m, Work *ws, int b) {
             js[j] = js[j - 1], js[j - 1] = t;
         }
     float *x = ws->x + (size_t)b * d;
+    const float gate = m->shared_ffn ? 1.0f / (1.0f + expf(-ws->sgate[b])) : 0.0f;
     for (int i = 0; i < d; i++) {
         float sum = 0.0f;
         for (int j = 0; j < k; j++)
             sum += ws->eout[(size_t)ws->place[b * k + js[j]] * d + i] * ws->weight[b * k + js[j]];
+        if (m->shared_ffn) sum += ws->sout[(size_t)b * d + i] * gate;
         x[i] += sum;
     }
 }
@@ -490,6 +494,7 @@ static int lowbit_tiles_pay(const Model *m, int B) {
         total += lowbit_bytes(&L->qkv) + lowbit_bytes(&L->proj) + lowbit_bytes(&L->up) + lowbit_bytes(&L->down);
         if (L->experts)
             for (int e = 0; e < 2 * m->n_experts; e++) total += lowbit_bytes(&L->experts[e]);
+        total += lowbit_bytes(&L->shared_up) + lowbit_bytes(&L->shared_down);
     }
     return total <= (size_t)cache;
 }
@@ -498,7 +503,7 @@ static int lowbit_tiles_pay(const Model *m, int B) {
 void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     const int d = m->d_model, hd = m->head_dim, B = r->B;
     const int width = (m->n_head + 2 * m->n_kv) * hd, up_width = (m->swiglu ? 2 : 1) * m->ffn;
-    const int widest = max_int(max_int(d, m->ffn), m->n_head * hd);
+    const int widest = max_int(max_int(max_int(d, m->ffn), m->n_head * hd), m->shared_ffn);
     const int E = m->n_experts, k = E ? m->top_k : 1, mlp_rows = B * k; /* an expert's rows: (row, choice) pairs */
     Work ws;
     ws.x = malloc(sizeof(float) * B * d);
@@ -519,12 +524,16 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     ws.place = malloc(sizeof(int) * (mlp_rows + E + 1));
     ws.order = malloc(sizeof(int) * mlp_rows);
     ws.offset = malloc(sizeof(int) * (E + 2));
+    ws.sgate = malloc(sizeof(float) * B);
+    ws.sup = malloc(sizeof(float) * B * (2 * m->shared_ffn + 1));
+    ws.sact = malloc(sizeof(float) * B * (m->shared_ffn + 1));
+    ws.sout = malloc(sizeof(float) * B * d);
     ws.lowbit_tiles = lowbit_tiles_pay(m, B);
     const int team_size = threads > 0 ? threads : omp_get_max_threads();
     /* at most: every matmul quantized, some logits rows wanted; a mixture of experts adds the
      * router and the routing, and two matmuls for each expert some row chose */
     const int experts_run = E < mlp_rows ? E : mlp_rows;
-    const int phases = (15 + (E ? 6 + 4 * experts_run : 0)) * m->n_layer + 4; /* 15: gemma's two post-norms */
+    const int phases = (15 + (E ? 6 + 4 * experts_run : 0) + (m->shared_ffn ? 7 : 0)) * m->n_layer + 4; /* 15: gemma's two post-norms */
     Team team = {aligned_alloc(64, sizeof(Line) * phases * team_size), aligned_alloc(64, sizeof(Line) * team_size),
                  team_size, phases};
     memset(team.taken, 0, sizeof(Line) * (size_t)phases * team_size);
@@ -580,7 +589,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
                         matvec(&L->experts[2 * e], ws.gx + (size_t)lo * d, ws.up + (size_t)lo * up_width, n, 0, &ws, &wk);
                         SYNC(P_UP)
                     }
-                mlp_activation(m, &ws, mlp_rows, &wk);
+                mlp_activation(m, ws.up, ws.act, m->ffn, mlp_rows, &wk);
                 SYNC(P_ACTIVATION)
                 for (int e = 0; e < E; e++)
                     if (ws.offset[e + 1] > ws.offset[e]) {
@@ -589,13 +598,23 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
                                &ws, &wk);
                         SYNC(P_DOWN)
                     }
+                if (m->shared_ffn) { /* the expert every row runs, and its gate */
+                    matvec(&L->shared_gate, ws.h, ws.sgate, B, 0, &ws, &wk);
+                    SYNC(P_ROUTE)
+                    matvec(&L->shared_up, ws.h, ws.sup, B, 0, &ws, &wk);
+                    SYNC(P_UP)
+                    mlp_activation(m, ws.sup, ws.sact, m->shared_ffn, B, &wk);
+                    SYNC(P_ACTIVATION)
+                    matvec(&L->shared_down, ws.sact, ws.sout, B, 0, &ws, &wk);
+                    SYNC(P_DOWN)
+                }
                 FOR_ITEMS(&wk, b, B) combine(m, &ws, b);
                 SYNC(P_ROUTE)
                 continue;
             }
             matvec(&L->up, ws.h, ws.up, B, 0, &ws, &wk);
             SYNC(P_UP)
-            mlp_activation(m, &ws, B, &wk);
+            mlp_activation(m, ws.up, ws.act, m->ffn, B, &wk);
             SYNC(P_ACTIVATION)
             if (L->post_mlp_w) {
                 matvec(&L->down, ws.act, ws.h, B, 0, &ws, &wk);
@@ -626,7 +645,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.act), free(ws.scores);
     free(ws.xq), free(ws.xs), free(ws.gsum), free(team.taken), free(team.done);
     free(ws.router), free(ws.weight), free(ws.gx), free(ws.eout), free(ws.chosen), free(ws.place), free(ws.order);
-    free(ws.offset);
+    free(ws.offset), free(ws.sgate), free(ws.sup), free(ws.sact), free(ws.sout);
 }
 #else
 #define DECODE_ISA "none"
@@ -664,13 +683,14 @@ static const Entry LAYOUT[] = {
     SIZE(Layer), FIELD(Layer, norm1_w), FIELD(Layer, norm1_b), FIELD(Layer, norm2_w), FIELD(Layer, norm2_b),
     FIELD(Layer, qkv), FIELD(Layer, proj), FIELD(Layer, up), FIELD(Layer, down), FIELD(Layer, k), FIELD(Layer, v),
     FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, router), FIELD(Layer, experts),
+    FIELD(Layer, shared_up), FIELD(Layer, shared_down), FIELD(Layer, shared_gate),
     FIELD(Layer, post_attn_w), FIELD(Layer, post_mlp_w), FIELD(Layer, rope_cos), FIELD(Layer, rope_sin),
     FIELD(Layer, window),
 
     SIZE(Model), FIELD(Model, n_layer), FIELD(Model, d_model), FIELD(Model, n_head), FIELD(Model, n_kv),
     FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity),
     FIELD(Model, layernorm), FIELD(Model, swiglu), FIELD(Model, rope), FIELD(Model, gelu_gate), FIELD(Model, n_experts),
-    FIELD(Model, top_k), FIELD(Model, norm_topk), FIELD(Model, eps), FIELD(Model, embed_scale),
+    FIELD(Model, top_k), FIELD(Model, norm_topk), FIELD(Model, shared_ffn), FIELD(Model, eps), FIELD(Model, embed_scale),
     FIELD(Model, attn_scale), FIELD(Model, attn_softcap), FIELD(Model, tok_emb),
     FIELD(Model, pos_emb), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, norm_f_w),
     FIELD(Model, norm_f_b), FIELD(Model, lm_head), FIELD(Model, layers), FIELD(Model, profile),

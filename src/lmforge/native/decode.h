@@ -26,6 +26,7 @@ typedef struct {
     const float *q_norm, *k_norm; /* (head_dim,) RMSNorm weights of each query/key head before RoPE, or NULL */
     Linear router;                /* mixture of experts: (n_experts, d_model) */
     const Linear *experts;        /* n_experts (up, down) pairs, or NULL for a dense MLP */
+    Linear shared_up, shared_down, shared_gate; /* a shared expert (w NULL: none) and its (1, d_model) gate */
     const float *post_attn_w, *post_mlp_w; /* gemma2/3: RMSNorm of the attention / MLP output before
                                               it joins the residual, or NULL */
     const float *rope_cos, *rope_sin;      /* this layer's rotary table (gemma3's sliding layers), or NULL */
@@ -36,6 +37,7 @@ typedef struct {
     int n_layer, d_model, n_head, n_kv, head_dim, ffn, vocab, capacity;
     int layernorm, swiglu, rope, gelu_gate; /* flags; gelu_gate: the gated MLP's gate is GELU (tanh), GeGLU */
     int n_experts, top_k, norm_topk; /* mixture of experts (n_experts 0: dense); ffn is each expert's */
+    int shared_ffn;                  /* the shared expert's hidden size (0: none) */
     float eps;
     float embed_scale, attn_scale, attn_softcap; /* token embeddings times embed_scale; scores q.k times
                                                     attn_scale, then soft-capped where attn_softcap > 0 */

@@ -26,14 +26,15 @@ class Layer(ctypes.Structure):
     _fields_ = [("norm1_w", c_void_p), ("norm1_b", c_void_p), ("norm2_w", c_void_p), ("norm2_b", c_void_p),
                 ("qkv", Linear), ("proj", Linear), ("up", Linear), ("down", Linear),
                 ("k", c_void_p), ("v", c_void_p), ("q_norm", c_void_p), ("k_norm", c_void_p),
-                ("router", Linear), ("experts", c_void_p), ("post_attn_w", c_void_p), ("post_mlp_w", c_void_p),
+                ("router", Linear), ("experts", c_void_p), ("shared_up", Linear), ("shared_down", Linear),
+                ("shared_gate", Linear), ("post_attn_w", c_void_p), ("post_mlp_w", c_void_p),
                 ("rope_cos", c_void_p), ("rope_sin", c_void_p), ("window", c_int)]
 
 
 class Model(ctypes.Structure):
     _fields_ = [(name, c_int) for name in ("n_layer", "d_model", "n_head", "n_kv", "head_dim", "ffn", "vocab",
                                            "capacity", "layernorm", "swiglu", "rope", "gelu_gate", "n_experts",
-                                           "top_k", "norm_topk")] + [
+                                           "top_k", "norm_topk", "shared_ffn")] + [
         ("eps", c_float), ("embed_scale", c_float), ("attn_scale", c_float), ("attn_softcap", c_float),
         ("tok_emb", c_void_p), ("pos_emb", c_void_p), ("rope_cos", c_void_p),
         ("rope_sin", c_void_p), ("norm_f_w", c_void_p), ("norm_f_b", c_void_p), ("lm_head", Linear),

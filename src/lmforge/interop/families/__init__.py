@@ -10,6 +10,7 @@ name checks, so a family is described once.
     phi3                      Phi3ForCausalLM (fused qkv_proj and gate_up_proj)
     qwen3                     Qwen3ForCausalLM (per-head q/k norms)
     mixtral, qwen3_moe        MixtralForCausalLM / Qwen3MoeForCausalLM (mixture of experts)
+    qwen2_moe                 Qwen2MoeForCausalLM (mixture of experts with a shared expert)
     gemma, gemma2, gemma3     GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM (gemma3_text)
 """
 
@@ -59,7 +60,7 @@ def family_module(model_type: Any) -> ModuleType:
     from lmforge.interop.families import gemma, gpt2, llama, moe, phi3, qwen3
 
     modules = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "mistral": llama, "phi3": phi3, "qwen3": qwen3,
-               "mixtral": moe, "qwen3_moe": moe, "gemma": gemma, "gemma2": gemma, "gemma3_text": gemma,
+               "mixtral": moe, "qwen3_moe": moe, "qwen2_moe": moe, "gemma": gemma, "gemma2": gemma, "gemma3_text": gemma,
                "gemma3": gemma}  # our family name; as a model_type, gemma.config_from_hf refuses it
     if model_type not in modules:
         raise LmforgeError(f"unsupported model_type {model_type!r} in config.json: lmforge reads "
@@ -67,7 +68,7 @@ def family_module(model_type: Any) -> ModuleType:
     return modules[model_type]
 
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
+SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "gemma", "gemma2",
              "gemma3_text")
 
 
