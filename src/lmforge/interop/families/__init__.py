@@ -60,7 +60,8 @@ def family_module(model_type: Any) -> ModuleType:
     from lmforge.interop.families import gemma, gpt2, llama, moe, phi3, qwen3
 
     modules = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "mistral": llama, "phi3": phi3, "qwen3": qwen3,
-               "mixtral": moe, "qwen3_moe": moe, "qwen2_moe": moe, "gemma": gemma, "gemma2": gemma, "gemma3_text": gemma,
+               "mixtral": moe, "qwen3_moe": moe, "qwen2_moe": moe, "gemma": gemma, "gemma2": gemma,
+               "gemma3_text": gemma,
                "gemma3": gemma}  # our family name; as a model_type, gemma.config_from_hf refuses it
     if model_type not in modules:
         raise LmforgeError(f"unsupported model_type {model_type!r} in config.json: lmforge reads "
@@ -68,8 +69,8 @@ def family_module(model_type: Any) -> ModuleType:
     return modules[model_type]
 
 
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "gemma", "gemma2",
-             "gemma3_text")
+SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "phi3", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "gemma",
+             "gemma2", "gemma3_text")
 
 
 def require(hf: dict[str, Any], key: str, kind: type = int) -> Any:
