@@ -35,10 +35,11 @@ only when beta > 0.
 
 Rollouts decode the policy in place: a full fine-tune's engine reads the training weights
 themselves (the native decoder points at the tensors the optimizer updates). A LoRA policy is
-decoded `merged` (one plain copy of the model whose linears are refreshed with W + BA before
-each rollout, so the native decoder runs it) or `unmerged` (the engine runs the adapter
-layers through PyTorch); `auto` takes merged where the native decoder covers the model (the
-faster on CPU, benchmarks/grpo.py) and unmerged elsewhere (QLoRA's int4 base, GPUs).
+decoded `unmerged` (the engine runs the adapter layers through PyTorch) or `merged` (one plain
+copy of the model, allocated once, whose linears are refreshed with W + BA before each
+rollout, so the native decoder runs it). `auto` is unmerged: at GRPO's batch of rollouts
+(64 sequences) on the quickstart-sized model it was the faster (benchmarks/grpo.py), and it
+keeps no second copy; merged may pay off for larger models decoded at small batches.
 
 Completions are sampled with seeds derived from train.seed, the rollout number, the prompt's
 place and the sample's, so a resumed run samples what an uninterrupted one would. With
@@ -197,17 +198,19 @@ class Rollouts:
 
         self.model, self.tokenizer, self.max_batch, self.stop_ids = model, tokenizer, max_batch, stop_ids
         self.lora = lora_layers(model)
-        quantized = any(is_quantized(layer.base) for layer in self.lora.values())
         if not self.lora:
             mode = "policy"
         elif mode == "auto":
-            mode = "merged" if not quantized and self._native_covers() else "unmerged"
+            mode = "unmerged"
+        elif mode == "merged" and any(is_quantized(layer.base) for layer in self.lora.values()):
+            raise LmforgeError("grpo.rollout merged would hold a full-precision copy of a QLoRA base; use unmerged")
         self.mode = mode
         self.decode_model: nn.Module | None = None
         self.engine = None
         self._pointers: tuple[int, ...] = ()
-        log(f"grpo: rollouts decode the {'policy in place' if mode == 'policy' else 'adapter ' + mode}"
-            f"{'' if self._native_covers() or mode == 'unmerged' else ' (the PyTorch path: no native decoder here)'}")
+        native = mode != "unmerged" and self._native_covers()
+        log(f"grpo: rollouts decode {'the policy in place' if mode == 'policy' else 'the adapter ' + mode}, "
+            f"{'with the native decoder' if native else 'through PyTorch'}")
 
     def _native_covers(self) -> bool:
         """Whether the native decoder runs what the engine decodes (for LoRA: the merged plain model)."""
