@@ -86,9 +86,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         get = lambda key: hf.get(key, DEFAULTS[family][key])  # noqa: E731
         # transformers' Gemma 3 never soft-caps attention scores, whatever its config says
         attn_softcap = get("attn_logit_softcapping") if family == "gemma2" else None
+        types = _layer_types(hf, family, n_layer)
+        window = get("sliding_window") if "sliding_attention" in types else None  # unused when no layer slides
         fields.update(query_pre_attn_scalar=get("query_pre_attn_scalar"), attn_softcap=attn_softcap,
-                      logit_softcap=get("final_logit_softcapping"), sliding_window=get("sliding_window"),
-                      layer_types=_layer_types(hf, family, n_layer))
+                      logit_softcap=get("final_logit_softcapping"), sliding_window=window, layer_types=types)
     return ModelConfig(**fields)
 
 
@@ -106,7 +107,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         return {**out, "hidden_act": "gelu_pytorch_tanh"}
     out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_head,
                attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap,
-               sliding_window=cfg.sliding_window,
+               # transformers builds a sliding mask for gemma2/3 whatever layer_types says, so it needs a
+               # window even when no layer slides; the context's length changes nothing then
+               sliding_window=cfg.sliding_window if cfg.sliding_window is not None else cfg.context,
                layer_types=cfg.layer_types or [("full_attention" if cfg.sliding_window is None else "sliding_attention")
                                                for _ in range(cfg.n_layer)])
     if cfg.family == "gemma3":
