@@ -316,6 +316,12 @@ def test_arithmetic_data_is_checked_and_shipped():
         assert evaluate_equation(p.equation) == p.answer
         assert exact_answer(p.prompt, p.solution, answer=p.answer) == 1.0  # the SFT target earns the reward
         assert exact_answer(p.prompt, p.solution.replace(str(p.answer), str(p.answer + 1)), answer=p.answer) == 0.0
+    shaping = build_rewards([RewardSpec(function="lmforge.data.arithmetic:equation_reward")])[0]
+    row = made["arithmetic-grpo.jsonl"][0]
+    a, op, b = row["equation"].split()
+    fields = {k: v for k, v in row.items() if k != "prompt"}
+    assert shaping(row["prompt"], f" {a} {op} {b} = 0. The answer is 0.", fields) == 1.0
+    assert shaping(row["prompt"], f" {a} {op} {int(b) + 1} = 0.", fields) == 0.0
     langs = {r["lang"] for r in made["arithmetic-grpo.jsonl"]}
     assert langs == {"en", "zh"}
     assert any("答案是" in r["completion"] for r in made["arithmetic-sft.jsonl"])
@@ -323,7 +329,9 @@ def test_arithmetic_data_is_checked_and_shipped():
 
 def test_builtin_grpo_recipes_load():
     cfg = load_finetune_config("grpo-arithmetic")
-    assert cfg.task == "grpo" and cfg.grpo.rewards[0].function == "exact_answer"
+    assert cfg.task == "grpo" and [r.function for r in cfg.grpo.rewards] == [
+        "exact_answer", "lmforge.data.arithmetic:equation_reward"]
+    assert len(build_rewards(cfg.grpo.rewards)) == 2
     assert cfg.data.train.endswith("data/arithmetic-grpo.jsonl") and json.loads(
         open(cfg.data.val, encoding="utf-8").readline())["answer"] is not None
     assert load_finetune_config("grpo-arithmetic-sft").task == "sft"

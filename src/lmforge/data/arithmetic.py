@@ -10,7 +10,8 @@ of the built-in GRPO recipe (`lmforge finetune grpo-arithmetic`) and of benchmar
 Problems are short, so that the quickstart model (context 128) holds a Chinese one with its
 worked answer. Each answer is computed twice, from the operands and by evaluating the written
 equation, and a problem whose two disagree is a bug that raises. `problems(n, seed)` draws
-distinct problems; `exclude` keeps a held-out set apart from a training one.
+distinct problems; `exclude` keeps a held-out set apart from a training one. `equation_reward`
+rewards writing the problem's equation, a denser signal than the answer for a weak model.
 """
 
 from __future__ import annotations
@@ -107,7 +108,15 @@ def sft_row(p: Problem) -> dict:
 
 
 def grpo_row(p: Problem, index: int) -> dict:
-    return {"prompt": p.prompt, "answer": p.answer, "id": f"arith-{p.lang}-{index}", "lang": p.lang}
+    return {"prompt": p.prompt, "answer": p.answer, "equation": p.equation, "id": f"arith-{p.lang}-{index}",
+            "lang": p.lang}
+
+
+def equation_reward(prompt, completion: str, equation: str = "", **_) -> float:
+    """1 when the completion writes the problem's equation ("4 * 7"): a denser reward than the
+    answer's alone (a grpo reward, `lmforge.data.arithmetic:equation_reward`), for a model
+    that does not yet set up the problem."""
+    return float(bool(equation) and " ".join(equation.split()) in " ".join(completion.split()))
 
 
 # The built-in recipe's files (recipes/finetune/data): SFT warm start, GRPO prompts, held out.
