@@ -157,3 +157,15 @@ def test_bad_speculation_settings_are_refused(tokenizer, model):
     other = train_tokenizer(TEXT, vocab_size=300)
     with pytest.raises(LmforgeError, match="same tokenizer"):
         Speculator.draft_model(_model(other), model)
+
+
+def test_drafts_after_a_prefix_cache_hit_equal_plain_decoding(model, tokenizer):
+    from lmforge.infer.prefix_cache import PrefixCache
+
+    requests = _requests(tokenizer, n_new=24)
+    plain = _one_at_a_time(model, tokenizer, requests + requests)
+    cache, spec = PrefixCache(16 << 20), Speculator.ngram(k=4)
+    with Engine(model, tokenizer, speculator=spec, prefix_cache=cache) as engine:
+        both = [_outputs(engine.generate([r], timeout=120))[0] for r in requests + requests]
+    _assert_same(both, plain)
+    assert cache.stats.hit_tokens > 0 and spec.stats.accepted > 0
