@@ -254,6 +254,7 @@ def test_grpo_raises_the_reward(tmp_path, method):
     assert len(train) == 4
     assert train[-1]["reward"] > train[0]["reward"] + 0.15, [r["reward"] for r in train]
     for key in ("reward_std", "reward/letter_e", "reward/letter_e_std", "kl", "clip_fraction", "completion_tokens",
+                "zero_advantage_groups",
                 "rollout_s", "update_s", "rollout_share"):
         assert all(key in r and math.isfinite(r[key]) for r in train), key
     assert all(0 < r["rollout_share"] < 1 and 0 < r["completion_tokens"] <= 8 for r in train)

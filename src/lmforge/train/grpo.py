@@ -421,7 +421,7 @@ class GrpoTask:
         lengths = torch.tensor([float(len(r.tokens)) for r in results])
         self._note(reward=float(total.mean()), reward_std=float(total.std()),
                    completion_tokens=float(lengths.mean()),
-                   solved_groups=float((total.view(len(prompts), -1).std(1) == 0).float().mean()))
+                   zero_advantage_groups=float((total.view(len(prompts), -1).std(1) == 0).float().mean()))
         for name, s in scores.items():
             self._note(**{f"reward/{name}": float(s.mean()), f"reward/{name}_std": float(s.std())})
         if g.num_iterations > 1:
