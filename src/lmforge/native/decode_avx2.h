@@ -124,25 +124,30 @@ static inline __attribute__((always_inline)) void q4_tile2(const int8_t *xq, con
                                                            int G, int S, float *out) {
     const int blocks = K / QK, groups = K / G, per_group = G / QK;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][4];
-    for (int r = 0; r < 2; r++)
-        for (int s = 0; s < S; s++) acc[r][s] = _mm256_setzero_ps();
+    __m256 acc[4]; /* per sequence, both rows: lanes [r0 r0 r1 r1 | r0 r0 r1 r1] */
+    for (int s = 0; s < S; s++) acc[s] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         const uint8_t *p = q + b * QK / 2;
         _mm_prefetch((const char *)(p + (size_t)K), _MM_HINT_T0); /* the next tile's rows (K/2 bytes each) */
         const __m256i c0 = nibbles(p), c1 = nibbles(p + K / 2);
         const int g = b / per_group;
-        const __m256 s0 = _mm256_set1_ps(scale[g]), s1 = _mm256_set1_ps(scale[groups + g]);
+        const __m256 sc = _mm256_blend_ps(_mm256_set1_ps(scale[g]), _mm256_set1_ps(scale[groups + g]), 0xCC);
         for (int s = 0; s < S; s++) {
             const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (size_t)s * K + b * QK));
-            const __m256 d = _mm256_set1_ps(xs[(size_t)s * blocks + b]);
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(c0, a), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, a), ones);
-            acc[0][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(d, s0), acc[0][s]);
-            acc[1][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(d, s1), acc[1][s]);
+            /* codes <= 15 and |a| <= 127: the int16 pair sums of both rows add without overflow,
+             * so one vpmaddwd and one conversion serve the two rows */
+            const __m256i h = _mm256_hadd_epi16(_mm256_maddubs_epi16(c0, a), _mm256_maddubs_epi16(c1, a));
+            const __m256 d = _mm256_mul_ps(_mm256_set1_ps(xs[(size_t)s * blocks + b]), sc);
+            acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(h, ones)), d, acc[s]);
         }
     }
-    tile2_sums(acc, S, out);
+    for (int s = 0; s < S; s += 2) { /* [s r0, s r1, s+1 r0, s+1 r1] */
+        const __m128 u = _mm_add_ps(_mm256_castps256_ps128(acc[s]), _mm256_extractf128_ps(acc[s], 1));
+        const __m128 v = s + 1 < S ? _mm_add_ps(_mm256_castps256_ps128(acc[s + 1]), _mm256_extractf128_ps(acc[s + 1], 1)) : u;
+        const __m128 pair = _mm_hadd_ps(u, v);
+        out[2 * s] = _mm_cvtss_f32(pair), out[2 * s + 1] = _mm_cvtss_f32(_mm_shuffle_ps(pair, pair, 1));
+        if (s + 1 < S) out[2 * s + 2] = _mm_cvtss_f32(_mm_shuffle_ps(pair, pair, 2)), out[2 * s + 3] = _mm_cvtss_f32(_mm_shuffle_ps(pair, pair, 3));
+    }
     for (int r = 0; r < 2; r++)
         for (int g = 0; g < groups; g++) {
             const float sz = scale[(size_t)r * groups + g] * (float)zero[(size_t)r * groups + g];
