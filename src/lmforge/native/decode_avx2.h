@@ -71,8 +71,8 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
 }
 /* The int8/int4 tiles: without VNNI, a 32-byte product is vpmaddubsw (unsigned x signed
  * bytes into pairs of int16) then vpmaddwd by ones (into eight int32), as in kernels.h's row
- * kernels and llama.cpp's AVX2 path. Two weight rows meet up to four sequences: eight
- * accumulators, and the weights' absolute values (int8) or unpacked codes (int4) are made
+ * kernels and llama.cpp's AVX2 path. Two weight rows meet up to four sequences (eight
+ * accumulators for int8, four for int4), and the weights' absolute values (int8) or unpacked codes (int4) are made
  * once per block for all the sequences instead of once per sequence; one row per (row,
  * sequence) re-derived them for each. AVX2's sixteen registers hold two rows, not four. */
 #define LOWBIT_TILE 1
