@@ -1,6 +1,6 @@
-"""Every family across the two cells of docs/interop.md's table that the per-family test files
-do not all cover: a LoRA adapter PEFT loads with our logits, and an int8 model transformers loads
-with our logits (or, for gpt2, refuses loudly)."""
+"""Every family across two cells of docs/interop.md's table: a LoRA adapter PEFT loads with our
+logits (and merging changes nothing), and an int8 model transformers loads with our logits (or,
+for gpt2, refuses loudly)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from tiny_models import FAMILIES, hf_logits, probe_ids, transformers
 
 import lmforge
-from lmforge.adapters import apply_lora, save_adapter
+from lmforge.adapters import apply_lora, save_adapter, target_names
 from lmforge.compress.quantize import run_quantize
-from lmforge.model.lora import LoraSettings
+from lmforge.model.lora import LoraSettings, merge_lora
 
-MOE = ("mixtral", "qwen3_moe")  # LoRA on their attention (the experts stay frozen)
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe")  # all-linear means their attention: the experts stay frozen
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -22,8 +22,9 @@ def test_lora_adapter_loads_in_peft_with_our_logits(family, hf_dirs, tmp_path):
 
     hf_model, hf_dir = hf_dirs[family]
     ours = lmforge.load(hf_dir)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if family in MOE else "all-linear"
-    apply_lora(ours.model, LoraSettings(r=4, alpha=8, targets=targets))
+    if family in MOE:
+        assert set(target_names(ours.model)) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    apply_lora(ours.model, LoraSettings(r=4, alpha=8, targets="all-linear"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in ours.model.named_parameters():
@@ -37,6 +38,8 @@ def test_lora_adapter_loads_in_peft_with_our_logits(family, hf_dirs, tmp_path):
         adapted = ours.model(ids)
         assert (adapted - hf_logits(hf_model, ids)).abs().max() > 1e-2  # the adapter changes the output
         assert (adapted - theirs(ids).logits).abs().max() < 1e-4
+        merge_lora(ours.model)
+        assert (ours.model(ids) - adapted).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -13,7 +13,6 @@ import torch
 from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers, without_lmforge_keys
 
 import lmforge
-from lmforge.adapters import apply_lora, save_adapter, target_names
 from lmforge.compress.qlinear import QuantizedLinear
 from lmforge.compress.quantize import quantize_model
 from lmforge.config import ModelConfig
@@ -22,7 +21,6 @@ from lmforge.infer.native_decode import NativeDecoder, step_cache, why_not
 from lmforge.interop.convert import export_model, import_model
 from lmforge.interop.gguf_io import export_gguf
 from lmforge.model import Transformer
-from lmforge.model.lora import LoraSettings, lora_layers, merge_lora
 from lmforge.model.moe import load_balancing_loss
 from lmforge.model_dir import save_model_dir
 
@@ -163,29 +161,6 @@ def test_training_reaches_the_router_with_and_without_the_auxiliary_loss():
     expert = sum(p.numel() for p in model.blocks[0].mlp.experts[0].parameters())
     attention = 2 * 2 * cfg.n_layer * cfg.context * cfg.n_head * cfg.dim_head
     assert model.flops_per_token(training=False) == 2 * (linears - cfg.n_layer * 2 * expert) + attention
-
-
-@pytest.mark.parametrize("family", MOE)
-def test_lora_on_attention_loads_in_peft_with_the_same_logits(family, hf_dirs, tmp_path):
-    peft = pytest.importorskip("peft")
-    hf_model, hf_dir = hf_dirs[family]
-    m = lmforge.load(hf_dir)
-    assert set(target_names(m.model)) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # experts stay frozen
-    apply_lora(m.model, LoraSettings(r=4, alpha=8))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in lora_layers(m.model).values():
-            for b in layer.lora_B:
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-    adapter = save_adapter(m.model, tmp_path / "adapter", str(hf_dir), m.meta)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter).eval()
-    ids = probe_ids()
-    with torch.no_grad():
-        adapted = m.model(ids)
-        torch.testing.assert_close(adapted, theirs(ids).logits, atol=1e-4, rtol=1e-4)
-        assert (adapted - hf_logits(hf_model, ids)).abs().max() > 1e-2
-        merge_lora(m.model)
-        torch.testing.assert_close(m.model(ids), adapted, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", MOE)

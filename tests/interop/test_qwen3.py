@@ -12,7 +12,6 @@ import torch
 from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers, without_lmforge_keys
 
 import lmforge
-from lmforge.adapters import apply_lora, save_adapter, target_names
 from lmforge.compress.quantize import quantize_model
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import generate_ids
@@ -20,7 +19,6 @@ from lmforge.infer.native_decode import why_not
 from lmforge.infer.sampling import SamplingParams
 from lmforge.interop.convert import export_model, import_model
 from lmforge.interop.gguf_io import export_gguf
-from lmforge.model.lora import LoraSettings, lora_layers
 
 CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
@@ -127,25 +125,6 @@ def test_yarn_runs_the_same_in_llama_cpp(family, variant, tokenizer, tmp_path):
     assert foreign.config.rope_scaling.rope_type == "yarn"
     ids = probe_ids(48)
     assert (ours(foreign, ids) - ours(m, ids)).abs().max() < 1e-4
-
-
-def test_qwen3_lora_loads_in_peft_with_the_same_logits(hf_dirs, tmp_path):
-    peft = pytest.importorskip("peft")
-    hf_model, hf_dir = hf_dirs["qwen3"]
-    m = lmforge.load(hf_dir)
-    assert set(target_names(m.model)) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    apply_lora(m.model, LoraSettings(r=4, alpha=8))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in lora_layers(m.model).values():
-            for b in layer.lora_B:
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-    adapter = save_adapter(m.model, tmp_path / "adapter", str(hf_dir), m.meta)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter).eval()
-    ids = probe_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(m, ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
-        assert (theirs(ids).logits - hf_logits(hf_model, ids)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(("method", "bound"), [("int8", 0.02), ("int4", 0.15)])
