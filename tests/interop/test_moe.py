@@ -10,7 +10,8 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers, without_lmforge_keys
+from tiny_models import (VOCAB, hf_logits, probe_ids, random_hf_model, save_hf_dir, transformers,
+                         without_lmforge_keys)
 
 import lmforge
 from lmforge.compress.qlinear import QuantizedLinear
@@ -64,14 +65,7 @@ def tiny_moe_hf(family: str, seed: int = 0, **extra):
                            "shared_expert_intermediate_size": 48}}[family]
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1, **sizes)
-    cfg = cls(**{**fields, **extra})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model
+    return random_hf_model(cls(**{**fields, **extra}), seed)
 
 
 @pytest.mark.parametrize(("family", "extra"), [

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import VOCAB, hf_logits, probe_ids, save_hf_dir, transformers, without_lmforge_keys
+from tiny_models import (VOCAB, hf_logits, probe_ids, random_hf_model, save_hf_dir, transformers,
+                         without_lmforge_keys)
 
 import lmforge
 from lmforge.compress.quantize import quantize_model
@@ -32,13 +33,7 @@ def tiny_hf(family: str, rope_scaling: dict | None = None, seed: int = 0, **extr
     cfg = CONFIGS[family](vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           rope_theta=10000.0, rope_scaling=rope_scaling, initializer_range=0.1, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model
+    return random_hf_model(cfg, seed)
 
 
 def ours(loaded, ids):

@@ -66,14 +66,18 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 
 
 def make_hf_model(family: str, seed: int = 0):
+    return random_hf_model(FAMILIES[family](), seed, norm_identity=0.0 if family.startswith("gemma") else 1.0)
+
+
+def random_hf_model(config, seed: int = 0, norm_identity: float = 1.0):
+    """A transformers model of `config`, eager attention, with random norms and biases too, so a
+    swapped tensor cannot hide. Norm weights centre on `norm_identity` (0 for Gemma's 1 + w norms)."""
     torch.manual_seed(seed)
-    config = FAMILIES[family]()
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    identity = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + w
-    with torch.no_grad():  # random norms and biases too, so a swapped tensor cannot hide
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (identity if "norm" in name or "ln_" in name else 0.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (norm_identity if "norm" in name or "ln_" in name else 0.0))
     return model.eval()
 
 
