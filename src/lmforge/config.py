@@ -53,12 +53,13 @@ class RopeScaling(Section):
 
     llama3: long wavelengths slowed by `factor`, short ones kept, the band between blended
     (`low_freq_factor`, `high_freq_factor`).
+    linear: every frequency divided by `factor` (positions interpolated; Gemma 3's global layers).
     yarn: frequencies blended between interpolated (/ `factor`) and original along a ramp set by
     `beta_fast`/`beta_slow` rotations; cos/sin scaled by `attention_factor` (None: derived from
     `factor`, `mscale` and `mscale_all_dim`).
     """
 
-    rope_type: Literal["llama3", "yarn"] = "llama3"
+    rope_type: Literal["llama3", "yarn", "linear"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -74,6 +75,8 @@ class RopeScaling(Section):
         """The keys transformers reads for this rope_type."""
         keys = {"llama3": ("low_freq_factor", "high_freq_factor"),
                 "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")}
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
         out = {"rope_type": self.rope_type, "factor": self.factor,
                "original_max_position_embeddings": self.original_max_position_embeddings}
         out.update({k: getattr(self, k) for k in keys[self.rope_type] if getattr(self, k) is not None})

@@ -202,3 +202,31 @@ def test_block_by_block_replay_is_the_forward_pass(hf_dirs):
     with torch.no_grad():
         expected = model(tokens, return_hidden=True)
     assert layer == 6 and (final[0] - expected).abs().max() < 1e-5
+
+
+def test_gemma3_linear_rope_scaling_on_global_layers_matches_transformers_both_ways(tokenizer, tmp_path):
+    """Gemma 3 4B and larger scale RoPE linearly (factor 8) on their full-attention layers only."""
+    def make(scaling):
+        config = transformers.Gemma3TextConfig(**SHAPE, num_hidden_layers=2, rope_scaling=scaling,
+                                               layer_types=["sliding_attention", "full_attention"])
+        torch.manual_seed(4)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.normal_(0.0, 0.1)
+        return model
+
+    hf_model = make({"rope_type": "linear", "factor": 8.0})
+    ids = probe_ids()
+    expected = hf_logits(hf_model, ids)
+    assert (hf_logits(make(None), ids) - expected).abs().max() > 1e-2  # the scaling changes the output
+    ours = lmforge.load(import_model(save_hf_dir(hf_model, tokenizer, tmp_path / "hf"), tmp_path / "imported"))
+    assert ours.config.rope_scaling.rope_type == "linear" and ours.config.rope_scaling.factor == 8.0
+    with torch.no_grad():
+        assert (ours.model(ids) - expected).abs().max() < 1e-4
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_model(ours.path, "hf", tmp_path / "out"),
+                                                             attn_implementation="eager").eval()
+    assert (hf_logits(back, ids) - expected).abs().max() < 1e-4
+    with pytest.raises(LmforgeError, match="would not run the same in llama.cpp"):
+        export_gguf(ours, tmp_path / "m.gguf")

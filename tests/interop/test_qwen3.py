@@ -150,3 +150,17 @@ def test_what_lmforge_does_not_model_is_refused_in_one_line(change, message, hf_
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(LmforgeError, match=message):
         lmforge.load(folder)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_linear_rope_scaling_matches_transformers_both_ways(family, tokenizer, tmp_path):
+    hf_model = tiny_hf(family, {"rope_type": "linear", "factor": 4.0})
+    ids = probe_ids(48)
+    expected = hf_logits(hf_model, ids)
+    assert (hf_logits(tiny_hf(family, None), ids) - expected).abs().max() > 1e-2
+    m = lmforge.load(import_model(save_hf_dir(hf_model, tokenizer, tmp_path / "hf"), tmp_path / "imported"))
+    assert m.config.rope_scaling.rope_type == "linear"
+    assert (ours(m, ids) - expected).abs().max() < 1e-4
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_model(tmp_path / "imported", "hf", tmp_path / "out"),
+                                                             attn_implementation="eager").eval()
+    assert (hf_logits(back, ids) - expected).abs().max() < 1e-4

@@ -332,7 +332,8 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16", log=print) -> Path:
     if out.suffix != ".gguf":
         raise LmforgeError(f"--out {out} should end in .gguf")
     cfg: ModelConfig = loaded.config
-    gap = _llama_cpp_gap(cfg) or _moe_gap(cfg)
+    linear = cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "linear"
+    gap = _llama_cpp_gap(cfg) or _moe_gap(cfg) or ("its linear RoPE scaling is not written to GGUF" if linear else None)
     if gap is not None:
         raise LmforgeError(f"GGUF export of this {cfg.family} model would not run the same in llama.cpp: {gap}")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -31,7 +31,7 @@ from lmforge.model.moe import MoE
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama-3 or YaRN scaling when configured."""
+    """Inverse frequencies (head_dim/2,), with linear, Llama-3 or YaRN scaling when configured."""
     d = cfg.dim_head
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     s = cfg.rope_scaling
@@ -39,6 +39,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
         return inv_freq.float()
     if s.rope_type == "yarn":
         return yarn_frequencies(inv_freq, cfg).float()
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).float()
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     wavelen = 2 * math.pi / inv_freq
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor

@@ -18,15 +18,16 @@ def normalize_name(name: str) -> str:
 
 
 def rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """rope_theta and Llama-3 or YaRN scaling, from either the legacy keys or transformers 5's `rope_parameters`."""
+    """rope_theta and linear, Llama-3 or YaRN scaling, from either the legacy keys or transformers 5's
+    `rope_parameters`."""
     params = dict(hf.get("rope_parameters") or {})
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if kind in (None, "default"):
         return theta, None
-    if kind not in ("llama3", "yarn"):
-        raise LmforgeError(f"rope scaling {kind!r} is not supported (default, llama3 and yarn only)")
+    if kind not in ("llama3", "yarn", "linear"):
+        raise LmforgeError(f"rope scaling {kind!r} is not supported (default, linear, llama3 and yarn only)")
     fields = {k: scaling[k] for k in RopeScaling.model_fields if scaling.get(k) is not None}
     if kind == "yarn":  # as transformers: without them, the factor and context come from the config
         fields.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
