@@ -1,11 +1,11 @@
 """Arithmetic word problems in English and Chinese, generated with checked answers: the data
 of the built-in GRPO recipe (`lmforge finetune grpo-arithmetic`) and of benchmarks/grpo.py.
 
-    Q: Tom has 12 apples and gets 7 more. How many apples does Tom have now?
-    A: 12 + 7 = 19. The answer is 19.
+    Q: Tom has 8 apples and gets 7 more. How many apples does Tom have now?
+    A: 8 + 7 = 15. The answer is 15.
 
-    问：小明有12个苹果，又买了7个。现在有几个苹果？
-    答：12 + 7 = 19。答案是19。
+    问：小明有8个苹果，又买了7个。现在有几个苹果？
+    答：8 + 7 = 15。答案是15。
 
 Problems are short, so that the quickstart model (context 128) holds a Chinese one with its
 worked answer. Each answer is computed twice, from the operands and by evaluating the written
@@ -68,12 +68,13 @@ def evaluate_equation(equation: str) -> int:
 
 
 def _operands(op: str, rng: random.Random) -> tuple[int, int, int]:
+    """Single-digit operands (a - b >= 1): within reach of the quickstart-sized model."""
     if op == "+":
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         return a, b, a + b
     if op == "-":
-        a = rng.randint(5, 30)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(2, 18)
+        b = rng.randint(max(1, a - 9), min(9, a - 1))
         return a, b, a - b
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     return a, b, a * b

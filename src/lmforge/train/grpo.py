@@ -37,9 +37,11 @@ Rollouts decode the policy in place: a full fine-tune's engine reads the trainin
 themselves (the native decoder points at the tensors the optimizer updates). A LoRA policy is
 decoded `unmerged` (the engine runs the adapter layers through PyTorch) or `merged` (one plain
 copy of the model, allocated once, whose linears are refreshed with W + BA before each
-rollout, so the native decoder runs it). `auto` is unmerged: at GRPO's batch of rollouts
-(64 sequences) on the quickstart-sized model it was the faster (benchmarks/grpo.py), and it
-keeps no second copy; merged may pay off for larger models decoded at small batches.
+rollout, so the native decoder runs it). `auto` takes merged where the native decoder runs
+the model and the base is not quantized, else unmerged: at GRPO's 64 rollouts on the
+quickstart-sized model merged was 2x faster on a lightly loaded CPU, and slower only on one
+oversubscribed many times over, where the native decoder's threads wait on each other
+(benchmarks/RESULTS.md).
 
 Completions are sampled with seeds derived from train.seed, the rollout number, the prompt's
 place and the sample's, so a resumed run samples what an uninterrupted one would. With
@@ -201,7 +203,8 @@ class Rollouts:
         if not self.lora:
             mode = "policy"
         elif mode == "auto":
-            mode = "unmerged"
+            quantized = any(is_quantized(layer.base) for layer in self.lora.values())
+            mode = "merged" if not quantized and self._native_covers() else "unmerged"
         elif mode == "merged" and any(is_quantized(layer.base) for layer in self.lora.values()):
             raise LmforgeError("grpo.rollout merged would hold a full-precision copy of a QLoRA base; use unmerged")
         self.mode = mode

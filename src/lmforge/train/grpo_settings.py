@@ -35,7 +35,7 @@ class GrpoSettings(Section):
     num_iterations: int = 1  # optimizer steps on each batch of rollouts (mu); >1 makes the clip bite
     loss: Literal["token_mean", "sequence_mean", "dr_grpo"] = "token_mean"
     scale_rewards: bool = True  # advantages (r - mean) / (std + eps); false: r - mean (Dr. GRPO)
-    rollout: Literal["auto", "merged", "unmerged"] = "auto"  # LoRA: how the engine decodes the policy (auto: unmerged)
+    rollout: Literal["auto", "merged", "unmerged"] = "auto"  # LoRA: how the engine decodes the policy (auto: merged on CPU)
     eval_prompts: int = 32  # validation prompts decoded greedily at each evaluation
     rewards: list[RewardSpec] = [RewardSpec(function="exact_answer")]
 
