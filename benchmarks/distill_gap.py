@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"of {tc.batch_size}x{s_cfg.context} tokens, peak lr {tc.lr:g}, seed {args.seed}")
     print(f"  scratch      trainer: cosine to {tc.min_lr_ratio:g}x, warmup {tc.warmup}, "
           f"weight decay {tc.weight_decay:g} (matrices), clip {tc.grad_clip:g}; loss = CE")
-    print(f"  distilled    distill loop: cosine to 0.1x, warmup {max(1, args.steps // 20)}, "
-          f"weight decay 0.01 (all), clip 1; loss = {args.alpha:g} * T^2 * KL + {1 - args.alpha:g} * CE "
+    print(f"  distilled    the Run, distill.train_config: cosine to 0.1x, warmup {max(1, args.steps // 20)}, "
+          f"weight decay 0.01 (matrices), clip 1; loss = {args.alpha:g} * T^2 * KL + {1 - args.alpha:g} * CE "
           f"+ {args.hidden_weight:g} * hidden-state MSE, "
           f"T = {args.temperature:g}, top-k {args.top_k or 'all'}")
     print()
