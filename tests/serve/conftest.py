@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from serve_helpers import KEY, MODEL, OTHER_KEY, TEXT, Server
+from serve_helpers import KEY, MODEL, OTHER_KEY, Server, tiny_model
 
-from lmforge.config import ModelConfig
-from lmforge.data.tokenizer import train_tokenizer
 from lmforge.infer.engine import Engine
-from lmforge.model import Transformer
 from lmforge.serve.app import create_app
 from lmforge.serve.security import ApiKeys
 from lmforge.serve.settings import ServeSettings
@@ -18,12 +15,7 @@ from lmforge.serve.settings import ServeSettings
 
 @pytest.fixture(scope="session")
 def tiny():
-    tokenizer = train_tokenizer(TEXT, vocab_size=420)
-    cfg = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, context=128,
-                      vocab_size=tokenizer.vocab_size)
-    model = Transformer(cfg)
-    model.reset_parameters(seed=0)
-    return model.eval(), tokenizer
+    return tiny_model()
 
 
 @pytest.fixture(scope="session")

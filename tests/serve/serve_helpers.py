@@ -1,4 +1,4 @@
-"""Constants and a real uvicorn server on a free loopback port, for the HTTP tests."""
+"""Constants, the tiny model, and a real uvicorn server on a free loopback port, for the HTTP tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import time
 
 import uvicorn
 
+from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.model import Transformer
 from lmforge.serve.connections import uvicorn_config
 
 KEY = "test-key-0123456789abcdef"
@@ -41,3 +44,13 @@ class Server:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def tiny_model(context: int = 128):
+    """(a random 2-layer llama, its 420-token tokenizer), seeded."""
+    tokenizer = train_tokenizer(TEXT, vocab_size=420)
+    cfg = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, context=context,
+                      vocab_size=tokenizer.vocab_size)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=0)
+    return model.eval(), tokenizer

@@ -16,12 +16,10 @@ from types import SimpleNamespace
 import jsonschema
 import openai
 import pytest
-from serve_helpers import KEY, MODEL, TEXT, Server
+from serve_helpers import KEY, MODEL, Server, tiny_model
 
-from lmforge.config import ModelConfig
-from lmforge.data.tokenizer import TextTokenizer, train_tokenizer
+from lmforge.data.tokenizer import TextTokenizer
 from lmforge.infer.engine import Engine, Event, TokenLogprob
-from lmforge.model import Transformer
 from lmforge.serve.app import create_app
 from lmforge.serve.protocol import ChatMessage, ChatRequest
 from lmforge.serve.security import ApiKeys
@@ -55,12 +53,7 @@ TOOLS_TEMPLATE = (
 @pytest.fixture(scope="module")
 def long_tiny():
     """A random tiny model with room for the tools' descriptions in its context."""
-    tokenizer = train_tokenizer(TEXT, vocab_size=420)
-    cfg = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, context=2048,
-                      vocab_size=tokenizer.vocab_size)
-    model = Transformer(cfg)
-    model.reset_parameters(seed=0)
-    return model.eval(), tokenizer
+    return tiny_model(context=2048)
 
 
 def with_template(tokenizer: TextTokenizer, template: str) -> TextTokenizer:
