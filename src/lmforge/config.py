@@ -302,7 +302,11 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 autocast on GPU and on CPUs with AVX512-BF16/AMX, else fp32
     compile: bool = False
-    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
+    parallel: Literal["auto", "ddp", "fsdp", "tp", "fsdp+tp", "pp", "fsdp+pp"] = "auto"  # under torchrun; auto: ddp
+    tp_size: int = 0  # tensor-parallel group size (tp, fsdp+tp); 0: every process for tp, 2 for fsdp+tp
+    pp_size: int = 0  # pipeline stages (pp, fsdp+pp); 0: every process for pp, 2 for fsdp+pp
+    pp_schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    pp_microbatches: int = 0  # microbatches per pipeline step; 0: twice the stages
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     loss_chunk: int = 0  # tokens per loss chunk (lm_head + cross-entropy), so all logits never exist at once; 0: off
     checkpoint_every: int = 500
@@ -323,6 +327,8 @@ class TrainConfig(Section):
             raise ValueError("lr must be positive")
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
+        if self.tp_size < 0 or self.pp_size < 0 or self.pp_microbatches < 0:
+            raise ValueError("tp_size, pp_size and pp_microbatches must be >= 0 (0 picks the default)")
         if self.loss_chunk < 0:
             raise ValueError("loss_chunk must be >= 0 (0 computes the loss in one piece)")
         return self

@@ -173,7 +173,7 @@ def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         return model
-    raise LmforgeError(f"unknown train.parallel {ctx.strategy!r}: use auto, ddp or fsdp")
+    raise LmforgeError(f"train.parallel {ctx.strategy} is not available yet; use auto, ddp or fsdp")
 
 
 def data_parallel(module: torch.nn.Module, device: torch.device, partly_used: bool = False,
