@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lmforge.model.pooling import pool
+
 
 class SequenceClassifier(nn.Module):
     def __init__(self, d_model: int, n_labels: int, pooling: str = "last", dropout: float = 0.0):
@@ -23,12 +25,7 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, C), lengths (B,) of the unpadded rows -> logits (B, n_labels)."""
-        if self.pooling == "last":
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-        else:
-            keep = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-            pooled = (hidden * keep[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
-        return self.score(self.dropout(pooled))
+        return self.score(self.dropout(pool(hidden, lengths, self.pooling)))
 
 
 class TokenClassifier(nn.Module):

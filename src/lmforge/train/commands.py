@@ -36,9 +36,9 @@ def finetune(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="The model directory to adapt, or a fine-tuning YAML "
                                                     "config (a path or a built-in recipe, e.g. lora-sft).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL (sft, dpo, grpo, classify, tag) or text (mlm).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL (sft, dpo, grpo, classify, tag, embed) or text (mlm).")] = None,
     method: Annotated[Optional[str], typer.Option(help="full | lora | qlora.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="sft | dpo | grpo | classify | tag | mlm.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="sft | dpo | grpo | classify | tag | mlm | embed.")] = None,
     val: Annotated[Optional[str], typer.Option(help="Validation data (default: hold out --data.val_fraction of it).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: runs/NAME.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint.")] = False,

@@ -3,7 +3,7 @@
     load the base (or build an encoder) -> full | lora | qlora -> the task's data ->
     the loop (`train.run`) -> model/ or adapter/
 
-A task (`train/sft.py`, `dpo.py`, `classify.py`, `mlm.py`) knows its data, its loss and its
+A task (`train/sft.py`, `dpo.py`, `classify.py`, `mlm.py`, `embed.py`) knows its data, its loss and its
 evaluation; the loop, the optimizer and schedule, the metrics log, checkpoints and resume, the
 loss plot and the run directory are those of every training run (`train.run.Run`):
 
@@ -40,11 +40,12 @@ from lmforge.config import (
 )
 from lmforge.model.lora import LoraSettings
 from lmforge.train.distributed import BatchShare
+from lmforge.train.embed import EmbedSettings
 from lmforge.train.grpo_settings import GrpoSettings
 from lmforge.train.run import Run, TaskStep, check_run_dir, stop_record
 from lmforge.train.run import Task as LoopTask
 
-TASKS = ("sft", "dpo", "grpo", "classify", "tag", "mlm")
+TASKS = ("sft", "dpo", "grpo", "classify", "tag", "mlm", "embed")
 
 
 class QloraSettings(Section):
@@ -69,7 +70,7 @@ class MlmSettings(Section):
 
 
 class FinetuneData(Section):
-    train: str | None = None  # JSONL (sft, dpo, grpo, classify, tag), or text / a prepared directory (mlm)
+    train: str | None = None  # JSONL (sft, dpo, grpo, classify, tag, embed), or text / a prepared directory (mlm)
     val: str | None = None  # None: hold out val_fraction of train
     val_fraction: float = 0.1
     pack: bool = False  # sft: pack several examples per row (attention kept within each)
@@ -89,13 +90,14 @@ def _finetune_train_defaults() -> TrainConfig:
 class FinetuneConfig(Section):
     base: str | None = None  # the model directory to adapt
     model: ModelConfig | None = None  # mlm only: the encoder to build from scratch (vocab from the data)
-    task: Literal["sft", "dpo", "grpo", "classify", "tag", "mlm"] = "sft"
+    task: Literal["sft", "dpo", "grpo", "classify", "tag", "mlm", "embed"] = "sft"
     method: Literal["full", "lora", "qlora"] = "full"
     lora: LoraSettings = LoraSettings()
     qlora: QloraSettings = QloraSettings()
     dpo: DpoSettings = DpoSettings()
     grpo: GrpoSettings = GrpoSettings()  # task grpo: rollouts, rewards, the clipped loss (train/grpo.py)
     mlm: MlmSettings = MlmSettings()
+    embed: EmbedSettings = EmbedSettings()  # task embed: pooling, temperature, matryoshka (train/embed.py)
     data: FinetuneData = FinetuneData()
     train: TrainConfig = _finetune_train_defaults()
     eval: EvalConfig = EvalConfig(every=50, batches=20)
@@ -181,6 +183,10 @@ def make_task(cfg: FinetuneConfig, loaded, device: torch.device, log, share: Bat
         from lmforge.train.classify import ClassifyTask, TagTask
 
         return (ClassifyTask if cfg.task == "classify" else TagTask)(cfg, loaded, device, log, share)
+    if cfg.task == "embed":
+        from lmforge.train.embed import EmbedTask
+
+        return EmbedTask(cfg, loaded, device, log, share)
     from lmforge.train.mlm import MLMTask
 
     return MLMTask(cfg, loaded, device, log, share)
@@ -287,7 +293,8 @@ def _finetune(cfg: FinetuneConfig, run: Run, resume: bool, resume_from: str | No
     # hidden states, so a language-model head that trains (full, untied) gets no gradient.
     # With activation checkpointing, blocks are recomputed.
     lm_head = model.lm_head.weight
-    unused_lm_head = head is not None and lm_head.requires_grad and lm_head is not model.tok_emb.weight
+    unused_lm_head = (head is not None or cfg.task == "embed") and lm_head.requires_grad \
+        and lm_head is not model.tok_emb.weight
     run.parallelize(model, TaskStep(task, model, head), partly_used=unused_lm_head)
     model.train()
     run.prepare(nn.ModuleList([model] + ([head] if head is not None else [])))
@@ -343,4 +350,6 @@ def save_outputs(cfg: FinetuneConfig, loaded, task: Task, head, run_dir: Path, p
             save_file(head_tensors, str(out / "head.safetensors"))
     if head is not None:
         (out / "head.json").write_text(json.dumps({"task": cfg.task, **task.head_record()}, indent=2))
+    for name, text in getattr(task, "output_files", dict)().items():  # what serving reads (embedding.json)
+        (out / name).write_text(text)
     return out
