@@ -41,11 +41,11 @@ def test_the_compiled_layout_is_the_mirrors_for_every_field_and_constant(lib):
     c = abi.c_layout(lib)
     assert abi.layout_mismatches(lib) == []
     assert c == abi.mirror_layout()
-    # Every field of the four structs is reported, with its offset and size, and the constants.
+    # Every field of the five structs is reported, with its offset and size, and the constants.
     fields = sum(len(s._fields_) for s in abi.STRUCTS)
-    assert len(c) == len(abi.STRUCTS) + 2 * fields + len(abi.CONSTANTS) == 4 + 2 * (8 + 22 + 29 + 9) + 14
+    assert len(c) == len(abi.STRUCTS) + 2 * fields + len(abi.CONSTANTS) == 5 + 2 * (8 + 3 + 23 + 30 + 10) + 20
     assert c["sizeof(Linear)"] == 48 and c["offsetof(Rows, row_stride)"] == 40 and c["sizeof(Rows.row_stride)"] == 8
-    assert c["offsetof(Layer, proj)"] == 32 + 48 and c["Q8"] == 8 and c["PROFILE_PHASES"] == 10
+    assert c["offsetof(Layer, proj)"] == 32 + 48 and c["Q8"] == 8 and c["PROFILE_PHASES"] == 11
 
 
 def test_a_field_of_another_type_is_named_with_both_sizes_and_the_offsets_it_moves(lib):
@@ -72,13 +72,13 @@ def test_two_fields_of_one_type_in_the_wrong_order_are_named(lib):
 
 def test_a_field_missing_from_either_side_is_named(lib):
     found = abi.layout_mismatches(lib, swap(abi.STRUCTS, wrong("Model", MODEL[:-1])))
-    assert found == ["sizeof(Model): 192 in decode.h, 184 in the ctypes mirror",
-                     "offsetof(Model, profile): 184 in decode.h, missing from the ctypes mirror",
+    assert found == ["sizeof(Model): 200 in decode.h, 192 in the ctypes mirror",
+                     "offsetof(Model, profile): 192 in decode.h, missing from the ctypes mirror",
                      "sizeof(Model.profile): 8 in decode.h, missing from the ctypes mirror"]
     extra = wrong("Model", [*MODEL, ("temperature", c_float)])
     found = abi.layout_mismatches(lib, swap(abi.STRUCTS, extra))
-    assert found == ["sizeof(Model): 192 in decode.h, 200 in the ctypes mirror",
-                     "offsetof(Model, temperature): 192 in the ctypes mirror, missing from decode.h",
+    assert found == ["sizeof(Model): 200 in decode.h, 208 in the ctypes mirror",
+                     "offsetof(Model, temperature): 200 in the ctypes mirror, missing from decode.h",
                      "sizeof(Model.temperature): 4 in the ctypes mirror, missing from decode.h"]
 
 

@@ -116,12 +116,33 @@ class NativeDecoder:
             t(None if model.pos_emb is None else model.pos_emb.weight),
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),
             t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), _linear(model.lm_head, keep),
-            ctypes.addressof(layers), None)
+            ctypes.addressof(layers), 0, None)
         # the C structs point into these: keep them alive
         self._layers, self._experts, self._keep = layers, experts, keep
         self.lib, self.vocab, self.logit_softcap = lib, cfg.vocab, cfg.logit_softcap
         self.weight_bytes = matmul_bytes(model)
         self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
+        self._lora: list = []  # each layer's table of LoRA updates (set_adapters) and the tensors it points at
+
+    def set_adapters(self, adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """The LoRA adapters that `step`'s `adapters` index: adapters[i] maps a block linear's
+        name (`blocks.0.attn.qkv`) to its (A (R, in), B (out, R)) fp32 pair, the adapter's
+        scaling folded into B (`lmforge.infer.lora_batch`); linears it does not name it leaves alone."""
+        keep: list[torch.Tensor] = []
+        tables = []
+        for i in range(self.spec.n_layer):
+            table = (abi.Lora * (len(adapters) * len(abi.LORA_LINEARS)))()
+            for a, adapter in enumerate(adapters):
+                for j, linear in enumerate(abi.LORA_LINEARS):
+                    pair = adapter.get(f"blocks.{i}.{'attn' if linear in ('qkv', 'proj') else 'mlp'}.{linear}")
+                    if pair is not None:
+                        A, B = (_tensor(t, keep) for t in pair)
+                        table[a * len(abi.LORA_LINEARS) + j] = abi.Lora(pair[0].shape[0], A, B)
+            tables.append(table)
+        for i, table in enumerate(tables):
+            self._layers[i].lora = ctypes.addressof(table) if adapters else None
+        self.spec.n_adapters = len(adapters)
+        self._lora = [tables, keep]
 
     @classmethod
     def create(cls, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor]) -> "NativeDecoder | None":
@@ -154,7 +175,7 @@ class NativeDecoder:
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int] | None = None,
              cache_rows: list[int] | None = None, threads: int | None = None,
-             logits_rows: list[int] | None = None) -> torch.Tensor:
+             logits_rows: list[int] | None = None, adapters: list[int] | None = None) -> torch.Tensor:
         """Feed tokens[b] at `positions[b]` to cache row `cache_rows[b]` (default: row b),
         writing its keys and values to slot `slots[b]` (default: the position; the sequence
         fills slots first..slots[b]-1 of its row); the logits (len(tokens), vocab).
@@ -162,7 +183,8 @@ class NativeDecoder:
         Rows that share a cache row are consecutive tokens of one sequence (a prompt fed in
         the same step as other sequences' next tokens): each attends to the ones before it.
         `threads` caps the OpenMP team (default: torch's threads, one below PARALLEL_MIN_WORK).
-        `logits_rows` (increasing): only those rows' logits are computed and returned."""
+        `logits_rows` (increasing): only those rows' logits are computed and returned.
+        `adapters[b]`: the LoRA adapter (an index into `set_adapters`' list) row b decodes with, -1 none."""
         B = len(tokens)
         slots = positions if slots is None else slots
         if B == 0 or (cache_rows is None and B > self.rows):
@@ -179,11 +201,15 @@ class NativeDecoder:
                                             and all(a < b for a, b in zip(logits_rows, logits_rows[1:]))):
             raise ValueError(f"logits_rows must be increasing row numbers in 0..{B - 1}")
         out_row = None if logits_rows is None else (ctypes.c_int * len(logits_rows))(*logits_rows)
+        if adapters is not None and (len(adapters) != B or not all(-1 <= a < self.spec.n_adapters for a in adapters)):
+            raise ValueError(f"adapters must give each of the {B} rows an adapter in 0..{self.spec.n_adapters - 1} or -1")
+        adapter = None if adapters is None else ints(*adapters)
         rows = abi.Rows(B, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(slot),
                          ctypes.addressof(first), self.row_stride,
                          None if cache_row is None else ctypes.addressof(cache_row),
                          None if out_row is None else ctypes.addressof(out_row),
-                         B if logits_rows is None else len(logits_rows))
+                         B if logits_rows is None else len(logits_rows),
+                         None if adapter is None else ctypes.addressof(adapter))
         logits = torch.empty(B if logits_rows is None else len(logits_rows), self.vocab)
         team = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
         threads = team if threads is None else max(1, min(team, threads))

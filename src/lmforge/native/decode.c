@@ -124,6 +124,10 @@ typedef struct {
     int *chosen, *place, *order, *offset;
     float *sgate, *sup, *sact, *sout; /* the shared expert's gate logit, up, activation and output per row */
     int lowbit_tiles; /* int8/int4 matmuls in tiles of four rows (see lowbit_tiles_pay) */
+    /* LoRA: the rows grouped by adapter (adapter a's are lora_order[lora_offset[a]..lora_offset[a+1]-1])
+     * and each row's A x (lora_rank floats a row) */
+    int *lora_order, *lora_offset, lora_rank;
+    float *lora_t;
 } Work;
 
 #define PREFETCH_SLOTS 16 /* cache rows ahead that attention prefetches */
@@ -274,6 +278,30 @@ static float dot(const float *a, const float *b, int n) {
     float s = hsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* y[b] += B (A x[b]) for each row b that decodes with an adapter updating this linear (`which`
+ * of LORA_*; x (B, K), y (B, N)). One item per adapter: rows are grouped by adapter, so each
+ * adapter's A and B are read once for all of its rows (a segmented LoRA matmul, as S-LoRA and
+ * Punica do it), and the base matmul before it ran once for the whole batch. */
+static void lora_update(const Model *m, const Layer *L, int which, int N, int K, const float *x, float *y, Work *ws,
+                        Worker *wk) {
+    FOR_ITEMS(wk, a, m->n_adapters) {
+        const int lo = ws->lora_offset[a], hi = ws->lora_offset[a + 1];
+        const Lora *P = &L->lora[(size_t)a * LORA_LINEARS + which];
+        if (lo == hi || P->rank == 0) continue;
+        const int R = P->rank;
+        for (int j = 0; j < R; j++) /* the shrink: each row of A against every row's input */
+            for (int i = lo; i < hi; i++) {
+                const int b = ws->lora_order[i];
+                ws->lora_t[(size_t)b * ws->lora_rank + j] = dot(P->a + (size_t)j * K, x + (size_t)b * K, K);
+            }
+        for (int n = 0; n < N; n++) /* the expand: each row of B against every row's A x */
+            for (int i = lo; i < hi; i++) {
+                const int b = ws->lora_order[i];
+                y[(size_t)b * N + n] += dot(P->b + (size_t)n * R, ws->lora_t + (size_t)b * ws->lora_rank, R);
+            }
+    }
 }
 
 /* Attention of each row's new query, per head, over its cached slots (team-shared). */
@@ -529,11 +557,27 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     ws.sact = malloc(sizeof(float) * B * (m->shared_ffn + 1));
     ws.sout = malloc(sizeof(float) * B * d);
     ws.lowbit_tiles = lowbit_tiles_pay(m, B);
+    /* LoRA: the rows grouped by adapter (a counting sort), and room for the largest rank */
+    const int lora = r->adapter != NULL && m->n_adapters > 0, A = lora ? m->n_adapters : 0;
+    ws.lora_offset = calloc(2 * A + 2, sizeof(int)); /* A + 1 offsets, then each group's next free place */
+    ws.lora_order = malloc(sizeof(int) * (B + 1));
+    ws.lora_rank = 1;
+    for (int b = 0; lora && b < B; b++)
+        if (r->adapter[b] >= 0 && r->adapter[b] < A) ws.lora_offset[r->adapter[b] + 1]++;
+    for (int a = 0; a < A; a++) ws.lora_offset[a + 1] += ws.lora_offset[a];
+    int *next = ws.lora_offset + A + 1;
+    for (int a = 0; a < A; a++) next[a] = ws.lora_offset[a];
+    for (int b = 0; lora && b < B; b++)
+        if (r->adapter[b] >= 0 && r->adapter[b] < A) ws.lora_order[next[r->adapter[b]]++] = b;
+    for (int l = 0; lora && l < m->n_layer; l++)
+        for (int i = 0; m->layers[l].lora && i < A * LORA_LINEARS; i++)
+            ws.lora_rank = max_int(ws.lora_rank, m->layers[l].lora[i].rank);
+    ws.lora_t = malloc(sizeof(float) * (size_t)B * ws.lora_rank);
     const int team_size = threads > 0 ? threads : omp_get_max_threads();
     /* at most: every matmul quantized, some logits rows wanted; a mixture of experts adds the
      * router and the routing, and two matmuls for each expert some row chose */
     const int experts_run = E < mlp_rows ? E : mlp_rows;
-    const int phases = (15 + (E ? 6 + 4 * experts_run : 0) + (m->shared_ffn ? 7 : 0)) * m->n_layer + 4; /* 15: gemma's two post-norms */
+    const int phases = (15 + 4 + (E ? 6 + 4 * experts_run : 0) + (m->shared_ffn ? 7 : 0)) * m->n_layer + 4; /* 15: gemma's two post-norms; 4: LoRA */
     Team team = {aligned_alloc(64, sizeof(Line) * phases * team_size), aligned_alloc(64, sizeof(Line) * team_size),
                  team_size, phases};
     memset(team.taken, 0, sizeof(Line) * (size_t)phases * team_size);
@@ -560,6 +604,10 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             SYNC(P_NORM)
             matvec(&L->qkv, ws.h, ws.qkv, B, 0, &ws, &wk);
             SYNC(P_QKV)
+            if (lora && L->lora) {
+                lora_update(m, L, LORA_QKV, width, d, ws.h, ws.qkv, &ws, &wk);
+                SYNC(P_LORA)
+            }
             rope_and_cache(m, L, r, &ws, &wk);
             SYNC(P_ROPE_CACHE)
             attend(m, L, r, &ws, &wk);
@@ -567,11 +615,19 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             if (L->post_attn_w) { /* the output normalized, then added (h is free until norm2) */
                 matvec(&L->proj, ws.att, ws.h, B, 0, &ws, &wk);
                 SYNC(P_PROJ)
+                if (lora && L->lora) {
+                    lora_update(m, L, LORA_PROJ, d, m->n_head * hd, ws.att, ws.h, &ws, &wk);
+                    SYNC(P_LORA)
+                }
                 add_normed_rows(m, ws.h, L->post_attn_w, ws.x, B, &wk);
                 SYNC(P_NORM)
             } else {
                 matvec(&L->proj, ws.att, ws.x, B, 1, &ws, &wk);
                 SYNC(P_PROJ)
+                if (lora && L->lora) {
+                    lora_update(m, L, LORA_PROJ, d, m->n_head * hd, ws.att, ws.x, &ws, &wk);
+                    SYNC(P_LORA)
+                }
             }
             norm_rows(m, ws.x, L->norm2_w, L->norm2_b, ws.h, B, &wk);
             SYNC(P_NORM)
@@ -614,16 +670,28 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
             }
             matvec(&L->up, ws.h, ws.up, B, 0, &ws, &wk);
             SYNC(P_UP)
+            if (lora && L->lora) {
+                lora_update(m, L, LORA_UP, up_width, d, ws.h, ws.up, &ws, &wk);
+                SYNC(P_LORA)
+            }
             mlp_activation(m, ws.up, ws.act, m->ffn, B, &wk);
             SYNC(P_ACTIVATION)
             if (L->post_mlp_w) {
                 matvec(&L->down, ws.act, ws.h, B, 0, &ws, &wk);
                 SYNC(P_DOWN)
+                if (lora && L->lora) {
+                    lora_update(m, L, LORA_DOWN, d, m->ffn, ws.act, ws.h, &ws, &wk);
+                    SYNC(P_LORA)
+                }
                 add_normed_rows(m, ws.h, L->post_mlp_w, ws.x, B, &wk);
                 SYNC(P_NORM)
             } else {
                 matvec(&L->down, ws.act, ws.x, B, 1, &ws, &wk);
                 SYNC(P_DOWN)
+                if (lora && L->lora) {
+                    lora_update(m, L, LORA_DOWN, d, m->ffn, ws.act, ws.x, &ws, &wk);
+                    SYNC(P_LORA)
+                }
             }
         }
         /* Only the rows whose next token is wanted go through the output layer (a prompt fed
@@ -646,6 +714,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     free(ws.xq), free(ws.xs), free(ws.gsum), free(team.taken), free(team.done);
     free(ws.router), free(ws.weight), free(ws.gx), free(ws.eout), free(ws.chosen), free(ws.place), free(ws.order);
     free(ws.offset), free(ws.sgate), free(ws.sup), free(ws.sact), free(ws.sout);
+    free(ws.lora_offset), free(ws.lora_order), free(ws.lora_t);
 }
 #else
 #define DECODE_ISA "none"
@@ -685,7 +754,9 @@ static const Entry LAYOUT[] = {
     FIELD(Layer, q_norm), FIELD(Layer, k_norm), FIELD(Layer, router), FIELD(Layer, experts),
     FIELD(Layer, shared_up), FIELD(Layer, shared_down), FIELD(Layer, shared_gate),
     FIELD(Layer, post_attn_w), FIELD(Layer, post_mlp_w), FIELD(Layer, rope_cos), FIELD(Layer, rope_sin),
-    FIELD(Layer, window),
+    FIELD(Layer, window), FIELD(Layer, lora),
+
+    SIZE(Lora), FIELD(Lora, rank), FIELD(Lora, a), FIELD(Lora, b),
 
     SIZE(Model), FIELD(Model, n_layer), FIELD(Model, d_model), FIELD(Model, n_head), FIELD(Model, n_kv),
     FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity),
@@ -693,15 +764,18 @@ static const Entry LAYOUT[] = {
     FIELD(Model, top_k), FIELD(Model, norm_topk), FIELD(Model, shared_ffn), FIELD(Model, eps), FIELD(Model, embed_scale),
     FIELD(Model, attn_scale), FIELD(Model, attn_softcap), FIELD(Model, tok_emb),
     FIELD(Model, pos_emb), FIELD(Model, rope_cos), FIELD(Model, rope_sin), FIELD(Model, norm_f_w),
-    FIELD(Model, norm_f_b), FIELD(Model, lm_head), FIELD(Model, layers), FIELD(Model, profile),
+    FIELD(Model, norm_f_b), FIELD(Model, lm_head), FIELD(Model, layers), FIELD(Model, n_adapters),
+    FIELD(Model, profile),
 
     SIZE(Rows), FIELD(Rows, B), FIELD(Rows, token), FIELD(Rows, pos), FIELD(Rows, slot), FIELD(Rows, first),
     FIELD(Rows, row_stride), FIELD(Rows, cache_row), FIELD(Rows, out_row), FIELD(Rows, n_out),
+    FIELD(Rows, adapter),
 
     CONSTANT(F32), CONSTANT(Q4), CONSTANT(Q8),
     CONSTANT(P_NORM), CONSTANT(P_QKV), CONSTANT(P_ROPE_CACHE), CONSTANT(P_ATTENTION), CONSTANT(P_PROJ),
     CONSTANT(P_UP), CONSTANT(P_ACTIVATION), CONSTANT(P_DOWN), CONSTANT(P_LM_HEAD), CONSTANT(P_ROUTE),
-    CONSTANT(PROFILE_PHASES),
+    CONSTANT(P_LORA), CONSTANT(PROFILE_PHASES),
+    CONSTANT(LORA_QKV), CONSTANT(LORA_PROJ), CONSTANT(LORA_UP), CONSTANT(LORA_DOWN), CONSTANT(LORA_LINEARS),
 };
 
 int decode_layout(char *out, int size) {

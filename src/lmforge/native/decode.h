@@ -19,6 +19,17 @@ typedef struct {
     const float *bias;   /* (N,) or NULL */
 } Linear;
 
+/* One LoRA adapter's update of one linear (N, K): y[b] += b @ (a @ x[b]) for the rows that
+ * decode with that adapter (the adapter's slices of the output rows laid out densely, its
+ * scaling folded into b). rank 0: the adapter leaves this linear alone. */
+typedef struct {
+    int rank;       /* R */
+    const float *a; /* (R, K) */
+    const float *b; /* (N, R) */
+} Lora;
+
+enum { LORA_QKV, LORA_PROJ, LORA_UP, LORA_DOWN, LORA_LINEARS }; /* a layer's linears that adapters update */
+
 typedef struct {
     const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* the _b are NULL for RMSNorm */
     Linear qkv, proj, up, down; /* up, down: unused in a mixture-of-experts layer */
@@ -31,6 +42,8 @@ typedef struct {
                                               it joins the residual, or NULL */
     const float *rope_cos, *rope_sin;      /* this layer's rotary table (gemma3's sliding layers), or NULL */
     int window;                            /* this layer's sliding window, 0: none */
+    const Lora *lora;                      /* adapter i's update of linear j at [i * LORA_LINEARS + j]
+                                              (Model.n_adapters of them), or NULL */
 } Layer;
 
 typedef struct {
@@ -46,12 +59,13 @@ typedef struct {
     const float *norm_f_w, *norm_f_b;
     Linear lm_head;
     const Layer *layers;
+    int n_adapters; /* LoRA adapters in each layer's lora table */
     double *profile; /* NULL, or PROFILE_PHASES seconds that each step adds to (thread 0's view) */
 } Model;
 
 /* Where a step's time goes, for benchmarks/cpu_decode.py --profile: a phase ends when all
  * its items are done, so its time includes waiting for the last one. */
-enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, P_ROUTE, PROFILE_PHASES };
+enum { P_NORM, P_QKV, P_ROPE_CACHE, P_ATTENTION, P_PROJ, P_UP, P_ACTIVATION, P_DOWN, P_LM_HEAD, P_ROUTE, P_LORA, PROFILE_PHASES };
 
 /* One decoding step's rows: row b feeds token[b] at rotary/learned position pos[b], writes
  * its keys and values to cache slot slot[b] of cache row cache_row[b] (b when NULL), and
@@ -66,6 +80,7 @@ typedef struct {
     const int *cache_row;
     const int *out_row; /* the rows whose logits are wanted, n_out of them (NULL: all B, in order) */
     int n_out;
+    const int *adapter; /* per row: its LoRA adapter (index into the layers' lora tables), -1 none; NULL: none */
 } Rows;
 
 /* 1 where this build can decode (AVX2 or better), else 0 and decode_step does nothing. */

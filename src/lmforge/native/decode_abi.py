@@ -22,13 +22,20 @@ class Linear(ctypes.Structure):
                 ("w", c_void_p), ("scale", c_void_p), ("zero", c_void_p), ("bias", c_void_p)]
 
 
+class Lora(ctypes.Structure):
+    _fields_ = [("rank", c_int), ("a", c_void_p), ("b", c_void_p)]
+
+
+LORA_LINEARS = ("qkv", "proj", "up", "down")  # a Layer's lora table: this order per adapter (decode.h's LORA_*)
+
+
 class Layer(ctypes.Structure):
     _fields_ = [("norm1_w", c_void_p), ("norm1_b", c_void_p), ("norm2_w", c_void_p), ("norm2_b", c_void_p),
                 ("qkv", Linear), ("proj", Linear), ("up", Linear), ("down", Linear),
                 ("k", c_void_p), ("v", c_void_p), ("q_norm", c_void_p), ("k_norm", c_void_p),
                 ("router", Linear), ("experts", c_void_p), ("shared_up", Linear), ("shared_down", Linear),
                 ("shared_gate", Linear), ("post_attn_w", c_void_p), ("post_mlp_w", c_void_p),
-                ("rope_cos", c_void_p), ("rope_sin", c_void_p), ("window", c_int)]
+                ("rope_cos", c_void_p), ("rope_sin", c_void_p), ("window", c_int), ("lora", c_void_p)]
 
 
 class Model(ctypes.Structure):
@@ -38,23 +45,26 @@ class Model(ctypes.Structure):
         ("eps", c_float), ("embed_scale", c_float), ("attn_scale", c_float), ("attn_softcap", c_float),
         ("tok_emb", c_void_p), ("pos_emb", c_void_p), ("rope_cos", c_void_p),
         ("rope_sin", c_void_p), ("norm_f_w", c_void_p), ("norm_f_b", c_void_p), ("lm_head", Linear),
-        ("layers", c_void_p), ("profile", c_void_p)]
+        ("layers", c_void_p), ("n_adapters", c_int), ("profile", c_void_p)]
 
 
 class Rows(ctypes.Structure):
     _fields_ = [("B", c_int), ("token", c_void_p), ("pos", c_void_p), ("slot", c_void_p), ("first", c_void_p),
-                ("row_stride", c_long), ("cache_row", c_void_p), ("out_row", c_void_p), ("n_out", c_int)]
+                ("row_stride", c_long), ("cache_row", c_void_p), ("out_row", c_void_p), ("n_out", c_int),
+                ("adapter", c_void_p)]
 
 
 # decode.h's profiling phases, in the order of its enum: what each is called in reports.
 PROFILE_PHASES = {"P_NORM": "norm", "P_QKV": "qkv matmul", "P_ROPE_CACHE": "rope + cache write",
                   "P_ATTENTION": "attention", "P_PROJ": "out-proj matmul", "P_UP": "up matmul",
                   "P_ACTIVATION": "activation", "P_DOWN": "down matmul", "P_LM_HEAD": "lm_head matmul",
-                  "P_ROUTE": "expert routing"}
+                  "P_ROUTE": "expert routing", "P_LORA": "LoRA adapters"}
 
-STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, Layer, Model, Rows)  # each named as in decode.h
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, Lora, Layer, Model, Rows)  # each named as in decode.h
 CONSTANTS: dict[str, int] = {"F32": F32, "Q4": Q4, "Q8": Q8, **{name: i for i, name in enumerate(PROFILE_PHASES)},
-                             "PROFILE_PHASES": len(PROFILE_PHASES)}
+                             "PROFILE_PHASES": len(PROFILE_PHASES),
+                             **{f"LORA_{name.upper()}": i for i, name in enumerate(LORA_LINEARS)},
+                             "LORA_LINEARS": len(LORA_LINEARS)}
 
 
 def mirror_layout(structs: tuple[type[ctypes.Structure], ...] | None = None,
