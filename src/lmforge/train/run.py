@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError, LossDiverged, TrainingInterrupted
-from lmforge.train import distributed
+from lmforge.train import distributed, pipeline_parallel, tensor_parallel
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, point_link
 from lmforge.train.early_stop import EarlyStopping
 from lmforge.train.metrics import MetricsLog, plot_losses
@@ -134,6 +134,8 @@ class Run:
         self.wrapped: nn.Module | None = None
         self.loss_in_forward = False  # the step module's forward is the loss (a TaskStep)
         self.store: Checkpoints | None = None
+        self.pipeline: pipeline_parallel.Pipeline | None = None  # train.parallel pp / fsdp+pp: runs the step
+        self.tensor_parallel = ctx.active and ctx.strategy in tensor_parallel.LAYOUTS  # the loss on sharded logits
 
     @classmethod
     @contextlib.contextmanager
@@ -144,6 +146,10 @@ class Run:
             raise LmforgeError("train.device is cuda but no GPU is visible; use --train.device cpu")
         if parallel:
             ctx, device = distributed.setup(tc.parallel, tc.batch_size, tc.device)
+            if tc.parallel in tensor_parallel.LAYOUTS:
+                ctx = tensor_parallel.tensor_parallel_context(ctx, tc)
+            if tc.parallel in pipeline_parallel.LAYOUTS:
+                ctx = pipeline_parallel.pipeline_context(ctx, tc)
         else:
             ctx, device = distributed.DistContext(), distributed.single_device(tc.device)
         try:
@@ -159,7 +165,18 @@ class Run:
         backward with train.activation_checkpointing. With `step` (`model` with the task's loss as
         its forward, and the task head), DDP wraps `step` instead and the loop calls it for the loss;
         `partly_used`: some trainable parameters may get no gradient (see `distributed.data_parallel`).
-        Such a step is not sharded: train.parallel fsdp is refused."""
+        Such a step is not sharded: train.parallel fsdp is refused. Under train.parallel pp / fsdp+pp
+        `model` is reduced to this process's pipeline stage and `self.pipeline` runs each step."""
+        pipelined = self.ctx.active and self.ctx.strategy in pipeline_parallel.LAYOUTS
+        if step is None and pipelined:
+            if self.tc.activation_checkpointing:
+                distributed.checkpoint_activations(model)
+            self.pipeline = pipeline_parallel.Pipeline(model, self.tc, self.ctx, self.device)
+            self.wrapped = model
+            return model
+        if pipelined:
+            raise LmforgeError(f"train.parallel {self.ctx.strategy} pipelines pretraining only; this run trains "
+                               "data-parallel with --train.parallel ddp (or auto)")
         if step is None:
             self.wrapped = distributed.parallelize(model, self.ctx, self.device,
                                                    activation_checkpointing=self.tc.activation_checkpointing)
@@ -167,9 +184,9 @@ class Run:
         if self.tc.activation_checkpointing:
             distributed.checkpoint_activations(model)
         self.wrapped, self.loss_in_forward = step, True
-        if self.ctx.active and self.ctx.strategy == "fsdp":
-            raise LmforgeError("train.parallel fsdp shards pretraining only; this run trains data-parallel with "
-                               "--train.parallel ddp (or auto)")
+        if self.ctx.active and self.ctx.strategy in ("fsdp", *tensor_parallel.LAYOUTS):
+            raise LmforgeError(f"train.parallel {self.ctx.strategy} shards pretraining only; this run trains "
+                               "data-parallel with --train.parallel ddp (or auto)")
         if self.ctx.active and self.ctx.strategy == "ddp":
             self.wrapped = distributed.data_parallel(step, self.device, partly_used, sync_buffers=False)
         return self.wrapped
@@ -257,7 +274,7 @@ class Run:
             while step < tc.max_steps and not early.should_stop:
                 lr = lr_at(step, tc)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_ratio", 1.0)
                 loss, grad_norm = self._train_step(step)
                 step += 1
                 tokens += tokens_per_step
@@ -323,12 +340,20 @@ class Run:
             torch.manual_seed((tc.seed * 1_000_003 + step) * 65_537 + self.ctx.rank)
         for micro in range(tc.grad_accum):
             batch = _to_device(self.task.batch(step * tc.grad_accum + micro), self.device)
-            with distributed.no_gradient_sync(self.wrapped, self.ctx, micro == tc.grad_accum - 1):
+            if self.pipeline is not None:  # the schedule runs forward and backward through the stages
+                with self.autocast:
+                    loss_sum += self.pipeline.train_step(batch, tc.grad_accum)
+                continue
+            with distributed.no_gradient_sync(self.wrapped, self.ctx, micro == tc.grad_accum - 1), \
+                    tensor_parallel.loss_context(self.tensor_parallel):
                 with self.autocast:
                     loss = self.step_model(batch) if self.loss_in_forward else self.task.loss(self.step_model, batch)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, tc.grad_clip)
+        if self.pipeline is not None:
+            grad_norm = self.pipeline.clip_gradients(tc.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, tc.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,8 +361,8 @@ class Run:
 
     def _validate(self, step: int) -> Any:
         self.trainables.eval()
-        with torch.no_grad(), autocast_for(self.device, self.tc.dtype):
-            result = self.task.evaluate(self.model)
+        with torch.no_grad(), autocast_for(self.device, self.tc.dtype), tensor_parallel.loss_context(self.tensor_parallel):
+            result = self.task.evaluate(self.model) if self.pipeline is None else self.pipeline.evaluate(self.task)
         self.trainables.train()
         self.metrics.write({"step": step, **val_record(result)})
         return result

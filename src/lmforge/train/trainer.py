@@ -81,8 +81,9 @@ def _train(recipe: Recipe, run: Run, resume: bool, resume_from: str | None) -> T
     if tc.init_from and not resume:
         load_initial_weights(model, tc.init_from, log)
     model.train()
+    flops_per_token = model.flops_per_token(recipe.model.context, training=True)  # of the whole model
+    wrapped = run.parallelize(model)  # under train.parallel pp, model is now this process's stage
     task = LMTask(recipe, data_dir, model.lm_head, device, ctx.rows(tc.batch_size))
-    wrapped = run.parallelize(model)
     run.prepare(model)
     provenance = {"recipe": recipe.model_dump(mode="json"),
                   "data": {"dir": str(data_dir), "fingerprint": index["fingerprint"], "corpus": recipe.data.corpus},
@@ -90,7 +91,6 @@ def _train(recipe: Recipe, run: Run, resume: bool, resume_from: str | None) -> T
     run.start(recipe.to_yaml(), ModelCheckpoints(run_dir, model, tokenizer, provenance, tc.keep_checkpoints, ctx),
               resume, resume_from)
 
-    flops_per_token = model.flops_per_token(task.seq_len, training=True)
     energy = EnergyMeter(device)
     end = run.fit(task, model, torch.compile(wrapped) if tc.compile else wrapped, label="train",
                   flops_per_token=flops_per_token)
@@ -98,7 +98,8 @@ def _train(recipe: Recipe, run: Run, resume: bool, resume_from: str | None) -> T
     provenance["metrics"] = {"val_loss": val.loss, "val_ppl": val.perplexity, "val_bpb": val.bits_per_byte,
                              "train_loss": end.train_loss, "steps": end.steps, "tokens": end.tokens,
                              "seconds": end.seconds}
-    weights = distributed.full_model_state(model, ctx)  # collective under FSDP
+    # collective under FSDP and pipelines
+    weights = run.pipeline.full_model_state() if run.pipeline else distributed.full_model_state(model, ctx)
     model_dir = run_dir / "model"
     if ctx.is_main:
         save_model_dir(distributed.plain_copy(weights, model), tokenizer, model_dir, provenance)

@@ -1,0 +1,276 @@
+"""Pipeline parallelism applied *to* the model: `train.parallel: pp` and `fsdp+pp`, under torchrun.
+
+The model file never knows about this module. The processes form a (dp x pp) grid, rank
+`dp_index * pp_size + stage`: `pp` is one pipeline of every process (dp = 1), `fsdp+pp` has
+`world / pp_size` pipelines side by side, each stage sharded by FSDP2 over its dp group.
+Each process builds the whole model (so that its initial weights are the ones one process
+would draw) and then keeps only its stage, split by layer count: stage 0 the embeddings and
+the first blocks, the last stage the last blocks, the final norm and the output layer. What
+it drops is freed; what it keeps keeps its full-model name (`blocks.5.attn.qkv.weight`), so
+its optimizer and checkpoint (DCP, each stage its own tensors) are named as one process's
+and a checkpoint written under any layout loads under any other.
+
+A step runs one `torch.distributed.pipelining` schedule (GPipe or 1F1B) over the pipeline's
+rows of the global batch, split into `train.pp_microbatches` microbatches. The loss of a
+microbatch is its summed cross-entropy over the number of tokens of the pipeline's rows, so the
+microbatch losses add up to the rows' mean, as the plain loop computes it, and the gradients
+to its gradients (FSDP then averages over the dp groups, as DDP does). With tied embeddings the
+last stage holds its own copy of the embedding matrix as the output layer; the two copies'
+gradients are summed before the optimizer step, so they stay equal. Gradient clipping uses
+the norm of all stages' gradients together. Validation runs the stages forward only, one
+batch at a time (hidden states sent from stage to stage), on the same windows as one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import TrainConfig
+from lmforge.data.loader import sequential_windows
+from lmforge.data.sft import IGNORE
+from lmforge.errors import LmforgeError
+from lmforge.eval.perplexity import EvalResult, _result
+from lmforge.model import Transformer
+from lmforge.model.transformer import soft_cap
+from lmforge.train.distributed import DistContext
+from lmforge.train.losses import chunked_cross_entropy
+
+LAYOUTS = ("pp", "fsdp+pp")
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+
+
+@dataclass
+class PipelineContext(DistContext):
+    """A `DistContext` whose processes form a (dp x pp) grid: each pipeline (dp index) trains
+    on its rows of the global batch, and every stage of it draws the same rows."""
+
+    pp_size: int = 1
+    microbatches: int = 1
+
+    @property
+    def stage(self) -> int:
+        return self.rank % self.pp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.pp_size
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.pp_size
+
+    def rows(self, batch_size: int) -> slice:
+        per = batch_size // self.dp_world
+        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+
+
+def pipeline_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
+    """`ctx` as a (dp x pp) grid for train.parallel pp / fsdp+pp, after checking that the
+    processes, the batch and the microbatches divide as the layout needs."""
+    if not ctx.active:
+        return ctx
+    if tc.pp_schedule not in SCHEDULES:
+        raise LmforgeError(f"train.pp_schedule {tc.pp_schedule} is not available yet; use 1f1b or gpipe")
+    pp = tc.pp_size or (ctx.world if tc.parallel == "pp" else 2)
+    if tc.parallel == "pp" and pp != ctx.world:
+        raise LmforgeError(f"train.parallel pp makes one pipeline of all {ctx.world} processes, but train.pp_size "
+                           f"is {pp}; leave pp_size 0, or use --train.parallel fsdp+pp for several pipelines")
+    if pp < 2 or ctx.world % pp:
+        raise LmforgeError(f"train.pp_size {pp} does not divide the {ctx.world} processes into pipelines of "
+                           "2 stages or more; use a divisor of the process count")
+    dp = ctx.world // pp
+    micro = tc.pp_microbatches or 2 * pp
+    if tc.batch_size % (dp * micro):
+        raise LmforgeError(f"train.batch_size {tc.batch_size} does not split into {dp} pipeline(s) x {micro} "
+                           f"microbatches; use a multiple of {dp * micro} (or set train.pp_microbatches)")
+    return PipelineContext(ctx.rank, ctx.world, ctx.local_rank, ctx.strategy, pp_size=pp, microbatches=micro)
+
+
+def stage_layers(n_layer: int, stages: int, stage: int) -> range:
+    """The blocks of `stage`: `n_layer` split as evenly as it goes, the first stages one more."""
+    per, extra = divmod(n_layer, stages)
+    start = stage * per + min(stage, extra)
+    return range(start, start + per + (stage < extra))
+
+
+def keep_stage(model: Transformer, stage: int, stages: int) -> Transformer:
+    """Reduce `model`, in place, to what `stage` of `stages` computes, names unchanged; its
+    `forward` then maps the stage's input (token ids on stage 0, else hidden states) to its
+    output (hidden states; on the last stage the final normalized ones)."""
+    layers = stage_layers(model.config.n_layer, stages, stage)
+    model.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+    if stage > 0:
+        model.tok_emb = None
+        model.pos_emb = None
+    if stage < stages - 1:
+        model.norm_f = None
+        model.lm_head = None
+    model.forward = _StageForward(model)  # the instance's own forward: the class's stays the whole model's
+    return model
+
+
+class _StageForward:
+    """The forward of a stage-reduced model (not a module: the model owns every parameter)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if m.tok_emb is not None:
+            x = m.drop(m.embed(x))
+        T = x.shape[1]
+        for key, block in m.blocks.items():
+            rope, mask, is_causal = m.layer_inputs(int(key), T, x.dtype, x.device)
+            x = block(x, rope, None, int(key), mask, is_causal)
+        return x if m.norm_f is None else m.norm_f(x)
+
+
+def tied_copy(model: Transformer) -> bool:
+    """True on a pipeline's last stage whose output layer is its own copy of the (tied) embedding."""
+    return model.config.tie_embeddings and model.lm_head is not None and model.tok_emb is None
+
+
+class Pipeline:
+    """This process's stage of the pipeline and its schedule: what the loop calls instead of the
+    model's forward and backward (`train_step`), for clipping (`clip_gradients`), validation
+    (`evaluate`) and the final model (`full_model_state`)."""
+
+    def __init__(self, model: Transformer, tc: TrainConfig, ctx: PipelineContext, device: torch.device):
+        from torch.distributed import pipelining
+        from torch.distributed.device_mesh import init_device_mesh
+
+        n_layer = model.config.n_layer
+        if n_layer < ctx.pp_size:
+            raise LmforgeError(f"model.n_layer {n_layer} is fewer than the {ctx.pp_size} pipeline stages; "
+                               f"use train.pp_size {n_layer} or less, or a deeper model")
+        self.model, self.tc, self.ctx, self.device = model, tc, ctx, device
+        mesh = init_device_mesh(device.type, (ctx.dp_world, ctx.pp_size), mesh_dim_names=("dp", "pp"))
+        self.first, self.last = ctx.stage == 0, ctx.stage == ctx.pp_size - 1
+        keep_stage(model, ctx.stage, ctx.pp_size)
+        self.tied = model.config.tie_embeddings
+        # One group per pipeline joins its first and last stage, whose embedding copies are summed.
+        self.tie_group = None
+        if self.tied:
+            for d in range(ctx.dp_world):
+                group = dist.new_group([d * ctx.pp_size, d * ctx.pp_size + ctx.pp_size - 1])
+                if d == ctx.dp_rank:
+                    self.tie_group = group
+        if ctx.strategy == "fsdp+pp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks.values():
+                fully_shard(block, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
+        self.pp_group = mesh["pp"].get_group()
+        stage = pipelining.PipelineStage(model, ctx.stage, ctx.pp_size, device, group=self.pp_group)
+        schedule = getattr(pipelining, SCHEDULES[tc.pp_schedule])
+        self.schedule = schedule(stage, ctx.microbatches, loss_fn=self._loss, scale_grads=False)
+        self._per_token = 1.0
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A microbatch's summed cross-entropy times `_per_token` (1 / the step's counted tokens)."""
+        head, chunk = self.model.lm_head, self.tc.loss_chunk
+        if chunk and getattr(head, "soft_cap", None) is None:
+            total = chunked_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk,
+                                          reduction="sum")
+        else:
+            logits = soft_cap(head(hidden), self.model.config.logit_softcap)
+            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                    reduction="sum")
+        return total * self._per_token
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], accumulation: int = 1) -> float:
+        """Forward and backward of this pipeline's rows `batch` (the gradients of their mean loss,
+        over `accumulation`, added to the parameters'); the mean loss over the whole global batch,
+        on every process."""
+        x, y = batch
+        self._per_token = 1.0 / (max(int((y != IGNORE).sum()), 1) * accumulation)
+        losses: list[torch.Tensor] = []
+        if self.first and self.last:
+            self.schedule.step(x, target=y, losses=losses, return_outputs=False)
+        elif self.first:
+            self.schedule.step(x, return_outputs=False)
+        elif self.last:
+            self.schedule.step(target=y, losses=losses, return_outputs=False)
+        else:
+            self.schedule.step(return_outputs=False)
+        mine = float(sum(loss.detach().float().item() for loss in losses)) * accumulation if self.last else 0.0
+        # The last stages hold the loss; the mean over the pipelines, on every process.
+        total = torch.tensor([mine], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.item() / self.ctx.dp_world
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Sum the tied embedding copies' gradients, then clip all stages' gradients together to
+        `max_norm` (their global norm); returns that norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.tied and self.tie_group is not None and (self.first or self.last):
+            weight = self.model.tok_emb.weight if self.first else self.model.lm_head.weight
+            grad = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
+            dist.all_reduce(grad, group=self.tie_group)
+        # The last stage's copy of the embedding is counted once, on stage 0.
+        counted = [p for p in params if not (tied_copy(self.model) and p is self.model.lm_head.weight)]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in counted])
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm of this rank's shards, completed over dp
+            norm = norm.full_tensor()
+        squared = norm.detach().double().pow(2)
+        dist.all_reduce(squared, group=self.pp_group)
+        total = squared.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(norm.dtype))
+        return float(total.item())
+
+    def _send(self, h: torch.Tensor) -> None:
+        dist.send(h.contiguous(), dst=self.ctx.rank + 1)
+
+    def _receive(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        h = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(h, src=self.ctx.rank - 1)
+        return h
+
+    def evaluate(self, task: Any) -> EvalResult:
+        """Perplexity on the task's validation windows (those one process scores), each batch run
+        through the stages forward only; the result on every process."""
+        model, cfg = self.model, self.model.config
+        split = task.val
+        seq_len = min(task.seq_len, split.tokens - 1)
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in sequential_windows(split, seq_len, task.batch_size, task.eval_batches):
+                x, y = x.to(self.device), y.to(self.device)
+                h = x if self.first else self._receive((*x.shape, cfg.d_model), dtype)
+                h = model(h)
+                if not self.last:
+                    self._send(h.to(dtype))
+                    continue
+                logits = soft_cap(model.lm_head(h), cfg.logit_softcap)
+                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+                count += y.numel()
+        # Pipeline 0's last stage scored every window; every process gets its sums.
+        sums = torch.tensor([total, count] if self.last and self.ctx.dp_rank == 0 else [0.0, 0.0],
+                            dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        return _result(sums[0].item(), int(sums[1].item()), split.bytes_per_token)
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict, on CPU, on rank 0 (empty elsewhere): every stage's
+        (gathered over dp under FSDP) sent to rank 0. A collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        mine = {k: v.detach().cpu() for k, v in state.items()} if self.ctx.dp_rank == 0 else {}
+        parts: list[Any] = [None] * self.ctx.world if self.ctx.is_main else None
+        dist.gather_object(mine, parts, dst=0)
+        if not self.ctx.is_main:
+            return {}
+        whole: dict[str, torch.Tensor] = {}
+        for part in parts:
+            whole.update(part)
+        return whole
