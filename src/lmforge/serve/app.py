@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over the continuous-batching engine.
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize,
-POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics, and the chat page at /.
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings,
+POST /v1/classify and /v1/tag (a fine-tuned task head's), POST /tokenize, POST /detokenize,
+GET /tokenizer_info, GET /health, GET /metrics, and the chat page at /.
 Every route but /health and the page's static files needs `Authorization: Bearer KEY` when
 keys are set. Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,7 +31,9 @@ from lmforge.serve.routes import ROUTERS
 from lmforge.serve.security import RateLimiter
 from lmforge.serve.services.chat import ChatService
 from lmforge.serve.services.completions import CompletionService
+from lmforge.serve.services.embeddings import EmbeddingService, ModelTurn, TokenCharge
 from lmforge.serve.services.generation import GenerationService
+from lmforge.serve.services.heads import HeadService, load_served_head
 from lmforge.serve.services.tokens import TokenService
 from lmforge.serve.settings import ServeSettings
 
@@ -44,8 +48,10 @@ async def lifespan(app: FastAPI):
         engine.stop()
 
 
-def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
-    """The app serving `engine` under `settings`; the engine runs while the app does."""
+def create_app(engine: Engine, settings: ServeSettings, folders: list[Path] = ()) -> FastAPI:
+    """The app serving `engine` under `settings`; the engine runs while the app does. `folders`:
+    the directories the served weights came from (the model's, then an adapter's), whose
+    embedding.json and task head the embeddings and head routes use."""
     tokenizer = engine.tokenizer
     check_chat_template(tokenizer)
     metrics = ServerMetrics(engine)
@@ -67,6 +73,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     state.completions = CompletionService(generation)
     state.chat = ChatService(generation)
     state.tokens = TokenService(tokenizer, engine.context, prompts)
+    charge, turn, folders = TokenCharge(generation.token_limiter, settings), ModelTurn(), [Path(f) for f in folders]
+    state.embeddings = EmbeddingService.for_model(engine.model, tokenizer, folders, prompts, settings, charge, turn)
+    state.heads = HeadService(load_served_head(engine.model, tokenizer, folders), prompts, settings, charge, turn)
     for router in ROUTERS:
         app.include_router(router)
     return app

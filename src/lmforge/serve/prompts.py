@@ -47,29 +47,30 @@ class PromptEncoder:
         self.max_prompt_tokens = min(max_prompt_tokens or context, context - 1)
         self.bytes_per_token = max_bytes_per_token(tokenizer)
 
-    def too_long(self, what: str) -> APIError:
-        return APIError(400, f"the prompt has {what}; this server takes at most {self.max_prompt_tokens} tokens "
-                        f"(the model's context is {self.context})", param="prompt", code="context_length_exceeded")
+    def too_long(self, what: str, name: str = "prompt") -> APIError:
+        return APIError(400, f"the {name} has {what}; this server takes at most {self.max_prompt_tokens} tokens "
+                        f"(the model's context is {self.context})", param=name, code="context_length_exceeded")
 
-    async def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
+    async def encode(self, prompts: list[str | list[int]], what: str = "prompt") -> list[list[int]]:
+        """Token ids of each prompt; `what` names them in errors (and is the field they came in)."""
         limit, per_token = self.max_prompt_tokens, self.bytes_per_token
         texts = [p for p in prompts if isinstance(p, str)]
         for text in texts:
             size = len(text.encode("utf-8"))
             if per_token and size > limit * per_token:  # more tokens, for sure
                 raise self.too_long(f"{size} bytes, more than {limit} tokens can hold (one token of "
-                                    f"this tokenizer stands for at most {per_token} bytes)")
+                                    f"this tokenizer stands for at most {per_token} bytes)", what)
         encoded = iter(await run_in_threadpool(self.tokenizer.encode_batch, texts) if texts else [])
         out = []
         for prompt in prompts:
             ids = next(encoded) if isinstance(prompt, str) else list(prompt)
             if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
+                raise APIError(400, f"the {what} is empty", param=what)
             if len(ids) > limit:
-                raise self.too_long(f"{len(ids)} tokens")
+                raise self.too_long(f"{len(ids)} tokens", what)
             if isinstance(prompt, list) and any(t >= self.vocab for t in ids):
-                raise APIError(400, f"a token id in the prompt is outside the vocabulary [0, {self.vocab})",
-                               param="prompt")
+                raise APIError(400, f"a token id in the {what} is outside the vocabulary [0, {self.vocab})",
+                               param=what)
             out.append(ids)
         return out
 

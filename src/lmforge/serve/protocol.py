@@ -246,3 +246,40 @@ def check_limits(body: SamplingFields, prompts: int, max_tokens: int | None, log
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}",
                        param="max_tokens")
     return stop
+
+
+
+Inputs = Annotated[str | list[str] | TokenIds | list[TokenIds], Field(
+    description="A string, a list of strings, a list of token ids, or a list of token-id lists")]
+
+
+def listed_inputs(x: str | list, most: int) -> list:
+    """A request's `input`, one or several (each a text or token ids), at most `most` of them."""
+    inputs = [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+    if not inputs:
+        raise APIError(400, "the input list is empty", param="input")
+    if len(inputs) > most:
+        raise APIError(400, f"{len(inputs)} inputs; this server takes at most {most} in one request", param="input")
+    return inputs
+
+
+class EmbeddingRequest(RequestBody):
+    model: str | None = Field(None, max_length=256)
+    input: Inputs
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=INT_MAX, description="Truncate each vector to this length "
+                                   "(the lengths the model allows: its width, and those it was trained for)")
+
+
+class ClassifyRequest(RequestBody):
+    """POST /v1/classify (an lmforge route): each input's label under the model's classification head."""
+
+    model: str | None = Field(None, max_length=256)
+    input: Inputs
+
+
+class TagRequest(RequestBody):
+    """POST /v1/tag (an lmforge route): each text's words tagged and its entities, with character offsets."""
+
+    model: str | None = Field(None, max_length=256)
+    input: str | list[str] = Field(description="A text or a list of texts")

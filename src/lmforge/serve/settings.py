@@ -21,6 +21,7 @@ class ServeSettings:
     max_choices: int = 64  # prompts x n in one request
     max_stop: int = 4
     max_logprobs: int = 20
+    max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings, /v1/classify or /v1/tag request
     cors_origins: list[str] = field(default_factory=list)  # empty: no cross-origin access at all
     allowed_hosts: list[str] = field(default_factory=list)  # empty: on loopback, loopback names only
     header_timeout: float = 10.0  # seconds for a request's headers to arrive whole
@@ -41,6 +42,8 @@ class ServeSettings:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be more than 0 seconds")
         if self.max_connections < 1:
             raise LmforgeError("--max-connections must be at least 1")
+        if self.max_embedding_inputs < 1:
+            raise LmforgeError("--max-embedding-inputs must be at least 1")
         if not self.prefix_cache_mb >= 0:
             raise LmforgeError("--prefix-cache-mb must be 0 or more (or give --no-prefix-cache)")
         if self.speculative not in (None, "ngram"):

@@ -250,9 +250,14 @@ class TaskModel:
         """Each text's probability of every label (in `labels` order). A text longer than the
         context keeps its end (causal) or its start (encoder), as in training."""
         tok, context = self.loaded.tokenizer, self.loaded.config.context
-        pad = tok.pad_id or 0
-        rows = [tok.encode(text) or [pad] for text in texts]
+        rows = [tok.encode(text) or [tok.pad_id or 0] for text in texts]
         rows = [ids[-context:] if self.loaded.config.causal else ids[:context] for ids in rows]
+        return self.probabilities_of(rows, batch_size)
+
+    @torch.no_grad()
+    def probabilities_of(self, rows: list[list[int]], batch_size: int = 32) -> list[list[float]]:
+        """`probabilities` of token-id rows (non-empty, within the context)."""
+        pad = self.loaded.tokenizer.pad_id or 0
         out: list[list[float]] = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -285,10 +290,6 @@ class TaskModel:
 
 def load_task_model(path: str | Path, base: str | Path | None = None) -> TaskModel:
     """A `model/` (full) or `adapter/` (lora) directory written by `lmforge finetune --task classify|tag`."""
-    import json
-
-    from safetensors.torch import load_file
-
     import lmforge
     from lmforge.adapters import ADAPTER_CONFIG, apply_adapter, read_adapter
 
@@ -298,7 +299,7 @@ def load_task_model(path: str | Path, base: str | Path | None = None) -> TaskMod
     if not (folder / "head.json").is_file() or not (folder / "head.safetensors").is_file():
         raise LmforgeError(f"{folder} has no task head (head.json, head.safetensors): was it trained with "
                            "--task classify or tag?")
-    record = json.loads((folder / "head.json").read_text())
+    head, record = load_head(folder)
     if (folder / ADAPTER_CONFIG).is_file():
         base = base or read_adapter(folder)[2].get("base", {}).get("path")
         if not base:
@@ -306,9 +307,19 @@ def load_task_model(path: str | Path, base: str | Path | None = None) -> TaskMod
         loaded = apply_adapter(lmforge.load(base), folder, merge=True)
     else:
         loaded = lmforge.load(folder)
+    return TaskModel(loaded, head, record)
+
+
+def load_head(folder: Path) -> tuple[SequenceClassifier | TokenClassifier, dict[str, Any]]:
+    """The task head in `folder` (head.json and head.safetensors) and what head.json says."""
+    import json
+
+    from safetensors.torch import load_file
+
+    record = json.loads((folder / "head.json").read_text())
     state = load_file(str(folder / "head.safetensors"))
     n, d = state["score.weight"].shape
     head = (SequenceClassifier(d, n, record.get("pooling") or "last") if record["task"] == "classify"
             else TokenClassifier(d, n))
     head.load_state_dict(state)
-    return TaskModel(loaded, head, record)
+    return head, record

@@ -6,10 +6,8 @@ Texts come from `--text` (repeatable) or `--file`: plain text, one text a line, 
 training data holds them). Output is one readable line per text, or with `--json` one JSON
 object per line, the input record's own fields kept.
 
-Tagging labels words. A text is split into words the way tagging corpora are: runs of letters
-and digits, each other symbol on its own, and each Chinese or Japanese character on its own
-(those corpora label characters). An entity is a B- word and the I- words of its type after it,
-given with its character offsets in the text.
+Tagging labels words, as train/labeling.py describes; each entity comes with its character
+offsets in the text.
 """
 
 from __future__ import annotations
@@ -22,8 +20,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lmforge.data.jsonl import json_objects
-from lmforge.data.words import join_words, split_words
 from lmforge.errors import LmforgeError
+from lmforge.train.labeling import classification, tag_text
 
 ModelArg = Annotated[Path, typer.Argument(help="A model/ or adapter/ directory written by lmforge finetune "
                                                "--task classify|tag (it holds head.json).")]
@@ -94,22 +92,11 @@ def classify(
     probabilities = tuned.probabilities([r[text_field] for r in records])
     width = max(map(len, tuned.labels))
     for record, probs in zip(records, probabilities):
-        best = max(range(len(probs)), key=probs.__getitem__)
+        result = classification(tuned.labels, probs)
         if as_json:
-            _print(json.dumps({**record, "label": tuned.labels[best], "probability": round(probs[best], 6),
-                               "probabilities": {lb: round(p, 6) for lb, p in zip(tuned.labels, probs)}},
-                              ensure_ascii=False))
+            _print(json.dumps({**record, **result}, ensure_ascii=False))
         else:
-            _print(f"{tuned.labels[best]:<{width}}  {probs[best]:.3f}  {record[text_field]}")
-
-
-def entities(words: list[tuple[str, int, int]], tags: list[str], text: str) -> list[dict[str, Any]]:
-    """The BIO entities over `words` (word, start, end), with their text and character offsets."""
-    from lmforge.model.heads import bio_spans
-
-    spans = sorted(bio_spans(tags))
-    return [{"text": text[words[a][1]:words[b - 1][2]], "type": kind, "start": words[a][1], "end": words[b - 1][2]}
-            for a, b, kind in spans]
+            _print(f"{result['label']:<{width}}  {max(probs):.3f}  {record[text_field]}")
 
 
 def tag(
@@ -124,26 +111,15 @@ def tag(
     """Tag each word of texts with a trained token-classification (BIO) head, and list the entities."""
     records = _read_inputs(text, file, text_field, tokens_field)
     tuned = _load(model, base, "tag")
-    sentences = []
-    for r in records:
-        if isinstance(r.get(tokens_field), list):  # pre-split, as in the training data: offsets into the joined words
-            sentences.append(join_words([str(w) for w in r[tokens_field]]))
-        else:
-            sentences.append((r[text_field], split_words(r[text_field])))
-    predicted = [tuned.tag([[w for w, _, _ in words]])[0] if words else [] for _, words in sentences]
-    for record, (source, words), tags in zip(records, sentences, predicted):
-        untagged = len(words) - len(tags)
-        if untagged:
-            print(f"note: {untagged} word(s) past the model's context of {tuned.loaded.config.context} tokens "
-                  f"were not tagged: {source[:40]!r}...", file=sys.stderr)
-        found = entities(words, tags, source)
+    for record in records:
+        # Pre-split words, as in the training data, are used when present: offsets into the joined words.
+        words = [str(w) for w in record[tokens_field]] if isinstance(record.get(tokens_field), list) else None
+        out = tag_text(tuned, record.get(text_field), words)
+        if out.get("untagged_words"):
+            print(f"note: {out['untagged_words']} word(s) past the model's context of {tuned.loaded.config.context} "
+                  f"tokens were not tagged: {out['text'][:40]!r}...", file=sys.stderr)
         if as_json:
-            out = {**record, "text": source,
-                   "words": [{"word": w, "tag": t, "start": a, "end": b} for (w, a, b), t in zip(words, tags)],
-                   "entities": found}
-            if untagged:
-                out["untagged_words"] = untagged
-            _print(json.dumps(out, ensure_ascii=False))
+            _print(json.dumps({**record, **out}, ensure_ascii=False))
         else:
-            _print(" ".join(f"{w}/{t}" for (w, _, _), t in zip(words, tags)))
-            _print("  entities: " + (", ".join(f"{e['type']} {e['text']!r}" for e in found) or "none"))
+            _print(" ".join(f"{w['word']}/{w['tag']}" for w in out["words"]))
+            _print("  entities: " + (", ".join(f"{e['type']} {e['text']!r}" for e in out["entities"]) or "none"))
