@@ -58,7 +58,8 @@ def _score_windows(model: Transformer, windows, autocast=None) -> tuple[float, i
     head = model.lm_head
     # A plain output layer is applied a slice of rows at a time (what training's chunked loss
     # does); another one (a quantized lm_head, soft-capped logits) gets the whole logits from the model.
-    plain = type(head) is torch.nn.Linear and head.bias is None and getattr(head, "soft_cap", None) is None
+    plain = (type(head) is torch.nn.Linear and head.bias is None and getattr(head, "soft_cap", None) is None
+             and not getattr(head, "vocab_parallel", False))  # tensor parallelism: logits sharded by vocabulary
     rows = max(1, LOGITS_BYTES // (4 * head.out_features)) if plain else 0
     total, count = 0.0, 0
     for x, y in windows:

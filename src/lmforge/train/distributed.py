@@ -173,6 +173,11 @@ def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         return model
+    if ctx.strategy in ("tp", "fsdp+tp"):
+        from lmforge.train import tensor_parallel
+
+        mesh = tensor_parallel.mesh_of(ctx.world, tensor_parallel.tp_size_of(ctx), device)
+        return tensor_parallel.parallelize(model, mesh, param_dtype)
     raise LmforgeError(f"train.parallel {ctx.strategy} is not available yet; use auto, ddp or fsdp")
 
 
@@ -205,7 +210,7 @@ def no_gradient_sync(wrapped: torch.nn.Module, ctx: DistContext, last_micro_step
         return contextlib.nullcontext()
     if ctx.strategy == "ddp":
         return wrapped.no_sync()
-    if ctx.strategy == "fsdp":
+    if ctx.strategy in ("fsdp", "fsdp+tp") and hasattr(wrapped, "set_requires_gradient_sync"):
         @contextlib.contextmanager
         def fsdp_no_sync():
             wrapped.set_requires_gradient_sync(False)
@@ -230,7 +235,10 @@ def full_model_state(model: Transformer, ctx: DistContext) -> dict[str, torch.Te
     """The unsharded model state dict, on CPU; under FSDP a collective that leaves it on rank 0 only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=ctx.active))
+    from lmforge.train import tensor_parallel
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=ctx.active))
+    return tensor_parallel.true_layout(state, model.config, tensor_parallel.tp_size_of(ctx))
 
 
 def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_state: dict,
@@ -239,6 +247,10 @@ def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    from lmforge.train import tensor_parallel
+
+    tp = tensor_parallel.tp_size_of(ctx)
+    model_state, optim_state = (tensor_parallel.tp_layout(s, model.config, tp) for s in (model_state, optim_state))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
