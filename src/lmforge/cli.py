@@ -241,11 +241,20 @@ def serve(
     speculative: Annotated[Optional[str], typer.Option(help="Draft tokens for a lone request: 'ngram' (prompt lookup).")] = None,
     speculative_tokens: Annotated[int, typer.Option(help="Draft tokens checked per step (with --speculative or --draft).")] = 5,
     draft: Annotated[Optional[Path], typer.Option(help="A small model directory of the same tokenizer that drafts tokens.")] = None,
+    ray: Annotated[bool, typer.Option(help="Run as replicas on Ray Serve behind its HTTP proxy (pip install 'lmforge[cluster]').", rich_help_panel="Replicas on Ray Serve")] = False,
+    replicas: Annotated[Optional[int], typer.Option(help="Replicas to run (default 1; with --autoscale-max, to start with).", rich_help_panel="Replicas on Ray Serve")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster ('auto': the one `ray start` made on this machine); default: start a local Ray.", rich_help_panel="Replicas on Ray Serve")] = None,
+    autoscale_min: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (default 1).", rich_help_panel="Replicas on Ray Serve")] = None,
+    autoscale_max: Annotated[Optional[int], typer.Option(help="Autoscaling: most replicas (turns autoscaling on).", rich_help_panel="Replicas on Ray Serve")] = None,
+    target_ongoing_requests: Annotated[Optional[float], typer.Option(help="Autoscaling: requests in flight per replica to aim for (default: --max-batch).", rich_help_panel="Replicas on Ray Serve")] = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
+    from lmforge.serve.command import ray_options
     from lmforge.serve.command import serve as run_server
 
-    run_server(model, host, port, api_key_file, allow_no_auth, device=device, threads=threads, adapter=adapter, settings={
+    cluster = ray_options(ray, replicas=replicas, address=ray_address, autoscale_min=autoscale_min,
+                          autoscale_max=autoscale_max, target_ongoing_requests=target_ongoing_requests)
+    run_server(model, host, port, api_key_file, allow_no_auth, ray=cluster, device=device, threads=threads, adapter=adapter, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or [],

@@ -59,32 +59,58 @@ def decode_path(engine) -> str:
     return f"PyTorch reference path ({reason})"
 
 
-def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
-          settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info",
-          adapter: Path | None = None) -> None:
-    import torch
-    import uvicorn
+def ray_options(enabled: bool, **flags):
+    """`ray_deploy.RayOptions` for --ray and its flags (replicas, address, autoscale_min, ...), or None
+    without --ray; its flags without it are refused rather than ignored."""
+    given = [f"--{'ray-address' if name == 'address' else name.replace('_', '-')}"
+             for name, value in flags.items() if value is not None]
+    if not enabled:
+        if given:
+            raise LmforgeError(f"{', '.join(given)}: these set up Ray Serve replicas; add --ray")
+        return None
+    from lmforge.serve.ray_deploy import RayOptions
 
-    from lmforge.serve.connections import uvicorn_config
+    return RayOptions(**flags)
 
-    if threads is not None:
-        if threads < 1:
-            raise LmforgeError("--threads must be at least 1")
-        torch.set_num_threads(threads)
-    keys = ApiKeys.load(api_key_file)
-    if not keys and not is_loopback(host) and not allow_no_auth:
-        raise LmforgeError(f"refusing to listen on {host} without API keys: give --api-key-file FILE or set "
-                           f"{KEYS_ENV} (or --allow-no-auth, if something in front of the server checks them)")
-    if not settings.get("model_name"):
-        settings["model_name"] = Path(model_dir).resolve().name
-    config = ServeSettings(api_keys=keys, **settings)
-    app = build_app(model_dir, config, device, adapter)
+
+def log_access_to_stderr() -> None:
+    """The access log (one JSON line a request) goes to stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("lmforge.serve.access")
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
+
+
+def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
+          settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info",
+          adapter: Path | None = None, ray=None) -> None:
+    """Serve `model_dir` on host:port; with `ray` (a `ray_deploy.RayOptions`), as replicas on Ray Serve."""
+    if threads is not None and threads < 1:
+        raise LmforgeError("--threads must be at least 1")
+    keys = ApiKeys.load(api_key_file)
+    if not keys and not is_loopback(host) and not allow_no_auth:
+        raise LmforgeError(f"refusing to listen on {host} without API keys: give --api-key-file FILE or set "
+                           f"{KEYS_ENV} (or --allow-no-auth, if something in front of the server checks them)")
+    if not settings.get("model_name"):
+        settings["model_name"] = Path(model_dir).resolve().name
+    if ray is not None and settings.get("draft"):  # replicas may start in another directory
+        settings["draft"] = str(Path(settings["draft"]).resolve())
+    config = ServeSettings(api_keys=keys, **settings)
+    if ray is not None:
+        from lmforge.serve.ray_deploy import run
+
+        return run(model_dir, config, ray, host, port, device, adapter, threads)
+    import torch
+    import uvicorn
+
+    from lmforge.serve.connections import uvicorn_config
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    app = build_app(model_dir, config, device, adapter)
+    log_access_to_stderr()
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
     print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)

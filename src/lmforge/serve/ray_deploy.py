@@ -1,0 +1,207 @@
+"""`lmforge serve MODEL --ray`: the app `lmforge serve` builds, as replicas on Ray Serve.
+
+Each replica is a Ray actor that builds the very app of the plain server (`command.build_app`:
+same routes, limits, keys, engine) and runs it under Ray Serve's ASGI ingress; Ray's HTTP
+proxy spreads requests over the replicas, restarts a replica whose actor dies or whose health
+check fails, and adds or removes replicas when autoscaling is asked for. The health check
+sends GET /health through the replica's own app, so a replica whose engine thread died is
+replaced. Only the API keys' SHA-256 digests (`ApiKeys`) travel to the cluster, never the keys.
+
+Ray is imported only here, and only when a Ray deployment is asked for: the plain server
+never loads it (`pip install 'lmforge[cluster]'`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.settings import ServeSettings
+
+APP_NAME = "lmforge"  # the Ray Serve application and deployment name
+REPLICA_HEADER = b"x-lmforge-replica"  # which replica answered: Ray's id of it
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How many replicas, where, and how they scale (the --replicas/--ray-*/--autoscale-* flags)."""
+
+    replicas: int | None = None  # None: 1, or the autoscaling minimum
+    address: str | None = None  # None: start a local Ray instance; "auto" or "HOST:PORT": join that cluster
+    autoscale_min: int | None = None
+    autoscale_max: int | None = None
+    target_ongoing_requests: float | None = None  # per replica, for autoscaling; None: --max-batch
+
+    def __post_init__(self):
+        if self.replicas is not None and self.replicas < 1:
+            raise LmforgeError("--replicas must be at least 1")
+        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
+            raise LmforgeError("--target-ongoing-requests must be more than 0")
+        if not self.autoscaling:
+            if self.target_ongoing_requests is not None:
+                raise LmforgeError("--target-ongoing-requests steers autoscaling: give --autoscale-max too")
+            return
+        if self.autoscale_max is None:
+            raise LmforgeError("--autoscale-min needs --autoscale-max (the most replicas to start)")
+        low = 1 if self.autoscale_min is None else self.autoscale_min
+        if low < 0 or self.autoscale_max < max(low, 1):
+            raise LmforgeError(f"autoscaling needs 0 <= --autoscale-min <= --autoscale-max and --autoscale-max >= 1 "
+                               f"(got {low} and {self.autoscale_max})")
+        if self.replicas is not None and not low <= self.replicas <= self.autoscale_max:
+            raise LmforgeError(f"--replicas {self.replicas} (the replicas to start with) is outside "
+                               f"--autoscale-min {low} .. --autoscale-max {self.autoscale_max}")
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.autoscale_min is not None or self.autoscale_max is not None
+
+    def deployment_options(self, settings: ServeSettings, device: str, threads: int | None) -> dict:
+        """The `serve.deployment` options for these flags and the server's settings."""
+        options = {
+            "name": APP_NAME,
+            # What one plain server accepts at once: beyond its batch and queue the engine answers 503 itself.
+            "max_ongoing_requests": settings.max_batch + settings.max_queue,
+            "ray_actor_options": {"num_cpus": threads or 1, **({"num_gpus": 1} if device.startswith("cuda") else {})},
+        }
+        if not self.autoscaling:
+            options["num_replicas"] = self.replicas or 1
+            return options
+        low = 1 if self.autoscale_min is None else self.autoscale_min
+        scaling = {"min_replicas": low, "max_replicas": self.autoscale_max,
+                   # a replica whose batch is full is busy: more requests than that wait in its engine's queue
+                   "target_ongoing_requests": self.target_ongoing_requests or settings.max_batch}
+        if self.replicas is not None:
+            scaling["initial_replicas"] = self.replicas
+        options["autoscaling_config"] = scaling
+        return options
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response names the replica that made it (for operators and the tests)."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.replica = app, replica.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_replica(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REPLICA_HEADER, self.replica)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_replica)
+
+
+async def get_status(app, path: str) -> int | None:
+    """The status an ASGI app answers to `GET path` from loopback, called in-process."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    status = None
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+def replica_class():
+    """The Ray Serve deployment class: one replica builds and runs one lmforge app."""
+    from ray import serve
+
+    class LmforgeReplica:
+        def __init__(self, model_dir: str, settings: ServeSettings, device: str, adapter: str | None,
+                     threads: int | None):
+            import torch
+
+            from lmforge.serve.command import build_app, log_access_to_stderr
+
+            if threads is not None:
+                torch.set_num_threads(threads)
+            log_access_to_stderr()  # into the replica's log under Ray's session directory
+            app = build_app(model_dir, settings, device, adapter)
+            app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
+            self.lmforge_app = app
+
+        def __serve_build_asgi_app__(self):
+            return self.lmforge_app
+
+        async def check_health(self):
+            status = await get_status(self.lmforge_app, "/health")
+            if status != 200:
+                raise RuntimeError(f"GET /health answered {status}")
+
+    return serve.ingress()(LmforgeReplica)
+
+
+def bind(model_dir: str | Path, settings: ServeSettings, options: RayOptions, device: str = "cpu",
+         adapter: str | Path | None = None, threads: int | None = None):
+    """The Ray Serve application for `serve.run`. Paths are made absolute: replicas may start elsewhere."""
+    from ray import serve
+
+    deployment = serve.deployment(replica_class(), **options.deployment_options(settings, device, threads))
+    return deployment.bind(str(Path(model_dir).resolve()), settings, device,
+                           str(Path(adapter).resolve()) if adapter is not None else None, threads)
+
+
+def deploy(model_dir: str | Path, settings: ServeSettings, options: RayOptions, host: str, port: int,
+           device: str = "cpu", adapter: str | Path | None = None, threads: int | None = None):
+    """Start Ray Serve's proxy on host:port (on a connected Ray) and run the replicas; waits until they are up."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        return serve.run(bind(model_dir, settings, options, device, adapter, threads), name=APP_NAME,
+                         route_prefix="/")
+    except RuntimeError as e:  # a replica's constructor raised: Ray's message ends with the replica's error
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise LmforgeError(f"the Ray Serve deployment failed: {lines[-1] if lines else e}") from None
+
+
+def run(model_dir: str | Path, settings: ServeSettings, options: RayOptions, host: str, port: int,
+        device: str = "cpu", adapter: str | Path | None = None, threads: int | None = None) -> None:
+    """`lmforge serve --ray`: deploy, print where, serve until Ctrl-C or SIGTERM, then take the replicas down."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise LmforgeError("--ray needs Ray Serve: pip install 'lmforge[cluster]' (or 'ray[serve]')") from None
+    local = options.address is None
+    try:
+        ray.init(address=options.address, include_dashboard=False if local else None, log_to_driver=False)
+    except ConnectionError as e:
+        raise LmforgeError(f"cannot join the Ray cluster at --ray-address {options.address}: {e}") from None
+    try:
+        deploy(model_dir, settings, options, host, port, device, adapter, threads)
+        replicas = (f"{options.replicas or 1} replicas" if not options.autoscaling else
+                    "{min_replicas}..{max_replicas} replicas (autoscaling)".format(
+                        **options.deployment_options(settings, device, threads)["autoscaling_config"]))
+        where = "a local Ray instance" if local else f"the Ray cluster at {options.address}"
+        print(f"serving {settings.model_name} on http://{host}:{port} as {replicas} on {where} "
+              f"({'API keys required' if settings.api_keys else 'no API keys (loopback only)'}); API at /v1",
+              file=sys.stderr)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1):
+                pass
+        except KeyboardInterrupt:
+            pass
+        print("taking the replicas down", file=sys.stderr)
+        serve.delete(APP_NAME)
+        if local:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
