@@ -76,19 +76,19 @@ def _sample_all(lm, task: Task, prompts: list[str], batch_size: int, seed: int, 
     return outputs
 
 
-def _prompts(lm, task: Task, num_fewshot: int, seed: int) -> list[str]:
+def task_prompts(lm, task: Task, num_fewshot: int, seed: int) -> list[str]:
     make = chat_prompt if task.config.chat else (lambda _lm, *a: build_prompt(*a))
     return [make(lm, task, i, num_fewshot, seed) for i in range(len(task.examples))]
 
 
-def _id(example: dict[str, Any], index: int) -> Any:
+def example_id(example: dict[str, Any], index: int) -> Any:
     return example.get("task_id", example.get("id", index))
 
 
 def evaluate_generation(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, seed: int = 1234) -> TaskResult:
     config = task.config
     metrics = config.metric or ["exact_match"]
-    prompts = _prompts(lm, task, num_fewshot, seed)
+    prompts = task_prompts(lm, task, num_fewshot, seed)
     start = time.perf_counter()
     outputs = _sample_all(lm, task, prompts, batch_size, seed, config.stop if config.stop is not None else ["\n"],
                           config.max_tokens or 32)
@@ -102,7 +102,7 @@ def evaluate_generation(lm, task: Task, num_fewshot: int = 0, batch_size: int = 
         scores = [s for (j, _), s in zip(flat, per_sample) if j == i]
         mean = {m: sum(s[m] for s in scores) / len(scores) for m in scores[0]}
         out = outputs[i][0] if config.n == 1 else outputs[i]
-        predictions.append({"index": i, "id": _id(ex, i), "prompt": prompts[i], "output": out,
+        predictions.append({"index": i, "id": example_id(ex, i), "prompt": prompts[i], "output": out,
                             "reference": ex["answer"], **mean})
     return TaskResult(task.name, task.type, len(task.examples), num_fewshot, totals, seconds, predictions)
 
@@ -115,7 +115,7 @@ def program(example: dict[str, Any], completion: str) -> str:
 def evaluate_code(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, seed: int = 1234) -> TaskResult:
     config = task.config
     ks = config.k or [k for k in (1, 10, 100) if k <= config.n]
-    prompts = _prompts(lm, task, num_fewshot, seed)
+    prompts = task_prompts(lm, task, num_fewshot, seed)
     start = time.perf_counter()
     outputs = _sample_all(lm, task, prompts, batch_size, seed, config.stop if config.stop is not None else CODE_STOP,
                           config.max_tokens or 256)
@@ -130,7 +130,7 @@ def evaluate_code(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, se
         for name, v in scores.items():
             totals[name] += v / len(task.examples)
         out = outputs[i][0] if config.n == 1 else outputs[i]
-        predictions.append({"index": i, "id": _id(ex, i), "prompt": prompts[i], "output": out,
+        predictions.append({"index": i, "id": example_id(ex, i), "prompt": prompts[i], "output": out,
                             "reference": ex.get("canonical_solution"), "passed": passed, "samples": config.n,
                             "status": [r.status for r in runs],
                             "error": [r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "" for r in runs],

@@ -5,10 +5,13 @@ One example per line; the fields decide the task type (all examples of a file mu
     {"context": "The capital of France is", "choices": ["Paris", "Rome"], "gold": 0}   multiple choice
     {"context": "2 + 2 =", "answer": "4"}                  generation (answer: a string or a list)
     {"prompt": "def f(x):\n", "test": "def check(f): ...", "entry_point": "f"}   code (HumanEval's fields)
+    {"context": "Ada works at Acme.\nTriples:", "triples": [{"head": "Ada", "relation": "works_at", "tail": "Acme"}]}
+                                                            extraction (eval/extraction.py)
     {"text": "Any document ..."}                            perplexity and bits per byte
 
 An optional first line `{"config": {...}}` sets the file's settings (`TaskConfig`): metrics,
-stop strings, max tokens, samples, temperature, chat template, delimiter, pass@k's k.
+stop strings, max tokens, samples, temperature, chat template, delimiter, pass@k's k,
+constrained decoding (extraction).
 
 Multiple choice scores each choice by log P(delimiter + choice | context): `acc` takes the
 highest log-likelihood, `acc_norm` the highest log-likelihood per UTF-8 byte of the choice.
@@ -31,13 +34,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
+from lmforge.eval import triples
 from lmforge.eval.metrics import CODE_METRICS, TEXT_METRICS, is_cjk
 
 SHOT_SEPARATOR = "\n\n"
 TYPES = {"code": ("prompt", "test", "entry_point"), "multiple_choice": ("context", "choices", "gold"),
-         "generation": ("context", "answer"), "perplexity": ("text",)}
+         "extraction": ("context", "triples"), "generation": ("context", "answer"), "perplexity": ("text",)}
 # The field that tells the type, checked in this order.
-MARKER = {"code": "entry_point", "multiple_choice": "choices", "generation": "answer", "perplexity": "text"}
+MARKER = {"code": "entry_point", "multiple_choice": "choices", "extraction": "triples", "generation": "answer",
+          "perplexity": "text"}
+GENERATIVE = ("generation", "code", "extraction")
 # HumanEval's stop sequences: the function body ends where a new top-level statement begins.
 CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 BUILTIN = resources.files("lmforge.eval") / "code_tasks"
@@ -59,6 +65,7 @@ class TaskConfig(BaseModel):
     delimiter: str | None = None  # default: by the context's last character
     k: list[int] | None = None  # pass@k; default: 1, 10, 100 up to n
     timeout: float = Field(10.0, gt=0.0, le=600.0)  # seconds per program (code)
+    constrained: bool = False  # extraction: decode under the triples JSON schema (triples.SCHEMA)
 
     @field_validator("metric", "stop", mode="before")
     @classmethod
@@ -67,8 +74,10 @@ class TaskConfig(BaseModel):
 
 
 APPLIES = {"multiple_choice": {"delimiter"}, "perplexity": set(),
-           "generation": set(TaskConfig.model_fields) - {"k", "timeout"},
-           "code": set(TaskConfig.model_fields) - {"chat", "delimiter"}}
+           "generation": set(TaskConfig.model_fields) - {"k", "timeout", "constrained"},
+           "extraction": set(TaskConfig.model_fields) - {"k", "timeout"},
+           "code": set(TaskConfig.model_fields) - {"chat", "delimiter", "constrained"}}
+METRICS = {"code": CODE_METRICS, "extraction": triples.METRICS}
 
 
 def _check_config(raw: Any, task_type: str, where: str) -> TaskConfig:
@@ -84,7 +93,7 @@ def _check_config(raw: Any, task_type: str, where: str) -> TaskConfig:
     if wrong:
         raise LmforgeError(f"{where}: config {', '.join(wrong)} does not apply to a {task_type.replace('_', '-')} "
                            f"task (it takes {', '.join(sorted(APPLIES[task_type])) or 'no settings'})")
-    known = CODE_METRICS if task_type == "code" else TEXT_METRICS
+    known = METRICS.get(task_type, TEXT_METRICS)
     for m in config.metric or []:
         if m not in known:
             raise LmforgeError(f"{where}: unknown metric {m!r} for a {task_type} task; choose from {', '.join(known)}")
@@ -134,6 +143,8 @@ def answer_of(example: dict[str, Any], task_type: str) -> str:
         if "canonical_solution" not in example:
             raise LmforgeError("few-shot code prompts need a 'canonical_solution' in every example")
         return example["canonical_solution"]
+    if task_type == "extraction":
+        return triples.dumps([triples.as_triple(t) for t in example["triples"]])
     answer = example["answer"]
     return answer[0] if isinstance(answer, list) else answer
 
@@ -156,7 +167,7 @@ def _check_example(ex: Any, where: str, task_type: str | None) -> str:
     found = task_type or next((t for t, marker in MARKER.items() if marker in ex), None)
     if found is None:
         raise LmforgeError(f"{where}: cannot tell the task type: an example needs 'choices' (multiple choice), "
-                           "'answer' (generation), 'entry_point' (code) or 'text' (perplexity)")
+                           "'answer' (generation), 'entry_point' (code), 'triples' (extraction) or 'text' (perplexity)")
     missing = [f for f in TYPES[found] if f not in ex]
     if missing:
         raise LmforgeError(f"{where}: missing field {', '.join(repr(m) for m in missing)} "
@@ -180,6 +191,11 @@ def _check_example(ex: Any, where: str, task_type: str | None) -> str:
         answers = ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise LmforgeError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+    if found == "extraction":
+        gold = ex["triples"]
+        if not isinstance(gold, list) or any(triples.as_triple(t) is None for t in gold):
+            raise LmforgeError(f"{where}: 'triples' must be a list (empty allowed) of "
+                               '{"head": ..., "relation": ..., "tail": ...} objects with non-empty strings')
     return found
 
 
@@ -229,7 +245,7 @@ class TaskResult:
         d = {"task": self.task, "type": self.type, "examples": self.examples, "num_fewshot": self.num_fewshot,
              **self.metrics, "seconds": round(self.seconds, 3),
              "examples_per_s": round(self.examples / max(self.seconds, 1e-9), 2)}
-        if self.type in ("generation", "code"):
+        if self.type in GENERATIVE:
             d["metric_names"] = list(self.metrics)
         if with_predictions:
             d["predictions"] = self.predictions

@@ -1,5 +1,5 @@
 """Running benchmark tasks: multiple choice and perplexity here, generation and code in
-generation.py; every task on every model, the results table and JSON, per-example rows.
+generation.py, extraction in extraction.py; every task on every model, the results table and JSON, per-example rows.
 
 The task files' format is in task_file.py.
 """
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.eval.extraction import evaluate_extraction
 from lmforge.eval.generation import evaluate_code, evaluate_generation
 from lmforge.eval.scoring import rolling_logprob, score_requests
-from lmforge.eval.task_file import Task, TaskResult, build_prompt, delimiter, load_task
+from lmforge.eval.task_file import GENERATIVE, Task, TaskResult, build_prompt, delimiter, load_task
 
 
 def _context_ids(tokenizer, text: str) -> tuple[list[int], str]:
@@ -85,9 +86,9 @@ def evaluate_task(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, li
         task = Task(task.name, task.type, task.examples[:limit], task.path, task.config)
     if task.type == "multiple_choice":
         return evaluate_multiple_choice(lm, task, num_fewshot, batch_size, seed)
-    if task.type in ("generation", "code"):
-        evaluate = evaluate_code if task.type == "code" else evaluate_generation
-        return evaluate(lm, task, num_fewshot, batch_size, seed)
+    if task.type in GENERATIVE:
+        evaluate = {"code": evaluate_code, "generation": evaluate_generation, "extraction": evaluate_extraction}
+        return evaluate[task.type](lm, task, num_fewshot, batch_size, seed)
     return evaluate_perplexity(lm, task)
 
 
