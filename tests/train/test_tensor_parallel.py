@@ -63,3 +63,81 @@ def test_tensor_parallel_equals_one_process(single, parallel, nproc):
     ckpt = latest(single, name)
     meta = json.loads((ckpt / "lmforge.json").read_text())["checkpoint"]
     assert meta == {"format": "dcp", "world": nproc, "parallel": parallel, "step": 8}
+
+
+def test_tp_checkpoint_resumes_under_ddp_tp_and_one_process(single):
+    """tp (2) -> ddp (2) -> tp (2) -> one process: each reads the last one's checkpoint."""
+    ov = overrides(single, "tp-chain", "tp")
+    torchrun(single, ov, 2, interrupt_at=3)
+    ov["train"]["parallel"] = "ddp"
+    torchrun(single, ov, 2, resume=True, interrupt_at=5)
+    ov["train"]["parallel"] = "tp"
+    torchrun(single, ov, 2, resume=True, interrupt_at=7)
+    assert json.loads((latest(single, "tp-chain") / "lmforge.json").read_text())["checkpoint"]["parallel"] == "tp"
+    train_here(ov, resume=True)  # one process reads the tp ranks' shards
+    assert_same_training(single, "tp-chain")
+
+
+def test_one_process_checkpoint_resumes_under_fsdp_tp_then_tp(single):
+    """one process -> fsdp+tp (4: 2 x 2) -> tp (2)."""
+    ov = overrides(single, "fsdp-tp-chain", "fsdp+tp")
+    train_here(ov, interrupt_at=3)
+    torchrun(single, ov, 4, resume=True, interrupt_at=5)  # a whole model directory, reordered and sharded
+    ov["train"]["parallel"] = "tp"
+    torchrun(single, ov, 2, resume=True)  # a 2-D (dp x tp) DCP checkpoint read by a 1-D tp mesh
+    assert_same_training(single, "fsdp-tp-chain")
+
+
+def test_fused_rows_reordered_and_back():
+    cfg = ModelConfig(n_layer=1, d_model=32, n_head=4, n_kv_head=2, vocab_size=64)
+    qkv = torch.arange(float(cfg.n_head + 2 * cfg.kv_heads) * cfg.dim_head)[:, None].repeat(1, 3)
+    order = tensor_parallel.shard_order(tensor_parallel.fused_segments(cfg)["blocks.0.attn.qkv.weight"], 2)
+    # rank 0's half: q heads 0-1 (rows 0-15), kv head 0 of k (32-39) and of v (48-55)
+    assert order[:32].tolist() == [*range(0, 16), *range(32, 40), *range(48, 56)]
+    state = {"blocks.0.attn.qkv.weight": qkv, "tok_emb.weight": torch.ones(64, 32)}
+    there = tensor_parallel.tp_layout(state, cfg, 2)
+    assert torch.equal(there["blocks.0.attn.qkv.weight"], qkv[order]) and there["tok_emb.weight"] is state["tok_emb.weight"]
+    back = tensor_parallel.true_layout({"state": {"blocks.0.attn.qkv.weight": {"exp_avg": qkv[order]}}}, cfg, 2)
+    assert torch.equal(back["state"]["blocks.0.attn.qkv.weight"]["exp_avg"], qkv)
+
+
+def tc(parallel: str, **keys) -> TrainConfig:
+    return TrainConfig(parallel=parallel, **{"batch_size": 4, **keys})
+
+
+@pytest.mark.parametrize("parallel,world,keys,message", [
+    ("tp", 4, {"tp_size": 2}, "train.parallel tp splits the model over all 4 processes, but train.tp_size is 2"),
+    ("fsdp+tp", 4, {"tp_size": 3}, "train.tp_size 3 does not divide the 4 processes"),
+    ("fsdp+tp", 8, {"tp_size": 2, "batch_size": 6}, "train.batch_size 6 does not split over 4 data-parallel groups"),
+    ("tp", 2, {"loss_chunk": 64}, "train.loss_chunk is not used with tensor parallelism"),
+])
+def test_bad_layouts_are_one_line(parallel, world, keys, message):
+    with pytest.raises(LmforgeError, match=message) as info:
+        tensor_parallel.tensor_parallel_context(DistContext(0, world, 0, parallel), tc(parallel, **keys))
+    assert "\n" not in str(info.value)
+
+
+def test_grid_rows():
+    ctx = tensor_parallel.tensor_parallel_context(DistContext(3, 4, 3, "fsdp+tp"), tc("fsdp+tp"))
+    assert (ctx.tp_size, ctx.dp_rank, ctx.rows(8)) == (2, 1, slice(4, 8))  # ranks 2, 3: the second half
+    ctx = tensor_parallel.tensor_parallel_context(DistContext(1, 2, 1, "tp"), tc("tp"))
+    assert ctx.rows(8) == slice(0, 8)  # tp: every rank the whole batch
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"n_head": 4, "n_kv_head": 2}, "model has 2 key/value heads, not divisible by tp_size 4"),
+    ({"family": "mixtral", "n_head": 4, "n_experts": 4, "experts_per_token": 2}, "does not split mixture-of-experts"),
+])
+def test_models_that_do_not_split_are_one_line(model, message):
+    cfg = ModelConfig(n_layer=1, d_model=32, vocab_size=64, **model)
+    with pytest.raises(LmforgeError, match=message):
+        tensor_parallel.check_model(cfg, 4)
+
+
+def test_fine_tuning_is_refused_under_tp(tmp_path):
+    from lmforge.train.run import Run, TaskStep
+
+    run = Run(TrainConfig(parallel="tp"), tmp_path, DistContext(0, 2, 0, "tp"), torch.device("cpu"), eval_every=10)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(LmforgeError, match="train.parallel tp shards pretraining only"):
+        run.parallelize(model, TaskStep(None, model))
