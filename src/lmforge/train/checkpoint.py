@@ -46,7 +46,7 @@ from lmforge.interop.hf import from_hf_config, to_hf_config
 from lmforge.model import Transformer
 from lmforge.model_dir import (atomic_directory, load_model_dir, load_tokenizer, read_json, save_model_dir,
                                write_config_files, write_model_files)
-from lmforge.train import distributed
+from lmforge.train import distributed, pipeline_parallel
 from lmforge.train.distributed import DistContext
 from lmforge.train.recovery import (TRAINER_STATE, checkpoint_folders, checkpoint_name, find_checkpoint,
                                     save_trainer_state, write_checksums)
@@ -85,10 +85,13 @@ def _save_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
     staging_cm = atomic_directory(folder) if ctx.is_main else contextlib.nullcontext()
     with staging_cm as staging:
         staging = Path(ctx.share(str(staging) if ctx.is_main else None))
-        model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP)
-        model_state.pop(_tied_alias(model), None)
+        if _pipelined(ctx):
+            model_state, optim_state = pipeline_parallel.stage_state(model, optimizer)
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP)
+            model_state.pop(_tied_alias(model), None)
         # Returns on every rank only once all ranks' files and rank 0's .metadata are written.
-        dcp.save(_in_model_layout({"model": model_state, "optimizer": optim_state}, model, ctx),
+        dcp.save({"model": model_state, "optimizer": optim_state},
                  storage_writer=dcp.FileSystemWriter(staging / SHARDS))
         if ctx.is_main:
             cfg = model.config
@@ -158,7 +161,10 @@ def load_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Opt
         if "optimizer" not in state:
             raise LmforgeError(f"{folder / TRAINER_STATE} holds no optimizer state: the checkpoint is incomplete")
         loaded, _, _ = load_model_dir(folder)
-        distributed.load_full_state(model, optimizer, loaded.state_dict(), state.pop("optimizer"), ctx)
+        if _pipelined(ctx):
+            pipeline_parallel.load_full_stage(model, optimizer, loaded.state_dict(), state.pop("optimizer"))
+        else:
+            distributed.load_full_state(model, optimizer, loaded.state_dict(), state.pop("optimizer"), ctx)
     return state
 
 
@@ -183,31 +189,43 @@ def _trainer_state(folder: Path) -> dict[str, Any]:
 def _load_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer | None,
                   ctx: DistContext, advice: str) -> None:
     """DCP load into this rank's part of `model` (and `optimizer`): only the data it holds is read."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     shards = folder / SHARDS
     if not (shards / ".metadata").is_file():
         raise LmforgeError(f"{shards / '.metadata'} is missing: the checkpoint is incomplete")
+    if _pipelined(ctx):
+        pipeline_parallel.load_stage(model, optimizer, lambda request: _dcp_load(request, shards, ctx, advice))
+        return
     optimizers = [optimizer] if optimizer is not None else []
+    # A pipeline stage writes its optimizer state flattened (per parameter name); read it so.
+    options = StateDictOptions(flatten_optimizer_state_dict=_flattened(shards))
     # The optimizer's state is created (a zero-lr step) so that DCP has tensors to load into.
-    model_state, optim_state = get_state_dict(model, optimizers)
+    model_state, optim_state = get_state_dict(model, optimizers, options=options)
     alias = _tied_alias(model)
     wanted = {k: v for k, v in model_state.items() if k != alias}  # the tied head is the embedding: not read twice
     request = {"model": wanted, **({"optimizer": optim_state} if optimizer is not None else {})}
-    _dcp_load(_in_model_layout(request, model, ctx), shards, ctx, advice)
+    _dcp_load(request, shards, ctx, advice)
     if alias in model_state:
         wanted[alias] = wanted["tok_emb.weight"]
-    set_state_dict(model, optimizers, model_state_dict=wanted, optim_state_dict=optim_state)
+    set_state_dict(model, optimizers, model_state_dict=wanted, optim_state_dict=optim_state, options=options)
 
 
-def _in_model_layout(state: dict[str, Any], model: Transformer, ctx: DistContext) -> dict[str, Any]:
-    """`state` as DCP writes and reads it: under tensor parallelism the fused projections' rows at
-    their places in the model's own layout (`tensor_parallel.checkpoint_view`), so that every
-    layout writes the same checkpoint."""
-    from lmforge.train import tensor_parallel
+def _pipelined(ctx: DistContext) -> bool:
+    return ctx.active and ctx.strategy in pipeline_parallel.LAYOUTS
 
-    tp = tensor_parallel.tp_size_of(ctx)
-    return tensor_parallel.checkpoint_view(state, model.config, tp) if tp > 1 else state
+
+def _flattened(shards: Path) -> bool:
+    """Whether a DCP checkpoint holds its optimizer's settings per parameter name
+    (`optimizer.param_groups.<name>.lr`, as pipeline stages write them) rather than per group."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(shards).read_metadata().state_dict_metadata
+    except Exception:  # unreadable: the load reports it
+        return False
+    groups = [k for k in keys if k.startswith("optimizer.param_groups.")]
+    return bool(groups) and not any(k.split(".")[2].isdigit() for k in groups)
 
 
 def _tied_alias(model: Transformer) -> str | None:

@@ -274,3 +274,72 @@ class Pipeline:
         for part in parts:
             whole.update(part)
         return whole
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# A stage writes its tensors under their full-model names, its optimizer state flattened per
+# parameter (`state.<name>.exp_avg`, `param_groups.<name>.lr`): the stages' parts then add up to
+# the state one process would write (DCP keeps each key once), and any layout reads it.
+
+
+def _flat():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _saved_name(model: Transformer, name: str) -> str:
+    """The name `name` of this stage's state has in a checkpoint: a last stage's copy of the tied
+    embedding is the embedding."""
+    return "tok_emb.weight" if name == "lm_head.weight" and tied_copy(model) else name
+
+
+def _parameter_of(key: str) -> str | None:
+    """The parameter a flattened optimizer key belongs to: `state.<name>.<field>`."""
+    return key[len("state."):].rsplit(".", 1)[0] if key.startswith("state.") else None
+
+
+def stage_state(model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """This stage's model and optimizer state as its part of a checkpoint (a last stage's copy of
+    a tied embedding is left to stage 0, which holds the same values)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_flat())
+    if tied_copy(model):
+        model_state.pop("lm_head.weight")
+        optim_state = {k: v for k, v in optim_state.items() if ".lm_head.weight." not in f".{k}"}
+    return model_state, optim_state
+
+
+def load_stage(model: Transformer, optimizer: torch.optim.Optimizer | None, dcp_load) -> None:
+    """Read this stage's part of a sharded checkpoint of any layout with `dcp_load(request)`:
+    its tensors and its parameters' optimizer state (the optimizer's settings stay the recipe's;
+    the loop sets the learning rate at every step)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizers = [optimizer] if optimizer is not None else []
+    model_state, optim_state = get_state_dict(model, optimizers, options=_flat())
+    request: dict[str, Any] = {"model": {_saved_name(model, k): v for k, v in model_state.items()}}
+    if optimizer is not None:
+        request["optimizer"] = {f"state.{_saved_name(model, name)}.{k.rsplit('.', 1)[1]}": v
+                                for k, v in optim_state.items() if (name := _parameter_of(k)) is not None}
+    dcp_load(request)
+    model_state = {k: request["model"][_saved_name(model, k)] for k in model_state}
+    for k in optim_state:
+        if (name := _parameter_of(k)) is not None:
+            optim_state[k] = request["optimizer"][f"state.{_saved_name(model, name)}.{k.rsplit('.', 1)[1]}"]
+    set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state, options=_flat())
+
+
+def load_full_stage(model: Transformer, optimizer: torch.optim.Optimizer, full_model: dict[str, torch.Tensor],
+                    full_optimizer: dict[str, Any]) -> None:
+    """Load this stage's part of one process's (unsharded) model and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    wanted_model = {k: full_model[_saved_name(model, k)] for k in model_state}
+    # This stage's parameter groups (the recipe's settings) with its parameters' saved state.
+    wanted_optim = {"state": {name: full_optimizer["state"][_saved_name(model, name)] for name in optim_state["state"]},
+                    "param_groups": optim_state["param_groups"]}
+    set_state_dict(model, optimizer, model_state_dict=wanted_model, optim_state_dict=wanted_optim,
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
