@@ -198,9 +198,11 @@ def _lora_pairs(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[str,
     return pairs
 
 
-def apply_adapter(loaded: LoadedModel, path: str | Path, merge: bool = False, check: bool = True) -> LoadedModel:
-    """Put the LoRA adapter at `path` (ours or one saved by PEFT) onto a `lmforge.load()`ed model,
-    in place; `merge` folds it into the weights. Returns the same LoadedModel."""
+def adapter_matrices(loaded: LoadedModel, path: str | Path, check: bool = True
+                     ) -> tuple[dict[str, Any], list[Slice], dict[str, dict[str, torch.Tensor]]]:
+    """The adapter at `path` checked against `loaded`'s model: (its adapter_config, the slices
+    it updates, {Hugging Face module: {"lora_A": A, "lora_B": B}}). LmforgeError, in one line,
+    for an adapter that does not fit the model."""
     model = loaded.model
     config, tensors, record = read_adapter(path)
     if check:
@@ -224,6 +226,15 @@ def apply_adapter(loaded: LoadedModel, path: str | Path, merge: bool = False, ch
         slices.append(s)
     if not slices:
         raise LmforgeError(f"adapter {path} holds no LoRA weights")
+    return config, slices, pairs
+
+
+def apply_adapter(loaded: LoadedModel, path: str | Path, merge: bool = False, check: bool = True) -> LoadedModel:
+    """Put the LoRA adapter at `path` (ours or one saved by PEFT) onto a `lmforge.load()`ed model,
+    in place; `merge` folds it into the weights. Returns the same LoadedModel."""
+    model = loaded.model
+    config, slices, pairs = adapter_matrices(loaded, path, check)
+    r = config["r"]
     layers = add_lora(model, slices, r, float(config.get("lora_alpha", 8)), 0.0, bool(config.get("use_rslora")))
     with torch.no_grad():
         for layer in layers.values():

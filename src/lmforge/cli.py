@@ -234,7 +234,8 @@ def serve(
     max_connections: Annotated[int, typer.Option(help="Open connections; more are answered 503.")] = 512,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: torch's choice).")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: serve a LoRA adapter beside the model, for requests with \"model\": NAME (repeatable); DIR alone: fold it into the weights.")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(help="Directory POST /admin/adapters may load adapters from (default: none, run-time loading off).")] = None,
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
     prefix_cache_mb: Annotated[float, typer.Option(help="Memory for the keys and values of shared prompt prefixes (MiB).")] = 256.0,
     prefix_cache: Annotated[bool, typer.Option(help="Reuse shared prompt prefixes (--no-prefix-cache: compute every prompt whole).")] = True,
@@ -254,7 +255,8 @@ def serve(
 
     cluster = ray_options(ray, replicas=replicas, address=ray_address, autoscale_min=autoscale_min,
                           autoscale_max=autoscale_max, target_ongoing_requests=target_ongoing_requests)
-    run_server(model, host, port, api_key_file, allow_no_auth, ray=cluster, device=device, threads=threads, adapter=adapter, settings={
+    run_server(model, host, port, api_key_file, allow_no_auth, ray=cluster, device=device, threads=threads, adapter=adapter,
+               adapter_root=adapter_root, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or [],
@@ -307,23 +309,6 @@ def evaluate(
                       f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte{note}")
 
 
-def extract(
-    model: Annotated[Path, typer.Argument(help="A model directory trained to write triples (e.g. the relation-extraction recipe's).")],
-    input: Annotated[Path, typer.Option("--input", help="Documents, JSONL: one object a line with the text and an id.")],
-    out: Annotated[Path, typer.Option(help="The graph to write: NAME.jsonld (JSON-LD) or NAME.csv (source,relation,target,doc_id).")],
-    text_field: Annotated[str, typer.Option(help="The JSONL field holding the text.")] = "text",
-    id_field: Annotated[str, typer.Option(help="The JSONL field holding the document's id (else its line number).")] = "id",
-    template: Annotated[str, typer.Option(help="The prompt; {text} is replaced by the document.")] = "{text}\nTriples:",
-    constrained: Annotated[bool, typer.Option(help="Decode under the triples JSON schema (every finished output parses).")] = False,
-    max_tokens: Annotated[int, typer.Option(help="New tokens at most per document.")] = 96,
-    batch_size: Annotated[int, typer.Option(help="Documents decoded together.")] = 16,
-):
-    """Entity-relation triples from documents, as a knowledge graph (JSON-LD or a CSV edge list)."""
-    from lmforge.eval.extract import extract_command
-
-    extract_command(model, input, out, text_field, id_field, template, constrained, max_tokens, batch_size, console)
-
-
 def explain(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     prompt: Annotated[str, typer.Option(help="The text to explain (its predicted next token).")],
@@ -364,7 +349,6 @@ COMMANDS = [
     Verb("chat", chat, loads_model=True),
     Verb("serve", serve, loads_model=True),
     Verb("eval", evaluate, loads_model=True),
-    Verb("extract", extract, loads_model=True),
     Verb("explain", explain, loads_model=True),
     Verb("plot", plot),
     Verb("import", interop.import_),

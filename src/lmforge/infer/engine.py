@@ -31,6 +31,7 @@ from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import RowText
 from lmforge.infer.grammar import Constraint, Masks, apply_mask, grammar_tokenizer
+from lmforge.infer.lora_batch import LoraAdapter, rows_with_adapters
 from lmforge.infer.native_decode import NativeDecoder
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.speculative import Speculator, target_probs, verify
@@ -65,6 +66,7 @@ class Request:
     prompt_logprobs: bool = False  # also the logprob of every prompt token given the ones before (echo)
     stop_token_ids: list[int] = field(default_factory=list)  # end tokens besides end-of-text (chat turns)
     grammar: str | None = None  # llguidance grammar the output must follow (infer.grammar)
+    adapter: str | None = None  # the LoRA adapter (Engine.add_adapter's name) to decode with; None: the base
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Sequence:
         self.pending = False  # its prompt is still to be fed, in the next step
         self.cached = 0  # how many of its prompt's first tokens came from the prefix cache
         self.residual: torch.Tensor | None = None  # (1, V): draw the next token from this (a draft was rejected)
+        self.adapter: LoraAdapter | None = None  # the LoRA adapter it decodes with
         self.cancelled = False
         self.finish_reason: str | None = None
 
@@ -203,10 +206,12 @@ class EventStream:
                 s.cancel()
 
 
-def _lane(in_step: bool) -> str:
+def _lane(in_step: bool, adapter: LoraAdapter | None) -> str:
     """The prefix cache's chain for keys and values computed one way: rows of a native step
-    and a PyTorch prefill round differently (see prefix_cache)."""
-    return "native-step" if in_step else "prefill"
+    and a PyTorch prefill round differently (see prefix_cache), and each adapter (each load of
+    one) makes keys and values of its own."""
+    lane = "native-step" if in_step else "prefill"
+    return lane if adapter is None else f"{lane}/adapter-{adapter.key}"
 
 
 class Engine:
@@ -232,6 +237,10 @@ class Engine:
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
         self._mailbox_lock = threading.Lock()
         self._masks: Masks | None = None  # made for the first constrained request
+        self.adapters: dict[str, LoraAdapter] = {}  # LoRA adapters requests may name (add_adapter)
+        self._live: list[LoraAdapter] = []  # the loaded adapters and the removed ones still in use
+        self._adapter_table: list[LoraAdapter] = []  # what the native decoder holds, in its index order
+        self._adapters_changed = False
 
     def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         """Where this engine leaves the events of streams read in `loop` (see _Mailbox)."""
@@ -303,6 +312,9 @@ class Engine:
         with self._wake:
             if self._stopping or self._thread is None:
                 raise EngineOverloaded("the engine is not running")
+            unknown = [r.adapter for r in requests if r.adapter is not None and r.adapter not in self.adapters]
+            if unknown:
+                raise LmforgeError(f"no LoRA adapter named {unknown[0]!r} is loaded")
             # Waiting requests take the free batch slots at the next step; the rest are queued.
             free = self.max_batch - len(self._running)
             if len(self._waiting) + len(seqs) - free > self.max_queue:
@@ -311,9 +323,56 @@ class Engine:
                 needs = f"; this request needs {len(seqs)} places" if len(seqs) > 1 else ""
                 raise EngineOverloaded(f"the server is at capacity: {busy} of {self.max_batch} batch slots and "
                                        f"{queued} of {self.max_queue} queue places are taken{needs}; retry shortly")
+            for seq in seqs:
+                if seq.request.adapter is not None:
+                    seq.adapter = self.adapters[seq.request.adapter]
+                    seq.adapter.users += 1
             self._waiting.extend(seqs)
             self._wake.notify()
         return seqs
+
+    # -- LoRA adapters ---------------------------------------------------------------------------
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Serve `adapter` from the next step on: requests naming it decode with it."""
+        with self._wake:
+            if adapter.name in self.adapters:
+                raise LmforgeError(f"an adapter named {adapter.name!r} is already loaded")
+            self.adapters[adapter.name] = adapter
+            self._live.append(adapter)
+            self._adapters_changed = True
+
+    def remove_adapter(self, name: str) -> LoraAdapter:
+        """Stop taking requests for adapter `name` (LmforgeError if none); the requests that
+        already use it finish with it, and its weights go once they have (`adapter.users` 0)."""
+        with self._wake:
+            adapter = self.adapters.pop(name, None)
+            if adapter is None:
+                raise LmforgeError(f"no LoRA adapter named {name!r} is loaded")
+            adapter.removed = True
+            self._adapters_changed = True
+            return adapter
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            with self._wake:
+                seq.adapter.users -= 1
+                if seq.adapter.removed and seq.adapter.users == 0:
+                    self._adapters_changed = True
+            seq.adapter = None
+
+    def _sync_adapters(self) -> None:
+        """The native decoder's table: the loaded adapters and the removed ones still in use."""
+        with self._wake:
+            if not self._adapters_changed:
+                return
+            self._adapters_changed = False
+            self._live = table = [a for a in self._live if not (a.removed and a.users == 0)]
+        self._adapter_table = list(table)
+        if self.native is not None:
+            self.native.set_adapters([a.layers for a in table])
+
+    def _adapter_index(self, seq: Sequence) -> int:
+        return -1 if seq.adapter is None else self._adapter_table.index(seq.adapter)
 
     def _constraint(self, request: Request) -> Constraint:
         """A matcher for the request's grammar (GrammarError if it cannot be used), whose end
@@ -369,6 +428,7 @@ class Engine:
                 if self._stopping:
                     break
             try:
+                self._sync_adapters()
                 self._admit()
                 self._step()
             except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
@@ -384,6 +444,7 @@ class Engine:
     def _emit(self, seq: Sequence, event: Event) -> None:
         if event.finish_reason is not None:
             seq.finish_reason = event.finish_reason
+            self._release(seq)
         try:
             seq.on_event(event)
         except Exception:  # a consumer that went away (closed event loop) must not stop the engine
@@ -414,16 +475,18 @@ class Engine:
             seq.seen[0, ids[0]] = True
         in_step = self.native is not None and not req.prompt_logprobs and len(req.prompt) <= PROMPT_IN_STEP_MAX
         if self.prefix_cache is not None and not req.prompt_logprobs:  # echo needs every prompt position's logits
-            seq.cached = self.prefix_cache.lookup(_lane(in_step), req.prompt, self.cache.k, self.cache.v, slot)
+            seq.cached = self.prefix_cache.lookup(_lane(in_step, seq.adapter), req.prompt, self.cache.k, self.cache.v,
+                                                  slot)
         if in_step:
             self.cache.lengths[slot] = seq.cached
             seq.pending = True  # `_step` feeds the prompt with the others' next tokens
             self._running.append(seq)
             return
         self.cache.bind_prefill(slot, ids.shape[1] - seq.cached, start=seq.cached)
-        logits = self.model(ids[:, seq.cached:], self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
+        with rows_with_adapters(self.model, [seq.adapter]):
+            logits = self.model(ids[:, seq.cached:], self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(_lane(False), req.prompt, self.cache.k, self.cache.v, slot)
+            self.prefix_cache.store(_lane(False, seq.adapter), req.prompt, self.cache.k, self.cache.v, slot)
         seq.logits = logits[:, -1].clone() if req.prompt_logprobs else logits[:, -1]
         if req.prompt_logprobs:
             lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): token t+1 given 0..t
@@ -532,17 +595,22 @@ class Engine:
                     positions.append(self.cache.lengths[i])
                     rows.append(i)
                 last.append(len(tokens) - 1)
+            adapters = None
+            if any(seq.adapter is not None for seq in self._running):
+                index = [self._adapter_index(seq) for seq in self._running]
+                adapters = [index[i] for i in rows]
             logits = self.native.step(tokens, positions, cache_rows=rows,
-                                      logits_rows=last if len(tokens) != n else None)
+                                      logits_rows=last if len(tokens) != n else None, adapters=adapters)
             for i, seq in enumerate(self._running):
                 self.cache.lengths[i] = positions[last[i]] + 1
                 if seq.pending and self.prefix_cache is not None:
-                    self.prefix_cache.store(_lane(True), seq.request.prompt, self.cache.k, self.cache.v, i)
+                    self.prefix_cache.store(_lane(True, seq.adapter), seq.request.prompt, self.cache.k, self.cache.v, i)
                 seq.pending = False
         else:
             last = torch.tensor([[s.row.ids[-1]] for s in self._running], dtype=torch.long, device=self.device)
             self.cache.bind_decode(n)
-            logits = self.model(last, self.cache, last_only=True)[:, -1]  # (n, V)
+            with rows_with_adapters(self.model, [seq.adapter for seq in self._running]):
+                logits = self.model(last, self.cache, last_only=True)[:, -1]  # (n, V)
         argmax = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(self._running):
             seq.logits, seq.argmax = logits[i:i + 1], argmax[i]
@@ -567,7 +635,9 @@ class Engine:
             return False
         drafts = drafts[:room]
         m = len(drafts)
-        logits = self.native.step([context[-1], *drafts], list(range(start, start + m + 1)), cache_rows=[0] * (m + 1))
+        adapters = None if seq.adapter is None else [self._adapter_index(seq)] * (m + 1)
+        logits = self.native.step([context[-1], *drafts], list(range(start, start + m + 1)), cache_rows=[0] * (m + 1),
+                                  adapters=adapters)
         argmax = logits.argmax(dim=-1).tolist()
         if greedy:
             kept = next((j for j, d in enumerate(drafts) if argmax[j] != d), m)

@@ -73,6 +73,11 @@ class Slice:
 
 # ----------------------------------------------------------------------------- the layer
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """What B @ A is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """A base that stores codes and gives its weight through `dequantize()` (QLoRA)."""
     return callable(getattr(layer, "dequantize", None))
@@ -107,7 +112,7 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
         self.slices = list(slices)
         self.r, self.alpha = r, alpha
-        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.use_rslora = use_rslora
         self.in_features, self.out_features = base.in_features, base.out_features
         device = next(iter(base.buffers() if is_quantized(base) else base.parameters())).device

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from lmforge.infer.engine import Engine
+from lmforge.serve.adapters_registry import AdapterRegistry
 from lmforge.serve.errors import install_error_handlers
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.middleware import RequestContext
@@ -56,7 +57,8 @@ def create_app(engine: Engine, settings: ServeSettings, folders: list[Path] = ()
     check_chat_template(tokenizer)
     metrics = ServerMetrics(engine)
     prompts = PromptEncoder(tokenizer, engine.context, engine.model.config.vocab, settings.max_prompt_tokens)
-    generation = GenerationService(engine, settings, prompts, metrics)
+    adapters = AdapterRegistry(engine, settings.model_name)  # build_app and POST /admin/adapters load into it
+    generation = GenerationService(engine, settings, prompts, metrics, adapters.resolve)
 
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -70,6 +72,7 @@ def create_app(engine: Engine, settings: ServeSettings, folders: list[Path] = ()
     state = app.state
     state.settings, state.engine, state.metrics, state.created = settings, engine, metrics, int(time.time())
     state.request_limiter = RateLimiter(settings.requests_per_minute)
+    state.adapters = adapters
     state.completions = CompletionService(generation)
     state.chat = ChatService(generation)
     state.tokens = TokenService(tokenizer, engine.context, prompts)

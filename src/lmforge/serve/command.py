@@ -11,7 +11,11 @@ from lmforge.serve.security import KEYS_ENV, ApiKeys, is_loopback
 from lmforge.serve.settings import ServeSettings
 
 
-def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None):
+def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None,
+              adapters: list[tuple[str, Path]] = (), adapter_root: Path | None = None):
+    """The app for `model_dir`: `adapter` is folded into its weights; `adapters` (name, directory)
+    are served beside it, requests naming one decoding with it; POST /admin/adapters may load
+    more from under `adapter_root`."""
     import lmforge
     from lmforge.infer.engine import Engine
     from lmforge.infer.prefix_cache import PrefixCache
@@ -28,6 +32,14 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
                     native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device))
     app = create_app(engine, settings)
     app.state.engine = engine
+    registry = app.state.adapters
+    registry.loaded = m
+    if adapter_root is not None:
+        if not Path(adapter_root).is_dir():
+            raise LmforgeError(f"--adapter-root {adapter_root} is not a directory")
+        registry.root = Path(adapter_root).resolve()
+    for name, path in adapters:
+        registry.load(name, path)
     return app
 
 
@@ -59,6 +71,19 @@ def decode_path(engine) -> str:
     return f"PyTorch reference path ({reason})"
 
 
+def split_adapters(values: Path | list[str] | None) -> tuple[Path | None, list[tuple[str, Path]]]:
+    """--adapter's values: (the one DIR to fold into the weights, or None; the NAME=DIR pairs to serve)."""
+    from lmforge.serve.adapters_registry import parse_adapter_flag
+
+    if values is None or isinstance(values, (str, Path)):
+        return (None if values is None else Path(values)), []
+    merged = [Path(v) for v in values if "=" not in v]
+    if len(merged) > 1:
+        raise LmforgeError("--adapter DIR (folded into the weights) may be given once; serve several as "
+                           "--adapter NAME=DIR")
+    return (merged[0] if merged else None), [parse_adapter_flag(v) for v in values if "=" in v]
+
+
 def ray_options(enabled: bool, **flags):
     """`ray_deploy.RayOptions` for --ray and its flags (replicas, address, autoscale_min, ...), or None
     without --ray; its flags without it are refused rather than ignored."""
@@ -85,8 +110,10 @@ def log_access_to_stderr() -> None:
 
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
           settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info",
-          adapter: Path | None = None, ray=None) -> None:
-    """Serve `model_dir` on host:port; with `ray` (a `ray_deploy.RayOptions`), as replicas on Ray Serve."""
+          adapter: Path | list[str] | None = None, ray=None, adapter_root: Path | None = None) -> None:
+    """Serve `model_dir` on host:port; with `ray` (a `ray_deploy.RayOptions`), as replicas on Ray Serve.
+    `adapter`: a LoRA adapter directory to fold in, or --adapter values (NAME=DIR: served beside the base)."""
+    adapter, adapters = split_adapters(adapter)
     if threads is not None and threads < 1:
         raise LmforgeError("--threads must be at least 1")
     keys = ApiKeys.load(api_key_file)
@@ -101,6 +128,9 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     if ray is not None:
         from lmforge.serve.ray_deploy import run
 
+        if adapters or adapter_root:
+            raise LmforgeError("--adapter NAME=DIR and --adapter-root are not supported with Ray Serve replicas yet")
+
         return run(model_dir, config, ray, host, port, device, adapter, threads)
     import torch
     import uvicorn
@@ -109,11 +139,13 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
 
     if threads is not None:
         torch.set_num_threads(threads)
-    app = build_app(model_dir, config, device, adapter)
+    app = build_app(model_dir, config, device, adapter, adapters, adapter_root)
     log_access_to_stderr()
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)
     print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)
+    for name in app.state.adapters.names():
+        print(f"adapter {name}: {app.state.adapters.paths[name]} (requests with \"model\": \"{name}\")", file=sys.stderr)
     cache = app.state.engine.prefix_cache
     print(f"prefix cache: {f'{config.prefix_cache_mb:g} MiB' if cache else 'off'}", file=sys.stderr)
     if app.state.engine.speculator is not None:

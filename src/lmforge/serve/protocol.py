@@ -219,11 +219,12 @@ class DetokenizeRequest(RequestBody):
     tokens: list[Annotated[int, Field(ge=0, le=INT_MAX)]]
 
 
-def check_model(name: str | None, settings: ServeSettings) -> None:
-    """A request naming a model must name the one served."""
-    if name is not None and name != settings.model_name:
-        raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves "
-                       f"'{settings.model_name}'", "not_found_error", "model", "model_not_found")
+def check_model(name: str | None, settings: ServeSettings, adapters: list[str] | tuple[str, ...] = ()) -> None:
+    """A request naming a model must name the one served or one of its LoRA adapters."""
+    if name is not None and name != settings.model_name and name not in adapters:
+        served = ", ".join(f"'{n}'" for n in [settings.model_name, *adapters][:20])
+        raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves {served}",
+                       "not_found_error", "model", "model_not_found")
 
 
 def check_limits(body: SamplingFields, prompts: int, max_tokens: int | None, logprobs: int | None,

@@ -14,7 +14,7 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, key_id: str = Depends(authenticate)):
-    check_model(body.model, request.app.state.settings)
+    check_model(body.model, request.app.state.settings, request.app.state.adapters.names())
     service: CompletionService = request.app.state.completions
     result = await service.create(body, request, key_id)
     return result if isinstance(result, dict) else sse.event_stream(result)

@@ -17,13 +17,13 @@ def tokens(request: Request) -> TokenService:
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request, key_id: str = Depends(authenticate)):
-    check_model(body.model, request.app.state.settings)
+    check_model(body.model, request.app.state.settings, request.app.state.adapters.names())
     return await tokens(request).tokenize(body)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request, key_id: str = Depends(authenticate)):
-    check_model(body.model, request.app.state.settings)
+    check_model(body.model, request.app.state.settings, request.app.state.adapters.names())
     return tokens(request).detokenize(body)
 
 

@@ -51,7 +51,7 @@ class ChatService:
         if self.turn_end:
             for r in job.requests:
                 r.stop_token_ids = list(self.turn_end)
-        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": gen.settings.model_name}
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": gen.served_name(body.model)}
 
         def logprobs_of(tokens) -> dict[str, list] | None:
             return chat_logprobs(tokens, gen.token_text) if logprobs is not None else None

@@ -46,7 +46,7 @@ class CompletionService:
         job = await gen.job(body, body.prompt_list(), body.max_tokens, body.logprobs, body.echo, key_id,
                             await grammar_of(body))
         head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
-                "model": gen.settings.model_name}
+                "model": gen.served_name(body.model)}
         if not body.stream:
             await gen.collect(job, request, key_id)
             choices = [self.choice(job, i, body.echo, body.logprobs, c.tokens, "".join(c.text), True)

@@ -74,9 +74,14 @@ class Job:
 
 class GenerationService:
     def __init__(self, engine: ServingEngine, settings: ServeSettings, prompts: PromptEncoder,
-                 metrics: ServerMetrics):
+                 metrics: ServerMetrics, adapter_of: Callable[[str | None], str | None] = lambda model: None):
         self.engine, self.settings, self.prompts, self.metrics = engine, settings, prompts, metrics
+        self.adapter_of = adapter_of  # a request's `model` -> the LoRA adapter it names, or None (the base)
         self.token_limiter = RateLimiter(settings.tokens_per_minute)
+
+    def served_name(self, model: str | None) -> str:
+        """What a response's `model` says: the adapter the request named, else the base model."""
+        return self.adapter_of(model) or self.settings.model_name
 
     def token_text(self, token: int) -> str:
         return self.engine.tokenizer.decode([token])
@@ -90,6 +95,7 @@ class GenerationService:
         encoded = await self.prompts.encode(prompts)
         texts = [self.prompts.text(p) for p in prompts]
         requests = []
+        adapter = self.adapter_of(body.model)
         for ids in encoded:
             room = self.engine.context - len(ids)
             limit = room if max_tokens is None else min(max_tokens, room)
@@ -99,7 +105,8 @@ class GenerationService:
                                         top_k=max(body.top_k, 0), top_p=body.top_p,
                                         repetition_penalty=body.repetition_penalty, stop=stop, seed=seed)
                 requests.append(EngineRequest(ids, params, logprobs=logprobs,
-                                              prompt_logprobs=echo and logprobs is not None, grammar=grammar))
+                                              prompt_logprobs=echo and logprobs is not None, grammar=grammar,
+                                              adapter=adapter))
         cost = sum(len(r.prompt) + r.params.max_new_tokens for r in requests)
         job = Job(encoded, texts, requests, body.n, [Choice() for _ in requests], cost)
         if settings.tokens_per_minute and cost > settings.tokens_per_minute:
