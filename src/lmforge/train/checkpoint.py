@@ -91,7 +91,7 @@ def _save_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
             model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP)
             model_state.pop(_tied_alias(model), None)
         # Returns on every rank only once all ranks' files and rank 0's .metadata are written.
-        dcp.save({"model": model_state, "optimizer": optim_state},
+        dcp.save(_in_model_layout({"model": model_state, "optimizer": optim_state}, model, ctx),
                  storage_writer=dcp.FileSystemWriter(staging / SHARDS))
         if ctx.is_main:
             cfg = model.config
@@ -205,7 +205,7 @@ def _load_sharded(folder: Path, model: Transformer, optimizer: torch.optim.Optim
     alias = _tied_alias(model)
     wanted = {k: v for k, v in model_state.items() if k != alias}  # the tied head is the embedding: not read twice
     request = {"model": wanted, **({"optimizer": optim_state} if optimizer is not None else {})}
-    _dcp_load(request, shards, ctx, advice)
+    _dcp_load(_in_model_layout(request, model, ctx), shards, ctx, advice)
     if alias in model_state:
         wanted[alias] = wanted["tok_emb.weight"]
     set_state_dict(model, optimizers, model_state_dict=wanted, optim_state_dict=optim_state, options=options)
@@ -226,6 +226,16 @@ def _flattened(shards: Path) -> bool:
         return False
     groups = [k for k in keys if k.startswith("optimizer.param_groups.")]
     return bool(groups) and not any(k.split(".")[2].isdigit() for k in groups)
+
+
+def _in_model_layout(state: dict[str, Any], model: Transformer, ctx: DistContext) -> dict[str, Any]:
+    """`state` as DCP writes and reads it: under tensor parallelism the fused projections' rows at
+    their places in the model's own layout (`tensor_parallel.checkpoint_view`), so that every
+    layout writes the same checkpoint."""
+    from lmforge.train import tensor_parallel
+
+    tp = tensor_parallel.tp_size_of(ctx)
+    return tensor_parallel.checkpoint_view(state, model.config, tp) if tp > 1 else state
 
 
 def _tied_alias(model: Transformer) -> str | None:
