@@ -309,6 +309,23 @@ def evaluate(
                       f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits/byte{note}")
 
 
+def extract(
+    model: Annotated[Path, typer.Argument(help="A model directory trained to write triples (e.g. the relation-extraction recipe's).")],
+    input: Annotated[Path, typer.Option("--input", help="Documents, JSONL: one object a line with the text and an id.")],
+    out: Annotated[Path, typer.Option(help="The graph to write: NAME.jsonld (JSON-LD) or NAME.csv (source,relation,target,doc_id).")],
+    text_field: Annotated[str, typer.Option(help="The JSONL field holding the text.")] = "text",
+    id_field: Annotated[str, typer.Option(help="The JSONL field holding the document's id (else its line number).")] = "id",
+    template: Annotated[str, typer.Option(help="The prompt; {text} is replaced by the document.")] = "{text}\nTriples:",
+    constrained: Annotated[bool, typer.Option(help="Decode under the triples JSON schema (every finished output parses).")] = False,
+    max_tokens: Annotated[int, typer.Option(help="New tokens at most per document.")] = 96,
+    batch_size: Annotated[int, typer.Option(help="Documents decoded together.")] = 16,
+):
+    """Entity-relation triples from documents, as a knowledge graph (JSON-LD or a CSV edge list)."""
+    from lmforge.eval.extract import extract_command
+
+    extract_command(model, input, out, text_field, id_field, template, constrained, max_tokens, batch_size, console)
+
+
 def explain(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     prompt: Annotated[str, typer.Option(help="The text to explain (its predicted next token).")],
@@ -349,6 +366,7 @@ COMMANDS = [
     Verb("chat", chat, loads_model=True),
     Verb("serve", serve, loads_model=True),
     Verb("eval", evaluate, loads_model=True),
+    Verb("extract", extract, loads_model=True),
     Verb("explain", explain, loads_model=True),
     Verb("plot", plot),
     Verb("import", interop.import_),
