@@ -27,6 +27,7 @@ from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.interop import commands as interop
 from lmforge.train import commands as training
 from lmforge.train import predict
+from lmforge.train.estimate_command import estimate
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -375,6 +376,7 @@ COMMANDS = [
     Verb("encrypt", interop.encrypt),  # takes its own key options: the key to seal with
     Verb("decrypt", interop.decrypt),
     Verb("hpo", training.hpo, overrides=True),
+    Verb("estimate", estimate, overrides=True),
     Verb("quantize", compress.quantize, loads_model=True),
     Verb("prune", compress.prune, loads_model=True),
     Verb("distill", compress.distill, loads_model=True),
