@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections import Counter
@@ -15,8 +16,7 @@ from ray import serve
 from serve_helpers import KEY
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.ray_deploy import APP_NAME, REPLICA_HEADER, RayOptions, deploy
-from lmforge.serve.security import ApiKeys
+from lmforge.serve.ray_deploy import APP_NAME, REPLICA_HEADER, RayOptions
 from lmforge.serve.settings import ServeSettings
 
 REPLICA = REPLICA_HEADER.decode()
@@ -45,15 +45,37 @@ def running_replicas() -> set[str]:
     return ids if states.get("RUNNING", 0) == len(ids) else set()
 
 
+def start_cli_deployment(cli, model_dir, keys, port: int):
+    """`lmforge serve --ray` joining this process's Ray instance; returns the process once both replicas run."""
+    address = ray.get_runtime_context().gcs_address
+    proc = cli("serve", model_dir, "--ray", "--ray-address", address, "--replicas", "2", "--threads", "1",
+               "--port", port, "--api-key-file", keys, "--served-model-name", "tiny", "--max-batch", "4",
+               "--max-queue", "16", popen=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if len(running_replicas()) == 2 and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except (httpx.TransportError, KeyError):  # KeyError: the application is not there yet
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"lmforge serve --ray did not come up: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_two_replicas_share_requests_and_survive_a_killed_replica(tiny_model_dir):
+def test_two_replicas_share_requests_and_survive_a_killed_replica(cli, tiny_model_dir, tmp_path):
     started = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    proc = None
     try:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        settings = ServeSettings(model_name="tiny", api_keys=ApiKeys([KEY]), max_batch=4, max_queue=16)
-        deploy(tiny_model_dir, settings, RayOptions(replicas=2), "127.0.0.1", port, threads=1)
+        keys = tmp_path / "keys.txt"
+        keys.write_text(f"# API keys\n{KEY}\n")
+        proc = start_cli_deployment(cli, tiny_model_dir, keys, port)
+        assert KEY not in " ".join(map(str, proc.args))  # keys come from the file, never the command line
         deployed = time.monotonic()
 
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -87,9 +109,18 @@ def test_two_replicas_share_requests_and_survive_a_killed_replica(tiny_model_dir
             again = list(pool.map(lambda i: ask(client, QUESTIONS[i % 4]), range(16)))
         assert {replica for _, replica in again} == ids
         assert [text for text, _ in again] == [answers[i % 4][0] for i in range(16)]
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: lmforge deletes its application and leaves the cluster
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert "as 2 replicas on the Ray cluster at" in err and "taking the replicas down" in err
+        assert APP_NAME not in serve.status().applications
         print(f"deploy {deployed - started:.1f} s, replacement up {replaced - killed:.1f} s after the kill, "
               f"total {time.monotonic() - started:.1f} s; served {dict(served)}")
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
         serve.shutdown()
         ray.shutdown()
 
