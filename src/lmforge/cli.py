@@ -227,6 +227,7 @@ def serve(
     tokens_per_minute: Annotated[Optional[float], typer.Option(help="Per API key (prompt + max_tokens, reserved up front).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    max_embedding_inputs: Annotated[int, typer.Option(help="Inputs one /v1/embeddings, /v1/classify or /v1/tag request may hold.")] = 2048,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow this browser origin (repeatable; none by default).")] = None,
     allowed_hosts: Annotated[Optional[list[str]], typer.Option(help="Host names clients may use besides loopback ones (repeatable; * for any).")] = None,
     header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers to arrive.")] = 10.0,
@@ -260,7 +261,7 @@ def serve(
                adapter_root=adapter_root, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
-        "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "cors_origins": cors_origin or [],
+        "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "max_embedding_inputs": max_embedding_inputs, "cors_origins": cors_origin or [],
         "allowed_hosts": allowed_hosts or [], "header_timeout": header_timeout, "body_timeout": body_timeout,
         "keep_alive_timeout": keep_alive_timeout, "max_connections": max_connections,
         "native_decode": not reference_path, "prefix_cache_mb": prefix_cache_mb if prefix_cache else 0.0,

@@ -30,7 +30,7 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
     prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20)) if settings.prefix_cache_mb else None
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device))
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, [Path(model_dir)] + ([Path(adapter)] if adapter is not None else []))
     app.state.engine = engine
     registry = app.state.adapters
     registry.loaded = m
@@ -146,6 +146,9 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     print(f"decoding: {decode_path(app.state.engine)}", file=sys.stderr)
     for name in app.state.adapters.names():
         print(f"adapter {name}: {app.state.adapters.paths[name]} (requests with \"model\": \"{name}\")", file=sys.stderr)
+    heads = app.state.heads
+    print(f"embeddings: {app.state.embeddings.embedder.pooling} pooling at /v1/embeddings"
+          + (f"; a {heads.task} head at /v1/{heads.task}" if heads.task else ""), file=sys.stderr)
     cache = app.state.engine.prefix_cache
     print(f"prefix cache: {f'{config.prefix_cache_mb:g} MiB' if cache else 'off'}", file=sys.stderr)
     if app.state.engine.speculator is not None:
