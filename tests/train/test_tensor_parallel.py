@@ -141,3 +141,51 @@ def test_fine_tuning_is_refused_under_tp(tmp_path):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(LmforgeError, match="train.parallel tp shards pretraining only"):
         run.parallelize(model, TaskStep(None, model))
+
+
+FAMILIES = """
+import json, sys, torch, torch.distributed as dist, torch.nn.functional as F
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.train import tensor_parallel as tpm
+dist.init_process_group("gloo")
+world, out = dist.get_world_size(), {}
+for family in sys.argv[1].split(","):
+    cfg = ModelConfig(family=family, n_layer=2, d_model=32, n_head=4, context=16, vocab_size=64,
+                      **({} if family == "gpt2" else {"n_kv_head": 2}))
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    model = Transformer(cfg)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    ref_loss = F.cross_entropy(ref(x).flatten(0, 1), y.flatten())
+    ref_loss.backward()
+    tpm.parallelize(model, tpm.mesh_of(world, world, torch.device("cpu")))
+    with tpm.loss_context(True):
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+    grads = tpm.true_layout({n: p.grad.full_tensor() for n, p in model.named_parameters()}, cfg, world)
+    out[family] = {"loss": abs(loss.full_tensor().item() - ref_loss.item()),
+                   "grad": max((grads[n] - p.grad).abs().max().item() for n, p in ref.named_parameters()),
+                   "sharded": sorted({type(p).__name__ for p in model.parameters()})}
+if dist.get_rank() == 0:
+    print(json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+def test_families_split_as_one_process(tmp_path):
+    """Tied embeddings, biases and learned positions (gpt2), q/k/v biases (qwen2), per-head q/k
+    norms (qwen3: their gradients summed over the ranks' heads), soft-capping, post-norms and
+    sliding layers (gemma3): loss and every gradient equal one process's on 2 ranks."""
+    script = tmp_path / "families.py"
+    script.write_text(FAMILIES)
+    families = ["gpt2", "qwen2", "qwen3", "gemma3"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), ",".join(families)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(result) == sorted(families)
+    for family, r in result.items():
+        assert r["loss"] < TOL and r["grad"] < TOL, (family, r)
+        assert r["sharded"] == ["DTensor"], family  # every parameter on the mesh

@@ -174,9 +174,10 @@ def parallelize(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) 
 
 
 def _replicate_the_rest(model: nn.Module, tp_mesh) -> None:
-    """Norms, learned positions, q/k norms: replicated DTensors that compute on the full
-    (replicated) activations, so that every parameter lives on the mesh."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+    """Norms, learned positions, q/k norms: replicated DTensors, so that every parameter lives on
+    the mesh. They compute on the full (replicated) activations, except the q/k norms, which see
+    this rank's heads only: declared sharded over heads, their gradients are summed over ranks."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
     def partition(name: str, module: nn.Module, mesh) -> None:
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -184,17 +185,21 @@ def _replicate_the_rest(model: nn.Module, tp_mesh) -> None:
                 module.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]),
                                                               requires_grad=p.requires_grad))
 
-    def to_dtensor(module, inputs, mesh):
-        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) if isinstance(x, torch.Tensor)
-                     else x for x in inputs)
+    def as_dtensor(placement):
+        def to_dtensor(module, inputs, mesh):
+            return tuple(DTensor.from_local(x, mesh, [placement], run_check=False) if isinstance(x, torch.Tensor)
+                         else x for x in inputs)
+        return to_dtensor
 
     def to_local(module, output, mesh):
         return output.to_local() if isinstance(output, DTensor) else output
 
+    heads_of = {id(m) for block in model.blocks for m in (block.attn.q_norm, block.attn.k_norm) if m is not None}
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if own and not any(isinstance(p, DTensor) for p in own):
-            distribute_module(module, tp_mesh, partition, to_dtensor, to_local)
+            layout = Shard(2) if id(module) in heads_of else Replicate()  # (B, T, heads, dim)
+            distribute_module(module, tp_mesh, partition, as_dtensor(layout), to_local)
 
 
 def loss_context(active: bool):
