@@ -109,6 +109,7 @@ def tc(parallel: str, **keys) -> TrainConfig:
     ("tp", 4, {"tp_size": 2}, "train.parallel tp splits the model over all 4 processes, but train.tp_size is 2"),
     ("fsdp+tp", 4, {"tp_size": 3}, "train.tp_size 3 does not divide the 4 processes"),
     ("fsdp+tp", 8, {"tp_size": 2, "batch_size": 6}, "train.batch_size 6 does not split over 4 data-parallel groups"),
+    ("fsdp+tp", 4, {"tp_size": 2, "batch_size": 3}, "train.batch_size 3 does not split over 2 data-parallel groups"),
     ("tp", 2, {"loss_chunk": 64}, "train.loss_chunk is not used with tensor parallelism"),
 ])
 def test_bad_layouts_are_one_line(parallel, world, keys, message):
@@ -122,6 +123,8 @@ def test_grid_rows():
     assert (ctx.tp_size, ctx.dp_rank, ctx.rows(8)) == (2, 1, slice(4, 8))  # ranks 2, 3: the second half
     ctx = tensor_parallel.tensor_parallel_context(DistContext(1, 2, 1, "tp"), tc("tp"))
     assert ctx.rows(8) == slice(0, 8)  # tp: every rank the whole batch
+    ctx = tensor_parallel.tensor_parallel_context(DistContext(1, 4, 1, "tp"), tc("tp", batch_size=1))
+    assert ctx.rows(1) == slice(0, 1)  # a batch smaller than the processes is fine: it is not split
 
 
 @pytest.mark.parametrize("model,message", [

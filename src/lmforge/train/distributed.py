@@ -114,7 +114,7 @@ def setup(strategy: str, batch_size: int, device_name: str) -> tuple[DistContext
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistContext(), single_device(device_name)
-    if batch_size % world:
+    if batch_size % world and strategy not in ("tp", "fsdp+tp"):  # those split it over the dp groups (checked there)
         raise LmforgeError(f"train.batch_size {batch_size} is not divisible by the {world} processes; "
                            f"use a multiple of {world}")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
