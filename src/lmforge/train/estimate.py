@@ -139,18 +139,19 @@ def block_bytes_per_token(cfg: ModelConfig, p: Precision, tp: int = 1) -> float:
     # only its input), and the next matmul's input in the compute dtype
     normalized = 0 if cfg.family == "gpt2" else FP32 * d
     norms = 2 * (FP32 * d + normalized + a * d + norm_rows)
-    # q/k/v: the fused projection's output (v is a view of it and keeps it), plus the rotated
-    # (and q/k-normed) q and k that SDPA saves in the compute dtype
-    attn = a * (h + 2 * kv) * dh
-    if cfg.uses_rope:
-        attn += a * (h + kv) * dh
+    if cfg.attn_softcap is None:
+        # SDPA's fused kernel saves q, k and v (v is a view of the fused projection's output and
+        # keeps all of it; q and k are rotated copies), its output (which the projection reads)
+        # and the log-sum-exp rows
+        attn = a * (h + 2 * kv) * dh + (a * (h + kv) * dh if cfg.uses_rope else 0) + a * h * dh + FP32 * h
+    else:
+        # written out (soft-capped scores): q, the repeated k and v, the capped scores, the fp32
+        # softmax (and its low-precision cast), the output; without repetition v keeps the projection
+        T = cfg.context
+        attn = (a * (h + 2 * kv) * dh if h == kv else 0) + 4 * a * h * dh
+        attn += a * h * T + FP32 * h * T + (a * h * T if p.autocast else 0)
     if cfg.has_qk_norm:  # per head: fp32 normalized rows (+ their low-precision copy), rsqrt
         attn += (FP32 + (a if p.autocast else 0)) * (h + kv) * dh + FP32 * (h + kv)
-    if cfg.attn_softcap is not None:  # written out: repeated k/v, the capped scores, softmax, its cast
-        T = cfg.context
-        attn += 2 * a * h * dh + a * h * T + FP32 * h * T + (a * h * T if p.autocast else 0) + a * h * dh
-    else:  # SDPA's fused kernel: the output (which the projection reads) and the log-sum-exp rows
-        attn += a * h * dh + FP32 * h
     if cfg.post_norms:  # an RMSNorm on what attention and the MLP add: their output, fp32 rows, rsqrt
         attn += 2 * (FP32 * d + (a if p.autocast else FP32) * d + 4)
     return norms + attn + mlp_bytes_per_token(cfg, p, tp)
@@ -277,7 +278,7 @@ class Estimator:
         if nproc % (s["tp"] * s["pp"]):
             return f"{nproc} processes are not a multiple of tp {s['tp']} x pp {s['pp']}"
         if layout in ("fsdp+tp", "fsdp+pp") and s["dp"] < 2:
-            return f"needs at least 2 x {s['tp'] * s['pp']} processes"
+            return f"needs {2 * s['tp'] * s['pp']}+ processes"
         if s["tp"] > 1 and (cfg.n_head % s["tp"] or cfg.kv_heads % s["tp"]):
             return f"{cfg.n_head} heads / {cfg.kv_heads} kv heads do not split {s['tp']} ways"
         if s["pp"] > cfg.n_layer:

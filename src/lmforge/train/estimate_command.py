@@ -61,7 +61,7 @@ def print_report(report: dict[str, Any]) -> None:
     rows = report["layouts"]
     table = Table(title=f"memory per rank at {report['nproc']} process{'es' if report['nproc'] > 1 else ''}, "
                         f"budget {gib(report['memory_budget'])}")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for row in rows:
         table.add_column(row["layout"] + ("" if row["wired"] else "\n(not wired yet)"), justify="right")
     lines: dict[str, list[str]] = {}
@@ -76,22 +76,24 @@ def print_report(report: dict[str, Any]) -> None:
         s, m, c, sug = row["sizes"], row["memory"], row["memory_checkpointed"], row["suggestion"]
         sizes = " ".join(f"{k} {s[k]}" for k in ("dp", "tp", "pp") if s[k] > 1 or k == "dp")
         cell("layout", row, sizes + (f" m {s['microbatches']}" if s["pp"] > 1 else ""))
-        cell("rows per microbatch", row, f"{row['rows_per_rank']:g}")
-        for name, key in (("weights", "weights"), ("gradients", "gradients"), ("AdamW state", "optimizer"),
+        cell("rows/microbatch", row, f"{row['rows_per_rank']:g}")
+        for name, key in (("weights", "weights"), ("gradients", "gradients"), ("AdamW", "optimizer"),
                           ("extra", "extra"), ("activations", "activations"), ("total", "total")):
             cell(name, row, gib(m[key]))
-        cell("activations, checkpointed", row, gib(c["activations"]))
-        cell("total, checkpointed", row, gib(c["total"]))
-        cell("tokens/s (scaled probe)", row, f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "-")
+        cell("ckpt: activations", row, gib(c["activations"]))
+        cell("ckpt: total", row, gib(c["total"]))
+        cell("tokens/s", row, f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "-")
         if sug["batch_size"]:
-            ckpt = " + act. ckpt" if sug["activation_checkpointing"] and not report["recipe"]["activation_checkpointing"] else ""
-            cell("fits: batch_size x grad_accum", row, f"{sug['batch_size']} x {sug['grad_accum']}{ckpt}")
-            cell("largest batch_size", row, f"{sug['largest_batch_size']:,}")
+            ckpt = " ckpt" if sug["activation_checkpointing"] and not report["recipe"]["activation_checkpointing"] else ""
+            cell("batch x accum", row, f"{sug['batch_size']} x {sug['grad_accum']}{ckpt}")
+            cell("largest batch", row, f"{sug['largest_batch_size']:,}")
         else:
-            cell("fits: batch_size x grad_accum", row, "[red]nothing fits[/]")
+            cell("batch x accum", row, "[red]nothing fits[/]")
     for name, cells in lines.items():
         table.add_row(name, *cells)
     console.print(table)
+    console.print("ckpt: with train.activation_checkpointing. batch x accum: the largest train.batch_size (and "
+                  "train.grad_accum for the recipe's rows per optimizer step) that fits the budget.", highlight=False)
     probe = report["probe"]
     if probe:
         console.print(f"probe: {probe['tokens_per_s']:,.0f} tokens/s on 1 process ({probe['device']}, "
