@@ -10,10 +10,10 @@ matmul of S-LoRA and Punica). In the native decoder the update is decode.c's
 `lora_update`; on the PyTorch path (long prompts' prefill, echo, --reference-path) forward
 hooks on the block linears add it (`rows_with_adapters`).
 
-An adapter is kept as one (A, B) pair per linear it updates: A (R, in) stacks the rank-r A
-matrices of the linear's targeted slices (R = r * slices), B (out, R) places each slice's B at
-its rows, zeros elsewhere, with the scaling folded in. B's zeros cost a few multiplications
-per row and let one dense pair serve any mix of targeted modules and ranks.
+An adapter is kept as one `LoraUpdate` per linear it updates: the A matrices of the linear's
+targeted slices stacked (one matmul makes every slice's A x) and each slice's B^T, the
+scaling folded in. B^T rows are contiguous runs of the slice's output rows, so the update adds
+whole rows of it to the output; any mix of targeted modules and ranks works.
 """
 
 from __future__ import annotations
@@ -29,35 +29,52 @@ import torch.nn as nn
 _keys = itertools.count()
 
 
+@dataclass
+class LoraUpdate:
+    """One adapter's update of one linear: output rows cols[s, 0] .. + cols[s, 1] - 1 (slice s)
+    gain (A_s x) @ B_s^T. `a` (S * r, in) stacks the A_s; `bt` holds the B_s^T (r, rows) one
+    after the other, flat."""
+
+    r: int
+    a: torch.Tensor
+    bt: torch.Tensor
+    cols: torch.Tensor  # (S, 2) int32: first row and row count of each slice
+
+    def slices(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(first row, rows, B_s^T) per slice."""
+        out, at = [], 0
+        for start, size in self.cols.tolist():
+            out.append((start, size, self.bt[at:at + self.r * size].view(self.r, size)))
+            at += self.r * size
+        return out
+
+
 @dataclass(eq=False)
 class LoraAdapter:
-    """One adapter ready to decode with: its served name and {linear name: (A, B)}."""
+    """One adapter ready to decode with: its served name and {linear name: its update}."""
 
     name: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layers: dict[str, LoraUpdate]
     key: int = field(default_factory=lambda: next(_keys))  # unique per load: keys its prompts' cached KV
     users: int = 0  # sequences submitted with it and not finished (the engine counts them)
     removed: bool = False  # unloaded: no new requests; dropped once `users` is 0
 
     @property
     def rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.layers.values())
+        return max(u.r for u in self.layers.values())
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers.values())
+        return sum(u.a.numel() * 4 + u.bt.numel() * 4 for u in self.layers.values())
 
 
-def dense_pair(out_features: int, slices: list[tuple[int, int]], a: list[torch.Tensor], b: list[torch.Tensor],
-               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One linear's (A (R, in), B (out, R)) from its targeted slices: slices[i] = (first row,
-    rows), a[i] (r, in) and b[i] (rows, r) that slice's matrices."""
-    r = a[0].shape[0]
-    big_a = torch.cat([m.float() for m in a]).contiguous()
-    big_b = torch.zeros(out_features, r * len(slices))
-    for i, (start, size) in enumerate(slices):
-        big_b[start:start + size, i * r:(i + 1) * r] = b[i].float() * scaling
-    return big_a, big_b.contiguous()
+def lora_update(slices: list[tuple[int, int]], a: list[torch.Tensor], b: list[torch.Tensor],
+                scaling: float) -> LoraUpdate:
+    """One linear's update from its targeted slices: slices[i] = (first row, rows), a[i] (r, in)
+    and b[i] (rows, r) that slice's matrices."""
+    return LoraUpdate(a[0].shape[0], torch.cat([m.float() for m in a]).contiguous(),
+                      torch.cat([(m.float() * scaling).t().reshape(-1) for m in b]).contiguous(),
+                      torch.tensor(slices, dtype=torch.int32).reshape(-1, 2).contiguous())
 
 
 def _groups(adapters: list[LoraAdapter | None]) -> list[tuple[LoraAdapter, torch.Tensor]]:
@@ -82,13 +99,17 @@ def rows_with_adapters(model: nn.Module, adapters: list[LoraAdapter | None]) -> 
         def add_updates(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             for adapter, rows in groups:
-                pair = adapter.layers.get(name)
-                if pair is not None:
-                    a, b = pair
-                    if len(rows) == x.shape[0]:
-                        out = out + (x @ a.t().to(x.dtype)) @ b.t().to(x.dtype)
+                update = adapter.layers.get(name)
+                if update is None:
+                    continue
+                whole = len(rows) == x.shape[0]
+                h = (x if whole else x[rows]) @ update.a.t().to(x.dtype)
+                for s, (start, size, bt) in enumerate(update.slices()):
+                    delta = h[..., s * update.r:(s + 1) * update.r] @ bt.to(x.dtype)
+                    if whole:
+                        out[..., start:start + size] += delta
                     else:
-                        out[rows] += (x[rows] @ a.t().to(x.dtype)) @ b.t().to(x.dtype)
+                        out[rows, ..., start:start + size] += delta
             return out
         return add_updates
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from lmforge import native
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
+from lmforge.infer.lora_batch import LoraUpdate
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import soft_cap
@@ -124,20 +125,20 @@ class NativeDecoder:
         self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
         self._lora: list = []  # each layer's table of LoRA updates (set_adapters) and the tensors it points at
 
-    def set_adapters(self, adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    def set_adapters(self, adapters: list[dict[str, LoraUpdate]]) -> None:
         """The LoRA adapters that `step`'s `adapters` index: adapters[i] maps a block linear's
-        name (`blocks.0.attn.qkv`) to its (A (R, in), B (out, R)) fp32 pair, the adapter's
-        scaling folded into B (`lmforge.infer.lora_batch`); linears it does not name it leaves alone."""
+        name (`blocks.0.attn.qkv`) to its update (`lmforge.infer.lora_batch.LoraUpdate`); linears
+        it does not name it leaves alone."""
         keep: list[torch.Tensor] = []
         tables = []
         for i in range(self.spec.n_layer):
             table = (abi.Lora * (len(adapters) * len(abi.LORA_LINEARS)))()
             for a, adapter in enumerate(adapters):
                 for j, linear in enumerate(abi.LORA_LINEARS):
-                    pair = adapter.get(f"blocks.{i}.{'attn' if linear in ('qkv', 'proj') else 'mlp'}.{linear}")
-                    if pair is not None:
-                        A, B = (_tensor(t, keep) for t in pair)
-                        table[a * len(abi.LORA_LINEARS) + j] = abi.Lora(pair[0].shape[0], A, B)
+                    u = adapter.get(f"blocks.{i}.{'attn' if linear in ('qkv', 'proj') else 'mlp'}.{linear}")
+                    if u is not None:
+                        table[a * len(abi.LORA_LINEARS) + j] = abi.Lora(u.r, len(u.cols), _tensor(u.a, keep),
+                                                                        _tensor(u.bt, keep), _tensor(u.cols, keep))
             tables.append(table)
         for i, table in enumerate(tables):
             self._layers[i].lora = ctypes.addressof(table) if adapters else None

@@ -280,6 +280,14 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* y += alpha * x over n floats. */
+static inline void axpy(float alpha, const float *x, float *y, int n) {
+    const __m256 a = _mm256_set1_ps(alpha);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
 /* y[b] += B (A x[b]) for each row b that decodes with an adapter updating this linear (`which`
  * of LORA_*; x (B, K), y (B, N)). One item per adapter: rows are grouped by adapter, so each
  * adapter's A and B are read once for all of its rows (a segmented LoRA matmul, as S-LoRA and
@@ -290,17 +298,21 @@ static void lora_update(const Model *m, const Layer *L, int which, int N, int K,
         const int lo = ws->lora_offset[a], hi = ws->lora_offset[a + 1];
         const Lora *P = &L->lora[(size_t)a * LORA_LINEARS + which];
         if (lo == hi || P->rank == 0) continue;
-        const int R = P->rank;
+        const int R = P->rank * P->slices;
         for (int j = 0; j < R; j++) /* the shrink: each row of A against every row's input */
             for (int i = lo; i < hi; i++) {
                 const int b = ws->lora_order[i];
                 ws->lora_t[(size_t)b * ws->lora_rank + j] = dot(P->a + (size_t)j * K, x + (size_t)b * K, K);
             }
-        for (int n = 0; n < N; n++) /* the expand: each row of B against every row's A x */
-            for (int i = lo; i < hi; i++) {
-                const int b = ws->lora_order[i];
-                y[(size_t)b * N + n] += dot(P->b + (size_t)n * R, ws->lora_t + (size_t)b * ws->lora_rank, R);
-            }
+        const float *bt = P->bt;
+        for (int s = 0; s < P->slices; s++) { /* the expand: each row of B_s^T, scaled by every row's (A x)[j] */
+            const int start = P->cols[2 * s], size = P->cols[2 * s + 1];
+            for (int j = s * P->rank; j < (s + 1) * P->rank; j++, bt += size)
+                for (int i = lo; i < hi; i++) {
+                    const int b = ws->lora_order[i];
+                    axpy(ws->lora_t[(size_t)b * ws->lora_rank + j], bt, y + (size_t)b * N + start, size);
+                }
+        }
     }
 }
 
@@ -571,7 +583,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
         if (r->adapter[b] >= 0 && r->adapter[b] < A) ws.lora_order[next[r->adapter[b]]++] = b;
     for (int l = 0; lora && l < m->n_layer; l++)
         for (int i = 0; m->layers[l].lora && i < A * LORA_LINEARS; i++)
-            ws.lora_rank = max_int(ws.lora_rank, m->layers[l].lora[i].rank);
+            ws.lora_rank = max_int(ws.lora_rank, m->layers[l].lora[i].rank * m->layers[l].lora[i].slices);
     ws.lora_t = malloc(sizeof(float) * (size_t)B * ws.lora_rank);
     const int team_size = threads > 0 ? threads : omp_get_max_threads();
     /* at most: every matmul quantized, some logits rows wanted; a mixture of experts adds the
@@ -756,7 +768,7 @@ static const Entry LAYOUT[] = {
     FIELD(Layer, post_attn_w), FIELD(Layer, post_mlp_w), FIELD(Layer, rope_cos), FIELD(Layer, rope_sin),
     FIELD(Layer, window), FIELD(Layer, lora),
 
-    SIZE(Lora), FIELD(Lora, rank), FIELD(Lora, a), FIELD(Lora, b),
+    SIZE(Lora), FIELD(Lora, rank), FIELD(Lora, slices), FIELD(Lora, a), FIELD(Lora, bt), FIELD(Lora, cols),
 
     SIZE(Model), FIELD(Model, n_layer), FIELD(Model, d_model), FIELD(Model, n_head), FIELD(Model, n_kv),
     FIELD(Model, head_dim), FIELD(Model, ffn), FIELD(Model, vocab), FIELD(Model, capacity),

@@ -19,13 +19,15 @@ typedef struct {
     const float *bias;   /* (N,) or NULL */
 } Linear;
 
-/* One LoRA adapter's update of one linear (N, K): y[b] += b @ (a @ x[b]) for the rows that
- * decode with that adapter (the adapter's slices of the output rows laid out densely, its
- * scaling folded into b). rank 0: the adapter leaves this linear alone. */
+/* One LoRA adapter's update of one linear (N, K), for the rows that decode with that adapter:
+ * each of its slices s (output rows cols[2s] .. cols[2s] + cols[2s+1] - 1; q, k and v are three
+ * slices of the fused qkv) adds (A_s x[b]) @ B_s^T to those rows, the adapter's scaling folded
+ * into B. rank 0: the adapter leaves this linear alone. */
 typedef struct {
-    int rank;       /* R */
-    const float *a; /* (R, K) */
-    const float *b; /* (N, R) */
+    int rank, slices; /* r, S */
+    const float *a;   /* (S * r, K): the slices' A matrices, stacked */
+    const float *bt;  /* each slice's B^T (r, its rows) after the other's: the update adds whole rows of it */
+    const int *cols;  /* (S, 2): each slice's first output row and row count */
 } Lora;
 
 enum { LORA_QKV, LORA_PROJ, LORA_UP, LORA_DOWN, LORA_LINEARS }; /* a layer's linears that adapters update */

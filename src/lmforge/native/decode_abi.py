@@ -23,7 +23,7 @@ class Linear(ctypes.Structure):
 
 
 class Lora(ctypes.Structure):
-    _fields_ = [("rank", c_int), ("a", c_void_p), ("b", c_void_p)]
+    _fields_ = [("rank", c_int), ("slices", c_int), ("a", c_void_p), ("bt", c_void_p), ("cols", c_void_p)]
 
 
 LORA_LINEARS = ("qkv", "proj", "up", "down")  # a Layer's lora table: this order per adapter (decode.h's LORA_*)

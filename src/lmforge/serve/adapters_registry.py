@@ -16,7 +16,7 @@ from pathlib import Path
 from lmforge.adapters import adapter_matrices
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
-from lmforge.infer.lora_batch import LoraAdapter, dense_pair
+from lmforge.infer.lora_batch import LoraAdapter, lora_update
 from lmforge.loaded import LoadedModel
 from lmforge.model.lora import lora_scaling
 
@@ -65,7 +65,6 @@ class AdapterRegistry:
             raise AdapterError(f"the name {name!r} is taken: unload that adapter first or choose another", 409)
         if not Path(path).is_dir():
             raise AdapterError(f"adapter path {path} is not a directory")
-        model = self.loaded.model
         try:
             config, slices, pairs = adapter_matrices(self.loaded, path)
         except LmforgeError:
@@ -77,9 +76,8 @@ class AdapterRegistry:
         by_linear: dict[str, list] = {}
         for s in slices:
             by_linear.setdefault(s.linear, []).append(s)
-        layers = {linear: dense_pair(model.get_submodule(linear).out_features, [(s.start, s.size) for s in own],
-                                     [pairs[s.hf_module]["lora_A"] for s in own],
-                                     [pairs[s.hf_module]["lora_B"] for s in own], scaling)
+        layers = {linear: lora_update([(s.start, s.size) for s in own], [pairs[s.hf_module]["lora_A"] for s in own],
+                                      [pairs[s.hf_module]["lora_B"] for s in own], scaling)
                   for linear, own in by_linear.items()}
         return LoraAdapter(name, layers)
 
