@@ -1,7 +1,8 @@
-"""Pipeline parallelism on CPU processes (gloo): `train.parallel pp` (GPipe, 1F1B) on 2 processes and
-`fsdp+pp` on 4 (2 pipelines x 2 stages) train to one process's losses and weights on the same global
-batch; their checkpoints hold each stage's tensors under the full model's names and reshard to and
-from one process, DDP and FSDP+PP with identical continuation; what a pipeline cannot run is one line."""
+"""Pipeline parallelism on CPU processes (gloo): `train.parallel pp` (GPipe, 1F1B, interleaved 1F1B)
+on 2 processes and `fsdp+pp` on 4 (2 pipelines x 2 stages) train to one process's losses and weights
+on the same global batch; their checkpoints hold each stage's tensors under the full model's names
+and reshard to and from one process, DDP and FSDP+PP with identical continuation; what a pipeline
+cannot run is one line."""
 
 from __future__ import annotations
 
@@ -70,19 +71,22 @@ def single(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_two_stage_pipeline_equals_one_process(single, schedule):
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_two_process_pipeline_equals_one_process(single, schedule):
     name = f"pp-{schedule}"
     torchrun(single, overrides(single, name, "pp", pp_schedule=schedule))
     assert_same_training(single, name)
-    # Each stage wrote its own blocks under the full model's names; the tied output layer is the
-    # embedding (stage 0's), written once.
+    # Each process wrote its own blocks under the full model's names (interleaved: 4 stages of one
+    # block, process 0 runs stages 0 and 2); the tied output layer is the embedding (stage 0's), written once.
     meta = FileSystemReader(latest(single, name) / "dcp").read_metadata()
     files: dict[str, set[str]] = {}
     for index, info in meta.storage_data.items():
         files.setdefault(index.fqn, set()).add(info.relative_path)
-    assert files["model.tok_emb.weight"] == files["model.blocks.1.attn.qkv.weight"] == {"__0_0.distcp"}
-    assert files["model.blocks.2.attn.qkv.weight"] == files["model.norm_f.weight"] == {"__1_0.distcp"}
+    first, second = ([0, 2], [1, 3]) if schedule == "interleaved" else ([0, 1], [2, 3])
+    assert files["model.tok_emb.weight"] == {"__0_0.distcp"}
+    assert all(files[f"model.blocks.{i}.attn.qkv.weight"] == {"__0_0.distcp"} for i in first)
+    assert all(files[f"model.blocks.{i}.attn.qkv.weight"] == {"__1_0.distcp"} for i in second)
+    assert files["model.norm_f.weight"] == {"__1_0.distcp"}
     assert "model.lm_head.weight" not in files and "optimizer.state.lm_head.weight.exp_avg" not in files
 
 
@@ -140,12 +144,19 @@ def test_what_a_pipeline_cannot_run_is_one_line(make_model, tmp_path):
     assert "does not divide the 6 processes" in refusal(lambda: context(6, parallel="fsdp+pp", pp_size=4))
     assert "one pipeline of all 4 processes" in refusal(lambda: context(4, pp_size=2))
     assert "use a multiple of 8" in refusal(lambda: context(4, parallel="fsdp+pp", pp_microbatches=4, batch_size=12))
-    assert "not available yet; use 1f1b or gpipe" in refusal(lambda: context(2, pp_schedule="interleaved"))
+    assert "interleaved runs under train.parallel pp only" in refusal(
+        lambda: context(4, parallel="fsdp+pp", pp_schedule="interleaved"))
+    assert "does not suit the interleaved schedule" in refusal(
+        lambda: context(2, pp_schedule="interleaved", pp_microbatches=5, batch_size=10))
 
     tc = TrainConfig(batch_size=8, parallel="pp")
     four_stages = context(4)
-    assert "fewer than the 4 pipeline stages" in refusal(
+    assert "fewer than the 4 pipeline stages (4 processes x 1)" in refusal(
         lambda: pipeline_parallel.Pipeline(make_model(n_layer=2), tc, four_stages, torch.device("cpu")))
+
+    interleaved = TrainConfig(batch_size=8, parallel="pp", pp_schedule="interleaved")
+    assert "fewer than the 4 pipeline stages (2 processes x 2)" in refusal(
+        lambda: pipeline_parallel.Pipeline(make_model(n_layer=3), interleaved, context(2), torch.device("cpu")))
 
     from lmforge.train.run import Run, TaskStep
 

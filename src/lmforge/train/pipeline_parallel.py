@@ -10,8 +10,9 @@ it drops is freed; what it keeps keeps its full-model name (`blocks.5.attn.qkv.w
 its optimizer and checkpoint (DCP, each stage its own tensors) are named as one process's
 and a checkpoint written under any layout loads under any other.
 
-A step runs one `torch.distributed.pipelining` schedule (GPipe or 1F1B) over the pipeline's
-rows of the global batch, split into `train.pp_microbatches` microbatches. The loss of a
+A step runs one `torch.distributed.pipelining` schedule (GPipe, 1F1B, or interleaved 1F1B, where
+each process runs two stages, p and p + pp_size, to shrink the pipeline's idle bubble) over the
+pipeline's rows of the global batch, split into `train.pp_microbatches` microbatches. The loss of a
 microbatch is its summed cross-entropy over the number of tokens of the pipeline's rows, so the
 microbatch losses add up to the rows' mean, as the plain loop computes it, and the gradients
 to its gradients (FSDP then averages over the dp groups, as DDP does). With tied embeddings the
@@ -42,7 +43,7 @@ from lmforge.train.distributed import DistContext
 from lmforge.train.losses import chunked_cross_entropy
 
 LAYOUTS = ("pp", "fsdp+pp")
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
 
 @dataclass
@@ -75,8 +76,9 @@ def pipeline_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
     processes, the batch and the microbatches divide as the layout needs."""
     if not ctx.active:
         return ctx
-    if tc.pp_schedule not in SCHEDULES:
-        raise LmforgeError(f"train.pp_schedule {tc.pp_schedule} is not available yet; use 1f1b or gpipe")
+    if tc.pp_schedule == "interleaved" and tc.parallel != "pp":
+        raise LmforgeError(f"train.pp_schedule interleaved runs under train.parallel pp only; use 1f1b or gpipe "
+                           f"with {tc.parallel}")
     pp = tc.pp_size or (ctx.world if tc.parallel == "pp" else 2)
     if tc.parallel == "pp" and pp != ctx.world:
         raise LmforgeError(f"train.parallel pp makes one pipeline of all {ctx.world} processes, but train.pp_size "
@@ -89,6 +91,10 @@ def pipeline_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
     if tc.batch_size % (dp * micro):
         raise LmforgeError(f"train.batch_size {tc.batch_size} does not split into {dp} pipeline(s) x {micro} "
                            f"microbatches; use a multiple of {dp * micro} (or set train.pp_microbatches)")
+    rounds = max(1, micro // pp)
+    if tc.pp_schedule == "interleaved" and micro % rounds:
+        raise LmforgeError(f"train.pp_microbatches {micro} does not suit the interleaved schedule on {pp} stages: "
+                           f"use a multiple of {pp}, or fewer than {2 * pp}")
     return PipelineContext(ctx.rank, ctx.world, ctx.local_rank, ctx.strategy, pp_size=pp, microbatches=micro)
 
 
@@ -99,37 +105,53 @@ def stage_layers(n_layer: int, stages: int, stage: int) -> range:
     return range(start, start + per + (stage < extra))
 
 
-def keep_stage(model: Transformer, stage: int, stages: int) -> Transformer:
-    """Reduce `model`, in place, to what `stage` of `stages` computes, names unchanged; its
-    `forward` then maps the stage's input (token ids on stage 0, else hidden states) to its
-    output (hidden states; on the last stage the final normalized ones)."""
-    layers = stage_layers(model.config.n_layer, stages, stage)
-    model.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
-    if stage > 0:
+def keep_stages(model: Transformer, stages: list[int], n_stages: int) -> list[nn.Module]:
+    """Reduce `model`, in place, to what its `stages` (of `n_stages`) compute, names unchanged, and
+    return one module per stage mapping its input (token ids on stage 0, else hidden states) to
+    its output (hidden states; on the last stage the final normalized ones). With one stage that
+    module is `model` itself, whose own `forward` becomes the stage's."""
+    layers = [stage_layers(model.config.n_layer, n_stages, s) for s in stages]
+    model.blocks = nn.ModuleDict({str(i): model.blocks[i] for part in layers for i in part})
+    if 0 not in stages:
         model.tok_emb = None
         model.pos_emb = None
-    if stage < stages - 1:
+    if n_stages - 1 not in stages:
         model.norm_f = None
         model.lm_head = None
-    model.forward = _StageForward(model)  # the instance's own forward: the class's stays the whole model's
-    return model
+    runs = [_StageForward(model, part, s == 0, s == n_stages - 1) for s, part in zip(stages, layers)]
+    if len(runs) == 1:
+        model.forward = runs[0]  # the instance's own forward: the class's stays the whole model's
+        return [model]
+    return [_Chunk(model, run) for run in runs]
 
 
 class _StageForward:
-    """The forward of a stage-reduced model (not a module: the model owns every parameter)."""
+    """The forward of one stage of a stage-reduced model (not a module: the model owns the parameters)."""
 
-    def __init__(self, model: Transformer):
-        self.model = model
+    def __init__(self, model: Transformer, layers: range, first: bool, last: bool):
+        self.model, self.layers, self.first, self.last = model, layers, first, last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if m.tok_emb is not None:
+        if self.first:
             x = m.drop(m.embed(x))
         T = x.shape[1]
-        for key, block in m.blocks.items():
-            rope, mask, is_causal = m.layer_inputs(int(key), T, x.dtype, x.device)
-            x = block(x, rope, None, int(key), mask, is_causal)
-        return x if m.norm_f is None else m.norm_f(x)
+        for i in self.layers:
+            rope, mask, is_causal = m.layer_inputs(i, T, x.dtype, x.device)
+            x = m.blocks[str(i)](x, rope, None, i, mask, is_causal)
+        return m.norm_f(x) if self.last else x
+
+
+class _Chunk(nn.Module):
+    """One of several stages a process runs (interleaved schedules): its blocks, and its forward."""
+
+    def __init__(self, model: Transformer, run: _StageForward):
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in run.layers})
+        self.run = run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
 
 
 def tied_copy(model: Transformer) -> bool:
@@ -146,14 +168,17 @@ class Pipeline:
         from torch.distributed import pipelining
         from torch.distributed.device_mesh import init_device_mesh
 
-        n_layer = model.config.n_layer
-        if n_layer < ctx.pp_size:
-            raise LmforgeError(f"model.n_layer {n_layer} is fewer than the {ctx.pp_size} pipeline stages; "
-                               f"use train.pp_size {n_layer} or less, or a deeper model")
+        n_layer, per_process = model.config.n_layer, (2 if tc.pp_schedule == "interleaved" else 1)
+        self.n_stages = ctx.pp_size * per_process
+        if n_layer < self.n_stages:
+            raise LmforgeError(f"model.n_layer {n_layer} is fewer than the {self.n_stages} pipeline stages "
+                               f"({ctx.pp_size} processes x {per_process}); use fewer stages or a deeper model")
         self.model, self.tc, self.ctx, self.device = model, tc, ctx, device
         mesh = init_device_mesh(device.type, (ctx.dp_world, ctx.pp_size), mesh_dim_names=("dp", "pp"))
-        self.first, self.last = ctx.stage == 0, ctx.stage == ctx.pp_size - 1
-        keep_stage(model, ctx.stage, ctx.pp_size)
+        # Process p runs stages p, p + pp_size, ... (the schedules' "loop" placement).
+        self.stages = [ctx.stage + k * ctx.pp_size for k in range(per_process)]
+        self.first, self.last = 0 in self.stages, self.n_stages - 1 in self.stages
+        self.parts = keep_stages(model, self.stages, self.n_stages)
         self.tied = model.config.tie_embeddings
         # One group per pipeline joins its first and last stage, whose embedding copies are summed.
         self.tie_group = None
@@ -169,9 +194,11 @@ class Pipeline:
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
         self.pp_group = mesh["pp"].get_group()
-        stage = pipelining.PipelineStage(model, ctx.stage, ctx.pp_size, device, group=self.pp_group)
+        stages = [pipelining.PipelineStage(part, s, self.n_stages, device, group=self.pp_group)
+                  for part, s in zip(self.parts, self.stages)]
         schedule = getattr(pipelining, SCHEDULES[tc.pp_schedule])
-        self.schedule = schedule(stage, ctx.microbatches, loss_fn=self._loss, scale_grads=False)
+        self.schedule = schedule(stages if per_process > 1 else stages[0], ctx.microbatches, loss_fn=self._loss,
+                                 scale_grads=False)
         self._per_token = 1.0
 
     def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -226,13 +253,9 @@ class Pipeline:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(norm.dtype))
         return float(total.item())
 
-    def _send(self, h: torch.Tensor) -> None:
-        dist.send(h.contiguous(), dst=self.ctx.rank + 1)
-
-    def _receive(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        h = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(h, src=self.ctx.rank - 1)
-        return h
+    def _rank_of(self, stage: int) -> int:
+        """The process of this pipeline that runs `stage`."""
+        return self.ctx.dp_rank * self.ctx.pp_size + stage % self.ctx.pp_size
 
     def evaluate(self, task: Any) -> EvalResult:
         """Perplexity on the task's validation windows (those one process scores), each batch run
@@ -245,10 +268,16 @@ class Pipeline:
         with torch.no_grad():
             for x, y in sequential_windows(split, seq_len, task.batch_size, task.eval_batches):
                 x, y = x.to(self.device), y.to(self.device)
-                h = x if self.first else self._receive((*x.shape, cfg.d_model), dtype)
-                h = model(h)
+                for stage, part in zip(self.stages, self.parts):
+                    if stage == 0:
+                        h = x
+                    else:
+                        h = torch.empty((*x.shape, cfg.d_model), dtype=dtype, device=self.device)
+                        dist.recv(h, src=self._rank_of(stage - 1))
+                    h = part(h)
+                    if stage < self.n_stages - 1:
+                        dist.send(h.to(dtype).contiguous(), dst=self._rank_of(stage + 1))
                 if not self.last:
-                    self._send(h.to(dtype))
                     continue
                 logits = soft_cap(model.lm_head(h), cfg.logit_softcap)
                 total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
