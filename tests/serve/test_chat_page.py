@@ -73,3 +73,67 @@ def test_chat_page_shows_a_wrong_key(browser, server):
     ask(browser, server.url + "/", "wrong-key-0123456789abcdef", "hello")
     WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
     assert "invalid API key" in browser.find_element(By.ID, "error").text
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tiny, tmp_path_factory):
+    """A server of the tiny model with one LoRA adapter, `support`, beside it; and that adapter's directory."""
+    import copy
+
+    import torch
+    from serve_helpers import Server
+
+    from lmforge.adapters import apply_lora, save_adapter
+    from lmforge.infer.engine import Engine
+    from lmforge.model.lora import LoraSettings, lora_layers
+    from lmforge.serve.app import create_app
+    from lmforge.serve.security import ApiKeys
+    from lmforge.serve.settings import ServeSettings
+
+    model, tokenizer = tiny
+    tuned = apply_lora(copy.deepcopy(model), LoraSettings(r=4))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(tuned).values():
+            for b in layer.lora_B:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    path = save_adapter(tuned, tmp_path_factory.mktemp("adapters") / "support", base=MODEL)
+    app = create_app(Engine(model, tokenizer), ServeSettings(model_name=MODEL, api_keys=ApiKeys([KEY])))
+    app.state.adapters.load("support", path)
+    with Server(app) as s:
+        yield s, path
+
+
+def test_chat_page_picks_an_adapter_and_gets_its_reply(browser, adapter_server, tiny):
+    import copy
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from lmforge.adapters import apply_adapter
+    from lmforge.loaded import LoadedModel
+
+    server, path = adapter_server
+    model, tokenizer = tiny
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Who is Romeo?"}]))
+    merged = apply_adapter(LoadedModel(copy.deepcopy(model), tokenizer), path, merge=True).model
+    expected = generate(merged, tokenizer, [ids], SamplingParams(max_new_tokens=12))[0].text
+    assert expected != generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=12))[0].text
+
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    picker = browser.find_element(By.ID, "models")
+    picker.click()  # the key field's change event lists the models
+    WebDriverWait(browser, 30).until(lambda b: len(Select(picker).options) == 2)
+    assert [o.text for o in Select(picker).options] == [MODEL, f"support (adapter of {MODEL})"]
+    Select(picker).select_by_value("support")
+    for field, value in (("temperature", "0"), ("max_tokens", "12")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.ID, "input").send_keys("Who is Romeo?")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+    assert browser.find_element(By.CSS_SELECTOR, ".assistant .text").get_attribute("textContent") == expected
+    assert browser.find_element(By.ID, "model").text == "model: support"
+    assert browser.find_element(By.ID, "error").text == ""

@@ -1,12 +1,13 @@
 // The chat page: keeps the conversation in memory and streams replies over SSE from
 // /v1/chat/completions. The API key stays in this page (never stored) and is sent as a
-// Bearer token. Text is inserted with textContent, never as HTML.
+// Bearer token. Text is inserted with textContent, never as HTML. The model picker lists
+// what /v1/models serves: the base model and its LoRA adapters (those with a `parent`).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const messages = [];
 let controller = null;
-let modelName = null;
+let listed = false; // the picker holds /v1/models' answer for the current key
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -38,13 +39,32 @@ async function apiError(resp) {
   }
 }
 
-async function model() {
-  if (modelName) return modelName;
+async function listModels() {
   const resp = await fetch("/v1/models", { headers: headers() });
   if (!resp.ok) throw new Error(await apiError(resp));
-  modelName = (await resp.json()).data[0].id;
-  $("model").textContent = "model: " + modelName;
-  return modelName;
+  const served = (await resp.json()).data;
+  const picker = $("models");
+  const chosen = picker.value;
+  picker.replaceChildren(...served.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.id;
+    option.textContent = m.parent ? m.id + " (adapter of " + m.parent + ")" : m.id;
+    return option;
+  }));
+  if (served.some((m) => m.id === chosen)) picker.value = chosen;
+  listed = true;
+}
+
+async function model() {
+  if (!listed) await listModels();
+  const name = $("models").value;
+  $("model").textContent = "model: " + name;
+  return name;
+}
+
+function relist() {
+  listed = false;
+  listModels().catch(() => {}); // no key yet, or a wrong one: sending says why
 }
 
 async function send(text) {
@@ -118,4 +138,5 @@ $("clear").addEventListener("click", () => {
   messages.length = 0;
   $("log").replaceChildren();
 });
-$("key").addEventListener("change", () => { modelName = null; });
+$("key").addEventListener("change", relist);
+relist();
