@@ -146,7 +146,7 @@ def test_prompt_longer_than_the_context(lmforge_main, tiny_model_dir):
 
 def test_bad_sampling_option(lmforge_main, tiny_model_dir):
     code, _, err = lmforge_main("generate", tiny_model_dir, "--prompt", "hi", "--top-p", "0")
-    assert code == 2 and "top_p" in one_error_line(err)
+    assert code == 2 and "--top-p must be in (0, 1]" in one_error_line(err)
 
 
 @pytest.mark.parametrize(("text", "message"), [("train: {lrr: 1}\n", "train.lrr"), ("model: [1, 2\n", "YAML")])

@@ -132,3 +132,37 @@ def test_an_unknown_key_gets_the_nearest_valid_one(tmp_path, kind, text, message
     path.write_text(text)
     with pytest.raises(LmforgeError, match=message):
         _loaders()[kind](path)
+
+
+def test_settings_problems_are_named_by_their_command_line_flags():
+    """`from_flags`: each bad option is one line naming the flag the user typed (renamed ones
+    included); a problem of the options together is its message alone."""
+    from lmforge.config import from_flags
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.serve.settings import FLAGS, ServeSettings
+
+    with pytest.raises(LmforgeError) as e:
+        from_flags(SamplingParams, {"max_new_tokens": "max-tokens"}, max_new_tokens=-1, top_p=1.5)
+    assert str(e.value) == "--max-tokens must be >= 0; --top-p must be in (0, 1] (1: off)"
+    with pytest.raises(LmforgeError, match=r"^--header-timeout must be more than 0 seconds$"):
+        from_flags(ServeSettings, FLAGS, model_name="m", header_timeout=0.0)
+    with pytest.raises(LmforgeError, match=r"^--served-model-name: Input should be a valid string$"):
+        from_flags(ServeSettings, FLAGS, model_name=None)
+    with pytest.raises(LmforgeError, match=r"^give --speculative ngram or --draft MODEL, not both$"):
+        from_flags(ServeSettings, FLAGS, model_name="m", speculative="ngram", draft="small")
+    settings = from_flags(ServeSettings, FLAGS, model_name="m", max_batch=4)
+    assert (settings.max_batch, settings.header_timeout, settings.cors_origins) == (4, 10.0, [])
+
+
+def test_sampling_params_are_a_frozen_section():
+    from pydantic import ValidationError
+
+    from lmforge.infer.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.7, stop=["\n\n"], seed=3)
+    with pytest.raises(ValidationError):
+        params.temperature = 2.0  # a request's parameters stay what was checked
+    with pytest.raises(ValidationError, match="topp"):
+        SamplingParams(topp=0.9)  # a misspelt field is an error, not ignored
+    hotter = params.model_copy(update={"temperature": 1.0})
+    assert (hotter.temperature, hotter.stop, hotter.seed, params.temperature) == (1.0, ["\n\n"], 3, 0.7)

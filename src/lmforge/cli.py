@@ -68,8 +68,6 @@ def _validated(cls, **kwargs):
         return cls(**kwargs)
     except ValidationError as e:
         raise LmforgeError(describe_validation_error(e, "options")) from None
-    except ValueError as e:
-        raise LmforgeError(str(e)) from None
 
 
 def quickstart(
@@ -142,6 +140,9 @@ def data_prepare(
                   f"train {s['train']['tokens']:,} tokens, validation {s['val']['tokens']:,} tokens ({index['dtype']})")
 
 
+SAMPLING_FLAGS = {"max_new_tokens": "max-tokens"}  # SamplingParams fields whose flag is spelled otherwise
+
+
 def generate(
     model: Annotated[Path, typer.Argument(help="A model directory.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for a batch.")],
@@ -157,19 +158,20 @@ def generate(
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
 ):
     """Continue prompts with the model (KV-cache decoding; one prompt takes the native fast path)."""
+    from lmforge.config import from_flags
     from lmforge.infer.sampling import SamplingParams
 
-    params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
+    params = from_flags(SamplingParams, SAMPLING_FLAGS, max_new_tokens=max_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
     m = _load_with_adapter(model, adapter)
     m.check_generates()
     if stream and len(prompt) == 1:
         print_model_text(console, (prompt[0], "bold"), end="")
         m.complete(prompt, on_text=lambda row, text: print_model_text(console, text, end=""),
-                   native=not reference_path, **vars(params))
+                   native=not reference_path, **params.model_dump())
         console.print()
         return
-    for p, c in zip(prompt, m.complete(prompt, native=not reference_path, **vars(params))):
+    for p, c in zip(prompt, m.complete(prompt, native=not reference_path, **params.model_dump())):
         print_model_text(console, (p, "bold"), c.text)
         console.rule(style="dim")
 
@@ -185,14 +187,15 @@ def chat(
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
 ):
     """A simple terminal chat through the model's chat template. Empty line or Ctrl-D quits."""
+    from lmforge.config import from_flags
     from lmforge.data.chat_template import end_of_turn_ids
     from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
 
     m = _load_with_adapter(model, adapter)
     m.check_generates()
-    params = _validated(SamplingParams, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed)
+    params = from_flags(SamplingParams, SAMPLING_FLAGS, max_new_tokens=max_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed)
     turn_end = end_of_turn_ids(m.tokenizer)  # a special token: stopped on by id, it never shows as text
     messages = [{"role": "system", "content": system}] if system else []
     while True:

@@ -12,7 +12,7 @@ merge overrides and word its errors; each keeps its own schema.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -370,6 +370,32 @@ def describe_validation_error(err: ValidationError, where: str, schema: type[Bas
             msg = "unknown key " + (_valid_keys(schema, e["loc"]) if schema else "(check the spelling)")
         problems.append(f"{key}: {msg}")
     return f"invalid {where}: " + "; ".join(problems)
+
+
+def flag_problems(err: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line naming each problem by the command-line flag that set its field (`--lr must be
+    positive`): a field's flag is `--` and its name in dashes unless `flags` spells it otherwise; a
+    problem of the settings together (no field) is its message alone."""
+    problems = []
+    for e in err.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:
+            problems.append(message)
+            continue
+        name = str(e["loc"][0])
+        flag = "--" + (flags or {}).get(name, name.replace("_", "-"))
+        # A validator's own message reads on from the flag; pydantic's ("Input should be ...") after a colon.
+        problems.append(f"{flag} {message}" if e["type"] == "value_error" else f"{flag}: {message}")
+    return "; ".join(problems)
+
+
+def from_flags(schema: type[S], flags: Mapping[str, str] | None = None, /, **values: Any) -> S:
+    """A command's options as a `schema`, or one LmforgeError naming each problem by its flag
+    (see `flag_problems`)."""
+    try:
+        return schema(**values)
+    except ValidationError as e:
+        raise LmforgeError(flag_problems(e, flags)) from None
 
 
 def _valid_keys(schema: type[BaseModel], loc: tuple) -> str:

@@ -122,18 +122,11 @@ def distill(
 ):
     """Distillation: temperature-scaled KL to the teacher's logits, cross-entropy on the data, and
     the teacher's hidden states block by block."""
-    from pydantic import ValidationError
-
     from lmforge.compress.distill import DistillConfig, run_distill
-    from lmforge.errors import LmforgeError
+    from lmforge.config import from_flags
 
-    try:
-        cfg = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
-                            top_k=top_k, pool=pool, hidden_weight=hidden_weight, seed=seed,
-                            checkpoint_every=checkpoint_every)
-    except ValidationError as e:  # a setting's problem, named by its flag
-        raise LmforgeError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['msg'].removeprefix('Value error, ')}"
-                                     for err in e.errors())) from None
+    cfg = from_flags(DistillConfig, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature, alpha=alpha,
+                     top_k=top_k, pool=pool, hidden_weight=hidden_weight, seed=seed, checkpoint_every=checkpoint_every)
     r = run_distill(teacher, student, data, out, cfg, log=lambda s: console.print(f"   {s}", highlight=False),
                     run_dir=run_dir, resume=resume)
     console.print(f"[green]distilled[/] a {r['student_params'] / 1e6:.2f}M student from a {r['teacher_params'] / 1e6:.2f}M "

@@ -9,36 +9,58 @@ be able to break the step).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
+from pydantic import ConfigDict, field_validator
+
+from lmforge.config import Section
 
 # Below the smallest normal float32, a temperature is 0 in float32 arithmetic; long before
 # that, all the probability is on the best token anyway.
 GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
 
-@dataclass
-class SamplingParams:
+class SamplingParams(Section):
+    """How one request picks its tokens. Frozen: a request's parameters stay what was checked
+    while the engine samples it step after step."""
+
+    model_config = ConfigDict(frozen=True)
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off (CTRL-style: divides positive logits, multiplies negative)
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = []
     seed: int | None = None
 
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError("temperature must be a finite number >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError("repetition_penalty must be a finite number > 0")
+    @field_validator("max_new_tokens", "top_k")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _finite_not_negative(cls, value: float) -> float:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError("must be a finite number >= 0 (0: greedy)")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _probability_mass(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("must be in (0, 1] (1: off)")
+        return value
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _finite_positive(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError("must be a finite number > 0 (1: off)")
+        return value
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

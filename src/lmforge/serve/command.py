@@ -6,9 +6,10 @@ import logging
 import sys
 from pathlib import Path
 
+from lmforge.config import from_flags
 from lmforge.errors import LmforgeError
 from lmforge.serve.security import KEYS_ENV, ApiKeys, is_loopback
-from lmforge.serve.settings import ServeSettings
+from lmforge.serve.settings import FLAGS, ServeSettings
 
 
 def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None,
@@ -124,7 +125,7 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
         settings["model_name"] = Path(model_dir).resolve().name
     if ray is not None and settings.get("draft"):  # replicas may start in another directory
         settings["draft"] = str(Path(settings["draft"]).resolve())
-    config = ServeSettings(api_keys=keys, **settings)
+    config = from_flags(ServeSettings, FLAGS, api_keys=keys, **settings)
     if ray is not None:
         from lmforge.serve.ray_deploy import run
 

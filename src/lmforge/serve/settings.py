@@ -1,17 +1,23 @@
-"""What an operator sets for a server: limits, keys, CORS, hosts, timeouts. Defaults are the safe ones."""
+"""What an operator sets for a server: limits, keys, CORS, hosts, timeouts. Defaults are the safe ones.
+
+Field names are the `lmforge serve` flags' (`header_timeout` is `--header-timeout`) except where
+`FLAGS` says otherwise, so `config.from_flags` names the flag a problem came from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from lmforge.errors import LmforgeError
+from lmforge.config import Section
 from lmforge.serve.security import ApiKeys
 
+FLAGS = {"model_name": "served-model-name", "cors_origins": "cors-origin", "native_decode": "reference-path"}
 
-@dataclass
-class ServeSettings:
+
+class ServeSettings(Section):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     model_name: str
-    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
+    api_keys: ApiKeys = Field(default_factory=lambda: ApiKeys([]))
     requests_per_minute: float | None = None  # per key; None: no limit
     tokens_per_minute: float | None = None  # per key, prompt + completion tokens reserved up front
     max_body_bytes: int = 1 << 20
@@ -22,8 +28,8 @@ class ServeSettings:
     max_stop: int = 4
     max_logprobs: int = 20
     max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings, /v1/classify or /v1/tag request
-    cors_origins: list[str] = field(default_factory=list)  # empty: no cross-origin access at all
-    allowed_hosts: list[str] = field(default_factory=list)  # empty: on loopback, loopback names only
+    cors_origins: list[str] = []  # empty: no cross-origin access at all
+    allowed_hosts: list[str] = []  # empty: on loopback, loopback names only
     header_timeout: float = 10.0  # seconds for a request's headers to arrive whole
     body_timeout: float = 30.0  # seconds for its body
     keep_alive_timeout: float = 5.0  # seconds an idle connection is kept between requests
@@ -36,20 +42,36 @@ class ServeSettings:
     speculative_tokens: int = 5  # drafts checked per step
     draft: str | None = None  # a draft model directory
 
-    def __post_init__(self):
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
-            if not getattr(self, name) > 0:
-                raise LmforgeError(f"--{name.replace('_', '-')} must be more than 0 seconds")
-        if self.max_connections < 1:
-            raise LmforgeError("--max-connections must be at least 1")
-        if self.max_embedding_inputs < 1:
-            raise LmforgeError("--max-embedding-inputs must be at least 1")
-        if not self.prefix_cache_mb >= 0:
-            raise LmforgeError("--prefix-cache-mb must be 0 or more (or give --no-prefix-cache)")
-        if self.speculative not in (None, "ngram"):
-            raise LmforgeError(f"--speculative {self.speculative!r} is not known: give 'ngram' (prompt lookup), "
-                               "or --draft MODEL for a draft model")
+    @field_validator("header_timeout", "body_timeout", "keep_alive_timeout")
+    @classmethod
+    def _positive_seconds(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    @field_validator("max_connections", "speculative_tokens", "max_embedding_inputs")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("prefix_cache_mb")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError("must be 0 or more (or give --no-prefix-cache)")
+        return value
+
+    @field_validator("speculative")
+    @classmethod
+    def _known_drafter(cls, value: str | None) -> str | None:
+        if value not in (None, "ngram"):
+            raise ValueError(f"{value!r} is not known: give 'ngram' (prompt lookup), or --draft MODEL for a draft model")
+        return value
+
+    @model_validator(mode="after")
+    def _one_drafter(self) -> "ServeSettings":
         if self.speculative and self.draft:
-            raise LmforgeError("give --speculative ngram or --draft MODEL, not both")
-        if self.speculative_tokens < 1:
-            raise LmforgeError("--speculative-tokens must be at least 1")
+            raise ValueError("give --speculative ngram or --draft MODEL, not both")
+        return self

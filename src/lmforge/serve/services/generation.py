@@ -101,9 +101,11 @@ class GenerationService:
             limit = room if max_tokens is None else min(max_tokens, room)
             for j in range(body.n):
                 seed = None if body.seed is None else (body.seed + j) % (2**63)
-                params = SamplingParams(max_new_tokens=limit, temperature=body.temperature,
-                                        top_k=max(body.top_k, 0), top_p=body.top_p,
-                                        repetition_penalty=body.repetition_penalty, stop=stop, seed=seed)
+                # The protocol layer checked these fields within SamplingParams' bounds (a 400 names
+                # the request's own field), so they are not checked again per choice.
+                params = SamplingParams.model_construct(
+                    max_new_tokens=limit, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                    repetition_penalty=body.repetition_penalty, stop=stop, seed=seed)
                 requests.append(EngineRequest(ids, params, logprobs=logprobs,
                                               prompt_logprobs=echo and logprobs is not None, grammar=grammar,
                                               adapter=adapter))
