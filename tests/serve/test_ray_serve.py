@@ -129,7 +129,7 @@ def test_ray_options_become_ray_serve_deployment_options():
     settings = ServeSettings(model_name="m", max_batch=8, max_queue=32)
     fixed = RayOptions(replicas=3).deployment_options(settings, "cpu", threads=2)
     assert fixed == {"name": APP_NAME, "max_ongoing_requests": 40, "num_replicas": 3,
-                     "ray_actor_options": {"num_cpus": 2}}
+                     "ray_actor_options": {"num_cpus": 2}, "max_constructor_retry_count": 3}
     scaling = RayOptions(autoscale_min=1, autoscale_max=4, replicas=2).deployment_options(settings, "cuda", None)
     assert scaling["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
                                              "initial_replicas": 2}

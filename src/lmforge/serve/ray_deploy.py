@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,8 @@ class RayOptions:
             # What one plain server accepts at once: beyond its batch and queue the engine answers 503 itself.
             "max_ongoing_requests": settings.max_batch + settings.max_queue,
             "ray_actor_options": {"num_cpus": threads or 1, **({"num_gpus": 1} if device.startswith("cuda") else {})},
+            # a replica that cannot load the model fails the deployment after a few tries, not Ray's default 20
+            "max_constructor_retry_count": 3,
         }
         if not self.autoscaling:
             options["num_replicas"] = self.replicas or 1
@@ -178,11 +180,19 @@ def run(model_dir: str | Path, settings: ServeSettings, options: RayOptions, hos
         from ray import serve
     except ImportError:
         raise LmforgeError("--ray needs Ray Serve: pip install 'lmforge[cluster]' (or 'ray[serve]')") from None
+    if not Path(model_dir).is_dir():  # before Ray starts: a replica would fail only after seconds
+        raise LmforgeError(f"model directory {model_dir} not found")
     local = options.address is None
     try:
         ray.init(address=options.address, include_dashboard=False if local else None, log_to_driver=False)
     except ConnectionError as e:
         raise LmforgeError(f"cannot join the Ray cluster at --ray-address {options.address}: {e}") from None
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, docker stop, a pod's end) ends the command as Ctrl-C does, even while deploying.
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         deploy(model_dir, settings, options, host, port, device, adapter, threads)
         replicas = (f"{options.replicas or 1} replicas" if not options.autoscaling else
@@ -192,16 +202,16 @@ def run(model_dir: str | Path, settings: ServeSettings, options: RayOptions, hos
         print(f"serving {settings.model_name} on http://{host}:{port} as {replicas} on {where} "
               f"({'API keys required' if settings.api_keys else 'no API keys (loopback only)'}); API at /v1",
               file=sys.stderr)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(1):
-                pass
-        except KeyboardInterrupt:
-            pass
-        print("taking the replicas down", file=sys.stderr)
-        serve.delete(APP_NAME)
-        if local:
-            serve.shutdown()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
     finally:
-        ray.shutdown()
+        print("taking the replicas down", file=sys.stderr)
+        try:
+            serve.delete(APP_NAME)
+            if local:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
