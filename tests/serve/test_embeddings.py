@@ -154,3 +154,20 @@ def test_embedding_tokens_count_against_the_keys_token_rate(start_server):
     client.embeddings.create(model=MODEL, input=TEXTS[0])
     with pytest.raises(openai.RateLimitError, match="more than your limit"):
         client.embeddings.create(model=MODEL, input=TEXTS * 3)
+
+
+def test_hooks_the_engine_puts_on_its_model_do_not_reach_the_embeddings(server, http, tiny):
+    """The engine adds LoRA updates with forward hooks while it decodes adapter rows; the
+    embeddings run beside it on the same weights without them."""
+    model, tokenizer = tiny
+    engine_model = server.app.state.engine.model
+    embedder = server.app.state.embeddings.embedder
+    assert embedder.model is not engine_model
+    assert embedder.model.tok_emb.weight.data_ptr() == engine_model.tok_emb.weight.data_ptr()  # no weights copied
+    before = http.post("/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "float"}).json()
+    handle = engine_model.blocks[0].register_forward_hook(lambda module, inputs, out: out + 1.0)
+    try:
+        during = http.post("/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "float"}).json()
+    finally:
+        handle.remove()
+    assert during["data"][0]["embedding"] == before["data"][0]["embedding"]

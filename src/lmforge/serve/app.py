@@ -32,7 +32,7 @@ from lmforge.serve.routes import ROUTERS
 from lmforge.serve.security import RateLimiter
 from lmforge.serve.services.chat import ChatService
 from lmforge.serve.services.completions import CompletionService
-from lmforge.serve.services.embeddings import EmbeddingService, ModelTurn, TokenCharge
+from lmforge.serve.services.embeddings import EmbeddingService, ModelTurn, TokenCharge, shared_copy
 from lmforge.serve.services.generation import GenerationService
 from lmforge.serve.services.heads import HeadService, load_served_head
 from lmforge.serve.services.tokens import TokenService
@@ -77,8 +77,9 @@ def create_app(engine: Engine, settings: ServeSettings, folders: list[Path] = ()
     state.chat = ChatService(generation)
     state.tokens = TokenService(tokenizer, engine.context, prompts)
     charge, turn, folders = TokenCharge(generation.token_limiter, settings), ModelTurn(), [Path(f) for f in folders]
-    state.embeddings = EmbeddingService.for_model(engine.model, tokenizer, folders, prompts, settings, charge, turn)
-    state.heads = HeadService(load_served_head(engine.model, tokenizer, folders), prompts, settings, charge, turn)
+    model = shared_copy(engine.model)  # the weights, without the hooks the engine adds while it decodes
+    state.embeddings = EmbeddingService.for_model(model, tokenizer, folders, prompts, settings, charge, turn)
+    state.heads = HeadService(load_served_head(model, tokenizer, folders), prompts, settings, charge, turn)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -7,12 +7,14 @@ What the model's directory says decides the pooling: `embedding.json` (written b
 Inputs are checked against the server's limits (at most max_embedding_inputs of them, each
 within max_prompt_tokens), charged to the key's token rate limit, then embedded in a worker
 thread, batched by length. The model runs one such batch at a time (`ModelTurn`), beside
-the engine's decoding.
+the engine's decoding, on a `shared_copy` of its model.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,14 @@ def record_folder(folders: list[Path], name: str) -> Path | None:
     """The last of the served directories (the model's, then an adapter's) that holds file `name`."""
     found = [f for f in folders if (Path(f) / name).is_file()]
     return Path(found[-1]) if found else None
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's module tree with hooks of its own, sharing every parameter and buffer (no
+    weights copied): the engine adds LoRA updates with forward hooks on its model while it
+    decodes adapter rows, which a forward pass running beside it must not pick up."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 class ModelTurn:
