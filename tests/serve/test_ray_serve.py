@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import time
@@ -16,7 +17,10 @@ from ray import serve
 from serve_helpers import KEY
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.ray_deploy import APP_NAME, REPLICA_HEADER, RayOptions
+from lmforge.infer.engine import Engine
+from lmforge.serve.app import create_app
+from lmforge.serve.ray_deploy import APP_NAME, REPLICA_HEADER, RayOptions, ReplicaHeader, get_status
+from lmforge.serve.security import ApiKeys
 from lmforge.serve.settings import ServeSettings
 
 REPLICA = REPLICA_HEADER.decode()
@@ -169,3 +173,24 @@ def test_serve_ray_flags_are_checked_before_ray_starts(cli, tiny_model_dir, monk
               ray=ray_options(True, replicas=2, address=None, autoscale_min=None, autoscale_max=None,
                               target_ongoing_requests=None))
     assert not ray.is_initialized()
+
+
+def test_the_replica_health_check_asks_the_apps_own_health_route(tiny):
+    """What Ray's health check calls (in-process, through the app's middleware), and the replica header."""
+    engine = Engine(*tiny, max_batch=2, max_queue=2)
+    app = create_app(engine, ServeSettings(model_name="tiny", api_keys=ApiKeys([KEY])))
+    app.add_middleware(ReplicaHeader, replica="r1")
+    assert asyncio.run(get_status(app, "/health")) == 503  # the engine is not running: Ray would replace it
+    engine.start()
+    try:
+        assert asyncio.run(get_status(app, "/health")) == 200
+        assert asyncio.run(get_status(app, "/v1/models")) == 401  # the rest still needs a key
+    finally:
+        engine.stop()
+    assert asyncio.run(get_status(app, "/health")) == 503
+
+    async def replica_header():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            return (await c.get("/health")).headers[REPLICA]
+
+    assert asyncio.run(replica_header()) == "r1"
