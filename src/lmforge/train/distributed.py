@@ -68,6 +68,19 @@ class DistContext:
         if self.active:
             dist.barrier()
 
+    def to_model_layout(self, state: Any, config: Any) -> Any:
+        """Whole (gathered) model or optimizer state in the model's own layout. A layout that
+        holds tensors reordered (tensor parallelism's context) puts them back; here they are."""
+        return state
+
+    def from_model_layout(self, state: Any, config: Any) -> Any:
+        """Whole state in the model's own layout, as this layout holds it (see `to_model_layout`)."""
+        return state
+
+    def split(self, model: Transformer, device: torch.device, param_dtype: torch.dtype | None) -> Transformer:
+        """The model split over the processes by a layout that splits matmuls (tensor parallelism)."""
+        raise LmforgeError(f"train.parallel {self.strategy} does not split models; use tp or fsdp+tp")
+
     def share(self, value: Any) -> Any:
         """Rank 0's `value`, on every rank (any picklable object)."""
         if not self.active:
@@ -174,10 +187,7 @@ def parallelize(model: Transformer, ctx: DistContext, device: torch.device,
         fully_shard(model, **kwargs)
         return model
     if ctx.strategy in ("tp", "fsdp+tp"):
-        from lmforge.train import tensor_parallel
-
-        mesh = tensor_parallel.mesh_of(ctx.world, tensor_parallel.tp_size_of(ctx), device)
-        return tensor_parallel.parallelize(model, mesh, param_dtype)
+        return ctx.split(model, device, param_dtype)
     raise LmforgeError(f"train.parallel {ctx.strategy} is not available yet; use auto, ddp or fsdp")
 
 
@@ -235,10 +245,8 @@ def full_model_state(model: Transformer, ctx: DistContext) -> dict[str, torch.Te
     """The unsharded model state dict, on CPU; under FSDP a collective that leaves it on rank 0 only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from lmforge.train import tensor_parallel
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=ctx.active))
-    return tensor_parallel.true_layout(state, model.config, tensor_parallel.tp_size_of(ctx))
+    return ctx.to_model_layout(state, model.config)
 
 
 def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_state: dict,
@@ -247,10 +255,7 @@ def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    from lmforge.train import tensor_parallel
-
-    tp = tensor_parallel.tp_size_of(ctx)
-    model_state, optim_state = (tensor_parallel.tp_layout(s, model.config, tp) for s in (model_state, optim_state))
+    model_state, optim_state = (ctx.from_model_layout(s, model.config) for s in (model_state, optim_state))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)

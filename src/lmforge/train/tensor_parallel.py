@@ -299,6 +299,15 @@ class TensorParallelContext(DistContext):
         per = batch_size // self.dp_world
         return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
+    def to_model_layout(self, state: Any, config: ModelConfig) -> Any:
+        return true_layout(state, config, self.tp_size)
+
+    def from_model_layout(self, state: Any, config: ModelConfig) -> Any:
+        return tp_layout(state, config, self.tp_size)
+
+    def split(self, model: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> nn.Module:
+        return parallelize(model, mesh_of(self.world, self.tp_size, device), param_dtype)
+
 
 def tensor_parallel_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
     """`ctx` as a (dp x tp) grid for train.parallel tp / fsdp+tp, after checking that the
