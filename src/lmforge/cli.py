@@ -247,7 +247,7 @@ def serve(
     speculative: Annotated[Optional[str], typer.Option(help="Draft tokens for a lone request: 'ngram' (prompt lookup).")] = None,
     speculative_tokens: Annotated[int, typer.Option(help="Draft tokens checked per step (with --speculative or --draft).")] = 5,
     draft: Annotated[Optional[Path], typer.Option(help="A small model directory of the same tokenizer that drafts tokens.")] = None,
-    ray: Annotated[bool, typer.Option(help="Run as replicas on Ray Serve behind its HTTP proxy (pip install 'lmforge[cluster]').", rich_help_panel="Replicas on Ray Serve")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run as replicas on Ray Serve behind its HTTP proxy (needs Ray Serve: lmforge's cluster extra).", rich_help_panel="Replicas on Ray Serve")] = False,
     replicas: Annotated[Optional[int], typer.Option(help="Replicas to run (default 1; with --autoscale-max, to start with).", rich_help_panel="Replicas on Ray Serve")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster ('auto': the one `ray start` made on this machine); default: start a local Ray.", rich_help_panel="Replicas on Ray Serve")] = None,
     autoscale_min: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (default 1).", rich_help_panel="Replicas on Ray Serve")] = None,
