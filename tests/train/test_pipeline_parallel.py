@@ -94,12 +94,12 @@ def test_fsdp_plus_pipeline_on_four_processes_equals_one(single):
     torchrun(single, overrides(single, "fsdp-pp", "fsdp+pp", pp_size=2), nproc=4)
     assert_same_training(single, "fsdp-pp")
     meta = FileSystemReader(latest(single, "fsdp-pp") / "dcp").read_metadata()
-    # stage 0's embedding is sharded over its 2 dp ranks (0 and 2); stage 1's blocks over ranks 1 and 3
+    # stage 0's embedding is sharded over its 2 dp ranks (0 and 1); stage 1's blocks over ranks 2 and 3
     files: dict[str, set[str]] = {}
     for index, info in meta.storage_data.items():
         files.setdefault(index.fqn, set()).add(info.relative_path)
-    assert files["model.tok_emb.weight"] == {"__0_0.distcp", "__2_0.distcp"}
-    assert files["model.blocks.3.mlp.up.weight"] == {"__1_0.distcp", "__3_0.distcp"}
+    assert files["model.tok_emb.weight"] == {"__0_0.distcp", "__1_0.distcp"}
+    assert files["model.blocks.3.mlp.up.weight"] == {"__2_0.distcp", "__3_0.distcp"}
 
 
 def test_pipeline_checkpoints_reshard_to_one_process_and_back(single):
@@ -141,6 +141,9 @@ def refusal(call) -> str:
 def test_what_a_pipeline_cannot_run_is_one_line(make_model, tmp_path):
     ctx = context(4, parallel="fsdp+pp")  # 2 pipelines x 2 stages x 2 microbatches per pipeline's 4 rows
     assert (ctx.pp_size, ctx.dp_world, ctx.microbatches, ctx.rows(8)) == (2, 2, 4, slice(0, 4))
+    rank3 = pipeline_parallel.pipeline_context(DistContext(rank=3, world=4, strategy="fsdp+pp"),
+                                               TrainConfig(batch_size=8, parallel="fsdp+pp"))
+    assert (rank3.stage, rank3.dp_rank, rank3.rows(8)) == (1, 1, slice(4, 8))  # stages are consecutive ranks
     assert "does not divide the 6 processes" in refusal(lambda: context(6, parallel="fsdp+pp", pp_size=4))
     assert "one pipeline of all 4 processes" in refusal(lambda: context(4, pp_size=2))
     assert "use a multiple of 8" in refusal(lambda: context(4, parallel="fsdp+pp", pp_microbatches=4, batch_size=12))

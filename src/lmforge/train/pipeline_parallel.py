@@ -1,8 +1,10 @@
 """Pipeline parallelism applied *to* the model: `train.parallel: pp` and `fsdp+pp`, under torchrun.
 
-The model file never knows about this module. The processes form a (dp x pp) grid, rank
-`dp_index * pp_size + stage`: `pp` is one pipeline of every process (dp = 1), `fsdp+pp` has
-`world / pp_size` pipelines side by side, each stage sharded by FSDP2 over its dp group.
+The model file never knows about this module. The processes form a (pp x dp) grid, rank
+`stage * dp + dp_index`: `pp` is one pipeline of every process (dp = 1), `fsdp+pp` has
+`dp = world / pp_size` pipelines side by side, each stage sharded by FSDP2 over its dp group.
+A stage's processes are consecutive ranks, so under torchrun's node-by-node numbering a stage
+shards within a node and only activations cross between nodes.
 Each process builds the whole model (so that its initial weights are the ones one process
 would draw) and then keeps only its stage, split by layer count: stage 0 the embeddings and
 the first blocks, the last stage the last blocks, the final norm and the output layer. What
@@ -56,11 +58,11 @@ class PipelineContext(DistContext):
 
     @property
     def stage(self) -> int:
-        return self.rank % self.pp_size
+        return self.rank // self.dp_world
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.pp_size
+        return self.rank % self.dp_world
 
     @property
     def dp_world(self) -> int:
@@ -174,7 +176,7 @@ class Pipeline:
             raise LmforgeError(f"model.n_layer {n_layer} is fewer than the {self.n_stages} pipeline stages "
                                f"({ctx.pp_size} processes x {per_process}); use fewer stages or a deeper model")
         self.model, self.tc, self.ctx, self.device = model, tc, ctx, device
-        mesh = init_device_mesh(device.type, (ctx.dp_world, ctx.pp_size), mesh_dim_names=("dp", "pp"))
+        mesh = init_device_mesh(device.type, (ctx.pp_size, ctx.dp_world), mesh_dim_names=("pp", "dp"))
         # Process p runs stages p, p + pp_size, ... (the schedules' "loop" placement).
         self.stages = [ctx.stage + k * ctx.pp_size for k in range(per_process)]
         self.first, self.last = 0 in self.stages, self.n_stages - 1 in self.stages
@@ -184,7 +186,7 @@ class Pipeline:
         self.tie_group = None
         if self.tied:
             for d in range(ctx.dp_world):
-                group = dist.new_group([d * ctx.pp_size, d * ctx.pp_size + ctx.pp_size - 1])
+                group = dist.new_group([d, (ctx.pp_size - 1) * ctx.dp_world + d])
                 if d == ctx.dp_rank:
                     self.tie_group = group
         if ctx.strategy == "fsdp+pp":
@@ -255,7 +257,7 @@ class Pipeline:
 
     def _rank_of(self, stage: int) -> int:
         """The process of this pipeline that runs `stage`."""
-        return self.ctx.dp_rank * self.ctx.pp_size + stage % self.ctx.pp_size
+        return (stage % self.ctx.pp_size) * self.ctx.dp_world + self.ctx.dp_rank
 
     def evaluate(self, task: Any) -> EvalResult:
         """Perplexity on the task's validation windows (those one process scores), each batch run
