@@ -156,22 +156,45 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (single prompt).")] = True,
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
+    tp: Annotated[int, typer.Option("--tp", help="Split the model over N processes on this machine (tensor parallel; launches torchrun).")] = 1,
 ):
     """Continue prompts with the model (KV-cache decoding; one prompt takes the native fast path)."""
+    import os
+
     from lmforge.config import from_flags
     from lmforge.infer.sampling import SamplingParams
 
     params = from_flags(SamplingParams, SAMPLING_FLAGS, max_new_tokens=max_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
-    m = _load_with_adapter(model, adapter)
-    m.check_generates()
+    if tp < 1:
+        raise LmforgeError("--tp must be at least 1")
+    if tp > 1:
+        if adapter is not None:
+            raise LmforgeError("--tp does not apply --adapter; merge it first (lmforge merge) and generate from that")
+        if "WORLD_SIZE" not in os.environ:
+            from lmforge.train.distributed import launch
+
+            raise typer.Exit(launch(tp, sys.argv[1:]))
+        from lmforge.serve.tensor_parallel import generate_split
+
+        def complete(prompts, on_text=None):  # None on ranks other than 0, which print nothing
+            return generate_split(model, tp, prompts, params, on_text)
+        shows = os.environ.get("RANK") == "0"
+    else:
+        m = _load_with_adapter(model, adapter)
+        m.check_generates()
+
+        def complete(prompts, on_text=None):
+            return m.complete(prompts, on_text=on_text, native=not reference_path, **params.model_dump())
+        shows = True
     if stream and len(prompt) == 1:
-        print_model_text(console, (prompt[0], "bold"), end="")
-        m.complete(prompt, on_text=lambda row, text: print_model_text(console, text, end=""),
-                   native=not reference_path, **params.model_dump())
-        console.print()
+        if shows:
+            print_model_text(console, (prompt[0], "bold"), end="")
+        complete(prompt, on_text=lambda row, text: print_model_text(console, text, end=""))
+        if shows:
+            console.print()
         return
-    for p, c in zip(prompt, m.complete(prompt, native=not reference_path, **params.model_dump())):
+    for p, c in zip(prompt, complete(prompt) or []):
         print_model_text(console, (p, "bold"), c.text)
         console.rule(style="dim")
 
