@@ -192,3 +192,13 @@ def test_families_split_as_one_process(tmp_path):
     for family, r in result.items():
         assert r["loss"] < TOL and r["grad"] < TOL, (family, r)
         assert r["sharded"] == ["DTensor"], family  # every parameter on the mesh
+
+
+def test_fsdp_tp_accumulating_and_recomputing_equals_one_process(single):
+    """fsdp+tp (2 x 2) with train.grad_accum 2 (FSDP's gradient sync on the last micro-step only)
+    and activation checkpointing (each block's forward, collectives included, rerun in backward)."""
+    keys = {"grad_accum": 2, "max_steps": 4}
+    train_here(overrides(single, "single-accum", **keys))
+    torchrun(single, overrides(single, "fsdp-tp-accum", "fsdp+tp", activation_checkpointing=True, **keys), 4)
+    assert_close(weights(single, "single-accum"), weights(single, "fsdp-tp-accum"), TOL)
+    assert losses(single, "fsdp-tp-accum") == pytest.approx(losses(single, "single-accum"), abs=TOL)
