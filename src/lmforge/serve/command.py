@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -109,6 +110,12 @@ def log_access_to_stderr() -> None:
     access.propagate = False
 
 
+def replica_app(model_dir: str, settings: ServeSettings, device: str, adapter: str | None):
+    """What one Ray Serve replica runs (`serve --ray`): this command's app, its access log on the replica's stderr."""
+    log_access_to_stderr()
+    return build_app(model_dir, settings, device, adapter)
+
+
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
           settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info",
           adapter: Path | list[str] | None = None, ray=None, adapter_root: Path | None = None) -> None:
@@ -131,8 +138,12 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
 
         if adapters or adapter_root:
             raise LmforgeError("--adapter NAME=DIR and --adapter-root are not supported with Ray Serve replicas yet")
-
-        return run(model_dir, config, ray, host, port, device, adapter, threads)
+        if not Path(model_dir).is_dir():  # before Ray starts: a replica would fail only after seconds
+            raise LmforgeError(f"model directory {model_dir} not found")
+        # absolute paths: a replica may start in another directory, or on another machine
+        make_app = functools.partial(replica_app, str(Path(model_dir).resolve()), config, device,
+                                     str(Path(adapter).resolve()) if adapter is not None else None)
+        return run(make_app, config, ray, host, port, device, threads)
     import torch
     import uvicorn
 

@@ -1,6 +1,6 @@
 """`lmforge serve MODEL --ray`: the app `lmforge serve` builds, as replicas on Ray Serve.
 
-Each replica is a Ray actor that builds the very app of the plain server (`command.build_app`:
+Each replica is a Ray actor that builds the very app of the plain server (`command.replica_app`:
 same routes, limits, keys, engine) and runs it under Ray Serve's ASGI ingress; Ray's HTTP
 proxy spreads requests over the replicas, restarts a replica whose actor dies or whose health
 check fails, and adds or removes replicas when autoscaling is asked for. The health check
@@ -16,8 +16,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.settings import ServeSettings
@@ -124,16 +124,12 @@ def replica_class():
     from ray import serve
 
     class LmforgeReplica:
-        def __init__(self, model_dir: str, settings: ServeSettings, device: str, adapter: str | None,
-                     threads: int | None):
+        def __init__(self, make_app: Callable, threads: int | None):
             import torch
-
-            from lmforge.serve.command import build_app, log_access_to_stderr
 
             if threads is not None:
                 torch.set_num_threads(threads)
-            log_access_to_stderr()  # into the replica's log under Ray's session directory
-            app = build_app(model_dir, settings, device, adapter)
+            app = make_app()
             app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
             self.lmforge_app = app
 
@@ -148,40 +144,29 @@ def replica_class():
     return serve.ingress()(LmforgeReplica)
 
 
-def bind(model_dir: str | Path, settings: ServeSettings, options: RayOptions, device: str = "cpu",
-         adapter: str | Path | None = None, threads: int | None = None):
-    """The Ray Serve application for `serve.run`. Paths are made absolute: replicas may start elsewhere."""
+def deploy(make_app: Callable, settings: ServeSettings, options: RayOptions, host: str, port: int,
+           device: str = "cpu", threads: int | None = None):
+    """Start Ray Serve's proxy on host:port (on a connected Ray) and run replicas of the app `make_app()`
+    builds (a picklable callable: it is called in each replica); waits until they are up."""
     from ray import serve
 
     deployment = serve.deployment(replica_class(), **options.deployment_options(settings, device, threads))
-    return deployment.bind(str(Path(model_dir).resolve()), settings, device,
-                           str(Path(adapter).resolve()) if adapter is not None else None, threads)
-
-
-def deploy(model_dir: str | Path, settings: ServeSettings, options: RayOptions, host: str, port: int,
-           device: str = "cpu", adapter: str | Path | None = None, threads: int | None = None):
-    """Start Ray Serve's proxy on host:port (on a connected Ray) and run the replicas; waits until they are up."""
-    from ray import serve
-
     serve.start(http_options={"host": host, "port": port})
     try:
-        return serve.run(bind(model_dir, settings, options, device, adapter, threads), name=APP_NAME,
-                         route_prefix="/")
+        return serve.run(deployment.bind(make_app, threads), name=APP_NAME, route_prefix="/")
     except RuntimeError as e:  # a replica's constructor raised: Ray's message ends with the replica's error
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise LmforgeError(f"the Ray Serve deployment failed: {lines[-1] if lines else e}") from None
 
 
-def run(model_dir: str | Path, settings: ServeSettings, options: RayOptions, host: str, port: int,
-        device: str = "cpu", adapter: str | Path | None = None, threads: int | None = None) -> None:
+def run(make_app: Callable, settings: ServeSettings, options: RayOptions, host: str, port: int,
+        device: str = "cpu", threads: int | None = None) -> None:
     """`lmforge serve --ray`: deploy, print where, serve until Ctrl-C or SIGTERM, then take the replicas down."""
     try:
         import ray
         from ray import serve
     except ImportError:
         raise LmforgeError("--ray needs Ray Serve: pip install 'lmforge[cluster]' (or 'ray[serve]')") from None
-    if not Path(model_dir).is_dir():  # before Ray starts: a replica would fail only after seconds
-        raise LmforgeError(f"model directory {model_dir} not found")
     local = options.address is None
     try:
         ray.init(address=options.address, include_dashboard=False if local else None, log_to_driver=False)
@@ -194,7 +179,7 @@ def run(model_dir: str | Path, settings: ServeSettings, options: RayOptions, hos
     # SIGTERM (kill, docker stop, a pod's end) ends the command as Ctrl-C does, even while deploying.
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        deploy(model_dir, settings, options, host, port, device, adapter, threads)
+        deploy(make_app, settings, options, host, port, device, threads)
         replicas = (f"{options.replicas or 1} replicas" if not options.autoscaling else
                     "{min_replicas}..{max_replicas} replicas (autoscaling)".format(
                         **options.deployment_options(settings, device, threads)["autoscaling_config"]))
