@@ -8,8 +8,9 @@ Everything but the probe is arithmetic on the model's shapes (no model is built)
 - Weights, gradients: fp32 (bf16/fp16 autocast keeps fp32 master weights and gradients).
   Optimizer: AdamW's two fp32 moments. DDP adds its gradient buckets (a second copy of the
   gradients); FSDP2 holds a shard of each, plus the gathered embedding/final parameters (the
-  root module stays gathered through the step) and two gathered blocks (one computing, one
-  prefetched) with one block's unsharded gradient in backward.
+  root module stays gathered through the step) and one gathered block. The peak comes in the
+  loss's backward, before any block is gathered again; blocks are gathered (two at a time, with
+  prefetching) later in backward, once most activations are freed.
 - Activations: the bytes the autograd graph saves per token, tensor by tensor, for each
   block as `Block.forward` computes it (`block_bytes_per_token`), times the tokens of a
   microbatch; then the final norm and the loss (`loss_bytes`). Attention is SDPA's fused
@@ -64,7 +65,9 @@ def parse_bytes(text: str) -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -209,11 +212,12 @@ def loss_bytes(cfg: ModelConfig, p: Precision, path: LossPath, tokens: int, voca
     a, d = p.act, cfg.d_model
     final = tokens * (FP32 * d + (0 if cfg.family == "gpt2" else FP32 * d) + 8)
     if path.chunk == 0:
-        # lm_head's input, the logits (and their fp32 copy), log-softmax's output; in backward its
-        # gradient and the logits' gradient beside the saved output
+        # lm_head's input and log-softmax's fp32 output are saved; the logits (and their fp32 copy)
+        # exist in forward, log-softmax's incoming and outgoing gradients in backward
         saved = tokens * (a * d + FP32 * vocab + (a * vocab if cfg.logit_softcap else 0))
         saved += a * vocab * d if p.autocast else 0  # lm_head's weight copy
-        working = tokens * vocab * (2 * FP32 + (a if p.autocast else 0))
+        # (vocabulary-parallel under TP: loss_parallel's log-softmax keeps one more shifted copy)
+        working = tokens * vocab * (2 + (tp > 1)) * FP32
         return final + saved, working
     chunk = tokens if path.chunk < 0 else min(path.chunk, tokens)
     # the gradients computed in forward: d(hidden) per token, d(lm_head) in fp32; one chunk's
@@ -246,6 +250,7 @@ class LayoutEstimate:
     wired: bool
     valid: bool
     reason: str = ""  # why the layout cannot run at nproc
+    note: str = ""  # what the recipe must change to run it (a batch that does not split evenly)
     sizes: dict[str, int] = field(default_factory=dict)  # dp, tp, pp, microbatches
     rows_per_rank: float = 0  # rows of one microbatch on a rank
     memory: Memory | None = None
@@ -340,7 +345,7 @@ class Estimator:
             elif shard > 1:
                 stage_root = (P.embedding + P.final) / tp if pp == 1 else 0
                 block = FP32 * P.per_block / tp
-                extra, what = FP32 * stage_root + 3 * block, "gathered parameters"
+                extra, what = FP32 * stage_root + block, "gathered parameters"
             elif tp > 1 or pp > 1:
                 extra, what = grads, "gradient buckets (data parallel)" if dp > 1 else ""
                 if dp == 1:
@@ -355,10 +360,13 @@ class Estimator:
         s = self.sizes(layout, nproc)
         wired = layout not in LAYOUT_MODULES or importlib.util.find_spec(LAYOUT_MODULES[layout]) is not None
         reason = self.check(layout, nproc, s)
-        out = LayoutEstimate(layout, nproc, wired, not reason, reason, s)
+        out = LayoutEstimate(layout, nproc, wired, valid=not reason, reason=reason, sizes=s)
         if reason:
             return out
-        rows = self.tc.batch_size / s["dp"] / s["microbatches"]
+        unit = s["dp"] * s["microbatches"]
+        rows = self.tc.batch_size / unit
+        if self.tc.batch_size % unit:
+            out.note = f"train.batch_size {self.tc.batch_size} does not split into {unit} equal parts"
         out.rows_per_rank = rows
         out.memory = self.memory(layout, nproc, s, rows, False)
         out.memory_checkpointed = self.memory(layout, nproc, s, rows, True)

@@ -75,7 +75,8 @@ def print_report(report: dict[str, Any]) -> None:
             continue
         s, m, c, sug = row["sizes"], row["memory"], row["memory_checkpointed"], row["suggestion"]
         sizes = " ".join(f"{k} {s[k]}" for k in ("dp", "tp", "pp") if s[k] > 1 or k == "dp")
-        cell("layout", row, sizes + (f" m {s['microbatches']}" if s["pp"] > 1 else ""))
+        cell("layout", row, sizes + (f" m {s['microbatches']}" if s["pp"] > 1 else "")
+             + (f" [yellow]({row['note']})[/]" if row["note"] else ""))
         cell("rows/microbatch", row, f"{row['rows_per_rank']:g}")
         for name, key in (("weights", "weights"), ("gradients", "gradients"), ("AdamW", "optimizer"),
                           ("extra", "extra"), ("activations", "activations"), ("total", "total")):
@@ -86,7 +87,7 @@ def print_report(report: dict[str, Any]) -> None:
         if sug["batch_size"]:
             ckpt = " ckpt" if sug["activation_checkpointing"] and not report["recipe"]["activation_checkpointing"] else ""
             cell("batch x accum", row, f"{sug['batch_size']} x {sug['grad_accum']}{ckpt}")
-            cell("largest batch", row, f"{sug['largest_batch_size']:,}")
+            cell("largest batch", row, count(sug["largest_batch_size"]))
         else:
             cell("batch x accum", row, "[red]nothing fits[/]")
     for name, cells in lines.items():
@@ -99,3 +100,8 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"probe: {probe['tokens_per_s']:,.0f} tokens/s on 1 process ({probe['device']}, "
                       f"{probe['threads']} threads, {probe['steps']} steps of {probe['seconds_per_step']:.3f} s); "
                       f"at N processes: {report['tokens_per_s_assumption']}", highlight=False)
+
+
+def count(n: int) -> str:
+    """1,234 or 12.3k or 4.5M: short enough for a narrow column."""
+    return f"{n:,}" if n < 10**5 else f"{n / 1e3:.0f}k" if n < 10**7 else f"{n / 1e6:.0f}M"
