@@ -159,6 +159,25 @@ def test_the_prefix_cache_keeps_each_adapters_keys_and_values_apart(dirs):
     assert base_again[0].token_ids == first[0].token_ids != got[0].token_ids
 
 
+def test_echo_logprobs_and_speculative_decoding_with_an_adapter_equal_the_merged_model(dirs):
+    from lmforge.infer.speculative import Speculator
+
+    base_dir, adapters = dirs
+    merged = _merged(base_dir, adapters["support-de"])
+    prompt = TEXT[0] + " " + TEXT[0]  # repeats itself: prompt lookup finds drafts
+    engine = _served_engine(dirs, True)
+    engine.speculator = Speculator.ngram(4)
+    with engine, Engine(merged.model, merged.tokenizer) as reference:
+        tok = engine.tokenizer
+        echo = _requests(tok, "support-de", [prompt], max_new=4, prompt_logprobs=True)
+        got, want = engine.generate(echo, 60)[0], reference.generate(_requests(tok, None, [prompt], 4, prompt_logprobs=True), 60)[0]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(got.prompt[1:], want.prompt[1:])) < LOGPROB_TOL
+        spec = engine.generate(_requests(tok, "support-de", [prompt], max_new=30), 60)
+        plain = reference.generate(_requests(tok, None, [prompt], max_new=30), 60)
+    assert engine.speculator.stats.steps > 0  # the lone adapter request was verified in multi-token steps
+    _same(spec, plain)
+
+
 # ----------------------------------------------------------------------------- over HTTP
 
 @pytest.fixture(scope="module")
