@@ -5,6 +5,7 @@ The model file never knows about this module. The processes form a (pp x dp) gri
 `dp = world / pp_size` pipelines side by side, each stage sharded by FSDP2 over its dp group.
 A stage's processes are consecutive ranks, so under torchrun's node-by-node numbering a stage
 shards within a node and only activations cross between nodes.
+
 Each process builds the whole model (so that its initial weights are the ones one process
 would draw) and then keeps only its stage, split by layer count: stage 0 the embeddings and
 the first blocks, the last stage the last blocks, the final norm and the output layer. What
@@ -21,7 +22,8 @@ to its gradients (FSDP then averages over the dp groups, as DDP does). With tied
 last stage holds its own copy of the embedding matrix as the output layer; the two copies'
 gradients are summed before the optimizer step, so they stay equal. Gradient clipping uses
 the norm of all stages' gradients together. Validation runs the stages forward only, one
-batch at a time (hidden states sent from stage to stage), on the same windows as one process.
+batch at a time (hidden states sent from stage to stage), on the same windows as one process
+(every pipeline scores them all: FSDP's gathers need every dp process in each forward).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "S
 
 @dataclass
 class PipelineContext(DistContext):
-    """A `DistContext` whose processes form a (dp x pp) grid: each pipeline (dp index) trains
+    """A `DistContext` whose processes form a (pp x dp) grid: each pipeline (dp index) trains
     on its rows of the global batch, and every stage of it draws the same rows."""
 
     pp_size: int = 1
@@ -203,17 +205,19 @@ class Pipeline:
                                  scale_grads=False)
         self._per_token = 1.0
 
-    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """A microbatch's summed cross-entropy times `_per_token` (1 / the step's counted tokens)."""
+    def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of the last stage's hidden states, summed over the counted targets:
+        through `lm_head` in chunks with train.loss_chunk, as the plain loop's loss."""
         head, chunk = self.model.lm_head, self.tc.loss_chunk
         if chunk and getattr(head, "soft_cap", None) is None:
-            total = chunked_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk,
-                                          reduction="sum")
-        else:
-            logits = soft_cap(head(hidden), self.model.config.logit_softcap)
-            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                    reduction="sum")
-        return total * self._per_token
+            return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk,
+                                         reduction="sum")
+        logits = soft_cap(head(hidden), self.model.config.logit_softcap)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A microbatch's loss: its summed cross-entropy times `_per_token` (1 / the step's counted tokens)."""
+        return self._summed_loss(hidden, targets) * self._per_token
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], accumulation: int = 1) -> float:
         """Forward and backward of this pipeline's rows `batch` (the gradients of their mean loss,
@@ -222,9 +226,7 @@ class Pipeline:
         x, y = batch
         self._per_token = 1.0 / (max(int((y != IGNORE).sum()), 1) * accumulation)
         losses: list[torch.Tensor] = []
-        if self.first and self.last:
-            self.schedule.step(x, target=y, losses=losses, return_outputs=False)
-        elif self.first:
+        if self.first:  # a pipeline has 2 stages or more: never first and last both
             self.schedule.step(x, return_outputs=False)
         elif self.last:
             self.schedule.step(target=y, losses=losses, return_outputs=False)
@@ -281,9 +283,8 @@ class Pipeline:
                         dist.send(h.to(dtype).contiguous(), dst=self._rank_of(stage + 1))
                 if not self.last:
                     continue
-                logits = soft_cap(model.lm_head(h), cfg.logit_softcap)
-                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-                count += y.numel()
+                total += self._summed_loss(h, y).item()
+                count += int((y != IGNORE).sum())
         # Pipeline 0's last stage scored every window; every process gets its sums.
         sums = torch.tensor([total, count] if self.last and self.ctx.dp_rank == 0 else [0.0, 0.0],
                             dtype=torch.float64, device=self.device)
