@@ -166,3 +166,30 @@ def test_what_a_pipeline_cannot_run_is_one_line(make_model, tmp_path):
     run = Run(tc, tmp_path, context(2), torch.device("cpu"), eval_every=10)
     model = make_model(n_layer=2)
     assert "pipelines pretraining only" in refusal(lambda: run.parallelize(model, TaskStep(None, model)))
+
+
+@pytest.mark.parametrize("stages_of", [[[0], [1]], [[0, 2], [1, 3]]], ids=["2 stages", "interleaved"])
+def test_each_process_keeps_only_its_stages_and_they_compose_to_the_model(make_model, stages_of):
+    """Split in one process: every parameter kept by exactly one process (the tied output layer's
+    copy aside), under its full-model name, and the stages run in order give the model's output."""
+    import copy
+
+    whole = make_model(n_layer=4)
+    x = torch.randint(0, whole.config.vocab, (2, 8))
+    n_stages = sum(len(s) for s in stages_of)
+    processes = [copy.deepcopy(whole) for _ in stages_of]
+    parts = {}
+    for model, stages in zip(processes, stages_of):
+        for stage, part in zip(stages, pipeline_parallel.keep_stages(model, stages, n_stages)):
+            parts[stage] = part
+    names = [set(dict(model.named_parameters())) for model in processes]
+    assert set.union(*names) == set(dict(whole.named_parameters())) | {"lm_head.weight"}
+    assert sum(len(n) for n in names) == len(set.union(*names))  # no name on two processes
+    assert {"tok_emb.weight", "blocks.0.attn.qkv.weight"} <= names[0] and "norm_f.weight" not in names[0]
+    assert {"lm_head.weight", "norm_f.weight", "blocks.3.mlp.down.weight"} <= names[-1]
+    assert pipeline_parallel.tied_copy(processes[-1]) and not pipeline_parallel.tied_copy(processes[0])
+    h = x
+    for stage in range(n_stages):
+        h = parts[stage](h)
+    with torch.no_grad():
+        assert torch.allclose(processes[-1].lm_head(h), whole(x), atol=1e-6)
