@@ -10,8 +10,10 @@ Pretraining (`ModelCheckpoints`) writes whole models, in one of two layouts:
 A one-process checkpoint is itself a model directory (anything that loads a model loads it);
 `trainer.pt` adds optimizer state, RNG state and the data cursor (the step). Several
 processes write with `torch.distributed.checkpoint` (DCP): each rank writes its own shards
-of the model and optimizer state (an FSDP2 shard, or under DDP its share of the replicated
-tensors), and nothing is gathered; `trainer.pt` then holds only the RNG and the step.
+of the model and optimizer state (an FSDP2 shard, under DDP its share of the replicated
+tensors, in a pipeline its stage's tensors under their full-model names, with the optimizer
+state flattened per parameter name, `pipeline_parallel.stage_state`), and nothing is gathered;
+`trainer.pt` then holds only the RNG and the step.
 Loading reads either layout at any world size: DCP reshards to the ranks (and the FSDP or
 DDP layout) that load it, and a one-process checkpoint is loaded whole and then sharded.
 `export_checkpoint` turns either into a model directory.
