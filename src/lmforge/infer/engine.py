@@ -372,7 +372,12 @@ class Engine:
             self.native.set_adapters([a.layers for a in table])
 
     def _adapter_index(self, seq: Sequence) -> int:
-        return -1 if seq.adapter is None else self._adapter_table.index(seq.adapter)
+        """The sequence's adapter's place in the native decoder's table (-1: none)."""
+        if seq.adapter is None:
+            return -1
+        if seq.adapter not in self._adapter_table:  # loaded after this step's first sync
+            self._sync_adapters()
+        return self._adapter_table.index(seq.adapter)
 
     def _constraint(self, request: Request) -> Constraint:
         """A matcher for the request's grammar (GrammarError if it cannot be used), whose end
