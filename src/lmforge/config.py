@@ -295,6 +295,9 @@ class TrainConfig(Section):
     max_steps: int = 2000
     max_minutes: float | None = None  # stop early (with a checkpoint) after this much wall time
     weight_decay: float = 0.1
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float | None = None  # Muon's learning rate; None: train.lr (its updates are scaled to AdamW's size)
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -323,8 +326,10 @@ class TrainConfig(Section):
                 raise ValueError(f"{name} must be positive")
         if self.early_stop_patience < 0 or self.early_stop_min_delta < 0:
             raise ValueError("early_stop_patience and early_stop_min_delta must be >= 0")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
+        if self.lr <= 0 or (self.muon_lr is not None and self.muon_lr <= 0):
+            raise ValueError("lr and muon_lr must be positive")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError("muon_momentum must be in [0, 1)")
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
         if self.tp_size < 0 or self.pp_size < 0 or self.pp_microbatches < 0:
