@@ -178,7 +178,7 @@ def test_config_must_come_first_and_fit_the_type(tmp_path):
                                               load_task("pycode").examples[0]])
     with pytest.raises(LmforgeError, match="pass@5 needs k between 1 and n=2"):
         load_task(code)
-    with pytest.raises(LmforgeError, match=r"not found \(built-in tasks: pycode\)"):
+    with pytest.raises(LmforgeError, match=r"not found \(built-in tasks: .*pycode.*translate-eval"):
         load_task(tmp_path / "nothing.jsonl")
 
 

@@ -108,8 +108,9 @@ def from_jsonld(doc: Any, name: str = "graph.jsonld") -> list[Edge]:
     return edges
 
 
-def write_graph(edges: list[Edge], path: Path) -> None:
+def write_graph(edges: list[Edge], path: str | Path) -> None:
     """Write atomically, in the format the file name says."""
+    path = Path(path)
     text = to_csv(edges) if format_of(path) == "csv" else json.dumps(to_jsonld(edges), ensure_ascii=False, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -117,8 +118,11 @@ def write_graph(edges: list[Edge], path: Path) -> None:
     tmp.replace(path)
 
 
-def read_graph(path: Path) -> list[Edge]:
-    text = Path(path).read_text(encoding="utf-8")
+def read_graph(path: str | Path) -> list[Edge]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path} not found")
+    text = path.read_text(encoding="utf-8")
     if format_of(path) == "csv":
         return from_csv(text, str(path))
     try:
