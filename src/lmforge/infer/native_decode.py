@@ -3,7 +3,8 @@
 The PyTorch model stays the reference and does the prefill (compute-bound: MKL's matmuls
 win there); once the prompts are in the KV cache, each step (one new token for each
 sequence of the batch) goes through `decode_step`, which reads the model's own weight and
-cache tensors in place (nothing is copied) for fp32, int8, int4 and w8a8 layers alike. The
+cache tensors in place (nothing is copied) for fp32, int8, int4 and w8a8 layers alike (except
+the batches of a small quantized model, which run on fp32 copies: DEQUANTIZE_MAX_MIB). The
 structs it passes are `lmforge.native.decode_abi`'s, checked against the compiled decode.h.
 `NativeDecoder.create` returns None, with the reason in `why_not`, for anything the C side
 does not cover, and callers then stay on the reference path: a LoRA-wrapped or
@@ -15,6 +16,7 @@ mirror.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,18 @@ from lmforge.native.decode_abi import F32, Q4, Q8
 # load (benchmarks/serve_load.py), and one thread leaves the other cores to the server.
 PARALLEL_MIN_WORK = 32 << 20
 
+
+# A step of this many rows or more of a small quantized model runs on fp32 copies of its
+# dequantized weights, where the model's weights as fp32 take at most DEQUANTIZE_MAX_MIB for its
+# kernels' instruction set and its weights' bits. Many rows make a step compute-bound; a model
+# that small is read from the CPU's cache, where the bytes the integer kernels save cost little
+# and their per-block work (unpacking, scaling, sign tricks) more than fp32's multiply-adds.
+# Fewer rows read each weight once: there the integer kernels win at every size. The copies are
+# small for the same reason. benchmarks/quant_decode_sizes.py measures the crossovers.
+DEQUANTIZE_MIN_ROWS = 4
+DEQUANTIZE_MAX_MIB = {("avx512-vnni", 8): 12, ("avx512-vnni", 4): 48,
+                      ("avx512", 8): 96, ("avx512", 4): 96,  # no VNNI: row kernels, no tiles
+                      ("avx2", 8): 0, ("avx2", 4): 12}
 
 # decode.c sorts a row's chosen experts in a fixed-size array.
 MAX_EXPERTS_PER_TOKEN = 16
@@ -56,11 +70,48 @@ def _tensor(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
     return t.data_ptr()
 
 
-def _linear(m: nn.Module, keep: list[torch.Tensor]) -> abi.Linear:
-    """The C description of one linear layer, pointing at the module's own buffers."""
+def fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the model's linear weights as fp32, quantized or not."""
+    return sum(4 * m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, (nn.Linear, QuantizedLinear, DynamicInt8Linear)))
+
+
+def _quantized_bits(model: nn.Module) -> int:
+    """The fewest bits of the model's quantized layers (0: none quantized)."""
+    return min((m.bits for m in model.modules() if isinstance(m, (QuantizedLinear, DynamicInt8Linear))), default=0)
+
+
+def dequantize_limit(model: nn.Module, lib: ctypes.CDLL) -> int:
+    """Bytes of fp32 weights up to which `model`'s many-row steps run on fp32 copies with the
+    kernels `lib` (see DEQUANTIZE_MAX_MIB); 0 for a model that is not quantized."""
+    bits = _quantized_bits(model)
+    return int(DEQUANTIZE_MAX_MIB.get((abi.isa(lib), bits), 0) * 2**20) if bits else 0
+
+
+# Each quantized layer's fp32 copy, made on first use and kept while the layer lives; a change
+# to its stored buffers (their version counters) makes a new one.
+_DEQUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _dequantized(m: QuantizedLinear | DynamicInt8Linear) -> torch.Tensor:
+    if m.tied:  # a tied lm_head: the embedding holds exactly its dequantized weight
+        return m.tied[0].detach()
+    stamp = tuple((b.data_ptr(), b._version) for b in (m.qweight, m.scales, getattr(m, "zeros", None)) if b is not None)
+    held = _DEQUANTIZED.get(m)
+    if held is None or held[0] != stamp:
+        held = _DEQUANTIZED[m] = (stamp, m.dequantize().contiguous())
+    return held[1]
+
+
+def _linear(m: nn.Module, keep: list[torch.Tensor], dequantized: bool = False) -> abi.Linear:
+    """The C description of one linear layer, pointing at the module's own buffers (a quantized
+    one's fp32 copy where `dequantized`)."""
     if type(m) is nn.Linear:
         return abi.Linear(F32, m.out_features, m.in_features, 0, _tensor(m.weight.detach(), keep), None, None,
                           _tensor(None if m.bias is None else m.bias.detach(), keep))
+    if dequantized and isinstance(m, (QuantizedLinear, DynamicInt8Linear)):
+        return abi.Linear(F32, m.out_features, m.in_features, 0, _tensor(_dequantized(m), keep), None, None,
+                          _tensor(m.bias, keep))
     if isinstance(m, (QuantizedLinear, DynamicInt8Linear)) and m.in_features % CHUNK == 0:
         kind = Q4 if m.bits == 4 else Q8
         zero = _tensor(m.zeros, keep) if kind == Q4 else None
@@ -73,7 +124,11 @@ class NativeDecoder:
     """Decodes the sequences held in a KV cache: `keys[layer]` and `values[layer]` are each
     (rows, n_kv_head, capacity, head_dim), row r one sequence (a `KVCache` or `SlotCache`)."""
 
-    def __init__(self, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor], lib: ctypes.CDLL):
+    def __init__(self, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor], lib: ctypes.CDLL,
+                 dequantize_max_bytes: int | None = None):
+        """`dequantize_max_bytes`: the size up to which a quantized model's steps of
+        DEQUANTIZE_MIN_ROWS rows or more run on fp32 copies of its weights (default:
+        `dequantize_limit` for this model and these kernels; 0: the integer kernels always)."""
         cfg = model.config
         if not cfg.causal:
             raise Unsupported("a bidirectional encoder does not decode")
@@ -81,33 +136,51 @@ class NativeDecoder:
             raise Unsupported("the model is in training mode with dropout")
         if cfg.n_experts and cfg.experts_per_token > MAX_EXPERTS_PER_TOKEN:
             raise Unsupported(f"more than {MAX_EXPERTS_PER_TOKEN} experts per token")
+        self.rows, _, self.capacity, _ = keys[0].shape
+        self.row_stride = keys[0].stride(0)
+        self.lib, self.vocab, self.logit_softcap = lib, cfg.vocab, cfg.logit_softcap
+        # the C structs point into what _describe returns beside them: keep it alive
+        self.spec, self._layers, self._held = self._describe(model, keys, values, dequantized=False)
+        self.weight_bytes = matmul_bytes(model)
+        limit = dequantize_limit(model, lib) if dequantize_max_bytes is None else dequantize_max_bytes
+        self.dequantized = None  # (spec, layers, held) of the fp32 copies, for steps of many rows
+        self.dequantized_bytes = fp32_bytes(model)
+        if _quantized_bits(model) and self.dequantized_bytes <= limit:
+            self.dequantized = self._describe(model, keys, values, dequantized=True)
+        self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
+        self._lora: list = []  # each layer's table of LoRA updates (set_adapters) and the tensors it points at
+
+    def _describe(self, model: Transformer, keys: list[torch.Tensor], values: list[torch.Tensor],
+                  dequantized: bool) -> tuple[abi.Model, ctypes.Array, list]:
+        """The C description of the model (its quantized layers as fp32 copies where
+        `dequantized`), its layer table, and what both point into."""
+        cfg = model.config
         keep: list[torch.Tensor] = []
         t = lambda x: _tensor(None if x is None else x.detach(), keep)  # noqa: E731
+        linear = lambda m: _linear(m, keep, dequantized)  # noqa: E731
         layers = (abi.Layer * cfg.n_layer)()
         experts = []  # each MoE layer's (up, down) pairs, which its Layer points into
         for i, block in enumerate(model.blocks):
             attn, mlp = block.attn, block.mlp
             norm = lambda n: None if n is None else t(n.weight)  # noqa: E731
             if cfg.n_experts:
-                pairs = (abi.Linear * (2 * cfg.n_experts))(*(_linear(layer, keep) for expert in mlp.experts
+                pairs = (abi.Linear * (2 * cfg.n_experts))(*(linear(layer) for expert in mlp.experts
                                                             for layer in (expert.up, expert.down)))
                 experts.append(pairs)
-                up, down, router, expert_ptr = abi.Linear(), abi.Linear(), _linear(mlp.router, keep), pairs
+                up, down, router, expert_ptr = abi.Linear(), abi.Linear(), linear(mlp.router), pairs
             else:
-                up, down, router, expert_ptr = _linear(mlp.up, keep), _linear(mlp.down, keep), abi.Linear(), None
+                up, down, router, expert_ptr = linear(mlp.up), linear(mlp.down), abi.Linear(), None
             shared = getattr(mlp, "shared", None)  # qwen2_moe's expert that every token runs
             shared_linears = (abi.Linear(),) * 3 if shared is None else \
-                (_linear(shared.up, keep), _linear(shared.down, keep), _linear(mlp.shared_gate, keep))
+                (linear(shared.up), linear(shared.down), linear(mlp.shared_gate))
             layers[i] = abi.Layer(t(block.norm1.weight), t(getattr(block.norm1, "bias", None)),
                                    t(block.norm2.weight), t(getattr(block.norm2, "bias", None)),
-                                   _linear(attn.qkv, keep), _linear(attn.proj, keep), up, down,
+                                   linear(attn.qkv), linear(attn.proj), up, down,
                                    t(keys[i]), t(values[i]), norm(attn.q_norm), norm(attn.k_norm), router,
                                    None if expert_ptr is None else ctypes.addressof(expert_ptr), *shared_linears,
                                    *(norm(n) if cfg.post_norms else None for n in (block.post_attn_norm, block.post_mlp_norm)),
                                    *self._layer_rope(model, i, t), cfg.layer_window(i) or 0)
-        self.rows, _, self.capacity, _ = keys[0].shape
-        self.row_stride = keys[0].stride(0)
-        self.spec = abi.Model(
+        spec = abi.Model(
             cfg.n_layer, cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head,
             cfg.expert_dim if cfg.n_experts else cfg.ffn_dim, cfg.vocab,
             self.capacity, int(cfg.family == "gpt2"), int(cfg.family != "gpt2"), int(cfg.uses_rope),
@@ -116,14 +189,12 @@ class NativeDecoder:
             cfg.d_model ** 0.5 if cfg.is_gemma else 1.0, cfg.attn_scale, cfg.attn_softcap or 0.0, t(model.tok_emb.weight),
             t(None if model.pos_emb is None else model.pos_emb.weight),
             t(getattr(model, "rope_cos", None)), t(getattr(model, "rope_sin", None)),
-            t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), _linear(model.lm_head, keep),
+            t(model.norm_f.weight), t(getattr(model.norm_f, "bias", None)), linear(model.lm_head),
             ctypes.addressof(layers), 0, None)
-        # the C structs point into these: keep them alive
-        self._layers, self._experts, self._keep = layers, experts, keep
-        self.lib, self.vocab, self.logit_softcap = lib, cfg.vocab, cfg.logit_softcap
-        self.weight_bytes = matmul_bytes(model)
-        self.first: list[int] = [0] * self.rows  # leading padding slots per row (see for_cache)
-        self._lora: list = []  # each layer's table of LoRA updates (set_adapters) and the tensors it points at
+        return spec, layers, [experts, keep]
+
+    def _descriptions(self) -> list[tuple[abi.Model, ctypes.Array]]:
+        return [(self.spec, self._layers)] + ([self.dequantized[:2]] if self.dequantized else [])
 
     def set_adapters(self, adapters: list[dict[str, LoraUpdate]]) -> None:
         """The LoRA adapters that `step`'s `adapters` index: adapters[i] maps a block linear's
@@ -140,9 +211,10 @@ class NativeDecoder:
                         table[a * len(abi.LORA_LINEARS) + j] = abi.Lora(u.r, len(u.cols), _tensor(u.a, keep),
                                                                         _tensor(u.bt, keep), _tensor(u.cols, keep))
             tables.append(table)
-        for i, table in enumerate(tables):
-            self._layers[i].lora = ctypes.addressof(table) if adapters else None
-        self.spec.n_adapters = len(adapters)
+        for spec, layers in self._descriptions():
+            for i, table in enumerate(tables):
+                layers[i].lora = ctypes.addressof(table) if adapters else None
+            spec.n_adapters = len(adapters)
         self._lora = [tables, keep]
 
     @classmethod
@@ -212,9 +284,12 @@ class NativeDecoder:
                          B if logits_rows is None else len(logits_rows),
                          None if adapter is None else ctypes.addressof(adapter))
         logits = torch.empty(B if logits_rows is None else len(logits_rows), self.vocab)
-        team = torch.get_num_threads() if self.weight_bytes * B >= PARALLEL_MIN_WORK else 1
+        spec, weight_bytes = self.spec, self.weight_bytes
+        if self.dequantized is not None and B >= DEQUANTIZE_MIN_ROWS:
+            spec, weight_bytes = self.dequantized[0], self.dequantized_bytes
+        team = torch.get_num_threads() if weight_bytes * B >= PARALLEL_MIN_WORK else 1
         threads = team if threads is None else max(1, min(team, threads))
-        self.lib.decode_step(ctypes.addressof(self.spec), ctypes.byref(rows), threads, logits.data_ptr())
+        self.lib.decode_step(ctypes.addressof(spec), ctypes.byref(rows), threads, logits.data_ptr())
         return soft_cap(logits, self.logit_softcap)
 
     @staticmethod
@@ -228,11 +303,13 @@ class NativeDecoder:
     def profile(self, steps) -> dict[str, float]:
         """Run `steps()` with the C side timing its phases; seconds per phase, in all."""
         seconds = torch.zeros(len(PROFILE_PHASES), dtype=torch.float64)
-        self.spec.profile = seconds.data_ptr()
+        for spec, _ in self._descriptions():
+            spec.profile = seconds.data_ptr()
         try:
             steps()
         finally:
-            self.spec.profile = None
+            for spec, _ in self._descriptions():
+                spec.profile = None
         return dict(zip(PROFILE_PHASES, seconds.tolist()))
 
 

@@ -67,7 +67,8 @@ class ServeSettings(Section):
     @classmethod
     def _known_drafter(cls, value: str | None) -> str | None:
         if value not in (None, "ngram"):
-            raise ValueError(f"{value!r} is not known: give 'ngram' (prompt lookup), or --draft MODEL for a draft model")
+            raise ValueError(f"{value!r} is not known: give 'ngram' (prompt lookup), "
+                             "or --draft MODEL for a draft model")
         return value
 
     @model_validator(mode="after")
