@@ -203,3 +203,19 @@ def test_cli_refuses_bad_input_with_one_line(cli, args, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_layout_without_its_module_is_still_estimated_and_marked(monkeypatch):
+    from lmforge.train import estimate
+
+    monkeypatch.setitem(estimate.LAYOUT_MODULES, "pp", "lmforge.train.no_such_pipeline_module")
+    recipe = load_recipe("tiny", {"model": {"vocab_size": VOCAB}})
+    est = Estimator(recipe, VOCAB, "cpu", "float32", native_ok=False)
+    pp, ddp = est.estimate("pp", 2), est.estimate("ddp", 2)
+    assert not pp.wired and pp.valid and pp.memory.total > 0
+    assert ddp.wired
+    # a stage holds half the blocks; the busier one here is the first (the embedding, and 2
+    # microbatches in flight under 1F1B against the last stage's 1)
+    P = count_parameters(recipe.model, VOCAB)
+    assert pp.memory.weights == 4 * (P.per_block + P.embedding)
+    assert pp.memory.weights < ddp.memory.weights
