@@ -295,24 +295,31 @@ def serve(
 
 
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A model directory.")],
+    model: Annotated[Optional[Path], typer.Argument(help="A model directory (or, to compare saved runs, a results JSON).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A UTF-8 text file, or a directory made by `lmforge data prepare`.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    tasks: Annotated[Optional[list[Path]], typer.Option(help="A JSONL task file (multiple choice, generation, code, perplexity) or a built-in task (pycode); repeatable.")] = None,
-    compare: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate this model on the tasks, side by side; repeatable.")] = None,
+    tasks: Annotated[Optional[list[Path]], typer.Option(help="A JSONL task file (multiple choice, generation, code, extraction, minimal pairs, perplexity) or a built-in task (pycode, bias-pairs-en, bias-pairs-zh, ...); repeatable.")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Also evaluate this model on the tasks, side by side; or a results JSON (--out) to compare with, each cell's difference from the first column shown; repeatable.")] = None,
     num_fewshot: Annotated[int, typer.Option(help="Solved examples put before each task prompt.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N examples of each task.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the task results JSON here, and what the model wrote per example to OUT_STEM.examples/TASK.jsonl.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the task results JSON here, what the model wrote per example to OUT_STEM.examples/TASK.jsonl, and the HTML report to OUT_STEM.html.")] = None,
+    perturb: Annotated[Optional[str], typer.Option(help="Also run each task on perturbed inputs and report the drop: typos,fullwidth,paraphrase,case,punct (comma-separated; paraphrase needs the task file's 'paraphrases').")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write the self-contained HTML report here (tables, plots, worst examples; with results JSONs to compare, the comparison).")] = None,
 ):
     """Perplexity and bits-per-byte on a text file or prepared split (--data), or benchmark tasks (--tasks)."""
     import lmforge
 
-    if tasks:
+    entries = [*([model] if model else []), *(compare or [])]
+    if tasks or (entries and all(p.suffix == ".json" for p in entries)):
         from lmforge.eval.tasks import eval_command
 
-        return eval_command([model, *(compare or [])], tasks, num_fewshot, batch_size, limit, out, as_json, console)
+        if not entries:
+            raise LmforgeError("lmforge eval --tasks needs a model directory: lmforge eval MODEL --tasks FILE.jsonl")
+        return eval_command(entries, tasks, num_fewshot, batch_size, limit, out, as_json, console, perturb, report)
+    if model is None:
+        raise LmforgeError("lmforge eval needs a model directory (or results JSONs to compare: --compare A.json --compare B.json)")
     if data is None:
         raise LmforgeError("lmforge eval needs --data FILE_OR_DIR (perplexity) or --tasks FILE.jsonl (benchmarks)")
     from lmforge.data.loader import TokenSplit

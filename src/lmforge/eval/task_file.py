@@ -8,10 +8,11 @@ One example per line; the fields decide the task type (all examples of a file mu
     {"context": "Ada works at Acme.\nTriples:", "triples": [{"head": "Ada", "relation": "works_at", "tail": "Acme"}]}
                                                             extraction (eval/extraction.py)
     {"text": "Any document ..."}                            perplexity and bits per byte
+    {"category": "age", "stereotyped": "...", "anti_stereotyped": "..."}   minimal pairs (eval/probes.py)
 
 An optional first line `{"config": {...}}` sets the file's settings (`TaskConfig`): metrics,
 stop strings, max tokens, samples, temperature, chat template, delimiter, pass@k's k,
-constrained decoding (extraction).
+constrained decoding (extraction), perturbation probes (eval/perturb.py).
 
 Multiple choice scores each choice by log P(delimiter + choice | context): `acc` takes the
 highest log-likelihood, `acc_norm` the highest log-likelihood per UTF-8 byte of the choice.
@@ -35,18 +36,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
 from lmforge.eval import triples
+from lmforge.eval import perturb
 from lmforge.eval.metrics import CODE_METRICS, TEXT_METRICS, is_cjk
 
 SHOT_SEPARATOR = "\n\n"
 TYPES = {"code": ("prompt", "test", "entry_point"), "multiple_choice": ("context", "choices", "gold"),
-         "extraction": ("context", "triples"), "generation": ("context", "answer"), "perplexity": ("text",)}
+         "extraction": ("context", "triples"), "generation": ("context", "answer"), "perplexity": ("text",),
+         "minimal_pairs": ("stereotyped", "anti_stereotyped", "category")}
 # The field that tells the type, checked in this order.
 MARKER = {"code": "entry_point", "multiple_choice": "choices", "extraction": "triples", "generation": "answer",
-          "perplexity": "text"}
+          "perplexity": "text", "minimal_pairs": "stereotyped"}
 GENERATIVE = ("generation", "code", "extraction")
 # HumanEval's stop sequences: the function body ends where a new top-level statement begins.
 CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 BUILTIN = resources.files("lmforge.eval") / "code_tasks"
+PROBES = resources.files("lmforge.eval") / "probe_tasks"  # the bias probe's pairs (probes.py)
 # The application recipes' held-out task files (NAME-eval.jsonl beside their training data).
 APPLICATION_TASKS = resources.files("lmforge") / "recipes" / "finetune" / "data"
 
@@ -68,6 +72,15 @@ class TaskConfig(BaseModel):
     k: list[int] | None = None  # pass@k; default: 1, 10, 100 up to n
     timeout: float = Field(10.0, gt=0.0, le=600.0)  # seconds per program (code)
     constrained: bool = False  # extraction: decode under the triples JSON schema (triples.SCHEMA)
+    perturb: list[str] | None = None  # perturbation probes run with the task (perturb.PERTURBATIONS)
+
+    @field_validator("perturb", mode="before")
+    @classmethod
+    def _perturbations(cls, v):
+        try:
+            return perturb.parse(v)
+        except LmforgeError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("metric", "stop", mode="before")
     @classmethod
@@ -75,10 +88,10 @@ class TaskConfig(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
-APPLIES = {"multiple_choice": {"delimiter"}, "perplexity": set(),
+APPLIES = {"multiple_choice": {"delimiter", "perturb"}, "perplexity": set(), "minimal_pairs": set(),
            "generation": set(TaskConfig.model_fields) - {"k", "timeout", "constrained"},
            "extraction": set(TaskConfig.model_fields) - {"k", "timeout"},
-           "code": set(TaskConfig.model_fields) - {"chat", "delimiter", "constrained"}}
+           "code": set(TaskConfig.model_fields) - {"chat", "delimiter", "constrained", "perturb"}}
 METRICS = {"code": CODE_METRICS, "extraction": triples.METRICS}
 
 
@@ -122,16 +135,23 @@ class Task:
     examples: list[dict[str, Any]]
     path: Path | None = None
     config: TaskConfig = field(default_factory=TaskConfig)
+    # A perturbed task (perturb.py): its few-shot examples come from the clean ones, example i's
+    # as for clean example origin[i].
+    shot_pool: list[dict[str, Any]] | None = None
+    origin: list[int] | None = None
 
     def shots(self, index: int, k: int, seed: int) -> list[dict[str, Any]]:
         """`k` solved examples other than `index`, the same for a given (index, seed)."""
+        pool = self.examples if self.shot_pool is None else self.shot_pool
+        if self.origin is not None:
+            index = self.origin[index]
         if k == 0:
             return []
-        if k >= len(self.examples):
+        if k >= len(pool):
             raise LmforgeError(f"task {self.name}: {k} few-shot examples asked for, but the file has only "
-                               f"{len(self.examples)} examples (one is being evaluated)")
-        others = [j for j in range(len(self.examples)) if j != index]
-        return [self.examples[j] for j in random.Random(seed * 1_000_003 + index).sample(others, k)]
+                               f"{len(pool)} examples (one is being evaluated)")
+        others = [j for j in range(len(pool)) if j != index]
+        return [pool[j] for j in random.Random(seed * 1_000_003 + index).sample(others, k)]
 
 
 def context_of(example: dict[str, Any], task_type: str) -> str:
@@ -169,13 +189,15 @@ def _check_example(ex: Any, where: str, task_type: str | None) -> str:
     found = task_type or next((t for t, marker in MARKER.items() if marker in ex), None)
     if found is None:
         raise LmforgeError(f"{where}: cannot tell the task type: an example needs 'choices' (multiple choice), "
-                           "'answer' (generation), 'entry_point' (code), 'triples' (extraction) or 'text' (perplexity)")
+                           "'answer' (generation), 'entry_point' (code), 'triples' (extraction), 'text' (perplexity) "
+                           "or 'stereotyped' (minimal pairs)")
     missing = [f for f in TYPES[found] if f not in ex]
     if missing:
         raise LmforgeError(f"{where}: missing field {', '.join(repr(m) for m in missing)} "
                            f"(a {found.replace('_', '-')} example has {', '.join(TYPES[found])})")
     for f in TYPES[found]:
-        if f in ("context", "text", "prompt", "test", "entry_point") and not (isinstance(ex[f], str) and ex[f]):
+        texts = ("context", "text", "prompt", "test", "entry_point", *TYPES["minimal_pairs"])
+        if f in texts and not (isinstance(ex[f], str) and ex[f]):
             raise LmforgeError(f"{where}: '{f}' must be a non-empty string")
     if found == "multiple_choice":
         choices = ex["choices"]
@@ -205,6 +227,7 @@ def _builtin_files() -> dict[str, Path]:
     files = {p.name.removesuffix(".jsonl"): Path(str(p)) for p in BUILTIN.iterdir() if p.name.endswith(".jsonl")}
     files.update({p.name.removesuffix(".jsonl"): Path(str(p)) for p in APPLICATION_TASKS.iterdir()
                   if p.name.endswith("-eval.jsonl")})
+    files.update({p.name.removesuffix(".jsonl"): Path(str(p)) for p in PROBES.iterdir() if p.name.endswith(".jsonl")})
     return files
 
 
@@ -250,12 +273,14 @@ class TaskResult:
     metrics: dict[str, float]
     seconds: float
     predictions: list[Any] = field(default_factory=list, repr=False)
+    details: dict[str, Any] = field(default_factory=dict)  # reported beside the metrics, not compared
+
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = {"task": self.task, "type": self.type, "examples": self.examples, "num_fewshot": self.num_fewshot,
-             **self.metrics, "seconds": round(self.seconds, 3),
+             **self.metrics, **self.details, "seconds": round(self.seconds, 3),
              "examples_per_s": round(self.examples / max(self.seconds, 1e-9), 2)}
-        if self.type in GENERATIVE:
+        if self.type in (*GENERATIVE, "minimal_pairs"):
             d["metric_names"] = list(self.metrics)
         if with_predictions:
             d["predictions"] = self.predictions

@@ -8,8 +8,6 @@ Images are PNGs embedded as base64 `data:` URIs, so the file can be mailed or ar
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +17,8 @@ from jinja2 import Environment
 from lmforge.errors import LmforgeError
 from lmforge.explain.inspect import Head, attention_maps, attributions, logit_lens, next_token_distribution
 from lmforge.explain.tokens import token_label
+from lmforge.plotting import PAGE_CSS, png_data_uri
 from lmforge.plotting import pyplot as _pyplot
-
-
-def _png(fig) -> str:
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def attention_figure(maps: torch.Tensor, layer: int, tokens: list[str]) -> str:
@@ -46,7 +37,7 @@ def attention_figure(maps: torch.Tensor, layer: int, tokens: list[str]) -> str:
         ax.set_title(f"layer {layer} head {h}", fontsize=8)
         ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
         ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def attribution_figure(tokens: list[str], gxi: np.ndarray, ig: np.ndarray, target: str) -> str:
@@ -59,7 +50,7 @@ def attribution_figure(tokens: list[str], gxi: np.ndarray, ig: np.ndarray, targe
     ax.set_xticks(x, tokens, rotation=60, fontsize=7)
     ax.set_title(f"attribution toward {target}", fontsize=9)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _shade(values: np.ndarray) -> list[str]:
@@ -74,13 +65,7 @@ def _shade(values: np.ndarray) -> list[str]:
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>lmforge explain: {{ title }}</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-code, .tok, .mono { font-family: ui-monospace, monospace; white-space: pre; }
-.tok { display: inline-block; padding: 2px 3px; margin: 1px; border-radius: 3px; white-space: pre; }
-table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ccc; padding: 2px 6px; }
-th { background: #f3f3f3; } img { max-width: 100%; } .muted { color: #777; }
-</style></head><body>
+<style>{{ css|safe }}</style></head><body>
 <h1>lmforge explain</h1>
 <p>model <code>{{ model }}</code> &middot; {{ n_tokens }} tokens &middot; {{ n_layer }} layers &times; {{ n_head }} heads</p>
 <h2>Prompt and prediction</h2>
@@ -141,7 +126,7 @@ def explain(lm, prompt: str, out: str | Path, head: Head | None = None, labels: 
              "last": ", ".join(f"{show(t)} {p:.2f}" for t, p in r.top[-1])}
             for r in logit_lens(model, ids_t, top_k)]
     page = Environment(autoescape=True).from_string(PAGE).render(
-        title=prompt[:60], model=str(lm.path), tokens=tokens, n_tokens=len(ids),
+        css=PAGE_CSS, title=prompt[:60], model=str(lm.path), tokens=tokens, n_tokens=len(ids),
         n_layer=maps.shape[0], n_head=maps.shape[1], prediction=prediction, target=target, target_kind=kind,
         steps=attr.steps, baseline_token=show(baseline),
         ig_sum=float(attr.integrated_gradients.sum()), score_diff=attr.score - attr.baseline_score,
