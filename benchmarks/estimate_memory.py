@@ -63,11 +63,16 @@ def worker(out: Path, argv: list[str]) -> None:
     events = json.loads(trace.read_text())["traceEvents"]
     trace.unlink()
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "estimate_memory_step"]
-    peak = max((e["args"]["Total Allocated"] for e in events
-                if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-                and any(a <= e["ts"] <= b for a, b in spans)), default=0)
-    (out / f"peak-{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"peak": peak, "threads":
-                                                                               torch.get_num_threads()}))
+    inside = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+              and any(a <= e["ts"] <= b for a, b in spans)]
+    top = max(inside, key=lambda e: e["args"]["Total Allocated"], default=None)
+    peak = top["args"]["Total Allocated"] if top else 0
+    # the innermost operator running at the peak: where in the step it comes
+    ops = [e for e in events if e.get("ph") == "X" and e.get("name", "").startswith(("aten::", "autograd::"))
+           and top and e["ts"] <= top["ts"] <= e["ts"] + e.get("dur", 0)]
+    where = max(ops, key=lambda e: e["ts"])["name"] if ops else ""
+    (out / f"peak-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(
+        {"peak": peak, "at": where, "threads": torch.get_num_threads()}))
 
 
 def recipe_for(size: dict, data_dir: Path, runs: Path, dtype: str, checkpointed: bool, layout: str) -> dict:
@@ -111,7 +116,7 @@ def main() -> None:
     rows = []
     print(f"# estimate vs measured peak per rank (CPU allocator's live-tensor total, torch.profiler), 2 steps")
     print(f"# {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'size':8} {'layout':6} {'ckpt':5} {'dtype':9} {'rank':>4} {'estimate':>10} {'measured':>10} {'error':>7}")
+    print(f"{'size':8} {'layout':6} {'ckpt':5} {'dtype':9} {'rank':>4} {'estimate':>10} {'measured':>10} {'error':>7}  peak at")
     for size_name in args.sizes.split(","):
         size = SIZES[size_name]
         for checkpointed in [c == "on" for c in args.checkpointing.split(",")]:
@@ -139,14 +144,16 @@ def main() -> None:
                 est = Estimator(recipe, VOCAB, "cpu", dtype, native.elementwise() is not None)
                 e = est.estimate("ddp" if layout == "1" else layout, nproc)
                 estimate = (e.memory_checkpointed if checkpointed else e.memory).total
-                peaks = [json.loads((out / f"peak-{r}.json").read_text())["peak"] for r in range(nproc)]
+                ranks = [json.loads((out / f"peak-{r}.json").read_text()) for r in range(nproc)]
+                peaks = [r["peak"] for r in ranks]
                 measured = max(peaks)
+                at = ranks[peaks.index(measured)]["at"]
                 error = (estimate - measured) / measured
                 rows.append({"size": size_name, "layout": layout, "checkpointed": checkpointed, "dtype": dtype,
-                             "estimate": estimate, "measured": measured, "peaks": peaks, "error": error})
+                             "estimate": estimate, "measured": measured, "peaks": peaks, "error": error, "at": at})
                 print(f"{size_name:8} {layout:6} {'on' if checkpointed else 'off':5} {dtype:9} "
                       f"{peaks.index(measured):>4} {estimate / 2**20:>8.1f}Mi {measured / 2**20:>8.1f}Mi "
-                      f"{error:>+7.1%}", flush=True)
+                      f"{error:>+7.1%}  {at}", flush=True)
     if rows:
         worst = max(rows, key=lambda r: abs(r["error"]))
         within = sum(abs(r["error"]) <= 0.15 for r in rows)
