@@ -54,7 +54,8 @@ def _classifier_scores(model: Path, examples: list[dict[str, Any]]) -> dict[str,
     gold = [ex["choices"][ex["gold"]] for ex in examples]
     missing = sorted(set(gold) - set(tuned.labels))
     if missing:
-        raise LmforgeError(f"{model}'s head has labels {tuned.labels}; the task's gold labels {missing} are not among them")
+        raise LmforgeError(f"{model}'s head has labels {tuned.labels}; the task's gold labels {missing} "
+                           "are not among them")
     return label_scores(tuned.classify([ex["text"] for ex in examples]), gold)
 
 

@@ -105,7 +105,8 @@ def prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def score(predicted: list[list[Triple] | None], gold: list[list[Triple]]) -> tuple[dict[str, float], list[dict[str, float]]]:
+def score(predicted: list[list[Triple] | None],
+          gold: list[list[Triple]]) -> tuple[dict[str, float], list[dict[str, float]]]:
     """(task scores: micro precision/recall/F1 and the fraction of outputs that parsed,
     per-example scores). An output that did not parse predicts no triples."""
     totals = [0, 0, 0]
