@@ -84,6 +84,10 @@ def write_model_files(d: Path, model: Transformer, tokenizer: TextTokenizer,
 
         hf_config = quantized_hf_config(hf_config, model)
         hashes, parameters = write_quantized_weights(d, model), quantized_params(model)
+    elif getattr(model, "compact_storage", False):  # set by `lmforge prune`: zeros not stored (compress/sparse.py)
+        from lmforge.compress.sparse import write_sparse_weights
+
+        (hf_config, hashes), parameters = write_sparse_weights(d, model, hf_config), model.num_params()
     else:
         hashes, parameters = write_weights(d, model, max_shard_bytes), model.num_params()
     write_config_files(d, hf_config, tokenizer, cfg.context)
@@ -170,6 +174,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
         from lmforge.compress.storage import load_quantized
 
         return load_quantized(folder, hf_config, device, dtype, key)
+    if "sparsity_config" in hf_config:  # pruned weights stored compactly: lmforge.compress.sparse expands them
+        from lmforge.compress.sparse import load_sparse
+
+        return load_sparse(folder, hf_config, device, dtype, key)
     cfg: ModelConfig = from_hf_config(hf_config)
     source = weight_source(folder, allow_pickle, key)
     tokenizer_dir = folder if tokenizer is None else Path(tokenizer)

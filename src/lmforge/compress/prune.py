@@ -8,8 +8,9 @@
 - pattern 2:4: of every 4 consecutive inputs of a row, keep the 2 highest-scoring (the
   layout sparse tensor cores accelerate); sparsity is then 0.5 by construction.
 
-The embedding and lm_head are left dense. The result is a normal model directory (zeros
-stored densely) with the pruning recorded in lmforge.json; `--recover-steps` runs a short
+The embedding and lm_head are left dense. The result is a model directory with the pruning
+recorded in lmforge.json; 2:4 layers (and any layer at least 70% sparse) are stored compactly
+(`lmforge.compress.sparse`), other zeros densely; `--recover-steps` runs a short
 fine-tune on the calibration data with the zeros held at zero.
 """
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
+from lmforge.compress.sparse import BITMAP_MIN_SPARSITY
 from lmforge.compress.storage import LINEARS, check_out, is_quantized_dir
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
@@ -151,6 +153,8 @@ def run_prune(model_dir, out, sparsity: float, method: str = "magnitude", patter
               "layers": "attention qkv/proj and MLP up/down of every block", "recover_steps": recover_steps}
     if tokens is not None:
         record["calibration"] = {"data": str(data), "sequences": len(tokens)}
+    # 2:4 and very sparse layers are stored compactly (compress/sparse.py); others as dense zeros
+    m.model.compact_storage = pattern == "2:4" or sparsity >= BITMAP_MIN_SPARSITY
     m.save(out, pruning=record)
     return {**record, "losses": losses, "out": str(Path(out))}
 
