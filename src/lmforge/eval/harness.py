@@ -9,7 +9,9 @@ is registered when this module is imported. From Python:
 From the shell, `python -m lmforge.eval.harness ARGS` is `lm_eval ARGS` with the backend
 registered (same arguments). Log-likelihood requests go through the shared-prefix scorer
 (`lmforge.eval.scoring`), so a multiple-choice question's context runs once for all its
-choices; over-long contexts lose their oldest tokens, as in lm-eval's HF backend.
+choices, and prefixes that contexts share (the same few-shot examples, as MMLU's five
+per subject) are computed once; `prefix_cache=False` in model_args turns that sharing off.
+Over-long contexts lose their oldest tokens, as in lm-eval's HF backend.
 `generate_until` decodes greedily, or samples (`do_sample`, `temperature`, `top_p`,
 `top_k`) from a generator seeded off torch's global one, which lm-eval seeds
 (`--seed`), so sampled runs repeat. `--apply_chat_template` renders prompts with the
@@ -32,7 +34,7 @@ DEFAULT_BATCH = 16
 @register_model("lmforge")
 class LmforgeLM(LM):
     def __init__(self, pretrained: str, batch_size: int | str | None = None, device: str | None = None,
-                 dtype: str | None = None, max_gen_toks: int = 256, **_: Any):
+                 dtype: str | None = None, max_gen_toks: int = 256, prefix_cache: bool | str = True, **_: Any):
         super().__init__()
         import torch
 
@@ -41,6 +43,7 @@ class LmforgeLM(LM):
         self.lm = lmforge.load(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else DEFAULT_BATCH
         self.max_gen_toks = int(max_gen_toks)
+        self.prefix_cache = str(prefix_cache).lower() not in ("false", "0", "no", "off")
         self._device = self.lm.model.tok_emb.weight.device
         tok = self.lm.tokenizer
         self.prefix_id = tok.eos_id if tok.eos_id is not None else (tok.bos_id or 0)
@@ -69,7 +72,8 @@ class LmforgeLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*r.args) for r in requests]
         scores = score_requests(self.lm.model, pairs, batch_size=self.batch_size,
-                                pad_id=self.lm.tokenizer.pad_id or 0, truncate=True)
+                                pad_id=self.lm.tokenizer.pad_id or 0, truncate=True,
+                                prefix_cache=self.prefix_cache)
         return [(s.logprob, s.greedy) for s in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
