@@ -88,13 +88,17 @@ def print_table(rows, out: Console = console) -> None:
 
     base = rows[0]
     table = Table(title="compression report (speed relative to the first model)")
-    for col in ("model", "method", "parameters", "file MB", "size", "perplexity", "tokens/s", "speed"):
+    for col in ("model", "method", "parameters", "file MB", "size", "perplexity", "tokens/s", "speed", "J/token"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in rows:
         ppl = f"{r.perplexity:.3f}" if r.perplexity is not None else "-"
         table.add_row(Path(r.model).name, r.method, f"{r.parameters / 1e6:.2f}M", f"{r.file_mb:.2f}",
                       f"{base.file_mb / r.file_mb:.2f}x smaller" if r is not base else "", ppl,
-                      f"{r.tokens_per_s:.1f}", f"{r.tokens_per_s / base.tokens_per_s:.2f}x")
+                      f"{r.tokens_per_s:.1f}", f"{r.tokens_per_s / base.tokens_per_s:.2f}x",
+                      f"{r.joules_per_token:.3g}" if r.joules_per_token is not None else "-")
+    sources = sorted({r.energy_source for r in rows if r.energy_source})
+    if sources:
+        table.caption = "energy: " + "; ".join(sources)
     out.print(table)
 
 

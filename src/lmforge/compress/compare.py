@@ -1,10 +1,15 @@
 """`lmforge compare`: the compression report, one row per model directory.
 
-Parameters, weight-file size, validation perplexity and batch-1 greedy decode speed,
-as a table and a PNG bar chart. The models are held together and their speeds measured in
+Parameters, weight-file size, validation perplexity, batch-1 greedy decode speed and the
+energy per generated token, as a table and a PNG bar chart. The models are held together and their speeds measured in
 interleaved rounds (each model once a round, the median of the rounds reported), so a busy
 moment of the machine slows every model alike and the speeds compare with each other (not
 across machines).
+
+Energy per token is read from the same counter as training summaries (`eval.compute.EnergyMeter`:
+RAPL on CPUs, NVML on NVIDIA GPUs) over the timed decode loops only; where there is none it is
+the device's default power times those loops' time, and `energy_source` says "estimate". The
+counter covers the whole package or GPU, so other work on the machine is counted too.
 """
 
 from __future__ import annotations
@@ -30,16 +35,48 @@ class Row:
     perplexity: float | None
     tokens_per_s: float
     weight_mb_per_token: float  # what one decoding step reads: every matmul weight once
+    joules_per_token: float | None = None  # over the timed decode loops (see the module docstring)
+    energy_source: str = ""
+    decode_s: float = 0.0  # the timed decode loops' seconds, over which the energy is counted
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class DecodeEnergy:
+    """Energy over timed decode loops: what the counter measured (None without one), their
+    seconds and the tokens they decoded."""
+
+    measured_j: float | None = 0.0
+    seconds: float = 0.0
+    tokens: int = 0
+    source: str | None = None
+
+    def add(self, meter, seconds: float, tokens: int) -> None:
+        joules = meter.joules()
+        self.measured_j = None if joules is None or self.measured_j is None else self.measured_j + joules
+        self.source = meter.source
+        self.seconds += seconds
+        self.tokens += tokens
+
+    def per_token(self, device) -> tuple[float | None, str]:
+        from lmforge.eval.compute import energy_used
+
+        if not self.tokens:
+            return None, ""
+        joules, source = energy_used(self.seconds, device, self.measured_j, self.seconds, self.source)
+        return joules / self.tokens, source
+
+
 @torch.inference_mode()
 def decode_tokens_per_s(model: Transformer, new_tokens: int = 64, prompt: int = 8, repeats: int = 3,
-                        native: bool = True) -> float:
+                        native: bool = True, energy: DecodeEnergy | None = None, powercap: Path | None = None) -> float:
     """Batch-1 greedy decoding speed with the KV cache (median of `repeats` runs after a warm-up),
-    through the native fast path where the model takes it, as `lmforge generate` decodes."""
+    through the native fast path where the model takes it, as `lmforge generate` decodes.
+    `energy` accumulates the timed runs' energy (`powercap`: another RAPL tree to read)."""
+    from lmforge.eval.compute import EnergyMeter
+
     from lmforge.infer.native_decode import NativeDecoder, step_cache
 
     new_tokens = max(1, min(new_tokens, model.config.context - prompt - 1))
@@ -49,6 +86,7 @@ def decode_tokens_per_s(model: Transformer, new_tokens: int = 64, prompt: int = 
         cache = model.new_cache(1, capacity=prompt + new_tokens + 1)
         logits = model(ids, cache, last_only=True)[:, -1]
         decoder = NativeDecoder.for_cache(model, cache) if native else None
+        meter = EnergyMeter(next(model.parameters()).device, powercap) if energy is not None and run else None
         start = time.perf_counter()
         for _ in range(new_tokens):
             nxt = logits.argmax(-1, keepdim=True)
@@ -57,7 +95,10 @@ def decode_tokens_per_s(model: Transformer, new_tokens: int = 64, prompt: int = 
             else:
                 logits = model(nxt, cache, last_only=True)[:, -1]
         if run:  # the first run warms caches and allocators
-            speeds.append(new_tokens / (time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            speeds.append(new_tokens / seconds)
+            if meter is not None:
+                energy.add(meter, seconds, new_tokens)
     return statistics.median(speeds)
 
 
@@ -106,17 +147,20 @@ def validation_perplexity(m, data: Path, max_batches: int) -> float:
 
 
 def compare(models: list[Path], data: Path | None = None, max_batches: int = 20, new_tokens: int = 64,
-            chart: Path | None = None, rounds: int = 5) -> list[Row]:
+            chart: Path | None = None, rounds: int = 5, powercap: Path | None = None) -> list[Row]:
     if not models:
         raise LmforgeError("give at least one model directory")
     measured = [measure(Path(p), data, max_batches) for p in models]
     speeds: list[list[float]] = [[] for _ in measured]
+    energies = [DecodeEnergy() for _ in measured]
     for _ in range(rounds):
-        for speed, (_, m) in zip(speeds, measured):
-            speed.append(decode_tokens_per_s(m.model, new_tokens, repeats=1))
+        for speed, energy, (_, m) in zip(speeds, energies, measured):
+            speed.append(decode_tokens_per_s(m.model, new_tokens, repeats=1, energy=energy, powercap=powercap))
     rows = [row for row, _ in measured]
-    for row, speed in zip(rows, speeds):
+    for row, speed, energy, (_, m) in zip(rows, speeds, energies, measured):
         row.tokens_per_s = statistics.median(speed)
+        row.joules_per_token, row.energy_source = energy.per_token(next(m.model.parameters()).device)
+        row.decode_s = energy.seconds
     if chart is not None:
         plot(rows, chart)
     return rows
@@ -130,6 +174,9 @@ def plot(rows: list[Row], out: Path) -> Path:
     labels = [f"{Path(r.model).name}\n{r.method}" for r in rows]
     panels = [("weight files (MB)", [r.file_mb for r in rows]),
               ("batch-1 decode (tokens/s)", [r.tokens_per_s for r in rows])]
+    if all(r.joules_per_token is not None for r in rows):
+        measured = all(not r.energy_source.startswith("estimate") for r in rows)
+        panels.append((f"J per generated token{'' if measured else ' (estimate)'}", [r.joules_per_token for r in rows]))
     if all(r.perplexity is not None for r in rows):
         panels.insert(1, ("validation perplexity", [r.perplexity for r in rows]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))

@@ -8,7 +8,9 @@
 - Energy: measured where the platform exposes a counter (NVML's total-energy counter on
   NVIDIA GPUs when `pynvml` is installed; Linux RAPL under /sys/class/powercap when
   readable), otherwise the device's default power (table below; CPUs: 10 W per thread
-  used) times the wall time. The summary says which (`energy_source`).
+  used) times the wall time. The summary says which (`energy_source`), and the energy per
+  token trained on (`joules_per_token`). `LMFORGE_POWERCAP` points the RAPL reader at another
+  powercap tree (a container's bind mount, or a test's fake one).
 - CO2: energy x grid carbon intensity, by default 475 gCO2e/kWh (the IEA world average);
   set `LMFORGE_GRID_INTENSITY` (gCO2e/kWh) for your grid.
 """
@@ -71,19 +73,27 @@ def device_profile(device: torch.device | str) -> dict[str, Any]:
             "default_power_w": CPU_WATTS_PER_THREAD * threads}
 
 
-def _rapl_packages() -> list[Path]:
+POWERCAP = "/sys/class/powercap"
+
+
+def _rapl_packages(root: str | Path | None = None) -> list[Path]:
     """Readable package-level RAPL domains (intel-rapl:N, not their intel-rapl:N:M subdomains)."""
+    root = Path(root or os.environ.get("LMFORGE_POWERCAP") or POWERCAP)
     found = []
-    for p in sorted(Path("/sys/class/powercap").glob("intel-rapl:*")):
+    for p in sorted(root.glob("intel-rapl:*")):
         if p.name.count(":") == 1 and os.access(p / "energy_uj", os.R_OK):
             found.append(p)
     return found
 
 
+def _read_uj(path: Path) -> int:
+    return int(path.read_text())
+
+
 class EnergyMeter:
     """Energy used since construction, from a hardware counter; `joules()` is None where none is readable."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, powercap: str | Path | None = None):
         device = torch.device(device)
         self.source: str | None = None
         self._read = None
@@ -97,10 +107,10 @@ class EnergyMeter:
                 self.source, self._wrap = "measured (NVML)", [float("inf")]
             except Exception:  # no pynvml, or a GPU without the counter
                 pass
-        elif packages := _rapl_packages():
+        elif packages := _rapl_packages(powercap):
             try:
-                self._wrap = [int((p / "max_energy_range_uj").read_text()) / 1e6 for p in packages]
-                self._read = lambda: [int((p / "energy_uj").read_text()) / 1e6 for p in packages]
+                self._wrap = [_read_uj(p / "max_energy_range_uj") / 1e6 for p in packages]
+                self._read = lambda: [_read_uj(p / "energy_uj") / 1e6 for p in packages]
                 self.source = "measured (RAPL)"
             except (OSError, ValueError):
                 self._read = None
@@ -111,6 +121,19 @@ class EnergyMeter:
             return None
         # RAPL counters wrap around at max_energy_range_uj.
         return sum((now - start) % wrap for now, start, wrap in zip(self._read(), self._start, self._wrap))
+
+
+def energy_used(seconds: float, device: torch.device | str, measured_j: float | None = None,
+                measured_s: float | None = None, source: str | None = None, devices: int = 1) -> tuple[float, str]:
+    """(joules, where they come from) for `seconds` on `devices` devices like `device`: the
+    counter's `measured_j` over `measured_s` of them (scaled by `devices`), the rest estimated
+    at the default power; with no counter, all of it estimated and the label says so."""
+    profile = device_profile(device)
+    watts = profile["default_power_w"] * devices
+    if measured_j is not None:
+        joules = measured_j * devices + watts * max(0.0, seconds - (measured_s or seconds))
+        return joules, source or "measured"
+    return watts * seconds, f"estimate ({watts:.0f} W default for {profile['name']})"
 
 
 def run_summary(flops_per_token: float, tokens: int, steps: int, wall_s: float, device: torch.device | str,
@@ -124,19 +147,14 @@ def run_summary(flops_per_token: float, tokens: int, steps: int, wall_s: float, 
     total = flops_per_token * tokens
     achieved = total / wall_s if wall_s > 0 else 0.0
     peak = profile["peak_flops_per_s"] * devices if profile["peak_flops_per_s"] else None
-    watts = profile["default_power_w"] * devices
-    measured_j = measured_j * devices if measured_j is not None else None
-    if measured_j is not None:
-        joules = measured_j + watts * max(0.0, wall_s - (measured_s or wall_s))
-        energy_source = source or "measured"
-    else:
-        joules, energy_source = watts * wall_s, f"estimate ({watts:.0f} W default for {profile['name']})"
+    joules, energy_source = energy_used(wall_s, device, measured_j, measured_s, source, devices)
     kwh = joules / 3.6e6
     g = grid_intensity()
     return {"steps": steps, "tokens": tokens, "wall_s": round(wall_s, 3), "flops_per_token": flops_per_token,
             "total_flops": total, "achieved_flops_per_s": achieved, "device": profile["name"], "devices": devices,
             "peak_flops_per_s": peak, "mfu": achieved / peak if peak else None, "energy_kwh": kwh,
-            "energy_source": energy_source, "grid_g_per_kwh": g, "co2_kg": kwh * g / 1000}
+            "joules_per_token": joules / tokens if tokens else None, "energy_source": energy_source,
+            "grid_g_per_kwh": g, "co2_kg": kwh * g / 1000}
 
 
 def write_run_summary(run_dir: Path, flops_per_token: float, tokens: int, steps: int, wall_s: float,
@@ -159,8 +177,9 @@ def describe(summary: dict[str, Any]) -> str:
     """One line for a console."""
     mfu = f"MFU {summary['mfu'] * 100:.2f}% of {summary['peak_flops_per_s']:.3g} FLOP/s" if summary.get("mfu") else "MFU n/a"
     where = summary["device"] if summary.get("devices", 1) == 1 else f"{summary['devices']} x {summary['device']}"
+    per_token = f" ({summary['joules_per_token']:.3g} J/token)" if summary.get("joules_per_token") else ""
     return (f"{summary['total_flops']:.3g} FLOPs in {summary['wall_s']:.0f} s on {where} ({mfu}); "
-            f"{summary['energy_kwh'] * 1000:.2f} Wh {summary['energy_source']}, "
+            f"{summary['energy_kwh'] * 1000:.2f} Wh {summary['energy_source']}{per_token}, "
             f"{summary['co2_kg'] * 1000:.2f} g CO2e at {summary['grid_g_per_kwh']:.0f} g/kWh")
 
 
