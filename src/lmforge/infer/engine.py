@@ -29,6 +29,7 @@ import torch
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.infer.chunked_prefill import DEFAULT_PREFILL_CHUNK, check_chunk, prefill
 from lmforge.infer.generate import RowText
 from lmforge.infer.grammar import Constraint, Masks, apply_mask, grammar_tokenizer
 from lmforge.infer.lora_batch import LoraAdapter, rows_with_adapters
@@ -217,7 +218,7 @@ def _lane(in_step: bool, adapter: LoraAdapter | None) -> str:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256,
                  native: bool = True, prefix_cache: PrefixCache | None = None,
-                 speculator: Speculator | None = None):
+                 speculator: Speculator | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -229,6 +230,9 @@ class Engine:
         self.device = model.tok_emb.weight.device
         self.prefix_cache = prefix_cache  # None: every prompt is computed whole
         self.speculator = speculator  # None: one token per sequence and step
+        # A prompt prefilled by the PyTorch model goes in chunks of this many tokens (chunked_prefill),
+        # all before the next decoding step.
+        self.prefill_chunk = check_chunk(prefill_chunk)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # index == cache slot
         self._wake = threading.Condition()
@@ -487,9 +491,10 @@ class Engine:
             seq.pending = True  # `_step` feeds the prompt with the others' next tokens
             self._running.append(seq)
             return
-        self.cache.bind_prefill(slot, ids.shape[1] - seq.cached, start=seq.cached)
         with rows_with_adapters(self.model, [seq.adapter]):
-            logits = self.model(ids[:, seq.cached:], self.cache, last_only=not req.prompt_logprobs)  # (1, T or 1, V)
+            logits = prefill(self.model, ids[:, seq.cached:], self.cache, chunk=self.prefill_chunk,
+                             all_logits=bool(req.prompt_logprobs),  # (1, T or 1, V)
+                             bind=lambda start, t: self.cache.bind_prefill(slot, t, start=seq.cached + start))
         if self.prefix_cache is not None:
             self.prefix_cache.store(_lane(False, seq.adapter), req.prompt, self.cache.k, self.cache.v, slot)
         seq.logits = logits[:, -1].clone() if req.prompt_logprobs else logits[:, -1]

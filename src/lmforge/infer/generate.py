@@ -14,6 +14,7 @@ import torch
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.infer.chunked_prefill import DEFAULT_PREFILL_CHUNK, prefill
 from lmforge.infer.native_decode import NativeDecoder, step_cache
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.model import Transformer
@@ -108,13 +109,15 @@ TokenCallback = Callable[[int, int], bool]
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
                  pad_id: int = 0, on_token: TokenCallback | None = None, native: bool = True,
-                 stop_token_ids: Collection[int] = ()) -> tuple[list[list[int]], list[str]]:
+                 stop_token_ids: Collection[int] = (),
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> tuple[list[list[int]], list[str]]:
     """The decoding loop on token ids: (new ids per row, finish reason per row).
 
     A row finishes on `eos_id` or one of `stop_token_ids` (a chat turn's end; neither is
     included in its ids), when `on_token` says so, or at `max_new_tokens` / the context limit
     ("length"). After the prefill, steps run through the native decoder where the model allows
-    it (`native=False` forces the PyTorch model)."""
+    it (`native=False` forces the PyTorch model). The prompts are prefilled `prefill_chunk`
+    tokens at a time (None: in one forward), which bounds a long prompt's memory."""
     ends = {eos_id, *stop_token_ids} - {None}
     context = model.config.context
     longest = max(len(ids) for ids in prompts)
@@ -142,7 +145,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
 
     done = [False] * B
     cache = model.new_cache(B, capacity=longest + max_new)
-    logits = model(ids, cache, pad_mask=None if bool(pad_mask.all()) else pad_mask, last_only=True)[:, -1]
+    logits = prefill(model, ids, cache, None if bool(pad_mask.all()) else pad_mask, prefill_chunk)[:, -1]
     decoder = NativeDecoder.for_cache(model, cache) if native else None
     for step in range(max_new):
         if seen is not None:
@@ -170,7 +173,8 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
 
 def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
              params: SamplingParams | None = None, on_text: TextCallback | None = None,
-             native: bool = True, stop_token_ids: Collection[int] = ()) -> list[Completion]:
+             native: bool = True, stop_token_ids: Collection[int] = (),
+             prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> list[Completion]:
     """Text continuations of each prompt, streamed through `on_text` as they grow; a row also
     ends on any of `stop_token_ids` (e.g. `end_of_turn_ids(tokenizer)` for a chat reply)."""
     params = params or SamplingParams()
@@ -186,7 +190,8 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
         return rows[r].stopped
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token, native, stop_token_ids)
+    ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token, native, stop_token_ids,
+                               prefill_chunk)
     results = []
     for r, row in enumerate(rows):
         tail = row.flush()
