@@ -48,6 +48,10 @@ place and the sample's, so a resumed run samples what an uninterrupted one would
 num_iterations > 1 the current rollouts are also kept in the run directory (rollout.pt), for a
 run resumed between two of their updates. Each evaluation decodes up to grpo.eval_prompts
 validation prompts greedily and reports their mean reward (val_loss is its negative).
+
+With grpo.environment a sample is a multi-turn tool-use episode (`train.grpo_env`): the model's
+tool calls are run by the environment, their results are context, and only the model's own
+tokens are trained on.
 """
 
 from __future__ import annotations
@@ -301,6 +305,11 @@ class GrpoTask:
         context = loaded.config.context
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         self.rewards: list[Reward] = build_rewards(g.rewards)
+        self.env = None
+        if g.environment is not None:
+            from lmforge.train.grpo_env import ToolEnvironment
+
+            self.env = ToolEnvironment(g.environment, self.tokenizer, context)
         prompts = load_prompts(cfg.data.train, self.tokenizer, context, cfg.data.on_long, log)
         if cfg.data.val:
             val = load_prompts(cfg.data.val, self.tokenizer, context, cfg.data.on_long, log)
@@ -320,7 +329,9 @@ class GrpoTask:
         if g.beta > 0 and not self.rollouts.lora:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         longest = max(len(p.ids) for p in self.prompts)
-        self.tokens_per_batch = math.ceil(rows / cfg.train.grad_accum) * min(longest + g.max_new_tokens, context)
+        turns = g.environment.max_turns if g.environment is not None else 1
+        self.tokens_per_batch = math.ceil(rows / cfg.train.grad_accum) * min(longest + turns * g.max_new_tokens,
+                                                                           context)
         self.rollout_file = Path(cfg.run.dir) / "rollout.pt"
         self._current: tuple[int, list[dict[str, torch.Tensor]]] | None = None
         self._window: dict[str, list[float]] = {}
@@ -359,8 +370,12 @@ class GrpoTask:
 
         items = self.val_prompts[:self.g.eval_prompts]
         params = [SamplingParams(max_new_tokens=self.g.max_new_tokens) for _ in items]
-        results = self.rollouts.generate([p.ids for p in items], params)
-        scores = self._score(items, [r.text for r in results])
+        if self.env is not None:
+            episodes = self._episodes(items, params)
+            scores = self._score(items, [e.completion for e in episodes], [e.transcript for e in episodes])
+        else:
+            results = self.rollouts.generate([p.ids for p in items], params)
+            scores = self._score(items, [r.text for r in results])
         total = sum(r.weight * scores[r.name] for r in self.rewards)
         out = {"val_loss": -float(total.mean()), "val_reward": float(total.mean())}
         out.update({f"val_reward/{name}": float(s.mean()) for name, s in scores.items()})
@@ -389,9 +404,17 @@ class GrpoTask:
         for k, v in values.items():
             self._window.setdefault(k, []).append(float(v))
 
-    def _score(self, items: list[PromptItem], texts: list[str]) -> dict[str, torch.Tensor]:
-        return {r.name: torch.tensor([r(p.prompt, t, p.fields) for p, t in zip(items, texts)], dtype=torch.float32)
+    def _score(self, items: list[PromptItem], texts: list[str],
+               transcripts: list[list[dict]] | None = None) -> dict[str, torch.Tensor]:
+        fields = [p.fields for p in items] if transcripts is None else \
+            [{**p.fields, "transcript": t} for p, t in zip(items, transcripts)]
+        return {r.name: torch.tensor([r(p.prompt, t, f) for p, t, f in zip(items, texts, fields)],
+                                     dtype=torch.float32)
                 for r in self.rewards}
+
+    def _episodes(self, items: list[PromptItem], params: list) -> list:
+        return self.env.run(self.rollouts.generate, [p.prompt for p in items], [p.ids for p in items],
+                            [p.fields for p in items], params)
 
     def _roll(self, rollout: int) -> list[dict[str, torch.Tensor]]:
         """Sample, score and batch rollout number `rollout`: its grad_accum micro-batches."""
@@ -405,15 +428,24 @@ class GrpoTask:
         params = [SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                  top_k=g.top_k, seed=rollout_seed(tc.seed, rollout, place, j))
                   for place in places for j in range(g.group_size)]
-        results = self.rollouts.generate([p.ids for p in items], params)
-        scores = self._score(items, [r.text for r in results])
+        if self.env is not None:
+            episodes = self._episodes(items, params)
+            scores = self._score(items, [e.completion for e in episodes], [e.transcript for e in episodes])
+            rows = [e.row() for e in episodes]
+            lengths = torch.tensor([float(e.model_tokens) for e in episodes])
+            self._note(tool_calls=sum(len(m.get("tool_calls", [])) for e in episodes for m in e.transcript)
+                       / len(episodes))
+        else:
+            results = self.rollouts.generate([p.ids for p in items], params)
+            scores = self._score(items, [r.text for r in results])
+            rows = []
+            for item, result in zip(items, results):
+                completion = [t.token for t in result.tokens]  # the end-of-text token too: the policy chose it
+                ids = item.ids + completion
+                rows.append(Row(ids[:-1], [IGNORE] * (len(item.ids) - 1) + completion, [1] * (len(ids) - 1)))
+            lengths = torch.tensor([float(len(r.tokens)) for r in results])
         total = sum(r.weight * scores[r.name] for r in self.rewards)
         advantages = group_advantages(total.view(len(prompts), g.group_size), g.scale_rewards).flatten()
-        rows = []
-        for item, result in zip(items, results):
-            completion = [t.token for t in result.tokens]  # the end-of-text token too: the policy chose it
-            ids = item.ids + completion
-            rows.append(Row(ids[:-1], [IGNORE] * (len(item.ids) - 1) + completion, [1] * (len(ids) - 1)))
         micro = []
         for part in torch.arange(len(rows)).tensor_split(tc.grad_accum):
             chosen = [rows[i] for i in part.tolist()]
@@ -421,7 +453,6 @@ class GrpoTask:
             b["advantages"] = advantages[part]
             micro.append(b)
         self._extra_logps(micro)
-        lengths = torch.tensor([float(len(r.tokens)) for r in results])
         self._note(reward=float(total.mean()), reward_std=float(total.std()),
                    completion_tokens=float(lengths.mean()),
                    zero_advantage_groups=float((total.view(len(prompts), -1).std(1) == 0).float().mean()))

@@ -23,6 +23,20 @@ class RewardSpec(Section):
         return {"function": value} if isinstance(value, str) else value
 
 
+class EnvironmentSettings(Section):
+    """Multi-turn tool use (`train.grpo_env`): the function that runs the model's tool calls."""
+
+    function: str = "calculator"  # a built-in environment, or module:function / file.py:function
+    tools: list[str] = ["calculator"]  # the tool names a call may use (others stay text)
+    max_turns: int = 3  # model turns per episode
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnvironmentSettings":
+        if self.max_turns < 1 or not self.tools:
+            raise ValueError("environment needs max_turns >= 1 and at least one tool name")
+        return self
+
+
 class GrpoSettings(Section):
     group_size: int = 8  # G: completions sampled per prompt (train.batch_size prompts per step)
     max_new_tokens: int = 32
@@ -38,6 +52,7 @@ class GrpoSettings(Section):
     rollout: Literal["auto", "merged", "unmerged"] = "auto"  # LoRA: how the engine decodes the policy (auto: merged on CPU)
     eval_prompts: int = 32  # validation prompts decoded greedily at each evaluation
     rewards: list[RewardSpec] = [RewardSpec(function="exact_answer")]
+    environment: EnvironmentSettings | None = None  # multi-turn tool use; None: one completion per sample
 
     @model_validator(mode="after")
     def _check(self) -> "GrpoSettings":

@@ -24,6 +24,11 @@ settings there). Built-ins:
 - `code_tests`: 1 when the completion's code (the first ```python fence, or the whole text)
   followed by the line's `tests` (asserts) runs to completion in `lmforge.eval.sandbox`,
   else 0. Options: `timeout` (seconds, default 5), `memory_mb` (default 512).
+- `tool_used` (multi-turn environments, `grpo.environment`): 1 when the transcript has a tool
+  result that is not an error (`options.name`: from that tool), else 0.
+
+With `grpo.environment` every reward also gets `transcript`, the episode's messages
+(`train.grpo_env`), and `completion` is the last model turn.
 """
 
 from __future__ import annotations
@@ -134,8 +139,16 @@ def code_tests(prompt: Any, completion: str, tests: str | None = None, timeout: 
     return float(run_python(program, timeout=timeout, memory_mb=memory_mb).passed)
 
 
+def tool_used(prompt: Any, completion: str, transcript: list[dict] | None = None, name: str | None = None,
+              **_: Any) -> float:
+    if transcript is None:
+        raise LmforgeError("the tool_used reward reads the tool-use transcript: set grpo.environment")
+    return float(any(m.get("role") == "tool" and (name is None or m.get("name") == name)
+                     and not str(m.get("content", "")).startswith("error:") for m in transcript))
+
+
 BUILTINS: dict[str, RewardFunction] = {"exact_answer": exact_answer, "regex": regex, "json_schema": json_schema,
-                                       "code_tests": code_tests}
+                                       "code_tests": code_tests, "tool_used": tool_used}
 
 
 # ----------------------------------------------------------------------------- from a recipe
