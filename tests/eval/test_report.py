@@ -135,7 +135,7 @@ def test_same_model_in_two_files_gets_the_file_in_its_label(tmp_path):
 @pytest.mark.slow
 def test_cli_report_and_compare(tiny_model_dir, cli, tmp_path):
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
-        {"context": "France: capital", "choices": ["Paris", "<script>x</script>"], "gold": 0},
+        {"context": "France: capital", "choices": ["Paris", "<script>x</script>"], "gold": 1},
         {"context": "法国的首都是", "choices": ["巴黎", "罗马"], "gold": 0},
     ]), encoding="utf-8")
     run = cli("eval", tiny_model_dir, "--tasks", "mc.jsonl", "--perturb", "fullwidth", "--out", "r.json")
@@ -151,7 +151,11 @@ def test_cli_report_and_compare(tiny_model_dir, cli, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = {(r["task"], r["metric"]): r for r in json.loads(out.stdout)["rows"]}
     assert rows[("mc", "acc")]["deltas"][1] == pytest.approx(-0.5)
-    assert (tmp_path / "c.html").is_file()
+    assert "(-0.5000)" in (tmp_path / "c.html").read_text(encoding="utf-8")
+    again = cli("eval", "--compare", "r.json", "--report", "again.html")  # one saved run: its report, rebuilt
+    assert again.returncode == 0, again.stderr
+    page = (tmp_path / "again.html").read_text(encoding="utf-8")
+    assert "Worst examples" in page and "&lt;script&gt;x&lt;/script&gt;" in page and "<script>x" not in page
     missing = cli("eval", "--compare", "r.json", "--compare", "nope.json")
     assert missing.returncode == 2 and "nope.json: not a readable results JSON" in missing.stderr
     assert "Traceback" not in missing.stderr

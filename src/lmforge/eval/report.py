@@ -87,8 +87,7 @@ def task_figure(task: str, columns: list[str], results: dict[str, dict[str, Any]
     if first is None:
         return None
     plt = pyplot()
-    perturbed = [(t, r) for t, r in results[columns[0]].items() if r.get("clean_task") == task] if task in \
-        results[columns[0]] else []
+    perturbed = [(t, r) for c in columns[:1] for t, r in results[c].items() if r.get("clean_task") == task]
     if first["type"] == "minimal_pairs":
         groups = ["pct_stereotype", *[m for m in metric_names(first) if m.startswith("pct_stereotype:")]]
         labels = ["all", *[g.split(":", 1)[1] for g in groups[1:]]]
@@ -211,12 +210,13 @@ def run_html(report: dict[str, Any], rows: dict[str, list[dict[str, Any]]] | Non
             views = worst_examples(r["type"], [x for x in task_rows if x.get("model", col) == col], metric_names(r))
             if views:
                 worst.append((task if len(columns) == 1 else f"{task} - {col}", views))
-    figures = [(t, png) for t in _top_tasks(columns, results) if (png := task_figure(t, columns, results))]
+    tasks = _top_tasks(columns, results)
+    figures = [(t, png) for t in tasks if (png := task_figure(t, columns, results))]
     settings = [("Run", report.get("config") or {"num_fewshot": report.get("num_fewshot"), "seed": report.get("seed")}),
                 ("Machine", report.get("machine") or {})]
-    return _page(title=", ".join(columns), subtitle=f"{len(_top_tasks(columns, results))} tasks, "
-                 f"{len(columns)} model(s)", columns=columns, rows=summary_rows(columns, results), show_deltas=False,
-                 figures=figures, worst=worst, settings=settings)
+    return _page(title=", ".join(columns), subtitle=f"{len(tasks)} tasks, {len(columns)} model(s)", columns=columns,
+                 rows=summary_rows(columns, results), show_deltas=False, figures=figures, worst=worst,
+                 settings=settings)
 
 
 def load_results(path: Path) -> dict[str, Any]:

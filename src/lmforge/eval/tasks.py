@@ -250,7 +250,9 @@ def eval_command(models: list[Path], task_paths: list[Path] | None, num_fewshot:
         sources.insert(0, (str(out) if out is not None else "this run", report))
     comparison = compare(sources)
     if report_path is not None:
-        _write_atomic(report_path, compare_html(comparison))
+        # One saved run alone gets its own report again (worst examples from its example files).
+        page = run_html(sources[0][1]) if len(sources) == 1 else compare_html(comparison)
+        _write_atomic(report_path, page)
     if as_json:
         print(json.dumps({k: comparison[k] for k in ("columns", "rows")}))
     else:
