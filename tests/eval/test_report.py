@@ -8,7 +8,8 @@ import re
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.report import compare, compare_html, compare_table, load_results, run_html, worst_examples
+from lmforge.eval.report import (compare, compare_html, compare_table, load_results, read_examples, run_html,
+                                  worst_examples)
 
 MODEL = "runs/qa-model"
 
@@ -71,6 +72,15 @@ def test_report_has_tables_figures_worst_examples_and_escapes_output():
     bias = page[page.index("<h3>bias</h3>", page.index("Worst examples")):].split("</table>")[0]
     assert re.findall(r"<td>(b\d)</td>", bias) == ["b3", "b0", "b1", "b2"]  # strongest stereotype first
     assert "qa.jsonl" in page and "1234" in page
+
+
+def test_example_rows_found_beside_a_moved_results_file(tmp_path, monkeypatch):
+    report = {**sample_report(), "examples": {"qa": "elsewhere/r.examples/qa.jsonl"}}
+    (tmp_path / "r.examples").mkdir()
+    (tmp_path / "r.examples" / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen_rows(3)))
+    monkeypatch.chdir(tmp_path)
+    assert read_examples(report) == {}
+    assert [r["id"] for r in read_examples(report, tmp_path / "r.json")["qa"]] == ["q0", "q1", "q2"]
 
 
 def test_worst_examples_of_multiple_choice_and_perplexity():

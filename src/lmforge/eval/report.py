@@ -70,13 +70,20 @@ def worst_examples(task_type: str, rows: list[dict[str, Any]], metrics: list[str
     return sorted(views, key=lambda v: v["order"])[:n]
 
 
-def read_examples(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The per-example rows a saved results file points to (`"examples": {task: path}`), where they still are."""
+def read_examples(report: dict[str, Any], results_file: Path | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The per-example rows a saved results file points to (`"examples": {task: path}`), where they
+    still are: at that path, or in RESULTS_STEM.examples/ beside `results_file` (a path written
+    relative to another working directory)."""
     rows = {}
     for task, path in (report.get("examples") or {}).items():
-        if Path(path).is_file():
-            with open(path, encoding="utf-8") as f:
-                rows[task] = [json.loads(line) for line in f if line.strip()]
+        found = [Path(path)]
+        if results_file is not None:
+            found.append(results_file.parent / f"{results_file.stem}.examples" / Path(path).name)
+        for candidate in found:
+            if candidate.is_file():
+                with open(candidate, encoding="utf-8") as f:
+                    rows[task] = [json.loads(line) for line in f if line.strip()]
+                break
     return rows
 
 

@@ -21,7 +21,8 @@ from lmforge.eval import perturb
 from lmforge.eval.extraction import evaluate_extraction
 from lmforge.eval.generation import evaluate_code, evaluate_generation
 from lmforge.eval.probes import evaluate_minimal_pairs
-from lmforge.eval.report import compare, compare_html, compare_table, load_results, metric_names, run_html
+from lmforge.eval.report import (compare, compare_html, compare_table, load_results, metric_names, read_examples,
+                                 run_html)
 from lmforge.eval.scoring import rolling_logprob, score_requests
 from lmforge.eval.task_file import GENERATIVE, Task, TaskResult, build_prompt, delimiter, load_task
 
@@ -251,7 +252,8 @@ def eval_command(models: list[Path], task_paths: list[Path] | None, num_fewshot:
     comparison = compare(sources)
     if report_path is not None:
         # One saved run alone gets its own report again (worst examples from its example files).
-        page = run_html(sources[0][1]) if len(sources) == 1 else compare_html(comparison)
+        page = run_html(sources[0][1], read_examples(sources[0][1], saved[0])) if len(sources) == 1 \
+            else compare_html(comparison)
         _write_atomic(report_path, page)
     if as_json:
         print(json.dumps({k: comparison[k] for k in ("columns", "rows")}))
