@@ -4,7 +4,8 @@ The PyTorch model stays the reference and does the prefill (compute-bound: MKL's
 win there); once the prompts are in the KV cache, each step (one new token for each
 sequence of the batch) goes through `decode_step`, which reads the model's own weight and
 cache tensors in place (nothing is copied) for fp32, int8, int4 and w8a8 layers alike (except
-the batches of a small quantized model, which run on fp32 copies: DEQUANTIZE_MAX_MIB). The
+the batches of a small quantized model, which run on fp32 copies: DEQUANTIZE_MAX_MIB); 2:4 layers
+of `lmforge.compress.sparse` are packed once into their compact form for native/sparse.h. The
 structs it passes are `lmforge.native.decode_abi`'s, checked against the compiled decode.h.
 `NativeDecoder.create` returns None, with the reason in `why_not`, for anything the C side
 does not cover, and callers then stay on the reference path: a LoRA-wrapped or
@@ -23,12 +24,13 @@ import torch.nn as nn
 
 from lmforge import native
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
+from lmforge.compress.sparse import SPARSE_ATTR, is_two_four, pack_two_four
 from lmforge.infer.lora_batch import LoraUpdate
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import soft_cap
 from lmforge.native import decode_abi as abi
-from lmforge.native.decode_abi import F32, Q4, Q8
+from lmforge.native.decode_abi import F32, Q4, Q8, S24
 
 # Below this much work (bytes of weights times sequences in the step) a step runs on one
 # thread: for such a small step a second thread gains nothing measurable under a server's
@@ -103,9 +105,31 @@ def _dequantized(m: QuantizedLinear | DynamicInt8Linear) -> torch.Tensor:
     return held[1]
 
 
+# Each 2:4 layer's compact form (values, indices), packed on first use and kept while the layer
+# lives; a change to its weight (its version counter) packs it again.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _two_four(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The compact form of a layer loaded as 2:4 (`lmforge.compress.sparse`), or None where it is not
+    (any more) 2:4 fp32."""
+    w = m.weight.detach()
+    if getattr(m, SPARSE_ATTR, None) != "2:4" or w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    stamp = (w.data_ptr(), w._version)
+    held = _PACKED.get(m)
+    if held is None or held[0] != stamp:
+        held = _PACKED[m] = (stamp, pack_two_four(w) if is_two_four(w) else None)
+    return held[1]
+
+
 def _linear(m: nn.Module, keep: list[torch.Tensor], dequantized: bool = False) -> abi.Linear:
     """The C description of one linear layer, pointing at the module's own buffers (a quantized
-    one's fp32 copy where `dequantized`)."""
+    one's fp32 copy where `dequantized`, a 2:4 one's compact form)."""
+    packed = _two_four(m) if type(m) is nn.Linear else None
+    if packed is not None:
+        return abi.Linear(S24, m.out_features, m.in_features, 0, _tensor(packed[0], keep), None,
+                          _tensor(packed[1], keep), _tensor(None if m.bias is None else m.bias.detach(), keep))
     if type(m) is nn.Linear:
         return abi.Linear(F32, m.out_features, m.in_features, 0, _tensor(m.weight.detach(), keep), None, None,
                           _tensor(None if m.bias is None else m.bias.detach(), keep))

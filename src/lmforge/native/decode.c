@@ -16,7 +16,8 @@
  * sliding windows (per layer), per-head q/k norms, Gemma's scaled embeddings, GeGLU,
  * post-attention/MLP norms and soft-capped scores, and mixture-of-experts MLPs (each row's experts
  * chosen by its router; the rows are grouped by expert so each expert's weights are read
- * once per step for all the rows that chose it). Weights are fp32, int8 (per-row scale) or int4 (groups), per layer.
+ * once per step for all the rows that chose it). Weights are fp32, int8 (per-row scale), int4 (groups) or
+ * 2:4 sparse fp32 in compact form (sparse.h), per layer.
  * The caller owns every buffer: weights and the KV cache are the model's own tensors,
  * shared, never copied. Numerics follow the PyTorch reference (same formulas, fp32).
  *
@@ -33,6 +34,7 @@
 
 #include "decode.h"
 #include "kernels.h"
+#include "sparse.h"
 
 #ifdef __AVX2__
 static inline size_t cache_base(const Rows *r, int b) {
@@ -169,6 +171,17 @@ static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b) {
  * waits for the phase's end (end_phase) after it. */
 static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws, Worker *wk) {
     const int N = L->N, K = L->K, groups = L->kind == Q4 ? K / L->G : 0;
+    if (L->kind == S24) { /* fp32 activations, each weight row read once for all B */
+        const int row_bytes = s24_index_bytes(K);
+        FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
+            const int end = (item + 1) * CHUNK_ROWS < N ? (item + 1) * CHUNK_ROWS : N;
+            for (int n = item * CHUNK_ROWS; n < end; n++)
+                for (int b = 0; b < B; b++)
+                    put(L, y, N, b, n, s24_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * (K / 2),
+                                               L->zero + (size_t)n * row_bytes), accumulate);
+        }
+        return;
+    }
     if (L->kind == F32 && B >= 4) {
         matvec_f32_batch(L, x, y, B, accumulate, wk);
         return;
@@ -440,7 +453,7 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
     }
 }
 
-static size_t lowbit_bytes(const Linear *L) { return L->kind == F32 ? 0 : (size_t)L->N * L->K * L->kind / 8; }
+static size_t lowbit_bytes(const Linear *L) { return L->kind == F32 || L->kind == S24 ? 0 : (size_t)L->N * L->K * L->kind / 8; }
 
 /* Each row's experts: a softmax over its router logits, the top_k most probable (renormalized
  * to sum to 1 with norm_topk), then the (row, choice) pairs grouped by expert, rows in order
@@ -783,7 +796,7 @@ static const Entry LAYOUT[] = {
     FIELD(Rows, row_stride), FIELD(Rows, cache_row), FIELD(Rows, out_row), FIELD(Rows, n_out),
     FIELD(Rows, adapter),
 
-    CONSTANT(F32), CONSTANT(Q4), CONSTANT(Q8),
+    CONSTANT(F32), CONSTANT(S24), CONSTANT(Q4), CONSTANT(Q8),
     CONSTANT(P_NORM), CONSTANT(P_QKV), CONSTANT(P_ROPE_CACHE), CONSTANT(P_ATTENTION), CONSTANT(P_PROJ),
     CONSTANT(P_UP), CONSTANT(P_ACTIVATION), CONSTANT(P_DOWN), CONSTANT(P_LM_HEAD), CONSTANT(P_ROUTE),
     CONSTANT(P_LORA), CONSTANT(PROFILE_PHASES),

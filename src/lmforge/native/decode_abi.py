@@ -14,7 +14,7 @@ import ctypes
 import functools
 from ctypes import c_float, c_int, c_long, c_void_p
 
-F32, Q4, Q8 = 0, 4, 8  # Linear.kind
+F32, S24, Q4, Q8 = 0, 2, 4, 8  # Linear.kind (S24: 2:4 sparse fp32, native/sparse.h)
 
 
 class Linear(ctypes.Structure):
@@ -61,7 +61,7 @@ PROFILE_PHASES = {"P_NORM": "norm", "P_QKV": "qkv matmul", "P_ROPE_CACHE": "rope
                   "P_ROUTE": "expert routing", "P_LORA": "LoRA adapters"}
 
 STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, Lora, Layer, Model, Rows)  # each named as in decode.h
-CONSTANTS: dict[str, int] = {"F32": F32, "Q4": Q4, "Q8": Q8, **{name: i for i, name in enumerate(PROFILE_PHASES)},
+CONSTANTS: dict[str, int] = {"F32": F32, "S24": S24, "Q4": Q4, "Q8": Q8, **{name: i for i, name in enumerate(PROFILE_PHASES)},
                              "PROFILE_PHASES": len(PROFILE_PHASES),
                              **{f"LORA_{name.upper()}": i for i, name in enumerate(LORA_LINEARS)},
                              "LORA_LINEARS": len(LORA_LINEARS)}
