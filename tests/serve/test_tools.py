@@ -18,8 +18,10 @@ import openai
 import pytest
 from serve_helpers import KEY, MODEL, Server, tiny_model
 
+from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.infer.engine import Engine, Event, TokenLogprob
+from lmforge.model import Transformer
 from lmforge.serve.app import create_app
 from lmforge.serve.protocol import ChatMessage, ChatRequest
 from lmforge.serve.security import ApiKeys
@@ -139,10 +141,13 @@ class ScriptedEngine:
     model would stream them), recording the prompts it got."""
 
     alive, queue_depth, running = True, 0, 0
+    adapters: dict = {}  # no LoRA adapters beside the base
 
     def __init__(self, tokenizer: TextTokenizer, pieces: list[str]):
         self.tokenizer, self.context, self.pieces = tokenizer, 1024, pieces
-        self.model = SimpleNamespace(config=SimpleNamespace(vocab=tokenizer.vocab_size))
+        # Weights the server's embeddings service is built over; generation never reads them.
+        self.model = Transformer(ModelConfig(family="llama", n_layer=1, n_head=2, n_kv_head=2, d_model=16,
+                                             context=1024, vocab_size=tokenizer.vocab_size)).eval()
         self.prompts: list[str] = []
         self.grammars: list[str | None] = []
 

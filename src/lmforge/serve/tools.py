@@ -15,11 +15,30 @@ lets the model answer or call, and the calls are parsed from its output; "requir
 named function constrain decoding with a grammar (infer.grammar) so that the output is one
 call, or with `parallel_tool_calls` up to MAX_CALLS, whose arguments follow the tools'
 parameter schemas.
+
+Two more output formats, chosen by the chat template (`format_of`; a template that does
+not take tools always gets Hermes' through the system message):
+
+- Llama 3.1 (the template mentions `<|python_tag|>` or the `ipython` role): a reply that
+  is calls is JSON objects `{"name": ..., "parameters": {...}}`, `;` between several,
+  optionally after `<|python_tag|>`; tool results go back in the `ipython` role (the
+  template maps `tool` messages to it).
+- Mistral (the template mentions `[TOOL_CALLS]` or `[AVAILABLE_TOOLS]`): content, then
+  `[TOOL_CALLS]` and a JSON array of `{"name": ..., "arguments": {...}}`; call ids are 9
+  letters and digits, which Mistral's templates require of the ids sent back.
+
+Their markers are special tokens in those models' tokenizers, which decoded text leaves out,
+so the parsers also take the calls without them: a Llama reply that starts with `{`, a
+Mistral reply that starts with `[`. Such a reply is held back while streaming until it ends,
+then is calls if it parses as calls to the tools, else content. Forced calls in these
+formats are the bare JSON (object(s) or array) that the grammar allows.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +188,12 @@ class ParsedCall:
     arguments: str  # JSON text
     id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
 
+    @classmethod
+    def short_id(cls, name: str, arguments: str) -> ParsedCall:
+        """A call whose id is 9 letters and digits (what Mistral's templates accept)."""
+        alphabet = string.ascii_letters + string.digits
+        return cls(name, arguments, "".join(secrets.choice(alphabet) for _ in range(9)))
+
     def message(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
@@ -242,3 +267,159 @@ class CallParser:
             out.append(self.space)
         self.space = ""
         return out
+
+
+# -- Llama 3.1 and Mistral -------------------------------------------------------------------------------
+PYTHON_TAG, TOOL_CALLS = "<|python_tag|>", "[TOOL_CALLS]"
+
+
+def _json_grammar(start: str, schema: dict[str, Any]) -> str:
+    schema["x-guidance"] = JSON_OPTIONS
+    return llguidance.LLMatcher.grammar_from_lark(f"{start}\nbody: %json {json.dumps(schema)}\n")
+
+
+def _allowed(plan: ToolPlan) -> list[Tool]:
+    return [t for t in plan.tools if plan.function is None or t.function.name == plan.function]
+
+
+def _one_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def _decode_all(text: str, sep: str) -> list[Any] | None:
+    """The JSON values of `text`, separated by whitespace and optionally `sep`; None unless it is
+    nothing but those."""
+    decoder, values, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and (text[i].isspace() or (values and text[i] == sep)):
+            i += 1
+        if i == len(text):
+            return values or None
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        values.append(value)
+
+
+class _HeldParser:
+    """A parser for formats whose calls end the reply: content streams until a marker (or a
+    reply that starts like a call), the rest is held to the end and parsed then."""
+
+    marker: str = ""
+    start_char: str = ""
+
+    def __init__(self, names: set[str], forced: bool = False):
+        self.names, self.forced = names, forced
+        self.streamed = ""  # content already given out
+        self.held = ""  # text from the marker (or a call-like start) on
+        self.holding = forced
+        self.calls: list[ParsedCall] = []
+
+    def _calls(self, text: str) -> list[ParsedCall] | None:
+        raise NotImplementedError
+
+    def feed(self, text: str) -> list[str | ParsedCall]:
+        if self.holding:
+            self.held += text
+            return []
+        pending, self.held = self.held + text, ""
+        if not self.streamed:
+            head = pending.lstrip()
+            if not head or (len(head) < len(self.marker) and self.marker.startswith(head)):
+                self.held = pending  # not known yet whether the reply is content or calls
+                return []
+            if head.startswith((self.start_char, self.marker)):
+                self.held, self.holding = pending, True
+                return []
+        i = pending.find(self.marker)
+        if i >= 0:
+            out = pending[:i].rstrip()
+            self.held, self.holding = pending[len(out):], True
+        else:  # hold what may begin the marker, and trailing whitespace (dropped before calls)
+            keep = next((k for k in range(min(len(self.marker) - 1, len(pending)), 0, -1)
+                         if self.marker.startswith(pending[-k:])), 0)
+            cut = len(pending[:len(pending) - keep].rstrip())
+            self.held, out = pending[cut:], pending[:cut]
+        self.streamed += out
+        return [out] if out else []
+
+    def finish(self) -> list[str | ParsedCall]:
+        rest, self.held, self.holding = self.held, "", False
+        calls = self._calls(rest.strip()) if rest.strip() else None
+        if calls:
+            self.calls = calls
+            return list(calls)
+        return [rest] if rest else []
+
+    def _named(self, values: list[Any], key: str, make) -> list[ParsedCall] | None:
+        calls = []
+        for v in values:
+            if not (isinstance(v, dict) and v.get("name") in self.names and isinstance(v.get(key, {}), dict)):
+                return None
+            calls.append(make(v["name"], json.dumps(v.get(key, {}), ensure_ascii=False)))
+        return calls or None
+
+
+class LlamaParser(_HeldParser):
+    marker, start_char = PYTHON_TAG, "{"
+
+    def _calls(self, text: str) -> list[ParsedCall] | None:
+        text = text.removeprefix(PYTHON_TAG)
+        values = _decode_all(text, ";")
+        if values is None:
+            return None
+        # Llama 3.1 writes "parameters"; some fine-tunes write "arguments".
+        key = "parameters" if all(isinstance(v, dict) and "parameters" in v for v in values) else "arguments"
+        return self._named(values, key, ParsedCall)
+
+
+class MistralParser(_HeldParser):
+    marker, start_char = TOOL_CALLS, "["
+
+    def _calls(self, text: str) -> list[ParsedCall] | None:
+        values = _decode_all(text.removeprefix(TOOL_CALLS), ",")
+        if not values or not all(isinstance(v, list) for v in values):
+            return None
+        return self._named([c for v in values for c in v], "arguments", ParsedCall.short_id)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a model writes tool calls: its name, the grammar of a forced reply, its parser."""
+
+    name: str
+
+    def grammar(self, plan: ToolPlan) -> str:
+        tools = _allowed(plan)
+        more = MAX_CALLS - 1 if plan.parallel else 0
+        if self.name == "llama3":
+            schema = _one_of([{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                                "parameters": t.function.parameters},
+                               "required": ["name", "parameters"], "additionalProperties": False} for t in tools])
+            return _json_grammar(f'start: body ("; " body)~0..{more}', schema)
+        if self.name == "mistral":
+            return _json_grammar(f'start: "[" body (", " body)~0..{more} "]"', _one_of([call_schema(t) for t in tools]))
+        return call_grammar(plan)
+
+    def parser(self, plan: ToolPlan) -> CallParser | _HeldParser:
+        if self.name == "llama3":
+            return LlamaParser(plan.names(), plan.forced)
+        if self.name == "mistral":
+            return MistralParser(plan.names(), plan.forced)
+        return CallParser(plan.names())
+
+
+HERMES, LLAMA3, MISTRAL = ToolFormat("hermes"), ToolFormat("llama3"), ToolFormat("mistral")
+
+
+def format_of(template: str | None) -> ToolFormat:
+    """The tool-call format of a chat template: Llama 3.1's or Mistral's when the template
+    carries their markers and takes `tools`, else Hermes'."""
+    if not takes_tools(template):
+        return HERMES
+    if PYTHON_TAG in template or "ipython" in template:
+        return LLAMA3
+    if TOOL_CALLS in template or "[AVAILABLE_TOOLS]" in template:
+        return MISTRAL
+    return HERMES

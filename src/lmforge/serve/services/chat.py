@@ -17,8 +17,7 @@ from lmforge.serve.logprobs import chat_logprobs
 from lmforge.serve.protocol import ChatRequest
 from lmforge.serve.services.generation import GenerationService
 from lmforge.serve.structured import checked, grammar_of
-from lmforge.serve.tools import (CallParser, ParsedCall, ToolPlan, call_grammar, conversation, plan_of, takes_tools,
-                                 tool_dict)
+from lmforge.serve.tools import ParsedCall, ToolPlan, conversation, format_of, plan_of, takes_tools, tool_dict
 
 
 class ChatService:
@@ -27,6 +26,7 @@ class ChatService:
         # The template's end of turn is a special token, never seen as text.
         self.turn_end = end_of_turn_ids(generation.engine.tokenizer)
         self.template_takes_tools = takes_tools(generation.engine.tokenizer.chat_template)
+        self.tool_format = format_of(generation.engine.tokenizer.chat_template)  # Hermes, Llama 3.1 or Mistral
 
     async def prompt_and_grammar(self, body: ChatRequest, plan: ToolPlan) -> tuple[str, str | None]:
         """The rendered conversation (with the tools, when they are on) and the grammar its
@@ -36,7 +36,7 @@ class ChatService:
         prompt = await self.generation.prompts.render_conversation(conversation(body.messages, plan, takes), True,
                                                                    **variables)
         if plan.active:
-            calls = await checked(call_grammar(plan), "tools")  # a bad parameter schema is a 400 in every mode
+            calls = await checked(self.tool_format.grammar(plan), "tools")  # a bad parameter schema is a 400 in every mode
             if plan.forced:
                 return prompt, calls
         return prompt, await grammar_of(body)
@@ -68,7 +68,7 @@ class ChatService:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
                 calls: list[ParsedCall] = []
                 if plan.active:
-                    parser = CallParser(plan.names())
+                    parser = self.tool_format.parser(plan)
                     parts = parser.feed(text) + parser.finish()
                     calls = parser.calls
                     message["content"] = "".join(p for p in parts if isinstance(p, str)) or (None if calls else "")
@@ -79,7 +79,7 @@ class ChatService:
             return {**head, "object": "chat.completion", "choices": choices, "usage": job.usage()}
 
         started: set[int] = set()
-        parsers = {i: CallParser(plan.names()) for i in range(len(job.choices))} if plan.active else {}
+        parsers = {i: self.tool_format.parser(plan) for i in range(len(job.choices))} if plan.active else {}
         head["object"] = "chat.completion.chunk"
 
         def delta(i: int, d: dict[str, Any], lp: dict[str, list] | None = None) -> dict[str, Any]:
