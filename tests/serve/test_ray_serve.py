@@ -19,6 +19,7 @@ from serve_helpers import KEY
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
 from lmforge.serve.app import create_app
+from lmforge.serve.command import ray_options
 from lmforge.serve.ray_deploy import APP_NAME, REPLICA_HEADER, RayOptions, ReplicaHeader, get_status
 from lmforge.serve.security import ApiKeys
 from lmforge.serve.settings import ServeSettings
@@ -153,7 +154,7 @@ def test_ray_options_become_ray_serve_deployment_options():
 ])
 def test_ray_options_refuse_impossible_scaling(flags, message):
     with pytest.raises(LmforgeError, match=message):
-        RayOptions(**flags)
+        ray_options(True, **flags)
 
 
 def test_serve_ray_flags_are_checked_before_ray_starts(cli, tiny_model_dir, monkeypatch):

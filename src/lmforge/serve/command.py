@@ -95,9 +95,9 @@ def ray_options(enabled: bool, **flags):
         if given:
             raise LmforgeError(f"{', '.join(given)}: these set up Ray Serve replicas; add --ray")
         return None
-    from lmforge.serve.ray_deploy import RayOptions
+    from lmforge.serve.ray_deploy import RAY_FLAGS, RayOptions
 
-    return RayOptions(**flags)
+    return from_flags(RayOptions, RAY_FLAGS, **flags)
 
 
 def log_access_to_stderr() -> None:

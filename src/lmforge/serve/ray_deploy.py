@@ -17,17 +17,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from pydantic import field_validator, model_validator
+
+from lmforge.config import Section
 from lmforge.errors import LmforgeError
 from lmforge.serve.settings import ServeSettings
 
+RAY_FLAGS = {"address": "ray-address"}  # RayOptions fields whose flag is spelled otherwise
 APP_NAME = "lmforge"  # the Ray Serve application and deployment name
 REPLICA_HEADER = b"x-lmforge-replica"  # which replica answered: Ray's id of it
 
 
-@dataclass(frozen=True)
-class RayOptions:
+class RayOptions(Section):
     """How many replicas, where, and how they scale (the --replicas/--ray-*/--autoscale-* flags)."""
 
     replicas: int | None = None  # None: 1, or the autoscaling minimum
@@ -36,24 +38,36 @@ class RayOptions:
     autoscale_max: int | None = None
     target_ongoing_requests: float | None = None  # per replica, for autoscaling; None: --max-batch
 
-    def __post_init__(self):
-        if self.replicas is not None and self.replicas < 1:
-            raise LmforgeError("--replicas must be at least 1")
-        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
-            raise LmforgeError("--target-ongoing-requests must be more than 0")
+    @field_validator("replicas")
+    @classmethod
+    def _at_least_one(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("target_ongoing_requests")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError("must be more than 0")
+        return v
+
+    @model_validator(mode="after")
+    def _scaling(self) -> "RayOptions":
         if not self.autoscaling:
             if self.target_ongoing_requests is not None:
-                raise LmforgeError("--target-ongoing-requests steers autoscaling: give --autoscale-max too")
-            return
+                raise ValueError("--target-ongoing-requests steers autoscaling: give --autoscale-max too")
+            return self
         if self.autoscale_max is None:
-            raise LmforgeError("--autoscale-min needs --autoscale-max (the most replicas to start)")
+            raise ValueError("--autoscale-min needs --autoscale-max (the most replicas to start)")
         low = 1 if self.autoscale_min is None else self.autoscale_min
         if low < 0 or self.autoscale_max < max(low, 1):
-            raise LmforgeError(f"autoscaling needs 0 <= --autoscale-min <= --autoscale-max and --autoscale-max >= 1 "
-                               f"(got {low} and {self.autoscale_max})")
+            raise ValueError(f"autoscaling needs 0 <= --autoscale-min <= --autoscale-max and --autoscale-max >= 1 "
+                             f"(got {low} and {self.autoscale_max})")
         if self.replicas is not None and not low <= self.replicas <= self.autoscale_max:
-            raise LmforgeError(f"--replicas {self.replicas} (the replicas to start with) is outside "
-                               f"--autoscale-min {low} .. --autoscale-max {self.autoscale_max}")
+            raise ValueError(f"--replicas {self.replicas} (the replicas to start with) is outside "
+                             f"--autoscale-min {low} .. --autoscale-max {self.autoscale_max}")
+        return self
 
     @property
     def autoscaling(self) -> bool:
