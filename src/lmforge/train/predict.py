@@ -21,7 +21,6 @@ import typer
 
 from lmforge.data.jsonl import json_objects
 from lmforge.errors import LmforgeError
-from lmforge.train.labeling import classification, tag_text
 
 ModelArg = Annotated[Path, typer.Argument(help="A model/ or adapter/ directory written by lmforge finetune "
                                                "--task classify|tag (it holds head.json).")]
@@ -87,6 +86,8 @@ def classify(
     base: BaseOpt = None,
 ):
     """Label texts with a trained classification head: the label, its probability, the text."""
+    from lmforge.train.labeling import classification  # torch: not for `lmforge --help`
+
     records = _read_inputs(text, file, text_field)
     tuned = _load(model, base, "classify")
     probabilities = tuned.probabilities([r[text_field] for r in records])
@@ -109,6 +110,8 @@ def tag(
     base: BaseOpt = None,
 ):
     """Tag each word of texts with a trained token-classification (BIO) head, and list the entities."""
+    from lmforge.train.labeling import tag_text  # torch: not for `lmforge --help`
+
     records = _read_inputs(text, file, text_field, tokens_field)
     tuned = _load(model, base, "tag")
     for record in records:
