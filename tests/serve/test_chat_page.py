@@ -137,3 +137,89 @@ def test_chat_page_picks_an_adapter_and_gets_its_reply(browser, adapter_server, 
     assert browser.find_element(By.CSS_SELECTOR, ".assistant .text").get_attribute("textContent") == expected
     assert browser.find_element(By.ID, "model").text == "model: support"
     assert browser.find_element(By.ID, "error").text == ""
+
+
+def test_chat_page_json_mode_sends_response_format(browser, server):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    question = "List three cities as JSON."
+    expected = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0,
+                                "max_tokens": 12, "response_format": {"type": "json_object"}}
+                          ).json()["choices"][0]["message"]["content"]
+    assert expected.lstrip().startswith("{")  # the grammar's first character, which the free model does not write
+
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "json_mode").click()
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    for field, value in (("temperature", "0"), ("max_tokens", "12")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.ID, "input").send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+    assert browser.find_element(By.CSS_SELECTOR, ".assistant .text").get_attribute("textContent") == expected
+    assert browser.find_element(By.ID, "error").text == ""
+
+
+CALL = ['Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "unit": "C"}}\n</tool_call>']
+WEATHER_TOOLS = ('[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", '
+                 '"properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}}}}}]')
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny):
+    """A server whose engine calls get_weather, then answers once the tool's result is in the prompt."""
+    from serve_helpers import Server
+    from test_tools import ScriptedEngine
+
+    from lmforge.serve.app import create_app
+    from lmforge.serve.security import ApiKeys
+    from lmforge.serve.settings import ServeSettings
+
+    class ToolEngine(ScriptedEngine):
+        def stream(self, requests):
+            prompt = self.tokenizer.decode(requests[0].prompt)
+            self.pieces = ["It is 19 degrees in Lima."] if "<tool_response>" in prompt else CALL
+            return super().stream(requests)
+
+    engine = ToolEngine(tiny[1], CALL)
+    with Server(create_app(engine, ServeSettings(model_name=MODEL, api_keys=ApiKeys([KEY])))) as s:
+        yield s, engine
+
+
+def test_chat_page_tool_call_round_trip(browser, tool_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, engine = tool_server
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#tools_box summary").click()
+    browser.find_element(By.ID, "tools").send_keys(WEATHER_TOOLS)
+    browser.find_element(By.ID, "input").send_keys("Weather in Lima?")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+    assert browser.find_element(By.ID, "error").text == ""
+    assert browser.find_element(By.CSS_SELECTOR, ".assistant .text").get_attribute("textContent") == "Let me check."
+    block = browser.find_element(By.CSS_SELECTOR, ".tool-call")
+    assert block.get_attribute("open") is None  # collapsed until clicked
+    block.find_element(By.TAG_NAME, "summary").click()
+    summary = block.find_element(By.TAG_NAME, "summary").text
+    assert summary.startswith("get_weather (call_")
+    assert block.find_element(By.TAG_NAME, "pre").text == '{"city": "Lima", "unit": "C"}'
+    assert "get_weather" in engine.prompts[0]  # the tools reached the prompt
+
+    block.find_element(By.CSS_SELECTOR, ".tool-result input").send_keys('{"temperature": 19}')
+    block.find_element(By.CSS_SELECTOR, ".tool-result button").click()
+    WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == 2)
+    assert browser.find_element(By.ID, "error").text == ""
+    replies = browser.find_elements(By.CSS_SELECTOR, ".assistant .text")
+    assert replies[1].get_attribute("textContent") == "It is 19 degrees in Lima."
+    assert browser.find_element(By.CSS_SELECTOR, ".tool .text").text == '{"temperature": 19}'
+    # The second request carried the call and its result: the prompt has both.
+    second = engine.prompts[1]
+    assert '"name": "get_weather"' in second and '<tool_response>\n{"temperature": 19}\n</tool_response>' in second

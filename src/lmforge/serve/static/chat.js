@@ -2,6 +2,9 @@
 // /v1/chat/completions. The API key stays in this page (never stored) and is sent as a
 // Bearer token. Text is inserted with textContent, never as HTML. The model picker lists
 // what /v1/models serves: the base model and its LoRA adapters (those with a `parent`).
+// JSON mode asks for response_format json_object. Tools (a JSON list in the tools box) go
+// with every request; the reply's tool calls show as collapsible blocks, each with a field
+// whose text goes back as the `tool` message that answers it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -67,20 +70,68 @@ function relist() {
   listModels().catch(() => {}); // no key yet, or a wrong one: sending says why
 }
 
+function requestBody(name) {
+  const body = {
+    model: name, messages, stream: true,
+    temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value),
+  };
+  if ($("json_mode").checked) body.response_format = { type: "json_object" };
+  const tools = $("tools").value.trim();
+  if (tools) {
+    try {
+      body.tools = JSON.parse(tools);
+    } catch (e) {
+      throw new Error("the tools box is not JSON: " + e.message);
+    }
+    body.tool_choice = $("tool_choice").value;
+  }
+  return body;
+}
+
+function showCall(div, call) {
+  const block = document.createElement("details");
+  block.className = "tool-call";
+  block.dataset.id = call.id;
+  const summary = document.createElement("summary");
+  summary.textContent = call.function.name + " (" + call.id + ")";
+  const args = document.createElement("pre");
+  args.textContent = call.function.arguments;
+  const form = document.createElement("form");
+  form.className = "tool-result";
+  const result = document.createElement("input");
+  result.placeholder = "the tool's result, sent back as a tool message";
+  const button = document.createElement("button");
+  button.type = "submit";
+  button.textContent = "Send result";
+  form.append(result, button);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (controller) return;
+    messages.push({ role: "tool", tool_call_id: call.id, content: result.value });
+    bubble("tool", result.value);
+    button.disabled = true;
+    if (!$("log").querySelector(".tool-result button:not([disabled])")) reply();
+  });
+  block.append(summary, args, form);
+  div.append(block);
+}
+
 async function send(text) {
-  $("error").textContent = "";
   messages.push({ role: "user", content: text });
   bubble("user", text);
+  await reply();
+}
+
+async function reply() {
+  $("error").textContent = "";
   const out = bubble("assistant", "");
   controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
-  let reply = "";
+  let text = "";
+  const calls = [];
   try {
-    const body = {
-      model: await model(), messages, stream: true,
-      temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value),
-    };
+    const body = requestBody(await model());
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
@@ -103,8 +154,14 @@ async function send(text) {
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices) {
           if (choice.delta && choice.delta.content) {
-            reply += choice.delta.content;
-            out.textContent = reply;
+            text += choice.delta.content;
+            out.textContent = text;
+          }
+          for (const d of (choice.delta && choice.delta.tool_calls) || []) {
+            const call = calls[d.index] || (calls[d.index] = { id: "", type: "function", function: { name: "", arguments: "" } });
+            call.id = d.id || call.id;
+            call.function.name += (d.function && d.function.name) || "";
+            call.function.arguments += (d.function && d.function.arguments) || "";
           }
         }
       }
@@ -112,7 +169,10 @@ async function send(text) {
   } catch (e) {
     if (e.name !== "AbortError") $("error").textContent = e.message;
   } finally {
-    messages.push({ role: "assistant", content: reply });
+    const message = { role: "assistant", content: text || (calls.length ? null : "") };
+    if (calls.length) message.tool_calls = calls;
+    messages.push(message);
+    for (const call of calls) showCall(out.parentElement, call);
     controller = null;
     $("send").disabled = false;
     $("stop").disabled = true;
