@@ -7,6 +7,7 @@ token per row and computes logits for the last position only.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from lmforge.infer.chunked_prefill import DEFAULT_PREFILL_CHUNK, prefill
 from lmforge.infer.native_decode import NativeDecoder, step_cache
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.model import Transformer
+from lmforge.model.kv_int8 import new_cache
 
 # on_text(row, new_text): called as each row's text grows (streaming).
 TextCallback = Callable[[int, str], None]
@@ -102,6 +104,16 @@ def encode_prompts(tokenizer: TextTokenizer, prompts: list[str] | list[list[int]
     return encoded
 
 
+_noticed: set[str] = set()
+
+
+def native_notice(message: str) -> None:
+    """Say once per process (on stderr) why decoding left the native path."""
+    if message not in _noticed:
+        _noticed.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
 # on_token(row, token) -> True to finish that row (a stop string was seen).
 TokenCallback = Callable[[int, int], bool]
 
@@ -110,14 +122,17 @@ TokenCallback = Callable[[int, int], bool]
 def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
                  pad_id: int = 0, on_token: TokenCallback | None = None, native: bool = True,
                  stop_token_ids: Collection[int] = (),
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> tuple[list[list[int]], list[str]]:
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 kv_cache_dtype: str = "auto") -> tuple[list[list[int]], list[str]]:
     """The decoding loop on token ids: (new ids per row, finish reason per row).
 
     A row finishes on `eos_id` or one of `stop_token_ids` (a chat turn's end; neither is
     included in its ids), when `on_token` says so, or at `max_new_tokens` / the context limit
     ("length"). After the prefill, steps run through the native decoder where the model allows
     it (`native=False` forces the PyTorch model). The prompts are prefilled `prefill_chunk`
-    tokens at a time (None: in one forward), which bounds a long prompt's memory."""
+    tokens at a time (None: in one forward), which bounds a long prompt's memory.
+    `kv_cache_dtype="int8"` stores keys and values as int8 (model/kv_int8.py); the native
+    decoder reads float caches only, so such a cache decodes through the PyTorch model."""
     ends = {eos_id, *stop_token_ids} - {None}
     context = model.config.context
     longest = max(len(ids) for ids in prompts)
@@ -144,8 +159,11 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
         seen.scatter_(1, ids, pad_mask)
 
     done = [False] * B
-    cache = model.new_cache(B, capacity=longest + max_new)
+    cache = new_cache(model, B, longest + max_new, kv_cache_dtype)
     logits = prefill(model, ids, cache, None if bool(pad_mask.all()) else pad_mask, prefill_chunk)[:, -1]
+    if native and kv_cache_dtype != "auto":
+        native_notice(f"an {kv_cache_dtype} KV cache decodes through the PyTorch model (the native decoder reads fp32 caches)")
+        native = False
     decoder = NativeDecoder.for_cache(model, cache) if native else None
     for step in range(max_new):
         if seen is not None:
@@ -174,7 +192,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingP
 def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | list[list[int]],
              params: SamplingParams | None = None, on_text: TextCallback | None = None,
              native: bool = True, stop_token_ids: Collection[int] = (),
-             prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> list[Completion]:
+             prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, kv_cache_dtype: str = "auto") -> list[Completion]:
     """Text continuations of each prompt, streamed through `on_text` as they grow; a row also
     ends on any of `stop_token_ids` (e.g. `end_of_turn_ids(tokenizer)` for a chat reply)."""
     params = params or SamplingParams()
@@ -191,7 +209,7 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: list[str] | 
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ids, finish = generate_ids(model, encoded, params, tokenizer.eos_id, pad, on_token, native, stop_token_ids,
-                               prefill_chunk)
+                               prefill_chunk, kv_cache_dtype)
     results = []
     for r, row in enumerate(rows):
         tail = row.flush()

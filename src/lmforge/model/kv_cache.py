@@ -14,13 +14,23 @@ import torch
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (batch, n_kv_head, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.allocate(n_layer, (batch, n_kv_head, capacity, head_dim), dtype, device)
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity = capacity
         self.length = 0
         self.has_padding = False
+
+    def allocate(self, n_layer: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+        """The key and value tensors of every layer (a quantized cache stores them otherwise)."""
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+
+    def nbytes(self) -> int:
+        """Bytes the cache's key/value storage takes."""
+        return sum(t.numel() * t.element_size() for t in self.storage())
+
+    def storage(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v]
 
     @property
     def batch(self) -> int:
