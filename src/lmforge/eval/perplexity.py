@@ -41,10 +41,11 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _result(total_nll: float, tokens: int, bytes_per_token: float, measure: str = PERPLEXITY) -> EvalResult:
-    loss = total_nll / max(1, tokens)
-    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / math.log(2) / bytes_per_token, tokens, measure)
+    @classmethod
+    def of(cls, total_nll: float, tokens: int, bytes_per_token: float, measure: str = PERPLEXITY) -> "EvalResult":
+        """The result of `tokens` tokens scored `total_nll` nats in all."""
+        loss = total_nll / max(1, tokens)
+        return cls(loss, math.exp(min(loss, 50.0)), loss / math.log(2) / bytes_per_token, tokens, measure)
 
 
 # Logits held at once while scoring: a batch of 8 x 1,024 tokens over GPT-2's 50,257-token
@@ -128,7 +129,7 @@ def evaluate_split(model: Transformer, split: TokenSplit, batch_size: int = 8, m
                                        autocast)
     finally:
         model.train(was_training)
-    return _result(total, count, split.bytes_per_token, measure)
+    return EvalResult.of(total, count, split.bytes_per_token, measure)
 
 
 def evaluate_text(model: Transformer, tokenizer: TextTokenizer, path: str | Path, batch_size: int = 8) -> EvalResult:
@@ -149,7 +150,7 @@ def evaluate_text(model: Transformer, tokenizer: TextTokenizer, path: str | Path
             windows.append((torch.tensor([chunk[:-1]]), torch.tensor([chunk[1:]])))
     model.eval()
     total, count, measure = _score(model, windows, encoder_mask_id(model, tokenizer))
-    return _result(total, count, len(text.encode("utf-8")) / count, measure)
+    return EvalResult.of(total, count, len(text.encode("utf-8")) / count, measure)
 
 
 def unigram_baseline(train: TokenSplit, val: TokenSplit) -> EvalResult:
@@ -161,4 +162,4 @@ def unigram_baseline(train: TokenSplit, val: TokenSplit) -> EvalResult:
     total = 0.0
     for shard in val.shards:
         total -= logp[np.asarray(shard, dtype=np.int64)].sum()
-    return _result(float(total), val.tokens, val.bytes_per_token)
+    return EvalResult.of(float(total), val.tokens, val.bytes_per_token)

@@ -40,7 +40,7 @@ from lmforge.config import TrainConfig
 from lmforge.data.loader import sequential_windows
 from lmforge.data.sft import IGNORE
 from lmforge.errors import LmforgeError
-from lmforge.eval.perplexity import EvalResult, _result
+from lmforge.eval.perplexity import EvalResult
 from lmforge.model import Transformer
 from lmforge.model.transformer import soft_cap
 from lmforge.train.distributed import DistContext
@@ -289,7 +289,7 @@ class Pipeline:
         sums = torch.tensor([total, count] if self.last and self.ctx.dp_rank == 0 else [0.0, 0.0],
                             dtype=torch.float64, device=self.device)
         dist.all_reduce(sums)
-        return _result(sums[0].item(), int(sums[1].item()), split.bytes_per_token)
+        return EvalResult.of(sums[0].item(), int(sums[1].item()), split.bytes_per_token)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict, on CPU, on rank 0 (empty elsewhere): every stage's
