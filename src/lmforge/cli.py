@@ -157,6 +157,8 @@ def generate(
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter directory to apply to the model.")] = None,
     reference_path: Annotated[bool, typer.Option(help="Decode through the PyTorch model, not the native fast path (for checking).")] = False,
     tp: Annotated[int, typer.Option("--tp", help="Split the model over N processes on this machine (tensor parallel; launches torchrun).")] = 1,
+    prefill_chunk: Annotated[int, typer.Option(help="Prefill prompts this many tokens at a time, bounding a long prompt's memory (0: whole).")] = 512,
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's dtype) or int8 (keys/values int8 with per-vector scales; decodes through PyTorch).")] = "auto",
 ):
     """Continue prompts with the model (KV-cache decoding; one prompt takes the native fast path)."""
     import os
@@ -185,7 +187,8 @@ def generate(
         m.check_generates()
 
         def complete(prompts, on_text=None):
-            return m.complete(prompts, on_text=on_text, native=not reference_path, **params.model_dump())
+            return m.complete(prompts, on_text=on_text, native=not reference_path, prefill_chunk=prefill_chunk or None,
+                              kv_cache_dtype=kv_cache_dtype, **params.model_dump())
         shows = True
     if stream and len(prompt) == 1:
         if shows:

@@ -11,6 +11,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.infer.chunked_prefill import DEFAULT_PREFILL_CHUNK
 from lmforge.infer.generate import Completion, TextCallback, generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
@@ -29,10 +30,13 @@ class LoadedModel:
         return self.model.config
 
     def complete(self, prompts: list[str] | list[list[int]], on_text: TextCallback | None = None,
-                 native: bool = True, **sampling: Any) -> list[Completion]:
-        """Completions of each prompt; `native=False` decodes through the PyTorch model only."""
+                 native: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, kv_cache_dtype: str = "auto",
+                 **sampling: Any) -> list[Completion]:
+        """Completions of each prompt; `native=False` decodes through the PyTorch model only
+        (see `generate` for `prefill_chunk` and `kv_cache_dtype`)."""
         self.check_generates()
-        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), on_text, native)
+        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), on_text, native,
+                        prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype)
 
     def check_generates(self) -> None:
         """A user error unless the model writes text (a masked-LM encoder does not)."""
