@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import kernels_build, machine
 
-from lmforge.eval.applications import APPLICATIONS, before_after, before_after_table
+from lmforge.applications import APPLICATIONS, before_after, before_after_table
 
 
 def main() -> None:

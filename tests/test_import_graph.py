@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("adapters",),                                      # LoRA adapters: PEFT names and adapter files
     ("",),                                              # the lmforge package: load, LmforgeError
     ("train", "compress", "interop", "eval", "explain", "serve"),  # the stages
-    ("quickstart",),
+    ("quickstart", "applications"),                    # whole paths through the stages
     ("cli",),
     ("__main__",),
 ]

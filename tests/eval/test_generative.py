@@ -130,7 +130,7 @@ def test_code_task_pass_at_k_through_the_sandbox(tiny_model_dir, tmp_path, monke
     chosen = [[p["canonical_solution"]] * 4 for p in problems]
     chosen[1] = [problems[1]["canonical_solution"], "    return 0\n", "    while True:\n        pass\n", "    return (\n"]
     chosen[2] = ["    raise ValueError\n"] * 4
-    monkeypatch.setattr(generation, "_sample_all", lambda *a, **k: chosen)
+    monkeypatch.setattr(generation, "sample_all", lambda *a, **k: chosen)
     result = evaluate_task(lmforge.load(tiny_model_dir), task)
     assert [p["passed"] for p in result.predictions] == [4, 1, 0]
     assert result.predictions[1]["status"] == ["passed", "failed", "timeout", "failed"]

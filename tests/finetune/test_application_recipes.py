@@ -9,7 +9,7 @@ import re
 import pytest
 from helpers import save_random_model, small_tokenizer
 
-from lmforge.eval.applications import APPLICATIONS, HEADLINE, before_after, before_after_table, label_scores, task_file
+from lmforge.applications import APPLICATIONS, HEADLINE, before_after, before_after_table, label_scores, task_file
 from lmforge.eval.task_file import load_task
 from lmforge.train.finetune import builtin_finetune_recipes, load_finetune_config
 

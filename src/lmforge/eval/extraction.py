@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from lmforge.eval import triples
-from lmforge.eval.generation import _sample_all as sample_all  # the seeded decoding of generation tasks
+from lmforge.eval.generation import sample_all  # the seeded decoding of generation tasks
 from lmforge.eval.generation import example_id, task_prompts
 from lmforge.eval.scoring import fit_context
 from lmforge.eval.task_file import Task, TaskResult

@@ -39,7 +39,7 @@ def chat_prompt(lm, task: Task, index: int, num_fewshot: int, seed: int) -> str:
     return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def _sample_all(lm, task: Task, prompts: list[str], batch_size: int, seed: int, stop: list[str],
+def sample_all(lm, task: Task, prompts: list[str], batch_size: int, seed: int, stop: list[str],
                 max_tokens: int) -> list[list[str]]:
     """n outputs per prompt. Greedy prompts share batches of `batch_size`; a sampled example draws
     its n samples in batches of SAMPLE_BATCH rows, each from a generator seeded by (seed, example,
@@ -90,7 +90,7 @@ def evaluate_generation(lm, task: Task, num_fewshot: int = 0, batch_size: int = 
     metrics = config.metric or ["exact_match"]
     prompts = task_prompts(lm, task, num_fewshot, seed)
     start = time.perf_counter()
-    outputs = _sample_all(lm, task, prompts, batch_size, seed, config.stop if config.stop is not None else ["\n"],
+    outputs = sample_all(lm, task, prompts, batch_size, seed, config.stop if config.stop is not None else ["\n"],
                           config.max_tokens or 32)
     seconds = time.perf_counter() - start
     references = [ex["answer"] if isinstance(ex["answer"], list) else [ex["answer"]] for ex in task.examples]
@@ -117,7 +117,7 @@ def evaluate_code(lm, task: Task, num_fewshot: int = 0, batch_size: int = 16, se
     ks = config.k or [k for k in (1, 10, 100) if k <= config.n]
     prompts = task_prompts(lm, task, num_fewshot, seed)
     start = time.perf_counter()
-    outputs = _sample_all(lm, task, prompts, batch_size, seed, config.stop if config.stop is not None else CODE_STOP,
+    outputs = sample_all(lm, task, prompts, batch_size, seed, config.stop if config.stop is not None else CODE_STOP,
                           config.max_tokens or 256)
     programs = [program(ex, text) for ex, texts in zip(task.examples, outputs) for text in texts]
     results = run_many(programs, timeout=config.timeout)
