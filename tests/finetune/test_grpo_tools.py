@@ -1,17 +1,16 @@
 """Multi-turn GRPO environments: the calculator, transcripts assembled from scripted model turns
 (plain and chat prompts), tool tokens masked out of the loss and its gradient (by hand), a
-reward that reads the transcript, and a tool-environment run that raises its reward."""
+reward that reads the transcript, and GRPO teaching a warm-started model to call the tool."""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import small_tokenizer
-from test_grpo import grpo_config, records
+from helpers import save_random_model, small_tokenizer, write_jsonl
+from test_grpo import records
 
 from lmforge.data.sft import IGNORE, collate
 from lmforge.errors import LmforgeError
@@ -170,23 +169,38 @@ def test_tool_tokens_get_no_gradient_by_hand():
     assert episodes[0].model_tokens == len(cut_after_call(tok, tok.encode(CALL))) + len(tok.encode(" 391"))
 
 
-ECHO = ("def letters(prompt, completion, transcript, **fields):\n"
-        "    text = ''.join(m['content'] for m in transcript if m['role'] == 'assistant')\n"
-        "    return text.count('e') / max(len(text), 1)\n")
-
-
 @pytest.mark.slow
-def test_tool_environment_run_raises_a_transcript_reward(tmp_path):
-    (tmp_path / "tr.py").write_text(ECHO)
-    over = {"method": "full", "train": {"lr": 1e-2},
-            "grpo": {"group_size": 8, "environment": {"function": "calculator", "max_turns": 2},
-                     "rewards": [{"function": f"{tmp_path / 'tr.py'}:letters"}]}}
-    result = finetune(grpo_config(tmp_path, over), progress=False, log=lambda s: None)
+def test_grpo_learns_to_call_the_tool(tmp_path):
+    """A warm start that calls the calculator on half its samples for every prompt; GRPO with
+    tool_used (a reward that reads the transcript) makes the call the habit."""
+    tok = small_tokenizer()
+    base = save_random_model(tmp_path / "base", "llama", tokenizer=tok, vocab_size=tok.vocab_size, init_std=0.2,
+                             context=128)  # a call is 76 tokens of this byte-level tokenizer
+    call = CALL.replace("17 * 23", "2+3")
+    words = ["red", "green", "blue", "sea", "mind", "world", "hello", "yes"]
+    sft_rows = [{"prompt": f"say {w}:", "completion": call if j % 2 == 0 else " no"} for w in words for j in range(4)]
+    common = {"checkpoint_every": 1000, "warmup": 2, "device": "cpu", "dtype": "float32"}
+    sft = finetune(load_finetune_config(None, {
+        "base": str(base), "task": "sft", "method": "full", "data": {"train": str(write_jsonl(tmp_path / "sft.jsonl",
+                                                                                             sft_rows * 2))},
+        "train": {"batch_size": 16, "lr": 1e-2, "max_steps": 60, "log_every": 10, **common},
+        "eval": {"every": 1000, "batches": 1}, "run": {"name": "sft", "out": str(tmp_path / "runs")}}),
+        progress=False, log=lambda s: None)
+    prompts = write_jsonl(tmp_path / "p.jsonl",
+                          [{"prompt": f"say {w}:", "id": f"p{i}"} for i, w in enumerate(words * 4)])
+    result = finetune(load_finetune_config(None, {
+        "base": str(sft.output), "task": "grpo", "method": "full", "data": {"train": str(prompts)},
+        "grpo": {"group_size": 8, "max_new_tokens": 80, "temperature": 0.7,
+                 "environment": {"function": "calculator", "max_turns": 2}, "rewards": ["tool_used"]},
+        "train": {"batch_size": 4, "lr": 3e-4, "max_steps": 12, "log_every": 2, **common},
+        "eval": {"every": 1000, "batches": 4}, "run": {"name": "grpo", "out": str(tmp_path / "runs")}}),
+        progress=False, log=lambda s: None)
     train = [r for r in records(result.run_dir) if "reward" in r]
-    assert len(train) == 4
-    assert train[-1]["reward"] > train[0]["reward"] + 0.15, [r["reward"] for r in train]
-    assert all(math.isfinite(r["tool_calls"]) and 0 < r["completion_tokens"] <= 16 for r in train)
-    assert result.metrics["val_reward"] > 0.2
+    assert len(train) == 6
+    rewards = [r["reward"] for r in train]
+    assert 0.1 < rewards[0] < 0.7 and rewards[-1] > rewards[0] + 0.25, rewards  # measured 0.36 -> 0.81
+    assert all(r["tool_calls"] >= r["reward"] for r in train)  # every rewarded episode made a call
+    assert result.metrics["val_reward"] > 0.5
 
 
 def test_grpo_tools_recipe_loads():
