@@ -31,7 +31,8 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
         apply_adapter(m, adapter, merge=True)
     prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20)) if settings.prefix_cache_mb else None
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                    native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device))
+                    native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device),
+                    prefill_chunk=settings.prefill_chunk or None)
     app = create_app(engine, settings, [Path(model_dir)] + ([Path(adapter)] if adapter is not None else []))
     app.state.engine = engine
     registry = app.state.adapters

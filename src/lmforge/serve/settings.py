@@ -37,6 +37,7 @@ class ServeSettings(Section):
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 256  # requests waiting beyond that, then 503
     native_decode: bool = True  # decoding steps run through lmforge.infer.native_decode
+    prefill_chunk: int = Field(512, ge=0)  # long prompts prefilled this many tokens at a time (infer.chunked_prefill); 0: whole
     prefix_cache_mb: float = 256.0  # keys and values of shared prompt prefixes (infer.prefix_cache); 0: off
     speculative: str | None = None  # "ngram": prompt-lookup drafts (infer.speculative)
     speculative_tokens: int = 5  # drafts checked per step
