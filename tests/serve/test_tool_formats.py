@@ -11,8 +11,8 @@ import re
 
 import openai
 import pytest
-from test_tools import (ASK, MODEL, SCHEMAS, TOOLS, ScriptedEngine, check_calls, client, long_tiny, serve,  # noqa: F401
-                        streamed, with_template)
+from serve_helpers import tiny_model
+from test_tools import ASK, MODEL, SCHEMAS, TOOLS, ScriptedEngine, check_calls, client, serve, streamed, with_template
 
 from lmforge.infer.engine import Engine
 from lmforge.serve.tools import HERMES, LLAMA3, MISTRAL, LlamaParser, MistralParser, format_of
@@ -45,6 +45,12 @@ MISTRAL_TEMPLATE = (
     "{% endif %}{{ {'name': c.function.name, 'arguments': c.function.arguments, 'id': c.id} | tojson }}"
     "{% if not loop.last %}, {% endif %}{% endfor %}]</s>"
     "{% else %}{{ m.content }}</s>{% endif %}{% endfor %}")
+
+@pytest.fixture(scope="module")
+def long_tiny():
+    """A random tiny model with room for the tools' descriptions in its context."""
+    return tiny_model(context=2048)
+
 
 TEMPLATES = {"llama3": LLAMA_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
 NINE = re.compile(r"[A-Za-z0-9]{9}")

@@ -11,7 +11,6 @@ template that takes `tools` (HF's convention) and through the fallback system me
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import jsonschema
 import openai
