@@ -2,15 +2,15 @@
 
 With `grpo.environment` set, each sample is an episode of up to `max_turns` model turns. The
 model writes a turn; if the turn holds a tool call in the Hermes format that `lmforge serve`
-parses (`serve.tools.CallParser`),
+parses (`infer.tool_calls.CallParser`, the server's parser),
 
     <tool_call>
     {"name": "calculator", "arguments": {"expression": "17 * 23"}}
     </tool_call>
 
 the turn is cut after the call, the environment function runs it, and its result is appended
-as a tool message (`<tool_response>` text; inside the chat template's tool turn for chat
-prompts, as `serve.tools.conversation` writes one for a template without tools); the model
+as a tool message (`<tool_response>` text; for chat prompts inside a user turn of the chat
+template, as `serve.tools.conversation` writes tool results for a template without tools); the model
 then continues. An episode ends at a turn without a call, after max_turns, or when the context
 is full.
 
@@ -41,7 +41,7 @@ from typing import Any
 
 from lmforge.data.sft import IGNORE, Row
 from lmforge.errors import LmforgeError
-from lmforge.serve.tools import CLOSE, CallParser, ParsedCall
+from lmforge.infer.tool_calls import CLOSE, CallParser, ParsedCall, response_block
 
 Environment = Callable[..., str]
 
@@ -131,10 +131,6 @@ def parse_turn(text: str, names: set[str]) -> tuple[str, list[ParsedCall]]:
     return "".join(p for p in parts if isinstance(p, str)), parser.calls
 
 
-def tool_response(result: str) -> str:
-    return f"<tool_response>\n{result}\n</tool_response>"
-
-
 class ToolEnvironment:
     """Runs episodes for GrpoTask: `generate(prompt ids, params) -> engine Results` is the policy."""
 
@@ -199,16 +195,12 @@ class ToolEnvironment:
     def _tool_text(self, prompt: Any, episode: Episode, results: list[str]) -> str:
         """The text between the model's call and its next turn: the tool responses, in the chat
         template's user turn for chat prompts."""
-        responses = "\n".join(tool_response(r) for r in results)
+        responses = "\n".join(response_block(r) for r in results)
         if not isinstance(prompt, list):
             return "\n" + responses + "\n"
-        from lmforge.serve.protocol import ChatMessage
-        from lmforge.serve.tools import ToolPlan, conversation
-
         turn = self.tokenizer.decode(episode.ids[self._turn_start(episode):], skip_special=True)
         history = prompt + [{"role": "assistant", "content": turn}]
-        tool_messages = conversation([ChatMessage(role="tool", content=r, tool_call_id="call") for r in results],
-                                     ToolPlan([], "none"), template_takes_tools=False)
+        tool_messages = [{"role": "user", "content": response_block(r)} for r in results]
         before = self.tokenizer.apply_chat_template(history, add_generation_prompt=False)
         after = self.tokenizer.apply_chat_template(history + tool_messages, add_generation_prompt=True)
         at = before.rfind(turn)
