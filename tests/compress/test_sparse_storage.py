@@ -160,3 +160,17 @@ def test_export_hf_writes_dense_weights_transformers_reads(tiny_model_dir, tmp_p
     assert config["model_type"] == "llama" and "sparsity_config" not in config
     tensors = load_file(str(tmp_path / "hf" / WEIGHTS))
     assert "model.layers.0.mlp.down_proj.weight" in tensors
+
+
+def test_an_encrypted_compact_directory_loads_with_its_key(tiny_model_dir, tmp_path):
+    from lmforge.interop.crypto import encrypt_model_dir, new_key_file
+
+    out = tmp_path / "p24"
+    run_prune(tiny_model_dir, out, 0.5, "magnitude", "2:4")
+    want = lmforge.load(out).model.state_dict()
+    key = new_key_file(tmp_path / "key")
+    encrypt_model_dir(out, key)
+    with pytest.raises(LmforgeError, match="encrypted"):
+        lmforge.load(out)
+    got = lmforge.load(out, key=key).model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
