@@ -5,6 +5,9 @@ tokenizer. Two layouts of the same questions (4 choices each):
 
 - fixed shots: the same five solved questions before every question, as MMLU's five per
   subject through lm-eval (`LmforgeLM.loglikelihood`);
+- fixed shots, letter answers: the same, with the choices listed in the question and
+  scored as " A".." D" (MMLU's own format): one-token continuations need no step after
+  the context, so no per-choice copy of its keys and values;
 - sampled shots: `lmforge eval --tasks --num-fewshot 5`, five solved questions drawn per
   question, so contexts share little beyond an instruction line.
 
@@ -13,6 +16,7 @@ model); medians. The scores are compared too (largest log-likelihood difference)
 
     python benchmarks/eval_prefix.py
     python benchmarks/eval_prefix.py --questions 64 --rounds 3
+    python benchmarks/eval_prefix.py --layouts letters
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--layouts", nargs="+", default=["fixed", "letters", "sampled"],
+                    choices=["fixed", "letters", "sampled"])
     args = ap.parse_args()
     print(machine())
     rows = questions(args.questions + 5)
@@ -66,23 +72,32 @@ def main() -> None:
         lm = harness.lm
         shots = "".join(f"{r['context']} {r['choices'][r['gold']]}\n\n" for r in rows[:5])
         fixed = [SimpleNamespace(args=(shots + r["context"], " " + c)) for r in rows[5:] for c in r["choices"]]
+        def lettered(r: dict) -> str:
+            listed = "".join(f"\n{'ABCD'[j]}. {c}" for j, c in enumerate(r["choices"]))
+            return r["context"].removesuffix("\nAnswer:") + listed + "\nAnswer:"
+
+        letter_shots = "".join(f"{lettered(r)} {'ABCD'[r['gold']]}\n\n" for r in rows[:5])
+        letters = [SimpleNamespace(args=(letter_shots + lettered(r), " " + x)) for r in rows[5:] for x in "ABCD"]
         path = Path(tmp) / "shipping.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows[5:]))
         task = load_task(path)
         print(f"model: small ({lm.model.num_params() / 1e6:.0f}M parameters), {args.questions} questions x 4 choices, "
               f"fixed-shot contexts {len(lm.tokenizer.encode(fixed[0].args[0]))} tokens, batch {args.batch_size}")
 
-        def fixed_run(on: bool):
+        def fixed_run(on: bool, requests=fixed):
             harness.prefix_cache = on
-            return [v for v, _ in harness.loglikelihood(fixed)]
+            return [v for v, _ in harness.loglikelihood(requests)]
 
         def sampled_run(on: bool):
             tasks_module.score_requests = functools.partial(score_requests, prefix_cache=on)
             result = evaluate_task(lm, task, num_fewshot=5, batch_size=args.batch_size)
             return [v for p in result.predictions for v in p["loglikelihoods"]]
 
-        for name, run in (("fixed shots (lm-eval, MMLU layout)", fixed_run),
-                          ("sampled shots (lmforge eval --tasks)", sampled_run)):
+        layouts = {"fixed": ("fixed shots (lm-eval, MMLU layout)", fixed_run),
+                   "letters": ("fixed shots, letter answers (MMLU's format)",
+                               functools.partial(fixed_run, requests=letters)),
+                   "sampled": ("sampled shots (lmforge eval --tasks)", sampled_run)}
+        for name, run in (layouts[k] for k in args.layouts):
             run(True)  # warm-up
             times: dict[bool, list[float]] = {True: [], False: []}
             scores: dict[bool, list[float]] = {}
