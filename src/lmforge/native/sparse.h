@@ -36,8 +36,9 @@ static inline float s24_tail(const float *x, int k, int K, const float *v, const
 static inline __m512i s24_select16(uint32_t word) {
     const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i base = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
-    const __m512i field = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), shifts), _mm512_set1_epi32(3));
-    return _mm512_add_epi32(field, base);
+    /* (field & 3) | base in one ternary-logic op (base is a multiple of 4: | is +) */
+    return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), shifts), _mm512_set1_epi32(3),
+                                     base, 0xEA);
 }
 
 /* W[n] . x for one 2:4 row (K % 4 == 0). */
