@@ -13,8 +13,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 
-# Chosen by benchmarks/long_prompt.py --sweep-chunk: past a few hundred tokens a chunk's
-# matmuls are as efficient as the whole prompt's, while memory keeps growing with it.
+# Chosen with benchmarks/long_prompt.py --chunks: past a few hundred tokens a chunk's matmuls
+# run about as fast as the whole prompt's, while the memory keeps growing with the chunk.
 DEFAULT_PREFILL_CHUNK = 512
 
 
