@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("native", "interop.safetensors_io"),               # C kernels; validated safetensors bytes
     ("interop.families",),                              # per-family Hugging Face names and config keys
     ("interop.hf",),
-    ("model", "compress.qlinear"),                      # the Transformer and its layers (quantized ones too)
+    ("model", "compress.qlinear", "compress.sparse_format"),  # the Transformer, its layers (quantized too), pruned forms
     ("data",),
     ("train.losses",),                                  # the LM loss that training and eval share
     ("infer", "interop.weights"),
@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("interop.crypto",),                                # weights sealed at rest
     ("compress.ecosystem",),                            # quantized layers in the compressed-tensors layout
     ("compress.storage",),                              # weights quantized on disk (maybe sealed too)
+    ("compress.sparse",),                               # pruned weights stored compactly
     ("model_dir",),                                     # load and save any model directory
     ("loaded",),                                        # lmforge.load()
     ("adapters",),                                      # LoRA adapters: PEFT names and adapter files

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import lmforge
 from lmforge.compress.prune import block_linears, prune_mask, run_prune
-from lmforge.compress.sparse import (
+from lmforge.compress.sparse_format import (
     check_two_four, pack_bitmap, pack_two_four, unpack_bitmap, unpack_two_four,
 )
 from lmforge.errors import LmforgeError

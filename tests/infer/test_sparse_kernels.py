@@ -13,7 +13,8 @@ import torch
 import lmforge
 from lmforge import native
 from lmforge.compress.prune import prune_model, run_prune
-from lmforge.compress.sparse import SPARSE_ATTR, mark_two_four
+from lmforge.compress.sparse import mark_two_four
+from lmforge.compress.sparse_format import SPARSE_ATTR
 from lmforge.infer.native_decode import NativeDecoder
 from lmforge.native import decode_abi as abi
 from test_native_kernels import decode_logits, inputs

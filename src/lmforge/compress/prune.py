@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
-from lmforge.compress.sparse import BITMAP_MIN_SPARSITY
+from lmforge.compress.sparse_format import BITMAP_MIN_SPARSITY
 from lmforge.compress.storage import LINEARS, check_out, is_quantized_dir
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer

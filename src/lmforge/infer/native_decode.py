@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lmforge import native
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
-from lmforge.compress.sparse import SPARSE_ATTR, is_two_four, pack_two_four
+from lmforge.compress.sparse_format import SPARSE_ATTR, is_two_four, pack_two_four
 from lmforge.infer.lora_batch import LoraUpdate
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
