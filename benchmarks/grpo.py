@@ -36,6 +36,7 @@ from lmforge.train.finetune import RECIPES, finetune, load_finetune_config
 from lmforge.train.rewards import exact_answer
 
 HELD_OUT = RECIPES / "data" / "arithmetic-heldout.jsonl"
+FRESH_SEED = 4  # the recipe's files use seeds 1-3 (lmforge.data.arithmetic)
 MAX_NEW = 24
 
 
@@ -43,10 +44,20 @@ def held_out() -> list[dict]:
     return [json.loads(line) for line in HELD_OUT.read_text(encoding="utf-8").splitlines()]
 
 
-def accuracy(model_dir: Path) -> dict[str, float]:
-    """Greedy exact-answer accuracy on the held-out problems, overall and per language."""
+def fresh_problems(n: int) -> list[dict]:
+    """`n` more held-out problems, none of them in the recipe's SFT, GRPO or held-out files: 200
+    problems put one answer at half a point, so a small difference needs more of them."""
+    from lmforge.data.arithmetic import grpo_row, problems, recipe_files
+
+    seen = {r["prompt"] for rows in recipe_files().values() for r in rows}
+    fresh = [p for p in problems(n + len(seen), FRESH_SEED) if p.prompt not in seen][:n]
+    return [grpo_row(p, i) for i, p in enumerate(fresh)]
+
+
+def accuracy(model_dir: Path, rows: list[dict] | None = None) -> dict[str, float]:
+    """Greedy exact-answer accuracy on `rows` (default: the recipe's held-out problems), overall and per language."""
     loaded = lmforge.load(model_dir)
-    rows = held_out()
+    rows = rows or held_out()
     tok = loaded.tokenizer
     with Engine(loaded.model, tok, max_batch=64, max_queue=1 << 16) as engine:
         results = engine.generate([Request(tok.encode(r["prompt"]), SamplingParams(max_new_tokens=MAX_NEW))
@@ -162,6 +173,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--more-problems", type=int, default=0,
+                   help="also score both models on this many fresh held-out problems (less noise than 200)")
     args = p.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     report = {"machine": machine(), "build": kernels_build()}
@@ -186,6 +199,11 @@ def main() -> None:
         report["grpo_seconds"] = time.perf_counter() - t
     report["grpo"] = accuracy(grpo_dir / "model")
     log(f"SFT + GRPO accuracy: {report['grpo']}")
+    if args.more_problems:
+        fresh = fresh_problems(args.more_problems)
+        report["fresh"] = {"problems": len(fresh), "sft": accuracy(sft_model, fresh),
+                           "grpo": accuracy(grpo_dir / "model", fresh)}
+        log(f"on {len(fresh)} fresh problems: SFT {report['fresh']['sft']}, SFT + GRPO {report['fresh']['grpo']}")
     records = [json.loads(line) for line in (grpo_dir / "metrics.jsonl").read_text().splitlines()]
     report["curve"] = [(r["step"], r["val_reward"]) for r in records if "val_reward" in r]
     train = [r for r in records if "rollout_share" in r]
