@@ -47,12 +47,12 @@ def overrides(root: Path, name: str, parallel: str = "auto", **train_keys) -> di
     }
 
 
-def torchrun(root: Path, ov: dict, resume: bool = False, interrupt_at: int | None = None) -> None:
+def torchrun(root: Path, ov: dict, resume: bool = False, interrupt_at: int | None = None, nproc: int = 2) -> None:
     script = root / "worker.py"
     script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            json.dumps(ov), "1" if resume else "0", json.dumps(interrupt_at)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

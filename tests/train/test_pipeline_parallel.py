@@ -16,7 +16,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.train import pipeline_parallel
 from lmforge.train.distributed import DistContext
-from tests.train.test_distributed import WORKER, latest, losses, train_here, weights
+from tests.train.test_distributed import latest, losses, torchrun, train_here, weights
 
 pytestmark = pytest.mark.slow
 
@@ -34,19 +34,6 @@ def overrides(root: Path, name: str, parallel: str = "auto", **train_keys) -> di
         "eval": {"every": 3, "batches": 1},
         "run": {"name": name, "out": str(root / "runs")},
     }
-
-
-def torchrun(root: Path, ov: dict, nproc: int = 2, resume: bool = False, interrupt_at: int | None = None) -> None:
-    import json
-    import subprocess
-    import sys
-
-    script = root / "worker.py"
-    script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
-           json.dumps(ov), "1" if resume else "0", json.dumps(interrupt_at)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def val_losses(root: Path, name: str) -> list[float]:

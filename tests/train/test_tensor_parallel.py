@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import WORKER, assert_close, latest, losses, overrides, train_here, weights
+from test_distributed import assert_close, latest, losses, overrides, torchrun, train_here, weights
 
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError
@@ -26,15 +26,6 @@ from lmforge.train.distributed import DistContext
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5
-
-
-def torchrun(root: Path, ov: dict, nproc: int, resume: bool = False, interrupt_at: int | None = None) -> None:
-    script = root / "worker.py"
-    script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
-           json.dumps(ov), "1" if resume else "0", json.dumps(interrupt_at)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def grad_norms(root: Path, name: str) -> list[float]:
@@ -58,7 +49,7 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("parallel,nproc", [("tp", 2), ("fsdp+tp", 4)])
 def test_tensor_parallel_equals_one_process(single, parallel, nproc):
     name = parallel.replace("+", "-")
-    torchrun(single, overrides(single, name, parallel), nproc)
+    torchrun(single, overrides(single, name, parallel), nproc=nproc)
     assert_same_training(single, name)
     ckpt = latest(single, name)
     meta = json.loads((ckpt / "lmforge.json").read_text())["checkpoint"]
@@ -68,11 +59,11 @@ def test_tensor_parallel_equals_one_process(single, parallel, nproc):
 def test_tp_checkpoint_resumes_under_ddp_tp_and_one_process(single):
     """tp (2) -> ddp (2) -> tp (2) -> one process: each reads the last one's checkpoint."""
     ov = overrides(single, "tp-chain", "tp")
-    torchrun(single, ov, 2, interrupt_at=3)
+    torchrun(single, ov, nproc=2, interrupt_at=3)
     ov["train"]["parallel"] = "ddp"
-    torchrun(single, ov, 2, resume=True, interrupt_at=5)
+    torchrun(single, ov, nproc=2, resume=True, interrupt_at=5)
     ov["train"]["parallel"] = "tp"
-    torchrun(single, ov, 2, resume=True, interrupt_at=7)
+    torchrun(single, ov, nproc=2, resume=True, interrupt_at=7)
     assert json.loads((latest(single, "tp-chain") / "lmforge.json").read_text())["checkpoint"]["parallel"] == "tp"
     train_here(ov, resume=True)  # one process reads the tp ranks' shards
     assert_same_training(single, "tp-chain")
@@ -82,9 +73,9 @@ def test_one_process_checkpoint_resumes_under_fsdp_tp_then_tp(single):
     """one process -> fsdp+tp (4: 2 x 2) -> tp (2)."""
     ov = overrides(single, "fsdp-tp-chain", "fsdp+tp")
     train_here(ov, interrupt_at=3)
-    torchrun(single, ov, 4, resume=True, interrupt_at=5)  # a whole model directory, reordered and sharded
+    torchrun(single, ov, nproc=4, resume=True, interrupt_at=5)  # a whole model directory, reordered and sharded
     ov["train"]["parallel"] = "tp"
-    torchrun(single, ov, 2, resume=True)  # a 2-D (dp x tp) DCP checkpoint read by a 1-D tp mesh
+    torchrun(single, ov, nproc=2, resume=True)  # a 2-D (dp x tp) DCP checkpoint read by a 1-D tp mesh
     assert_same_training(single, "fsdp-tp-chain")
 
 
@@ -199,6 +190,6 @@ def test_fsdp_tp_accumulating_and_recomputing_equals_one_process(single):
     and activation checkpointing (each block's forward, collectives included, rerun in backward)."""
     keys = {"grad_accum": 2, "max_steps": 4}
     train_here(overrides(single, "single-accum", **keys))
-    torchrun(single, overrides(single, "fsdp-tp-accum", "fsdp+tp", activation_checkpointing=True, **keys), 4)
+    torchrun(single, overrides(single, "fsdp-tp-accum", "fsdp+tp", activation_checkpointing=True, **keys), nproc=4)
     assert_close(weights(single, "single-accum"), weights(single, "fsdp-tp-accum"), TOL)
     assert losses(single, "fsdp-tp-accum") == pytest.approx(losses(single, "single-accum"), abs=TOL)
