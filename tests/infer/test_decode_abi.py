@@ -108,3 +108,17 @@ def test_a_mismatched_mirror_keeps_the_decoder_off_and_says_which_field(make_mod
     monkeypatch.undo()
     assert why_not(model) is None
 
+
+
+def test_kernels_that_fail_to_build_are_said_once_not_hidden(tmp_path, monkeypatch, capsys):
+    from lmforge import native
+
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'broken cc 1.0'; exit 0; fi\n"
+                      "echo 'decode.c:1:1: error: something is wrong' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    assert native.build("native", cc=str(broken)) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not build" in err[0] and "error: something is wrong" in err[0]
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind

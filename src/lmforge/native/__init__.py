@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def build(arch: str = "native", cc: str | None = None) -> Path | None:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
+        # Said, not silent: without the kernels decoding and the loss still work, several times slower.
+        first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
+        print(f"lmforge: the C kernels did not build for -march={arch} ({first.strip()}); decoding and the loss "
+              "run in PyTorch, slower", file=sys.stderr)
         return None
     os.replace(tmp, target)  # atomic: a concurrent builder never sees a half-written library
     return target
