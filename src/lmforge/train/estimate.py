@@ -281,7 +281,7 @@ class Estimator:
     def check(self, layout: str, nproc: int, s: dict[str, int]) -> str:
         cfg = self.cfg
         if nproc % (s["tp"] * s["pp"]):
-            return f"{nproc} processes are not a multiple of tp {s['tp']} x pp {s['pp']}"
+            return f"{nproc} process{' is' if nproc == 1 else 'es are'} not a multiple of tp {s['tp']} x pp {s['pp']}"
         if layout in ("fsdp+tp", "fsdp+pp") and s["dp"] < 2:
             return f"needs {2 * s['tp'] * s['pp']}+ processes"
         if s["tp"] > 1 and (cfg.n_head % s["tp"] or cfg.kv_heads % s["tp"]):

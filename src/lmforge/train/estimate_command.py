@@ -58,7 +58,8 @@ def print_report(report: dict[str, Any]) -> None:
     params.add_row(*(f"{p[k]:,}" for k in ("total", "embedding", "per_block", "final", "active_per_token")))
     console.print(params)
 
-    rows = report["layouts"]
+    # layouts that cannot run at this process count are said below the table, not squeezed into it
+    rows = [row for row in report["layouts"] if row["valid"]]
     table = Table(title=f"memory per rank at {report['nproc']} process{'es' if report['nproc'] > 1 else ''}, "
                         f"budget {gib(report['memory_budget'])}")
     table.add_column("", no_wrap=True)
@@ -70,9 +71,6 @@ def print_report(report: dict[str, Any]) -> None:
         lines.setdefault(name, [""] * len(rows))[rows.index(row)] = text
 
     for row in rows:
-        if not row["valid"]:
-            cell("layout", row, f"[yellow]{row['reason']}[/]")
-            continue
         s, m, c, sug = row["sizes"], row["memory"], row["memory_checkpointed"], row["suggestion"]
         sizes = " ".join(f"{k} {s[k]}" for k in ("dp", "tp", "pp") if s[k] > 1 or k == "dp")
         cell("layout", row, sizes + (f" m {s['microbatches']}" if s["pp"] > 1 else "")
@@ -93,6 +91,9 @@ def print_report(report: dict[str, Any]) -> None:
     for name, cells in lines.items():
         table.add_row(name, *cells)
     console.print(table)
+    for row in report["layouts"]:
+        if not row["valid"]:
+            console.print(f"{row['layout']}: {row['reason']}", highlight=False)
     console.print("ckpt: with train.activation_checkpointing. batch x accum: the largest train.batch_size (and "
                   "train.grad_accum for the recipe's rows per optimizer step) that fits the budget.", highlight=False)
     probe = report["probe"]
