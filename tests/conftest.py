@@ -48,7 +48,7 @@ def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config():
     """make_config(family, **overrides) -> a tiny ModelConfig (vocab 320, 2 layers, d_model 32, context 32)."""
     return tiny_config
@@ -83,6 +83,14 @@ def tiny_model_dir(tiny_data, tokenizer, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = Transformer(tiny_config("llama", vocab_size=tokenizer.vocab_size, context=64))
     return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tiny_data, tokenizer, tmp_path_factory) -> Path:
+    """The same kind of model with room for long prompts and outputs (context 1024)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("llama", vocab_size=tokenizer.vocab_size, context=1024))
+    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama-1024")
 
 
 def build_tiny_recipe(data_dir: Path, out: Path, name: str = "run", **sections):

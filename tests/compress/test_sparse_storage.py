@@ -84,14 +84,13 @@ def dense_copy(src, out):
 
 
 @pytest.fixture(scope="module")
-def wide_model_dir(tokenizer, tmp_path_factory):
+def wide_model_dir(tokenizer, make_config, tmp_path_factory):
     """A model whose block linears dominate its size (a small vocabulary, wide layers)."""
     from lmforge.model import Transformer
     from lmforge.model_dir import save_model_dir
-    from conftest import tiny_config
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config("llama", vocab_size=tokenizer.vocab_size, context=64, d_model=128, n_layer=2))
+    model = Transformer(make_config("llama", vocab_size=tokenizer.vocab_size, context=64, d_model=128, n_layer=2))
     return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("models") / "wide")
 
 

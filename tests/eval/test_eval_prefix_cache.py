@@ -14,9 +14,6 @@ import lmforge
 import lmforge.eval.tasks as tasks_module
 from lmforge.eval.scoring import MIN_SHARED, score_requests
 from lmforge.eval.tasks import evaluate_task, load_task
-from lmforge.model import Transformer
-from lmforge.model_dir import save_model_dir
-from conftest import tiny_config
 
 TOL = 1e-5
 
@@ -45,14 +42,6 @@ ZH = [
     {"context": f"{ZH_INSTRUCTION}问题：中国的首都是哪里？答案：", "choices": ["上海", "北京", "广州"], "gold": 1},
     {"context": f"{ZH_INSTRUCTION}问题：JSON 是一种什么格式？答案：", "choices": ["数据交换格式", "图片格式", "音频格式"], "gold": 0},
 ]
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tokenizer, tmp_path_factory):
-    """A random llama-family model with room for few-shot prompts (context 1024)."""
-    torch.manual_seed(0)
-    model = Transformer(tiny_config("llama", vocab_size=tokenizer.vocab_size, context=1024))
-    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama-1024")
 
 
 def count_tokens(model) -> list[int]:

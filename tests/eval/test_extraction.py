@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import lmforge
 from lmforge.errors import LmforgeError
@@ -15,8 +14,6 @@ from lmforge.eval.extract import extract_edges
 from lmforge.eval.graph import Edge, from_csv, from_jsonld, read_graph, to_csv, to_jsonld, write_graph
 from lmforge.eval.task_file import load_task
 from lmforge.eval.tasks import evaluate_task, run_tasks
-from lmforge.model import Transformer
-from lmforge.model_dir import save_model_dir
 
 ADA = {"head": "Ada", "relation": "works_at", "tail": "Acme"}
 
@@ -24,16 +21,6 @@ ADA = {"head": "Ada", "relation": "works_at", "tail": "Acme"}
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tokenizer, tmp_path_factory):
-    """A random tiny model with room for long constrained outputs."""
-    from conftest import tiny_config
-
-    torch.manual_seed(0)
-    model = Transformer(tiny_config("llama", vocab_size=tokenizer.vocab_size, context=1024))
-    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("models") / "long")
 
 
 def test_parse_takes_the_first_json_array_leniently():
