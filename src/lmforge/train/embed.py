@@ -149,15 +149,29 @@ class _GatherWithGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=_own_group())
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=_own_group())
         rows = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
+_GROUPS: dict[int, Any] = {}
+
+
+def _own_group():
+    """A process group of its own for the gathers (one per default group): the backward's
+    all-reduce runs while DDP's bucket all-reduces are in flight on the default group, and the
+    collectives of one group must be issued in the same order on every process, which the two
+    interleaved need not be (seen: one process finishing a collective short, then exiting)."""
+    world = id(dist.group.WORLD)
+    if world not in _GROUPS:
+        _GROUPS[world] = dist.new_group()
+    return _GROUPS[world]
 
 
 def gather(x: torch.Tensor, share: BatchShare) -> torch.Tensor:
@@ -168,7 +182,7 @@ def gather_flags(x: torch.Tensor, share: BatchShare) -> torch.Tensor:
     if not share.ctx.active:
         return x
     parts = [torch.empty_like(x) for _ in range(share.ctx.world)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_own_group())
     return torch.cat(parts)
 
 
