@@ -45,9 +45,20 @@ class DistContext:
     def active(self) -> bool:
         return self.world > 1
 
+    @property
+    def dp_rank(self) -> int:
+        """This process's place among the data-parallel groups (a layout that splits the model
+        across processes puts several in one group)."""
+        return self.rank
+
+    @property
+    def dp_world(self) -> int:
+        return self.world
+
     def rows(self, batch_size: int) -> slice:
-        per = batch_size // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+        """This process's rows of a global batch: its data-parallel group's share."""
+        per = batch_size // self.dp_world
+        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank if any rank says so (e.g. a signal arrived on one of them)."""

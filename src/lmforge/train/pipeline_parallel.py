@@ -70,10 +70,6 @@ class PipelineContext(DistContext):
     def dp_world(self) -> int:
         return self.world // self.pp_size
 
-    def rows(self, batch_size: int) -> slice:
-        per = batch_size // self.dp_world
-        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
-
 
 def pipeline_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
     """`ctx` as a (dp x pp) grid for train.parallel pp / fsdp+pp, after checking that the

@@ -295,10 +295,6 @@ class TensorParallelContext(DistContext):
     def dp_world(self) -> int:
         return self.world // self.tp_size
 
-    def rows(self, batch_size: int) -> slice:
-        per = batch_size // self.dp_world
-        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
-
     def to_model_layout(self, state: Any, config: ModelConfig) -> Any:
         return true_layout(state, config, self.tp_size)
 
