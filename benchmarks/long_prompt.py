@@ -9,6 +9,7 @@ prefill at each chunk size and records its peak CPU tensor memory. `--ppl-model 
 FILE` scores a text through an fp32 and an int8 KV cache (windows of the model's context).
 
     python benchmarks/long_prompt.py                                  # TTFT at 4,096 tokens (~5 min)
+    python benchmarks/long_prompt.py --threads 1 --cpu-time          # CPU seconds: for a shared, loaded machine
     python benchmarks/long_prompt.py --layers 2 --prompt 512 --rounds 1 --chunks 128,512   # smoke run
     python benchmarks/long_prompt.py --no-ttft --ppl-model runs/quickstart/model --ppl-text text.txt
 """
@@ -44,11 +45,11 @@ def lmforge_first_token(model: Transformer, chunk: int | None):
     return run
 
 
-def rate(fn, prompt: list[int]):
+def rate(fn, prompt: list[int], clock=time.perf_counter):
     def run() -> float:  # 1/seconds, so that `interleaved` can take its median
-        t = time.perf_counter()
+        t = clock()
         fn(prompt)
-        return 1.0 / (time.perf_counter() - t)
+        return 1.0 / (clock() - t)
     return run
 
 
@@ -95,11 +96,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=4096, help="prompt tokens")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time CPU seconds of the process, not wall seconds (needs --threads 1): for a shared, loaded machine")
     ap.add_argument("--chunks", default="", help="also time lmforge at these chunk sizes (comma-separated; 0: none)")
     ap.add_argument("--no-ttft", action="store_true", help="skip the llama.cpp comparison")
     ap.add_argument("--ppl-model", type=Path, help="a model directory to score --ppl-text with fp32 and int8 caches")
     ap.add_argument("--ppl-text", type=Path)
     args = ap.parse_args()
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time needs --threads 1 (a second thread's spinning would count as work)")
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -122,7 +127,8 @@ def main() -> None:
     print(kernels_build())
     print(f"model: llama {args.layers} x {args.d_model}, {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, "
           f"context {context}, {model.num_params() / 1e6:.1f}M parameters; {args.prompt}-token prompt, batch 1, "
-          f"{args.threads} threads, median of {args.rounds} alternating rounds")
+          f"{args.threads} threads, median of {args.rounds} alternating rounds"
+          + (", CPU seconds" if args.cpu_time else ""))
     runs = {}
     for c in [int(c) for c in args.chunks.split(",") if c.strip()]:
         runs[f"lmforge chunk {c or 'none'}"] = lmforge_first_token(model, c or None)
@@ -137,7 +143,8 @@ def main() -> None:
 
         print(f"llama.cpp ({llama_cpp.__version__}) built with: {llama_cpp.llama_print_system_info().decode().strip()}")
     firsts = {name: fn(prompt) for name, fn in runs.items()}  # warm-up, and the first tokens compared
-    rates = interleaved({name: rate(fn, prompt) for name, fn in runs.items()}, args.rounds)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    rates = interleaved({name: rate(fn, prompt, clock) for name, fn in runs.items()}, args.rounds)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     peer = rates.get("llama.cpp f32")
     for name, r in rates.items():
