@@ -21,9 +21,9 @@ import torch.distributed as dist
 import lmforge
 from lmforge.serve import tensor_parallel as tpg
 
-tpg.join(2)
+device = tpg.join(2)
 whole = lmforge.load(sys.argv[1]).model.eval()
-model = tpg.split(lmforge.load(sys.argv[1]).model)
+model = tpg.load_split(sys.argv[1], device).model  # this rank's rows alone, read from the files
 if dist.get_rank() != 0:
     tpg.follow(model)
 else:
@@ -82,3 +82,58 @@ def test_bad_tp_is_one_line(tiny_model_dir, monkeypatch, capsys, args, message):
         main()
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and message in err and "\n" not in err
+
+
+SHARDS = """
+import json, sys, torch
+import torch.distributed as dist
+import lmforge
+from lmforge.serve import tensor_parallel as tpg
+
+device = tpg.join(2)
+ids = torch.tensor([[3, 9, 17, 4, 11, 6, 2, 8]])
+results = {}
+for folder in sys.argv[1:]:
+    whole = lmforge.load(folder).model.eval()
+    part = tpg.load_split(folder, device).model
+    local = {n: tuple(p.to_local().shape) for n, p in part.named_parameters()}
+    with torch.inference_mode():
+        worst = (whole(ids) - part(ids).full_tensor()).abs().max().item()
+    held = sum(p.to_local().numel() for p in part.parameters())
+    results[folder] = {"worst": worst, "held": held, "whole": sum(p.numel() for p in whole.parameters()),
+                       "qkv": local["blocks.0.attn.qkv.weight"], "emb": local["tok_emb.weight"]}
+if dist.get_rank() == 0:
+    print(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_reads_its_shard_and_logits_equal_one_process(tokenizer, make_config, tmp_path):
+    """gpt2 (Conv1D weights stored transposed, learned positions, biases, tied embeddings), qwen3
+    (q/k norms) and gemma3 ((1 + w) norms) with a vocabulary that does not split evenly: each rank
+    holds only its rows, and the split model's logits equal the whole model's."""
+    import torch
+
+    from lmforge.model import Transformer
+    from lmforge.model_dir import save_model_dir
+
+    vocab = tokenizer.vocab_size + (1 - tokenizer.vocab_size % 2)  # odd: rank 0 holds one more row
+    folders = []
+    for family in ("gpt2", "qwen3", "gemma3"):
+        torch.manual_seed(0)
+        model = Transformer(make_config(family, vocab_size=vocab, context=64))
+        folders.append(str(save_model_dir(model, tokenizer, tmp_path / family)))
+    script = tmp_path / "shards.py"
+    script.write_text(SHARDS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *folders], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(results)
+    for folder in folders:
+        r = results[folder]
+        assert r["worst"] < 1e-5, (folder, r)
+        assert r["emb"] == [vocab // 2 + 1, 32]
+        assert r["held"] < 0.6 * r["whole"]  # its half of the matrices, plus the replicated norms
+    assert results[folders[0]]["qkv"] == [48, 32]  # gpt2: 4 heads x 8 of q, k and v, half of each
+    assert results[folders[1]]["qkv"] == [16 + 8 + 8, 32]  # 2 of 4 query heads, 1 of 2 key/value heads

@@ -169,8 +169,9 @@ def _materialize(model: Transformer, dtype: torch.dtype) -> None:
         model.lm_head.weight = model.tok_emb.weight
 
 
-def load_weights(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Transformer:
-    """Build the model for `cfg` and fill it from `source` (Hugging Face names), validated first."""
+def checked_skeleton(source: TensorSource, cfg: ModelConfig) -> tuple[Transformer, dict[str, str], list[Rule]]:
+    """The model for `cfg` on the meta device, once `source`'s names and shapes are checked
+    against it; with the source's name of each Hugging Face name and the rules that fill it."""
     names = normalize_names(source.names(), cfg)
     check_names(set(names), cfg, source.description)
     rules = weight_map(cfg)
@@ -179,6 +180,12 @@ def load_weights(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | No
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for rule in rules:
         _check_shapes(rule, expected[rule.ours], source, names)
+    return model, names, rules
+
+
+def load_weights(source: TensorSource, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model for `cfg` and fill it from `source` (Hugging Face names), validated first."""
+    model, names, rules = checked_skeleton(source, cfg)
     _materialize(model, dtype or default_dtype(source))
     params = dict(model.named_parameters(remove_duplicate=False))
     try:
