@@ -6,17 +6,33 @@ reports medians, because this kind of machine is shared and its speed drifts.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime as _dt
 import os
 import platform
+import re
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import numpy as np
-import torch
+# What an AVX2-only CPU (no AVX-512, no VNNI, no AVX512-BF16) runs, asked of every library that
+# picks its instructions at run time: lmforge's kernels (built for haswell), PyTorch's own
+# kernels (ATen), oneDNN and MKL. llama.cpp picks at build time, so it needs a build of its own.
+AVX2_ENV = {"LMFORGE_NATIVE_ARCH": "haswell", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+EMULATE_FLAG = "--emulate-avx2"
+# PyTorch fixes its kernels' instruction set at the first operation, which importing lmforge
+# already runs: a script's `--emulate-avx2` takes effect here, when it imports this module.
+if any(arg == EMULATE_FLAG or arg.startswith(EMULATE_FLAG + "=") for arg in sys.argv[1:]):
+    os.environ.update(AVX2_ENV)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 # Worker processes of the memory benchmarks: a fixed mmap threshold makes glibc hand large freed
 # blocks back to the OS, so the peak resident set follows the peak of live tensors.
@@ -48,6 +64,79 @@ def kernels_build() -> str:
     return (f"lmforge kernels: -march={os.environ.get('LMFORGE_NATIVE_ARCH') or 'native'}, decoding with "
             f"{decode_abi.isa(lib) if lib is not None else 'none (no kernels)'}; CPU flags: {' '.join(flags)}; "
             f"load average {load}")
+
+
+LLAMA_FEATURES_BEYOND_AVX2 = ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI", "AMX_INT8")
+
+
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_emulation_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(EMULATE_FLAG, metavar="LIBDIR", type=Path,
+                    help="run everything as on an AVX2-only CPU: lmforge's kernels built for haswell, PyTorch, "
+                         "oneDNN and MKL capped at AVX2, and llama.cpp from LIBDIR, a build of llama-cpp-python's "
+                         "libraries without AVX-512/VNNI (benchmarks/build_llama_avx2.sh)")
+
+
+def emulate_avx2(libdir: Path | None) -> None:
+    """Check the AVX2-only environment (AVX2_ENV, set when this module was imported) and point
+    llama-cpp-python at `libdir`, for this process and the servers it starts. Call it before
+    llama_cpp is imported: it reads LLAMA_CPP_LIB_PATH once."""
+    if libdir is None:
+        return
+    if not (libdir / "libllama.so").is_file():
+        refuse(f"--emulate-avx2: {libdir} has no libllama.so; build llama.cpp for AVX2 with "
+                         "benchmarks/build_llama_avx2.sh and pass the folder it prints")
+    if "llama_cpp" in sys.modules:
+        refuse("--emulate-avx2: llama_cpp was imported before the emulation was set (a bug in this script)")
+    os.environ.update(AVX2_ENV, LLAMA_CPP_LIB_PATH=str(libdir.resolve()))
+    if torch.backends.cpu.get_cpu_capability() != "AVX2":
+        refuse(f"--emulate-avx2: PyTorch already chose {torch.backends.cpu.get_cpu_capability()} "
+                         "(a bug in this script: it ran an operation before importing benchmarks/common.py)")
+    llama = llama_cpp_build()
+    beyond = [f for f in LLAMA_FEATURES_BEYOND_AVX2 if re.search(rf"\b{f} = 1\b", llama)]
+    if beyond:
+        refuse(f"--emulate-avx2: the llama.cpp in {libdir} was built with {', '.join(beyond)}, which an "
+                         "AVX2-only CPU lacks; rebuild it with benchmarks/build_llama_avx2.sh")
+
+
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to, from its own verbose header (it prints to fd 1)."""
+    with tempfile.TemporaryFile() as out:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(out.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(1):
+                torch.nn.functional.conv2d(torch.ones(1, 64, 32, 32), torch.ones(64, 64, 3, 3))  # large enough for oneDNN
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        out.seek(0)
+        found = re.search(r"isa:([^\n]+)", out.read().decode(errors="replace"))
+    return found.group(1).strip() if found else "unknown (oneDNN printed no header)"
+
+
+def llama_cpp_build() -> str:
+    """llama.cpp's compiled-in CPU features and the file its CPU backend was loaded from."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode().strip()
+    loaded = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libggml-cpu" in line})
+    return f"llama.cpp ({llama_cpp.__version__}) built with: {info}; CPU backend {', '.join(loaded) or 'not loaded yet'}"
+
+
+def emulation_report() -> str:
+    """What ran under --emulate-avx2, each library asked (not the settings echoed back)."""
+    return (f"EMULATING AN AVX2-ONLY CPU on this one (same caches and clocks, not a real AVX2-only machine):\n"
+            f"  {kernels_build()}\n"
+            f"  PyTorch ATen kernels: {torch.backends.cpu.get_cpu_capability()}; oneDNN: {onednn_isa()}; "
+            f"MKL capped by MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS')}\n"
+            f"  {llama_cpp_build()}")
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -20,11 +20,13 @@ Targets (issue 10): fp32 >= 0.8x llama.cpp f32; int8 >= 1.0x q8_0; int4 >= 0.7x 
     python benchmarks/cpu_decode.py --layers 2 --rounds 1 --new 16 --ttft-prompt 64   # smoke run
     python benchmarks/cpu_decode.py --arch haswell       # lmforge on its AVX2 kernels (any x86 with AVX2)
     python benchmarks/cpu_decode.py --threads 1 --cpu-time   # per CPU second: for a shared, loaded machine
+    python benchmarks/cpu_decode.py --emulate-avx2 /work/llama_avx2/lib   # both sides as on an AVX2-only CPU
     python benchmarks/cpu_decode.py --shape llama-3.2-1b --threads 1 --cpu-time --rounds 2 --new 32 --ttft-prompt 128
 
 It prints the CPU's flags, which build of lmforge's kernels ran, and what llama.cpp was built
 for: llama.cpp takes its best path for this CPU (AVX-512/VNNI where present) whatever --arch
-says, so a forced AVX2 run against it is a conservative comparison.
+says, so a forced AVX2 run against it is a conservative comparison; --emulate-avx2 restricts
+both sides (and PyTorch) to AVX2, benchmarks/build_llama_avx2.sh building the llama.cpp for it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from common import interleaved, kernels_build, llama_cpp_decoder, machine, read_bandwidth
+from common import (add_emulation_option, emulate_avx2, emulation_report, interleaved, kernels_build,
+                    llama_cpp_build, llama_cpp_decoder, machine, read_bandwidth, refuse)
 
 from lmforge.compress.compare import matmul_bytes
 from lmforge.compress.quantize import quantize_model
@@ -165,7 +168,11 @@ def main() -> None:
                          "on a shared, loaded machine what each runtime costs, not how long it waited for a core)")
     ap.add_argument("--arch", help="build lmforge's kernels for this -march instead of the CPU's own "
                                    "(haswell: the AVX2 kernels); sets LMFORGE_NATIVE_ARCH")
+    add_emulation_option(ap)
     args = ap.parse_args()
+    if args.emulate_avx2 and args.arch:
+        refuse("--emulate-avx2 builds lmforge's kernels for haswell: drop --arch")
+    emulate_avx2(args.emulate_avx2)
     shape = SHAPES[args.shape]
     for key, value in shape.items():
         if getattr(args, key, None) is None:
@@ -229,11 +236,8 @@ def main() -> None:
             path.unlink()
         bandwidth = read_bandwidth()
 
-    import llama_cpp
-
     print(f"machine: {machine()}")
-    print(kernels_build())
-    print(f"llama.cpp ({llama_cpp.__version__}) built with: {llama_cpp.llama_print_system_info().decode().strip()}")
+    print(emulation_report() if args.emulate_avx2 else f"{kernels_build()}\n{llama_cpp_build()}")
     print(f"model: llama {args.layers} x {args.d_model}, {args.heads} heads, {args.kv_heads} KV heads, ffn {args.ffn}, "
           f"vocab {args.vocab}{', tied embeddings' if cfg.tie_embeddings else ''}, rope theta {cfg.rope_theta:g}, "
           f"{fp32.num_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, batch 1, "

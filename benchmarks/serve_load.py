@@ -12,6 +12,7 @@ time per token is printed too: on a shared machine it moves less than wall-clock
     python benchmarks/serve_load.py --shape small        # 27M parameters, 8 x 512
     python benchmarks/serve_load.py --model runs/quickstart/model
     python benchmarks/serve_load.py --requests-per-client 2 --levels 1 4 --rounds 1   # a quick look
+    python benchmarks/serve_load.py --shape small --emulate-avx2 /work/llama_avx2/lib   # as on an AVX2-only CPU
 
 With `--llama-cpp PYTHON` (an interpreter that has `llama-cpp-python[server]`), the same
 model is exported to GGUF (f32, as ours runs) and served by llama.cpp's OpenAI-compatible
@@ -38,7 +39,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from common import machine
+from common import add_emulation_option, emulate_avx2, emulation_report, machine
 
 from lmforge.config import load_recipe
 from lmforge.data.corpora import synthetic_documents
@@ -190,7 +191,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="the server's CPU threads (default: torch's choice)")
     ap.add_argument("--llama-cpp", metavar="PYTHON", help="also serve the model with llama.cpp, through this "
                     "interpreter's llama-cpp-python[server]")
+    add_emulation_option(ap)
     args = ap.parse_args()
+    emulate_avx2(args.emulate_avx2)  # the servers inherit it
+    if args.emulate_avx2:
+        print(emulation_report(), flush=True)
 
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp:

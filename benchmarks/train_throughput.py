@@ -9,6 +9,7 @@ gives tokens/s; theirs through an equivalent plain PyTorch loop.
 
     python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --layers 2 --d-model 128 --steps 10   # quick
+    python benchmarks/train_throughput.py --emulate-avx2 /work/llama_avx2/lib   # as on an AVX2-only CPU (fp32 only)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import add_emulation_option, emulate_avx2, emulation_report, machine, refuse
 
 from lmforge.config import load_recipe
 from lmforge.data.loader import BatchLoader, TokenSplit
@@ -94,7 +95,13 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=0, help="our train.loss_chunk (0: logits in one piece)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="precision of both: fp32, or bf16 autocast")
+    add_emulation_option(ap)
     args = ap.parse_args()
+    if args.emulate_avx2 and args.dtype == "bfloat16":
+        refuse("--emulate-avx2 runs fp32 only: an AVX2-only CPU has no bf16 instructions (drop --dtype bfloat16)")
+    emulate_avx2(args.emulate_avx2)
+    if args.emulate_avx2:
+        print(emulation_report(), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
