@@ -280,13 +280,16 @@ def serve(
     autoscale_min: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (default 1).", rich_help_panel="Replicas on Ray Serve")] = None,
     autoscale_max: Annotated[Optional[int], typer.Option(help="Autoscaling: most replicas (turns autoscaling on).", rich_help_panel="Replicas on Ray Serve")] = None,
     target_ongoing_requests: Annotated[Optional[float], typer.Option(help="Autoscaling: requests in flight per replica to aim for (default: --max-batch).", rich_help_panel="Replicas on Ray Serve")] = None,
+    upscale_delay: Annotated[Optional[float], typer.Option(help="Autoscaling: seconds of load above target before a replica is added (default 30).", rich_help_panel="Replicas on Ray Serve")] = None,
+    downscale_delay: Annotated[Optional[float], typer.Option(help="Autoscaling: seconds of load below target before a replica is removed (default 600).", rich_help_panel="Replicas on Ray Serve")] = None,
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /."""
     from lmforge.serve.command import ray_options
     from lmforge.serve.command import serve as run_server
 
     cluster = ray_options(ray, replicas=replicas, address=ray_address, autoscale_min=autoscale_min,
-                          autoscale_max=autoscale_max, target_ongoing_requests=target_ongoing_requests)
+                          autoscale_max=autoscale_max, target_ongoing_requests=target_ongoing_requests,
+                          upscale_delay=upscale_delay, downscale_delay=downscale_delay)
     run_server(model, host, port, api_key_file, allow_no_auth, ray=cluster, device=device, threads=threads, adapter=adapter,
                adapter_root=adapter_root, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,

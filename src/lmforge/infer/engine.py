@@ -314,7 +314,7 @@ class Engine:
             if seq.request.grammar is not None:
                 seq.constraint = self._constraint(seq.request)
         with self._wake:
-            if self._stopping or self._thread is None:
+            if self._stopping or not self.alive:
                 raise EngineOverloaded("the engine is not running")
             unknown = [r.adapter for r in requests if r.adapter is not None and r.adapter not in self.adapters]
             if unknown:
@@ -430,25 +430,30 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
     @torch.inference_mode()
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._sync_adapters()
+                    self._admit()
+                    self._step()
+                except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+                    for seq in self._running:
+                        self._emit(seq, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                    self._running = []
+                self._kick()
+        finally:  # stopped, or the thread dies of what the handler above lets through: no request waits forever
             with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait()
-                if self._stopping:
-                    break
-            try:
-                self._sync_adapters()
-                self._admit()
-                self._step()
-            except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
-                for seq in self._running:
-                    self._emit(seq, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
-                self._running = []
+                died, self._stopping = not self._stopping, True  # and no new one is queued
+            for seq in [*self._running, *self._waiting]:
+                self._emit(seq, Event(finish_reason="error", error="the engine's thread died") if died else
+                           Event(finish_reason="cancelled"))
+            self._running, self._waiting = [], deque()
             self._kick()
-        for seq in [*self._running, *self._waiting]:
-            self._emit(seq, Event(finish_reason="cancelled"))
-        self._running, self._waiting = [], deque()
-        self._kick()
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         if event.finish_reason is not None:

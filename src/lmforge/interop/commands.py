@@ -40,7 +40,7 @@ def with_model_key(command: Callable) -> Callable:
     def run(*args, key_file: Path | None = None, key_env: str | None = None, **kwargs):
         from lmforge.interop.crypto import command_key
 
-        with command_key(_key(key_file, key_env)):
+        with command_key(_key(key_file, key_env), (key_file, key_env)):
             return command(*args, **kwargs)
 
     run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *options])

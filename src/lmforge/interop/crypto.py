@@ -36,17 +36,25 @@ KEY_ENV = "LMFORGE_MODEL_KEY"  # read when no key is passed, so every command (s
 # The key a command was given (--key-file / --key-env, see `commands.with_model_key`): every
 # encrypted model the command loads without a key of its own is opened with it.
 _command_key: bytes | None = None
+_command_key_source: tuple[Path | None, str | None] = (None, None)  # the key file, the variable
 
 
 @contextmanager
-def command_key(key: bytes | None):
-    """Within the block, encrypted models loaded without a key use `key`."""
-    global _command_key
-    previous, _command_key = _command_key, key
+def command_key(key: bytes | None, source: tuple[Path | None, str | None] = (None, None)):
+    """Within the block, encrypted models loaded without a key use `key` (read from `source`)."""
+    global _command_key, _command_key_source
+    previous = _command_key, _command_key_source
+    _command_key, _command_key_source = key, source
     try:
         yield
     finally:
-        _command_key = previous
+        _command_key, _command_key_source = previous
+
+
+def command_key_source() -> tuple[Path | None, str | None]:
+    """Where the command's key came from (--key-file's path, --key-env's name): for processes that
+    must read it themselves, such as `serve --ray`'s replicas, so that the key is never sent."""
+    return _command_key_source
 
 
 def given_key(key: bytes | None) -> bytes | None:

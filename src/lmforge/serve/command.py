@@ -111,10 +111,33 @@ def log_access_to_stderr() -> None:
     access.propagate = False
 
 
-def replica_app(model_dir: str, settings: ServeSettings, device: str, adapter: str | None):
-    """What one Ray Serve replica runs (`serve --ray`): this command's app, its access log on the replica's stderr."""
+def replica_app(model_dir: str, settings: ServeSettings, device: str, adapter: str | None,
+                adapters: list[tuple[str, str]] = (), key_file: str | None = None, key_env: str | None = None):
+    """What one Ray Serve replica runs (`serve --ray`): this command's app, its access log on the replica's
+    stderr. An encrypted model's key is read here, from the file or environment variable the command read
+    it from, so that only their names travel through Ray."""
+    from lmforge.interop.crypto import command_key, read_key
+
     log_access_to_stderr()
-    return build_app(model_dir, settings, device, adapter)
+    with command_key(read_key(key_file, key_env) if key_file or key_env else None):
+        return build_app(model_dir, settings, device, adapter, [(name, Path(path)) for name, path in adapters])
+
+
+def ray_replica_app(model_dir: Path, settings: ServeSettings, device: str, adapter: Path | None,
+                    adapters: list[tuple[str, Path]]) -> functools.partial:
+    """`replica_app` with this command's arguments, as the picklable call each replica makes: absolute
+    paths (a replica may start in another directory, or on another machine), no secret in it."""
+    from lmforge.interop.crypto import ENCRYPTION_FILE, check_key, command_key_source
+
+    if not Path(model_dir).is_dir():  # before Ray starts: a replica would fail only after seconds
+        raise LmforgeError(f"model directory {model_dir} not found")
+    if (Path(model_dir) / ENCRYPTION_FILE).is_file():
+        check_key(Path(model_dir), None)  # no key or a wrong one: one line now, not three failed replicas
+    key_file, key_env = command_key_source()
+    return functools.partial(replica_app, str(Path(model_dir).resolve()), settings, device,
+                             str(Path(adapter).resolve()) if adapter is not None else None,
+                             [(name, str(Path(path).resolve())) for name, path in adapters],
+                             str(Path(key_file).resolve()) if key_file is not None else None, key_env)
 
 
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
@@ -137,14 +160,11 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     if ray is not None:
         from lmforge.serve.ray_deploy import run
 
-        if adapters or adapter_root:
-            raise LmforgeError("--adapter NAME=DIR and --adapter-root are not supported with Ray Serve replicas yet")
-        if not Path(model_dir).is_dir():  # before Ray starts: a replica would fail only after seconds
-            raise LmforgeError(f"model directory {model_dir} not found")
-        # absolute paths: a replica may start in another directory, or on another machine
-        make_app = functools.partial(replica_app, str(Path(model_dir).resolve()), config, device,
-                                     str(Path(adapter).resolve()) if adapter is not None else None)
-        return run(make_app, config, ray, host, port, device, threads)
+        if adapter_root is not None:
+            raise LmforgeError("--adapter-root cannot be used with --ray: an adapter loaded at run time would reach "
+                               "one replica only; give each adapter at start as --adapter NAME=DIR")
+        return run(ray_replica_app(model_dir, config, device, adapter, adapters), config, ray, host, port, device,
+                   threads)
     import torch
     import uvicorn
 

@@ -5,7 +5,9 @@ same routes, limits, keys, engine) and runs it under Ray Serve's ASGI ingress; R
 proxy spreads requests over the replicas, restarts a replica whose actor dies or whose health
 check fails, and adds or removes replicas when autoscaling is asked for. The health check
 sends GET /health through the replica's own app, so a replica whose engine thread died is
-replaced. Only the API keys' SHA-256 digests (`ApiKeys`) travel to the cluster, never the keys.
+replaced. Only the API keys' SHA-256 digests (`ApiKeys`) travel to the cluster, never the keys;
+of an encrypted model's key, only where each replica reads it (`command.replica_app`).
+Adapters are those given at start: the run-time admin routes would change one replica only.
 
 Ray is imported only here, and only when a Ray deployment is asked for: the plain server
 never loads it (`pip install 'lmforge[cluster]'`).
@@ -27,6 +29,12 @@ from lmforge.serve.settings import ServeSettings
 RAY_FLAGS = {"address": "ray-address"}  # RayOptions fields whose flag is spelled otherwise
 APP_NAME = "lmforge"  # the Ray Serve application and deployment name
 REPLICA_HEADER = b"x-lmforge-replica"  # which replica answered: Ray's id of it
+# Ray Serve checks each replica this often and replaces it after 3 failed checks in a row. The check is
+# an in-process GET /health (no network, no model work), so checking twice Ray's rate costs nothing.
+HEALTH_CHECK_PERIOD_S = 5.0
+# Ray Serve's own defaults: add a replica after 30 s of load above target, remove one after 10 quiet minutes.
+UPSCALE_DELAY_S, DOWNSCALE_DELAY_S = 30.0, 600.0
+LOOK_BACK_S = (2.0, 30.0)  # the load is averaged over the upscale delay, within these bounds
 
 
 class RayOptions(Section):
@@ -37,6 +45,8 @@ class RayOptions(Section):
     autoscale_min: int | None = None
     autoscale_max: int | None = None
     target_ongoing_requests: float | None = None  # per replica, for autoscaling; None: --max-batch
+    upscale_delay: float | None = None  # seconds the load must stay above target before a replica is added
+    downscale_delay: float | None = None  # seconds it must stay below before one is removed
 
     @field_validator("replicas")
     @classmethod
@@ -52,11 +62,21 @@ class RayOptions(Section):
             raise ValueError("must be more than 0")
         return v
 
+    @field_validator("upscale_delay", "downscale_delay")
+    @classmethod
+    def _not_negative(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0:
+            raise ValueError("must be 0 or more (seconds)")
+        return v
+
     @model_validator(mode="after")
     def _scaling(self) -> "RayOptions":
         if not self.autoscaling:
-            if self.target_ongoing_requests is not None:
-                raise ValueError("--target-ongoing-requests steers autoscaling: give --autoscale-max too")
+            steering = [f"--{name.replace('_', '-')}" for name in ("target_ongoing_requests", "upscale_delay",
+                                                                   "downscale_delay") if getattr(self, name) is not None]
+            if steering:
+                raise ValueError(f"{', '.join(steering)} steer{'s' if len(steering) == 1 else ''} autoscaling: "
+                                 "give --autoscale-max too")
             return self
         if self.autoscale_max is None:
             raise ValueError("--autoscale-min needs --autoscale-max (the most replicas to start)")
@@ -82,14 +102,23 @@ class RayOptions(Section):
             "ray_actor_options": {"num_cpus": threads or 1, **({"num_gpus": 1} if device.startswith("cuda") else {})},
             # a replica that cannot load the model fails the deployment after a few tries, not Ray's default 20
             "max_constructor_retry_count": 3,
+            "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         }
         if not self.autoscaling:
             options["num_replicas"] = self.replicas or 1
             return options
         low = 1 if self.autoscale_min is None else self.autoscale_min
+        up = UPSCALE_DELAY_S if self.upscale_delay is None else self.upscale_delay
+        # "Above target for 10 s" should mean the last 10 s of load: a longer window would lag behind the
+        # delay, a shorter one make the decision jumpy. Each replica and the proxy report the load three
+        # times a window (Ray's defaults, 10 s reports over a 30 s window, at the default delay).
+        look_back = min(max(up, LOOK_BACK_S[0]), LOOK_BACK_S[1])
         scaling = {"min_replicas": low, "max_replicas": self.autoscale_max,
                    # a replica whose batch is full is busy: more requests than that wait in its engine's queue
-                   "target_ongoing_requests": self.target_ongoing_requests or settings.max_batch}
+                   "target_ongoing_requests": self.target_ongoing_requests or settings.max_batch,
+                   "upscale_delay_s": up,
+                   "downscale_delay_s": DOWNSCALE_DELAY_S if self.downscale_delay is None else self.downscale_delay,
+                   "look_back_period_s": look_back, "metrics_interval_s": look_back / 3}
         if self.replicas is not None:
             scaling["initial_replicas"] = self.replicas
         options["autoscaling_config"] = scaling
@@ -112,6 +141,24 @@ class ReplicaHeader:
             await send(message)
 
         await self.app(scope, receive, send_with_replica)
+
+
+class FixedAdapters:
+    """ASGI middleware: POST and DELETE /admin/adapters answer 403 on a replica, since a change made
+    there would reach that replica alone; the adapters are those given at start (--adapter NAME=DIR)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/admin/adapters"):
+            from lmforge.serve.errors import error_response
+
+            answer = error_response(403, "adapters cannot be loaded or unloaded at run time on Ray Serve replicas "
+                                         "(a change would reach one replica only): give them at start with "
+                                         "--adapter NAME=DIR", "permission_error")
+            return await answer(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def get_status(app, path: str) -> int | None:
@@ -144,6 +191,7 @@ def replica_class():
             if threads is not None:
                 torch.set_num_threads(threads)
             app = make_app()
+            app.add_middleware(FixedAdapters)
             app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
             self.lmforge_app = app
 
