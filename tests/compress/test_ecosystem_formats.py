@@ -122,10 +122,15 @@ def test_lmforge_reloads_its_compressed_tensors_model_exactly(fp32_dirs, quantiz
     assert lmforge.load(quantized["llama", "gptq"]).model.quantization["algorithm"] == "gptq"
 
 
+@pytest.mark.parametrize("block_values", [None, 200])  # 200: two rows of 96 a block, 12 blocks
 @pytest.mark.parametrize("bits", [4, 8])
-def test_packing_is_the_one_compressed_tensors_reads(bits):
+def test_packing_is_the_one_compressed_tensors_reads(bits, block_values, monkeypatch):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
+    from lmforge.compress import qlinear
+
+    if block_values:
+        monkeypatch.setattr(qlinear, "ROW_BLOCK_VALUES", block_values)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     codes = torch.randint(lo, hi + 1, (24, 96), generator=torch.Generator().manual_seed(bits))
     ours = ecosystem.pack_int32(codes, bits)

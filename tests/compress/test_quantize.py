@@ -39,6 +39,27 @@ def test_int4_error_is_bounded_by_the_group_step():
     assert err.mean() < 0.3 * scale.mean()
 
 
+def test_rounding_block_by_block_of_rows_gives_the_codes_of_the_whole_matrix(monkeypatch):
+    """The quantizers round a few rows at a time (no full-size fp32 temporaries for a vocabulary-sized
+    matrix); a block size that splits 37 rows unevenly must give the whole-matrix formula's codes."""
+    from lmforge.compress import qlinear
+    from lmforge.compress.quantize import symmetric_int4_grid
+
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 4, 37)[:, None]
+    scale8 = w.abs().amax(dim=1) / 127.0
+    whole8 = torch.round(w / scale8[:, None]).clamp(-127, 127).to(torch.int8)
+    scale4, zero4 = qlinear.int4_grid(w, 64)
+    g = w.reshape(37, 4, 64)
+    whole4 = (torch.round(g / scale4[..., None]) + zero4[..., None].float()).clamp(0, 15).reshape(37, 256)
+    sym_scale = w.reshape(37, 4, 64).abs().amax(dim=-1) / 7.5
+    monkeypatch.setattr(qlinear, "ROW_BLOCK_VALUES", 5 * 256 + 17)  # 5 rows a block: 7 full, one of 2
+    assert len(qlinear.row_blocks(37, 256)) == 8
+    q, scale = quantize_int8(w)
+    assert torch.equal(scale, scale8) and torch.equal(q, whole8)
+    assert torch.equal(qlinear.int4_codes(w, scale4, zero4, 64), whole4.to(torch.uint8))
+    assert torch.equal(symmetric_int4_grid(w, 64)[0], sym_scale)
+
+
 def test_int4_packing_round_trips():
     codes = torch.randint(0, 16, (7, 96), dtype=torch.uint8)
     assert torch.equal(unpack_int4(pack_int4(codes)), codes)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, pack_int4, unpack_int4
+from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, pack_int4, row_blocks, unpack_int4
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.families import Rule
@@ -75,21 +75,31 @@ def quantization_config(qcfg: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- packing
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes (rows, cols) -> int32 words (rows, ceil(cols * bits / 32)), value i of a word at bit i * bits."""
+    """Signed codes (rows, cols) -> int32 words (rows, ceil(cols * bits / 32)), value i of a word at bit i * bits.
+
+    Block by block of rows: the int64 arithmetic would otherwise take 8 bytes per code at once."""
     per = 32 // bits
     rows, cols = values.shape
-    unsigned = values.to(torch.int64) + (1 << (bits - 1))
-    unsigned = torch.nn.functional.pad(unsigned, (0, -cols % per)).reshape(rows, -1, per)
-    words = (unsigned << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    out = torch.empty(rows, -(-cols // per), dtype=torch.int32)
+    for block in row_blocks(rows, cols):
+        unsigned = values[block].to(torch.int64) + (1 << (bits - 1))
+        unsigned = torch.nn.functional.pad(unsigned, (0, -cols % per)).reshape(unsigned.shape[0], -1, per)
+        words = (unsigned << shifts).sum(-1)
+        out[block] = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return out
 
 
 def unpack_int32(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """The inverse of `pack_int32`: signed codes (rows, cols) as int16."""
+    """The inverse of `pack_int32`: signed codes (rows, cols) as int8, block by block of rows."""
     per = 32 // bits
-    unsigned = (words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> (torch.arange(per, dtype=torch.int64) * bits)
-    unsigned = (unsigned & ((1 << bits) - 1)).reshape(words.shape[0], -1)[:, :cols]
-    return (unsigned - (1 << (bits - 1))).to(torch.int16)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    out = torch.empty(words.shape[0], cols, dtype=torch.int8)
+    for block in row_blocks(words.shape[0], words.shape[1] * per):
+        unsigned = (words[block].to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts
+        unsigned = (unsigned & ((1 << bits) - 1)).reshape(unsigned.shape[0], -1)[:, :cols]
+        out[block] = unsigned - (1 << (bits - 1))
+    return out
 
 
 # ----------------------------------------------------------------------------- write
@@ -97,11 +107,11 @@ def unpack_int32(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 def layer_tensors(layer: QuantizedLinear) -> list[tuple[str, torch.Tensor]]:
     """(suffix, tensor) of one layer as full matrices: signed codes (N, K) and scales."""
     if layer.bits == 8:
-        return [("codes", layer.qweight.to(torch.int16)), ("weight_scale", layer.scales[:, None].float())]
+        return [("codes", layer.qweight), ("weight_scale", layer.scales[:, None].float())]
     if bool((layer.zeros != 8).any()):
         raise LmforgeError("an int4 layer with zero points other than 8 (an asymmetric grid) cannot be written "
                            "as symmetric compressed-tensors")
-    return [("codes", unpack_int4(layer.qweight).to(torch.int16) - 8), ("weight_scale", layer.scales.float())]
+    return [("codes", unpack_int4(layer.qweight).view(torch.int8).sub_(8)), ("weight_scale", layer.scales.float())]
 
 
 def packed(parts: dict[str, torch.Tensor], bits: int, in_features: int) -> dict[str, torch.Tensor]:
@@ -204,7 +214,7 @@ def lmforge_layer(tensors: dict[str, torch.Tensor], prefix: str, s: dict[str, An
         if zp is None:
             raise LmforgeError(f"{where}: tensor {prefix}.weight_zero_point is missing (asymmetric int4)")
         zeros = unpack_int32(zp.t().contiguous(), 4, rows).t()
-    return {"codes": codes + 8, "scales": scale, "zeros": zeros + 8}
+    return {"codes": codes.add_(8), "scales": scale, "zeros": zeros + 8}
 
 
 def lmforge_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, qconfig: dict[str, Any], linears: list[str],

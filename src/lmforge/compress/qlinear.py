@@ -32,11 +32,27 @@ CHUNK = 32  # int4 weights are packed in runs of 32
 
 # ----------------------------------------------------------------------------- quantizers
 
+ROW_BLOCK_VALUES = 1 << 22  # weights rounded at a time: a vocabulary-sized matrix needs no full-size fp32 temporaries
+
+
+def row_blocks(rows: int, cols: int) -> list[slice]:
+    """Slices of whole rows, about ROW_BLOCK_VALUES values each, that cover `rows`."""
+    step = max(1, ROW_BLOCK_VALUES // max(cols, 1))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def abs_max(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |w| along `dim`, without a full-size |w|."""
+    return torch.maximum(w.amax(dim=dim), -w.amin(dim=dim))
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q (N, K) int8, scale (N,) fp32)."""
     w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = (abs_max(w, 1) / 127.0).clamp(min=1e-12)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    for rows in row_blocks(*w.shape):
+        q[rows] = (w[rows] / scale[rows, None]).round_().clamp_(-127, 127)
     return q, scale
 
 
@@ -66,8 +82,11 @@ def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
     """Integer codes 0..15 (N, K) of `w` on a given per-group grid: W ~ scale * (q - zero)."""
     N, K = w.shape
     g = w.detach().float().reshape(N, K // group_size, group_size)
-    q = torch.round(g / scale[..., None]) + zero[..., None].float()
-    return q.clamp(0, 15).reshape(N, K).to(torch.uint8)
+    q = torch.empty(N, K, dtype=torch.uint8)
+    for rows in row_blocks(N, K):
+        codes = (g[rows] / scale[rows, :, None]).round_().add_(zero[rows, :, None].float()).clamp_(0, 15)
+        q[rows] = codes.reshape(-1, K)
+    return q
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

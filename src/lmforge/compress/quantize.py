@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from lmforge.compress.calibration import InputStats, blocks_with_inputs, calibration_tokens, replay
 from lmforge.compress.qlinear import (
-    CHUNK, DynamicInt8Linear, QuantizedLinear, check_group_size, int4_codes, int4_grid, pack_int4,
+    CHUNK, DynamicInt8Linear, QuantizedLinear, abs_max, check_group_size, int4_codes, int4_grid, pack_int4,
 )
 from lmforge.compress import ecosystem
 from lmforge.compress.storage import (
@@ -103,7 +103,7 @@ def symmetric_int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     -8..7, the grid compressed-tensors stores without zero points (transformers cannot load its packed
     zero points). The largest magnitude maps to 7.5 steps: every weight within half a step."""
     N, K = w.shape
-    amax = w.detach().float().reshape(N, K // group_size, group_size).abs().amax(dim=-1)
+    amax = abs_max(w.detach().float().reshape(N, K // group_size, group_size), -1)
     scale = (amax / 7.5).clamp(min=1e-10)
     return scale, torch.full_like(scale, 8, dtype=torch.uint8)
 
