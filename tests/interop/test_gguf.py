@@ -145,3 +145,32 @@ def test_llama_cpp_runs_the_export(family, loaded, tmp_path):
     assert (torch.tensor(llm.scores[:len(ids)]) - ours).abs().max() < 1e-3
     text = "To be, or not <|im_end|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == m.tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_export_holds_one_converted_tensor_at_a_time(qtype, tokenizer, tmp_path):
+    """The file is written tensor by tensor (names and sizes first): the converted arrays of the whole
+    model are never held at once. numpy's allocations are what tracemalloc sees here."""
+    import tracemalloc
+
+    from lmforge.config import ModelConfig
+    from lmforge.loaded import LoadedModel
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, n_layer=8, n_head=4, n_kv_head=2,
+                      d_model=256, d_ff=768, context=64, tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    largest = max(p.numel() * 4 for p in model.parameters())
+    tracemalloc.start()
+    try:
+        path = export_gguf(LoadedModel(model, tokenizer), tmp_path / "m.gguf", qtype, log=lambda *a: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert largest < 0.1 * weights
+    assert peak < 3 * largest, (peak, largest, weights)
+    reader = gguf.GGUFReader(path)
+    assert len(reader.tensors) == 2 + 9 * cfg.n_layer + 1
+    assert {t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {TYPES[qtype]}

@@ -324,6 +324,44 @@ def _add_hparams(writer, cfg: ModelConfig) -> None:
             writer.add_rope_freq_base_swa(cfg.rope_local_theta)
 
 
+BLOCKS = "blocks:"  # the kind of a tensor that is a quantized layer's own codes, already in GGUF blocks
+
+
+def _gguf_tensors(model: Transformer, qtype: str, names):
+    """(GGUF name, numpy array in llama.cpp's layout, kind) of every tensor, made one at a time
+    (a layer's experts at once): kind is the GGUF type to encode it as, or BLOCKS + the type of
+    a quantized layer's codes already laid out as that type's blocks."""
+    cfg = model.config
+    extra = []
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
+        base = rope_frequencies(cfg.model_copy(update={"rope_scaling": None}))
+        extra.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
+    for hf_name, t in itertools.chain(stack_experts(_hf_tensors(model, qtype), cfg.n_experts), extra):
+        name = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
+            names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise RuntimeError(f"no GGUF name for {hf_name}")  # a gap in the family tables: a bug
+        if isinstance(t, Blocks):
+            yield name, _layout(hf_name, t.data, cfg, to_gguf=True).numpy(), BLOCKS + t.kind
+            continue
+        data = _layout(hf_name, t, cfg, to_gguf=True).numpy()
+        yield name, data, _tensor_kind(qtype, name, data.shape, cfg.n_layer)
+
+
+def _encoded_info(data: np.ndarray, kind: str) -> tuple:
+    """(shape, dtype, bytes, raw GGML type or None) of `data` once `_encode`d as `kind`: what
+    GGUFWriter.add_tensor_info takes, known before the tensor is encoded."""
+    gguf = _gguf()
+    if kind.startswith(BLOCKS):
+        return data.shape, np.uint8, data.nbytes, gguf.GGMLQuantizationType[kind.removeprefix(BLOCKS).upper()]
+    if kind in ("f32", "f16"):
+        dtype = np.dtype(np.float32 if kind == "f32" else np.float16)
+        return data.shape, dtype, data.size * dtype.itemsize, None
+    ggml = gguf.GGMLQuantizationType[kind.upper()]
+    shape = gguf.quant_shape_to_byte_shape(data.shape, ggml)
+    return shape, np.uint8, math.prod(shape), ggml
+
+
 def export_gguf(loaded, out: str | Path, qtype: str = "f16", log=print) -> Path:
     gguf = _gguf()
     if qtype not in TYPES:
@@ -354,26 +392,16 @@ def export_gguf(loaded, out: str | Path, qtype: str = "f16", log=print) -> Path:
         _add_hparams(writer, cfg)
         writer.add_string(CONFIG_KEY, json.dumps(cfg.model_dump(mode="json")))
         _add_tokenizer(writer, loaded.tokenizer, cfg.vocab)
-        extra = []
-        if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
-            base = rope_frequencies(cfg.model_copy(update={"rope_scaling": None}))
-            extra.append(("rope_freqs.weight", base / rope_frequencies(cfg)))
-        tensors = stack_experts(_hf_tensors(loaded.model, qtype), cfg.n_experts)
-        for hf_name, t in itertools.chain(tensors, extra):  # one f32 copy at a time (a layer's experts at once)
-            name = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
-                names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise RuntimeError(f"no GGUF name for {hf_name}")  # a gap in the family tables: a bug
-            if isinstance(t, Blocks):  # the layer's own codes, already in blocks
-                data = _layout(hf_name, t.data, cfg, to_gguf=True).numpy()
-                writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t.kind.upper()])
-                continue
-            data = _layout(hf_name, t, cfg, to_gguf=True).numpy()
-            array, raw = _encode(data, _tensor_kind(qtype, name, data.shape, cfg.n_layer))
-            writer.add_tensor(name, array, raw_dtype=raw)
+        # Two passes over the tensors, each made one at a time: the first lists their names, types
+        # and sizes (the header precedes the data), the second encodes and writes each, so the
+        # export never holds more than one converted tensor (a layer's experts) beside the model.
+        for name, data, kind in _gguf_tensors(loaded.model, qtype, names):
+            writer.add_tensor_info(name, *_encoded_info(data, kind))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for name, data, kind in _gguf_tensors(loaded.model, qtype, names):
+            writer.write_tensor_data(data if kind.startswith(BLOCKS) else _encode(data, kind)[0])
         writer.close()
         partial.replace(out)
     except BaseException:
