@@ -32,7 +32,8 @@ SIZES = {  # family, n_layer, d_model, n_head, n_kv_head, context, batch
     "medium": dict(family="llama", n_layer=4, d_model=256, n_head=8, n_kv_head=4, context=256, batch=8),
     "gpt2": dict(family="gpt2", n_layer=4, d_model=256, n_head=8, context=256, batch=8),
 }
-LAYOUT_PROCS = {"1": 1, "ddp": 2, "fsdp": 2, "tp": 2, "pp": 2}
+LAYOUT_PROCS = {"1": 1, "ddp": 2, "fsdp": 2, "tp": 2, "pp": 2, "pp-gpipe": 2, "fsdp+pp": 4}
+SCHEDULES = {"pp-gpipe": "gpipe"}  # a layout name -> its train.pp_schedule
 VOCAB = 2048
 
 
@@ -77,13 +78,14 @@ def worker(out: Path, argv: list[str]) -> None:
 
 def recipe_for(size: dict, data_dir: Path, runs: Path, dtype: str, checkpointed: bool, layout: str) -> dict:
     model = {k: v for k, v in size.items() if k != "batch"}
-    parallel = {"1": "auto"}.get(layout, layout)
+    parallel = {"1": "auto", "pp-gpipe": "pp"}.get(layout, layout)
+    schedule = {"pp_schedule": SCHEDULES[layout]} if layout in SCHEDULES else {}
     return {
         "model": {**model, "vocab_size": VOCAB},
         "data": {"corpus": "synthetic", "dir": str(data_dir), "tokenizer": {"vocab_size": VOCAB}},
         "train": {"batch_size": size["batch"], "max_steps": 2, "warmup": 1, "log_every": 1, "dtype": dtype,
                   "checkpoint_every": 10**6, "activation_checkpointing": checkpointed, "parallel": parallel,
-                  "seed": 0},
+                  "seed": 0, **schedule},
         "eval": {"every": 10**6, "batches": 1},
         "run": {"name": "bench", "out": str(runs)},
     }
@@ -92,8 +94,9 @@ def recipe_for(size: dict, data_dir: Path, runs: Path, dtype: str, checkpointed:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="small,medium", help=f"comma-separated: {', '.join(SIZES)}")
-    ap.add_argument("--layouts", default="1,ddp,fsdp,tp,pp",
-                    help="comma-separated: 1 (one process), ddp, fsdp, tp, pp (2 processes each)")
+    ap.add_argument("--layouts", default="1,ddp,fsdp,tp,pp,pp-gpipe,fsdp+pp",
+                    help="comma-separated: 1 (one process), ddp, fsdp, tp, pp (1F1B), pp-gpipe (2 processes "
+                         "each), fsdp+pp (4: 2 pipelines of 2 stages)")
     ap.add_argument("--dtype", default="auto", help="train.dtype (auto: bf16 on CPUs with AVX512-BF16/AMX)")
     ap.add_argument("--checkpointing", default="off,on", help="activation checkpointing: off, on or off,on")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -116,7 +119,7 @@ def main() -> None:
     rows = []
     print(f"# estimate vs measured peak per rank (CPU allocator's live-tensor total, torch.profiler), 2 steps")
     print(f"# {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'size':8} {'layout':6} {'ckpt':5} {'dtype':9} {'rank':>4} {'estimate':>10} {'measured':>10} {'error':>7}  peak at")
+    print(f"{'size':8} {'layout':8} {'ckpt':5} {'dtype':9} {'rank':>4} {'estimate':>10} {'measured':>10} {'error':>7}  peak at")
     for size_name in args.sizes.split(","):
         size = SIZES[size_name]
         for checkpointed in [c == "on" for c in args.checkpointing.split(",")]:
@@ -138,11 +141,11 @@ def main() -> None:
                 with open(log, "w") as f:
                     code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
                 if code:
-                    print(f"{size_name:8} {layout:6} failed (exit {code}); see {log}")
+                    print(f"{size_name:8} {layout:8} failed (exit {code}); see {log}")
                     continue
                 dtype = resolve_dtype(torch.device("cpu"), recipe.train.dtype)
                 est = Estimator(recipe, VOCAB, "cpu", dtype, native.elementwise() is not None)
-                e = est.estimate("ddp" if layout == "1" else layout, nproc)
+                e = est.estimate({"1": "ddp", "pp-gpipe": "pp"}.get(layout, layout), nproc)
                 estimate = (e.memory_checkpointed if checkpointed else e.memory).total
                 ranks = [json.loads((out / f"peak-{r}.json").read_text()) for r in range(nproc)]
                 peaks = [r["peak"] for r in ranks]
@@ -151,7 +154,7 @@ def main() -> None:
                 error = (estimate - measured) / measured
                 rows.append({"size": size_name, "layout": layout, "checkpointed": checkpointed, "dtype": dtype,
                              "estimate": estimate, "measured": measured, "peaks": peaks, "error": error, "at": at})
-                print(f"{size_name:8} {layout:6} {'on' if checkpointed else 'off':5} {dtype:9} "
+                print(f"{size_name:8} {layout:8} {'on' if checkpointed else 'off':5} {dtype:9} "
                       f"{peaks.index(measured):>4} {estimate / 2**20:>8.1f}Mi {measured / 2**20:>8.1f}Mi "
                       f"{error:>+7.1%}  {at}", flush=True)
     if rows:

@@ -29,8 +29,14 @@ every block's matmul weights and their column-parallel activations (q/k/v, atten
 MLP intermediates) and the vocabulary (embedding, logits) t ways, while the d_model-sized
 activations (residual, norms) are replicated (no sequence parallelism assumed); a pipeline
 of p stages holds n_layer/p blocks per rank, the embedding on the first stage and the final
-norm and output layer on the last, and under 1F1B the first stage keeps min(p, m) of the m
-microbatches in flight (GPipe: all m).
+norm and output layer on the last. Under 1F1B the first stage keeps min(p, m) of the m
+microbatches in flight and the last stage one (GPipe: all m on each); with more microbatches
+than that, a later microbatch's forward comes after the first backward, so every gradient
+exists next to the activations in flight (the max above becomes a sum). Each stage keeps one
+receive buffer per microbatch (hidden states coming in, their gradients coming back), and
+autocast's weight casts are made once per step, not per microbatch. Under fsdp+pp a stage's
+parameters stay gathered and its gradients unsharded from the first microbatch to the last
+(the pipelining runtime defers FSDP2's resharding and reduce-scatter to the last backward).
 """
 
 from __future__ import annotations
@@ -231,6 +237,18 @@ def loss_bytes(cfg: ModelConfig, p: Precision, path: LossPath, tokens: int, voca
 
 # ----------------------------------------------------------------------------- layouts
 
+@dataclass(frozen=True)
+class Activations:
+    """What one microbatch needs for backward: `held` from its forward until its backward,
+    `shared` once however many microbatches are in flight (autocast's weight casts, cached for
+    the step), `working` only at its peak (the loss's, or a recomputed block's), and
+    `head_grad`, the output layer's gradient that backward makes first."""
+    held: float
+    shared: float
+    working: float
+    head_grad: float
+
+
 @dataclass
 class Memory:
     """Bytes per rank."""
@@ -293,27 +311,29 @@ class Estimator:
     # ------------------------------------------------------------------ memory
 
     def activations(self, rows: float, tp: int, blocks: int, checkpointed: bool, loss: bool,
-                    world: int) -> tuple[float, float]:
-        """(activations, gradient of the output layer made first in backward) for `rows` rows
-        through `blocks` blocks (with the loss when `loss`)."""
+                    world: int) -> Activations:
+        """What a microbatch of `rows` rows through `blocks` blocks (with the loss when `loss`) needs."""
         T, p = self.cfg.context, self.precision
         tokens = rows * T
-        per_block = block_bytes_per_token(self.cfg, p, tp) * tokens + copies_per_block(self.params, p, tp)
+        per_token = block_bytes_per_token(self.cfg, p, tp) * tokens
+        copies = copies_per_block(self.params, p, tp)
         saved, working, head_grad = 0.0, 0.0, 0.0
         if loss:
             path = loss_path(self.tc, self.cfg, self.device_type, world, self.native_ok)
             saved, working = loss_bytes(self.cfg, p, path, int(tokens), self.vocab / tp, tp)
             if path.chunk == 0:  # the chunked loss makes it in forward (counted in `saved`)
                 head_grad = FP32 * self.vocab * self.cfg.d_model / tp
+        ids = tokens * 8
         if checkpointed:
             # each block keeps its input (autocast's weight casts stay cached through forward); the
             # loss's working set is gone by the time backward recomputes one block at a time
-            acts = blocks * (FP32 * self.cfg.d_model * tokens + copies_per_block(self.params, p, tp))
-            acts += saved + max(working, per_block)
-        else:
-            acts = blocks * per_block + saved + working
-        acts += tokens * 8  # token ids
-        return acts, head_grad
+            return Activations(blocks * FP32 * self.cfg.d_model * tokens + saved + ids, blocks * copies,
+                               max(working, per_token + copies), head_grad)
+        return Activations(blocks * per_token + saved + ids, blocks * copies, working, head_grad)
+
+    def hidden_bytes(self, rows: float) -> float:
+        """One microbatch's hidden states as they cross between stages (the fp32 residual stream)."""
+        return FP32 * self.cfg.d_model * rows * self.cfg.context
 
     def memory(self, layout: str, nproc: int, s: dict[str, int], rows: float, checkpointed: bool) -> Memory:
         """Memory per rank of `layout` over `nproc` processes, a microbatch of `rows` rows per rank."""
@@ -323,25 +343,35 @@ class Estimator:
         blocks = math.ceil(cfg.n_layer / pp)
         world = nproc
         if pp > 1:
-            # the busier of the first stage (embedding, min(pp, m) microbatches in flight under 1F1B,
-            # all m under GPipe) and the last (final norm, output layer, the loss, one microbatch)
-            flight = m if self.tc.pp_schedule == "gpipe" else min(pp, m)
+            # the busier of the first stage (the embedding, the most microbatches in flight) and the
+            # last (the final norm, the output layer and the loss, one microbatch in flight under 1F1B)
             first_p = P.embedding + blocks * P.per_block
             last_p = blocks * P.per_block + P.final + (P.embedding if cfg.tie_embeddings else 0)
-            first_a, _ = self.activations(rows, tp, blocks, checkpointed, False, world)
-            last_a, head_grad = self.activations(rows, tp, blocks, checkpointed, True, world)
-            candidates = [(first_p / tp, flight * first_a, 0.0), (last_p / tp, last_a, head_grad)]
+            chunks = 2 if self.tc.pp_schedule == "interleaved" else 1
+            # receive buffers, one per microbatch, made once: the first stage's for the gradients
+            # coming back, the last's for the hidden states coming in (interleaved: both on the
+            # process's other stage)
+            buffers = m * (2 * chunks - 1) * self.hidden_bytes(rows)
+            flight = m if self.tc.pp_schedule == "gpipe" else min(pp, m)
+            candidates = [(first_p / tp, self.activations(rows, tp, blocks, checkpointed, False, world), flight),
+                          (last_p / tp, self.activations(rows, tp, blocks, checkpointed, True, world),
+                           m if self.tc.pp_schedule == "gpipe" else 1)]
         else:
-            params = P.total / tp
-            acts, head_grad = self.activations(rows, tp, blocks, checkpointed, True, world)
-            candidates = [(params, acts, head_grad)]
+            buffers, m = 0.0, 1
+            candidates = [(P.total / tp, self.activations(rows, tp, blocks, checkpointed, True, world), 1)]
         best = None
-        for params, acts, head_grad in candidates:
+        for params, act, flight in candidates:
             weights = FP32 * params / shard
             grads, optim = weights, ADAM_MOMENTS * weights
             extra, what = 0.0, ""
             if layout == "ddp" and nproc > 1:
                 extra, what = grads, "gradient buckets"
+            elif layout == "fsdp+pp":
+                # between a stage's microbatches FSDP2 keeps its parameters gathered and accumulates
+                # unsharded gradients (reduce-scattered after the last backward); a block's all-gather
+                # buffers, its own and the prefetched next one's, come on top
+                extra, what = FP32 * (params + 2 * P.per_block / tp), "gathered parameters"
+                grads = FP32 * params
             elif shard > 1:
                 stage_root = (P.embedding + P.final) / tp if pp == 1 else 0
                 block = FP32 * P.per_block / tp
@@ -350,8 +380,16 @@ class Estimator:
                 extra, what = grads, "gradient buckets (data parallel)" if dp > 1 else ""
                 if dp == 1:
                     extra = 0.0
-            peak = weights + optim + extra + max(acts + head_grad, grads)
-            mem = Memory(weights, grads, optim, extra, acts, peak, what)
+            if buffers:
+                extra, what = extra + buffers, f"{what} + pipeline buffers" if what else "pipeline receive buffers"
+            if m > flight:
+                # a later microbatch runs forward after the first backward made every gradient
+                moving = grads + act.shared + flight * act.held + act.working
+            else:
+                # the first backward frees what it uses as it makes the gradients
+                moving = (flight - 1) * act.held + max(act.shared + act.held + act.working + act.head_grad, grads)
+            peak = weights + optim + extra + moving
+            mem = Memory(weights, grads, optim, extra, act.shared + flight * act.held + act.working, peak, what)
             if best is None or mem.total > best.total:
                 best = mem
         return best
