@@ -55,7 +55,7 @@ def running_replicas() -> set[str]:
     return ids if states.get("RUNNING", 0) == len(ids) else set()
 
 
-def wait_for_replicas(check, what: str, seconds: float = 120) -> set[str]:
+def wait_for_replicas(check, what: str, seconds: float = 180) -> set[str]:
     """The running replicas' ids once `check(ids)` holds; fails after `seconds`."""
     deadline = time.monotonic() + seconds
     while not ((ids := running_replicas()) and check(ids)):
@@ -98,7 +98,7 @@ class Load:
                 self.replicas[ask(self.client, QUESTIONS[i % 4])[1]] += 1
             except openai.APIError as e:  # a replica killed or broken under the load: it goes on
                 self.errors[getattr(e, "status_code", None) or type(e).__name__] += 1
-                time.sleep(0.2)
+                time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
@@ -137,16 +137,20 @@ def expected_answers(model_dir, adapter) -> dict[str, list[str]]:
 
 
 def start_cli_deployment(cli, model_dir, keys, port: int, *flags):
-    """`lmforge serve --ray` joining this process's Ray instance; returns the process once its replica runs."""
+    """`lmforge serve --ray` joining this process's Ray instance (started, not yet up: see `wait_until_up`)."""
     address = ray.get_runtime_context().gcs_address
-    proc = cli("serve", model_dir, "--ray", "--ray-address", address, "--threads", "1", "--port", port,
+    return cli("serve", model_dir, "--ray", "--ray-address", address, "--threads", "1", "--port", port,
                "--api-key-file", keys, "--served-model-name", "tiny", "--max-batch", "4", "--max-queue", "16", *flags,
                popen=True)
+
+
+def wait_until_up(proc, port: int) -> None:
+    """Returns once the deployment's replicas run and its proxy answers /health."""
     deadline = time.monotonic() + 180
     while True:
         try:
             if running_replicas() and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
+                return
         except (httpx.TransportError, KeyError):  # KeyError: the application is not there yet
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -160,8 +164,6 @@ def test_replicas_autoscale_share_requests_and_are_replaced_when_killed_or_unhea
                                                                                       tmp_path):
     """One deployment through the real CLI, of an encrypted model with a LoRA adapter, autoscaling 1..2."""
     sealed, key_file, adapter, plain = encrypted_model_and_adapter
-    expected = expected_answers(plain, adapter)
-    assert expected["support"] != expected["tiny"]  # the adapter changes the answers
     started = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     proc = None
@@ -171,14 +173,17 @@ def test_replicas_autoscale_share_requests_and_are_replaced_when_killed_or_unhea
         keys = tmp_path / "keys.txt"
         keys.write_text(f"# API keys\n{KEY}\n")
         proc = start_cli_deployment(cli, sealed, keys, port, "--key-file", key_file, "--adapter", f"support={adapter}",
-                                    "--autoscale-min", "1", "--autoscale-max", "2", "--target-ongoing-requests", "1",
+                                    "--autoscale-min", "1", "--autoscale-max", "2", "--target-ongoing-requests", "0.5",
                                     "--upscale-delay", "2", "--downscale-delay", "8")
         assert KEY not in " ".join(map(str, proc.args))  # keys come from the file, never the command line
+        expected = expected_answers(plain, adapter)  # while the replica starts
+        assert expected["support"] != expected["tiny"]  # the adapter changes the answers
+        wait_until_up(proc, port)
         (first,) = running_replicas()
         deployed = time.monotonic()
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
-        with Load(client, streams=2) as load:  # 2 requests in flight, 1 the target: a second replica
+        with Load(client, streams=1) as load:  # ~1 request in flight, 0.5 the target: a second replica
             ids = wait_for_replicas(lambda ids: len(ids) == 2, "no second replica under load")
             scaled_up = time.monotonic()
 
