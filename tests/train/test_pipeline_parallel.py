@@ -1,8 +1,9 @@
 """Pipeline parallelism on CPU processes (gloo): `train.parallel pp` (GPipe, 1F1B, interleaved 1F1B)
 on 2 processes and `fsdp+pp` on 4 (2 pipelines x 2 stages) train to one process's losses and weights
 on the same global batch; their checkpoints hold each stage's tensors under the full model's names
-and reshard to and from one process, DDP and FSDP+PP with identical continuation; what a pipeline
-cannot run is one line."""
+and reshard to and from one process, DDP, FSDP+PP and TP with identical continuation; a process
+makes only its stages' weights, as one process draws them; what a pipeline (or a trainer other
+than pretraining, under a model-parallel layout) cannot run is one line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
 from lmforge.train import pipeline_parallel
 from lmforge.train.distributed import DistContext
 from tests.train.test_distributed import latest, losses, torchrun, train_here, weights
@@ -108,6 +110,18 @@ def test_ddp_checkpoint_resumes_under_fsdp_plus_pipeline_and_back(single):
     assert_same_training(single, "ddp-fpp-ddp")
 
 
+def test_pipeline_checkpoint_resumes_under_tensor_parallel_and_back(single):
+    """pp (2) -> tp (2) -> pp (2): tensor parallelism reads the stages' tensors (its fused rows
+    reordered from the full-model layout), and the pipeline reads the tp ranks' shards."""
+    ov = overrides(single, "pp-tp-pp", "pp")
+    torchrun(single, ov, interrupt_at=2)
+    ov["train"]["parallel"] = "tp"
+    torchrun(single, ov, resume=True, interrupt_at=4)
+    ov["train"]["parallel"] = "pp"
+    torchrun(single, ov, resume=True)
+    assert_same_training(single, "pp-tp-pp")
+
+
 def test_stages_split_by_layer_count():
     assert [list(pipeline_parallel.stage_layers(5, 2, s)) for s in range(2)] == [[0, 1, 2], [3, 4]]
     assert [list(pipeline_parallel.stage_layers(4, 4, s)) for s in range(4)] == [[0], [1], [2], [3]]
@@ -180,3 +194,64 @@ def test_each_process_keeps_only_its_stages_and_they_compose_to_the_model(make_m
         h = parts[stage](h)
     with torch.no_grad():
         assert torch.allclose(processes[-1].lm_head(h), whole(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("llama", {"tie_embeddings": False}), ("gpt2", {}),
+                                              ("qwen3", {}), ("mixtral", {}), ("gemma3", {})],
+                         ids=["llama-tied", "llama-untied", "gpt2", "qwen3", "mixtral", "gemma3"])
+def test_a_process_makes_only_its_stages_with_the_weights_one_process_draws(family, overrides):
+    """build_stage_model on every process of 2 (and of 2 interleaved): its own parameters equal
+    the whole model's from the same seed, the others stay on the meta device (no memory), and
+    the generator ends where building the whole model leaves it."""
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(family, n_layer=4, **overrides)
+    torch.manual_seed(7)
+    whole = dict(Transformer(cfg).named_parameters())
+    after = torch.get_rng_state()
+    for schedule in ("1f1b", "interleaved"):
+        tc = TrainConfig(batch_size=8, parallel="pp", pp_schedule=schedule)
+        made: set[str] = set()
+        for rank in range(2):
+            ctx = pipeline_parallel.PipelineContext(rank, 2, rank, "pp", pp_size=2, microbatches=4)
+            torch.manual_seed(7)
+            model = pipeline_parallel.build_stage_model(cfg, tc, ctx, torch.device("cpu"))
+            assert torch.equal(torch.get_rng_state(), after)
+            mine = {n: p for n, p in model.named_parameters() if not p.is_meta}
+            assert mine and all(torch.equal(p, whole[n]) for n, p in mine.items())
+            stages, n_stages = pipeline_parallel.process_stages(tc, ctx)
+            pipeline_parallel.keep_stages(model, stages, n_stages)
+            assert not any(p.is_meta for p in model.parameters())  # what the stages keep is all real
+            made |= set(mine)
+        assert made == set(whole)
+
+
+@pytest.mark.parametrize("layout", ["tp", "fsdp+tp", "pp", "fsdp+pp"])
+def test_trainers_that_cannot_run_a_model_parallel_layout_refuse_it_at_start(layout, cli, tmp_path, monkeypatch):
+    """Fine-tuning (every task) refuses the layout when its config is read, before torchrun is
+    launched or a model loaded; distillation refuses torchrun and a student recipe that asks for
+    the layout; a pipeline refuses train.compile (its stages are not compiled)."""
+    from lmforge.compress.distill import build_student
+    from lmforge.train.finetune import load_finetune_config
+
+    raw = {"base": str(tmp_path / "base"), "data": {"train": str(tmp_path / "chat.jsonl")}, "task": "classify",
+           "train": {"parallel": layout}}
+    splits = "pipelines" if layout.endswith("pp") else "shards"
+    assert f"train.parallel {layout} {splits} pretraining only" in refusal(lambda: load_finetune_config(None, raw))
+    # the command line: one line, exit 2, nothing launched
+    done = cli("finetune", "lora-sft", "--data", "chat.jsonl", "--train.parallel", layout, "--nproc", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
+    assert f"train.parallel {layout} {splits} pretraining only" in done.stderr + done.stdout
+
+    student = tmp_path / "student.yaml"
+    student.write_text(f"model: {{family: llama, n_layer: 2, d_model: 32, n_head: 4}}\ntrain: {{parallel: {layout}}}\n")
+    assert f"sets train.parallel {layout}, but lmforge distill trains on one process" in refusal(
+        lambda: build_student(str(student), 300))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    done = cli("distill", "--teacher", "teacher", "--student", str(student), "--data", "data", "--out", "out")
+    lines = (done.stderr + done.stdout).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "not under torchrun" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    if layout.endswith("pp"):
+        assert "train.compile is not applied to pipeline stages" in refusal(
+            lambda: context(4, parallel=layout, compile=True, **({"pp_size": 2} if layout == "fsdp+pp" else {})))

@@ -309,6 +309,9 @@ def build_student(spec: str, teacher_vocab: int, seed: int = 0):
     from lmforge.config import load_recipe
 
     recipe = load_recipe(spec, [])
+    if recipe.train.parallel not in ("auto", "ddp"):
+        raise LmforgeError(f"--student recipe sets train.parallel {recipe.train.parallel}, but lmforge distill "
+                           "trains on one process; remove it (distillation uses only the recipe's model section)")
     recipe.model.vocab_size = teacher_vocab
     torch.manual_seed(seed)
     return Transformer(recipe.model), None
@@ -318,10 +321,15 @@ def run_distill(teacher_dir, student_spec: str, data_dir, out, cfg: DistillConfi
                 run_dir: Path | None = None, resume: bool = False, interrupt_at: int | None = None) -> dict[str, Any]:
     """Distill `teacher_dir` into a student (`build_student`) and write it to `out`; the run (its
     checkpoints, to `resume` from) is `run_dir`, by default `default_run_dir(out)`."""
+    import os
+
     import lmforge
     from lmforge.compress.storage import is_quantized_dir
     from lmforge.model_dir import save_model_dir
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LmforgeError("lmforge distill trains on one process, not under torchrun (no data, tensor or "
+                           "pipeline parallelism); run it without torchrun")
     if is_quantized_dir(teacher_dir) is not None:
         log("note: the teacher is quantized; its logits are the quantized model's")
     if not Path(data_dir).is_dir():

@@ -116,9 +116,10 @@ class FinetuneConfig(Section):
             raise ValueError("a model built from scratch trains in full (method: full)")
         if self.train.init_from is not None:
             raise ValueError("train.init_from is for pretraining; fine-tuning names its model in base")
-        if self.train.parallel == "fsdp":
-            raise ValueError("train.parallel fsdp shards pretraining only; fine-tuning under torchrun trains "
-                             "data-parallel: use ddp (or auto)")
+        if self.train.parallel in ("fsdp", "tp", "fsdp+tp", "pp", "fsdp+pp"):
+            splits = "pipelines" if self.train.parallel.endswith("pp") else "shards"
+            raise ValueError(f"train.parallel {self.train.parallel} {splits} pretraining only; fine-tuning under "
+                             "torchrun trains data-parallel: use ddp (or auto)")
         if self.train.loss_chunk and self.task != "sft":
             raise ValueError(f"train.loss_chunk applies to pretraining and task sft; task {self.task} computes "
                              "its own loss (leave it 0)")

@@ -6,10 +6,11 @@ The model file never knows about this module. The processes form a (pp x dp) gri
 A stage's processes are consecutive ranks, so under torchrun's node-by-node numbering a stage
 shards within a node and only activations cross between nodes.
 
-Each process builds the whole model (so that its initial weights are the ones one process
-would draw) and then keeps only its stage, split by layer count: stage 0 the embeddings and
-the first blocks, the last stage the last blocks, the final norm and the output layer. What
-it drops is freed; what it keeps keeps its full-model name (`blocks.5.attn.qkv.weight`), so
+Each process makes only its stage's parameters (`build_stage_model`: the model built on the
+meta device, then every parameter's initial values drawn in order, so that its weights are the
+ones one process draws) and keeps only its stage (`keep_stages`), split by layer count: stage 0
+the embeddings and the first blocks, the last stage the last blocks, the final norm and the
+output layer. What it keeps keeps its full-model name (`blocks.5.attn.qkv.weight`), so
 its optimizer and checkpoint (DCP, each stage its own tensors) are named as one process's
 and a checkpoint written under any layout loads under any other.
 
@@ -28,6 +29,7 @@ batch at a time (hidden states sent from stage to stage), on the same windows as
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +37,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmforge.config import TrainConfig
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data.loader import sequential_windows
 from lmforge.data.sft import IGNORE
 from lmforge.errors import LmforgeError
@@ -76,6 +79,9 @@ def pipeline_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
     processes, the batch and the microbatches divide as the layout needs."""
     if not ctx.active:
         return ctx
+    if tc.compile:
+        raise LmforgeError(f"train.compile is not applied to pipeline stages (train.parallel {tc.parallel}); "
+                           "use --train.compile false, or a layout without pp")
     if tc.pp_schedule == "interleaved" and tc.parallel != "pp":
         raise LmforgeError(f"train.pp_schedule interleaved runs under train.parallel pp only; use 1f1b or gpipe "
                            f"with {tc.parallel}")
@@ -105,6 +111,66 @@ def stage_layers(n_layer: int, stages: int, stage: int) -> range:
     return range(start, start + per + (stage < extra))
 
 
+def process_stages(tc: TrainConfig, ctx: PipelineContext) -> tuple[list[int], int]:
+    """(the stages this process runs, the pipeline's stage count): process p runs stages p,
+    p + pp_size, ... (the schedules' "loop" placement; two per process under interleaved)."""
+    per_process = 2 if tc.pp_schedule == "interleaved" else 1
+    return [ctx.stage + k * ctx.pp_size for k in range(per_process)], ctx.pp_size * per_process
+
+
+def stage_parameter(name: str, n_layer: int, stages: list[int], n_stages: int) -> bool:
+    """True when parameter `name` (a full-model name) belongs to one of `stages`."""
+    if name.startswith("blocks."):
+        index = int(name.split(".", 2)[1])
+        return any(index in stage_layers(n_layer, n_stages, s) for s in stages)
+    if name.startswith(("tok_emb.", "pos_emb.")):
+        return 0 in stages
+    return n_stages - 1 in stages  # the final norm and the output layer
+
+
+# The in-place random initialisations of torch's modules (nn.init.* calls these).
+_DRAWS = ("uniform_", "normal_", "bernoulli_", "random_", "exponential_", "cauchy_", "log_normal_", "geometric_")
+
+
+class _DrawOnScratch(TorchDispatchMode):
+    """Repeats every in-place random draw on a meta tensor on a CPU scratch tensor of its shape
+    and dtype, then drops it: building modules on the meta device then advances the default
+    generator exactly as building them for real does, at the cost of one tensor at a time."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else None
+        if func.overloadpacket.__name__ in _DRAWS and isinstance(target, torch.Tensor) and target.is_meta:
+            func(torch.empty(target.shape, dtype=target.dtype, device="cpu"), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def build_stage_model(cfg: ModelConfig, tc: TrainConfig, ctx: PipelineContext, device: torch.device) -> Transformer:
+    """`Transformer(cfg)` as this process's stages need it, with the initial weights one process
+    draws from the same random state, without ever holding the whole model: built on the meta
+    device (the modules' own draws repeated on scratch tensors), then this process's parameters
+    made on `device` and `reset_parameters` run over every parameter in order, so each draw
+    lands where one process's would (draws for the other stages' meta parameters are dropped).
+    The generator ends where one process's build leaves it. `keep_stages` then drops the rest."""
+    stages, n_stages = process_stages(tc, ctx)
+    with torch.device("meta"), _DrawOnScratch():
+        model = Transformer(cfg)
+    # a tied parameter is made once, under all its names, when any of them is this process's
+    mine = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+            if stage_parameter(name, cfg.n_layer, stages, n_stages)}
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in mine:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+                setattr(module, name, made[id(param)])
+    model.reset_parameters()
+    with torch.device(device):
+        model.init_rope()
+    return model
+
+
 def keep_stages(model: Transformer, stages: list[int], n_stages: int) -> list[nn.Module]:
     """Reduce `model`, in place, to what its `stages` (of `n_stages`) compute, names unchanged, and
     return one module per stage mapping its input (token ids on stage 0, else hidden states) to
@@ -118,6 +184,9 @@ def keep_stages(model: Transformer, stages: list[int], n_stages: int) -> list[nn
     if n_stages - 1 not in stages:
         model.norm_f = None
         model.lm_head = None
+    # A dropped block whose forward is activation checkpointing's (a partial bound to the block)
+    # is a reference cycle: collect it now, not at some later garbage collection
+    gc.collect()
     runs = [_StageForward(model, part, s == 0, s == n_stages - 1) for s, part in zip(stages, layers)]
     if len(runs) == 1:
         model.forward = runs[0]  # the instance's own forward: the class's stays the whole model's
@@ -168,15 +237,14 @@ class Pipeline:
         from torch.distributed import pipelining
         from torch.distributed.device_mesh import init_device_mesh
 
-        n_layer, per_process = model.config.n_layer, (2 if tc.pp_schedule == "interleaved" else 1)
-        self.n_stages = ctx.pp_size * per_process
+        n_layer = model.config.n_layer
+        self.stages, self.n_stages = process_stages(tc, ctx)
+        per_process = len(self.stages)
         if n_layer < self.n_stages:
             raise LmforgeError(f"model.n_layer {n_layer} is fewer than the {self.n_stages} pipeline stages "
                                f"({ctx.pp_size} processes x {per_process}); use fewer stages or a deeper model")
         self.model, self.tc, self.ctx, self.device = model, tc, ctx, device
         mesh = init_device_mesh(device.type, (ctx.pp_size, ctx.dp_world), mesh_dim_names=("pp", "dp"))
-        # Process p runs stages p, p + pp_size, ... (the schedules' "loop" placement).
-        self.stages = [ctx.stage + k * ctx.pp_size for k in range(per_process)]
         self.first, self.last = 0 in self.stages, self.n_stages - 1 in self.stages
         self.parts = keep_stages(model, self.stages, self.n_stages)
         self.tied = model.config.tie_embeddings

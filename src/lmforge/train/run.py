@@ -28,8 +28,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
-from lmforge.config import TrainConfig
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LmforgeError, LossDiverged, TrainingInterrupted
+from lmforge.model import Transformer
 from lmforge.train import distributed, pipeline_parallel, tensor_parallel
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, point_link
 from lmforge.train.early_stop import EarlyStopping
@@ -160,6 +161,18 @@ class Run:
 
     # ------------------------------------------------------------------------- set-up
 
+    @property
+    def pipelined(self) -> bool:
+        """True under train.parallel pp / fsdp+pp with several processes."""
+        return self.ctx.active and self.ctx.strategy in pipeline_parallel.LAYOUTS
+
+    def new_model(self, cfg: ModelConfig) -> Transformer:
+        """A freshly initialised `Transformer(cfg)` on the run's device; a pipeline's process makes
+        only its stages' parameters (the same values one process draws from the same seed)."""
+        if self.pipelined:
+            return pipeline_parallel.build_stage_model(cfg, self.tc, self.ctx, self.device)
+        return Transformer(cfg).to(self.device)
+
     def parallelize(self, model: nn.Module, step: TaskStep | None = None, partly_used: bool = False) -> nn.Module:
         """`model` as the step calls it: DDP- or FSDP-wrapped under torchrun, its blocks recomputed in
         backward with train.activation_checkpointing. With `step` (`model` with the task's loss as
@@ -167,7 +180,7 @@ class Run:
         `partly_used`: some trainable parameters may get no gradient (see `distributed.data_parallel`).
         Such a step is not sharded: train.parallel fsdp is refused. Under train.parallel pp / fsdp+pp
         `model` is reduced to this process's pipeline stage and `self.pipeline` runs each step."""
-        pipelined = self.ctx.active and self.ctx.strategy in pipeline_parallel.LAYOUTS
+        pipelined = self.pipelined
         if step is None and pipelined:
             if self.tc.activation_checkpointing:
                 distributed.checkpoint_activations(model)

@@ -22,7 +22,6 @@ from lmforge.data.tokenizer import TextTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.compute import EnergyMeter, write_run_summary
 from lmforge.eval.perplexity import EvalResult
-from lmforge.model import Transformer
 from lmforge.model_dir import save_model_dir
 from lmforge.train import distributed
 from lmforge.train.checkpoint import ModelCheckpoints
@@ -77,7 +76,7 @@ def _train(recipe: Recipe, run: Run, resume: bool, resume_from: str | None) -> T
                            f"{tokenizer.vocab_size}; leave it unset to follow the tokenizer")
 
     torch.manual_seed(tc.seed)
-    model = Transformer(recipe.model).to(device)
+    model = run.new_model(recipe.model)  # under train.parallel pp, only this process's stages are made
     if tc.init_from and not resume:
         load_initial_weights(model, tc.init_from, log)
     model.train()
