@@ -117,7 +117,7 @@ static void end_phase(Worker *w) {
 /* What the team shares within a step: activations (B rows each) and the quantized copy of
  * the current matmul input. */
 typedef struct {
-    float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *gsum;
+    float *x, *h, *qkv, *att, *up, *act, *scores, *xs, *xw, *gsum;
     int8_t *xq;
     /* mixture of experts: router logits (B, n_experts); per (row, choice) its expert, weight
      * and place in the grouped rows; expert e's rows are offset[e]..offset[e+1]-1 of the
@@ -145,16 +145,20 @@ static inline void put(const Linear *L, float *y, int N, int b, int n, float v, 
 
 #define CHUNK_ROWS 32 /* weight rows per work item of a matmul: 64 KB at K = 512 */
 
-/* One int8/int4 weight row against the quantized activations of sequence b, scaled. */
-static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b) {
+/* One int8/int4 weight row against the quantized activations of sequence b (in layout U), scaled. */
+static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b, int U) {
     const int K = L->K, blocks = K / QK;
     const int8_t *xq = ws->xq + (size_t)b * K;
     const float *xs = ws->xs + (size_t)b * blocks;
     if (L->kind == Q8) return q8_row(xq, xs, K, (const int8_t *)L->w + (size_t)n * K) * L->scale[n];
     const int groups = K / L->G;
-    return q4_row(xq, xs, ws->gsum + (size_t)b * groups, K, (const uint8_t *)L->w + (size_t)n * K / 2,
-                  L->scale + (size_t)n * groups, L->zero + (size_t)n * groups, L->G);
+    return q4_row(xq, xs, ws->xw + (size_t)b * K / 8, ws->gsum + (size_t)b * groups, K,
+                  (const uint8_t *)L->w + (size_t)n * K / 2, L->scale + (size_t)n * groups, L->zero + (size_t)n * groups,
+                  L->G, U);
 }
+
+/* The layout (kernels.h) of the activations that the row kernels read for L. */
+static inline int row_layout(const Linear *L) { return L->kind == Q4 ? q4_unit(L->G) : QK; }
 
 /* The batched matmuls, one file per instruction set: each defines matvec_f32_batch, and
  * decode_avx512.h with VNNI also matvec_lowbit_batch. */
@@ -163,6 +167,17 @@ static inline float lowbit_row(const Linear *L, const Work *ws, int n, int b) {
 #else
 #include "decode_avx2.h"
 #endif
+
+/* The layout of the activations that the int8/int4 matmul of B rows reads: the row kernels'
+ * (an int4 one reads them interleaved), or the tiles' blocks of 32 in order. */
+static inline int lowbit_layout(const Linear *L, const Work *ws, int B) {
+#ifdef LOWBIT_TILE
+    if (ws->lowbit_tiles && B >= ROW_KERNEL_BELOW) return QK;
+#else
+    (void)ws, (void)B;
+#endif
+    return row_layout(L);
+}
 
 /* Every thread of the team calls this; the output rows n are shared among them in chunks,
  * and each weight row, once read, serves all B activation rows from the cache. y[b,n] is
@@ -186,11 +201,13 @@ static void matvec(const Linear *L, const float *x, float *y, int B, int accumul
         matvec_f32_batch(L, x, y, B, accumulate, wk);
         return;
     }
+    const int U = L->kind == F32 ? QK : lowbit_layout(L, ws, B);
     if (L->kind != F32) { /* int8 activations for the int8/int4 weights, a row per item */
         FOR_ITEMS(wk, b, B) {
-            quantize_rows(x + (size_t)b * K, 1, K, ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK));
+            quantize_rows(x + (size_t)b * K, 1, K, U, ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK));
             if (L->kind == Q4)
-                group_sums(ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK), K, L->G, ws->gsum + (size_t)b * groups);
+                group_sums(ws->xq + (size_t)b * K, ws->xs + (size_t)b * (K / QK), K, L->G, U,
+                           ws->gsum + (size_t)b * groups, ws->xw + (size_t)b * K / 8);
         }
         end_phase(wk);
     }
@@ -205,7 +222,7 @@ static void matvec(const Linear *L, const float *x, float *y, int B, int accumul
         for (int n = item * CHUNK_ROWS; n < end; n++)
             for (int b = 0; b < B; b++)
                 put(L, y, N, b, n, L->kind == F32 ? f32_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * K)
-                                                  : lowbit_row(L, ws, n, b), accumulate);
+                                                  : lowbit_row(L, ws, n, b, U), accumulate);
     }
 }
 
@@ -569,6 +586,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     ws.xq = malloc((size_t)mlp_rows * widest + QK);
     ws.xs = malloc(sizeof(float) * mlp_rows * (widest / QK + 1));
     ws.gsum = malloc(sizeof(float) * mlp_rows * (widest / QK + 1));
+    ws.xw = malloc(sizeof(float) * mlp_rows * (widest / 8 + 1));
     ws.router = malloc(sizeof(float) * B * (E + 1));
     ws.weight = malloc(sizeof(float) * mlp_rows);
     ws.gx = malloc(sizeof(float) * (size_t)mlp_rows * d);
@@ -736,7 +754,7 @@ void decode_step(const Model *m, const Rows *r, int threads, float *logits) {
     }
 #undef SYNC
     free(ws.x), free(ws.h), free(ws.qkv), free(ws.att), free(ws.up), free(ws.act), free(ws.scores);
-    free(ws.xq), free(ws.xs), free(ws.gsum), free(team.taken), free(team.done);
+    free(ws.xq), free(ws.xs), free(ws.xw), free(ws.gsum), free(team.taken), free(team.done);
     free(ws.router), free(ws.weight), free(ws.gx), free(ws.eout), free(ws.chosen), free(ws.place), free(ws.order);
     free(ws.offset), free(ws.sgate), free(ws.sup), free(ws.sact), free(ws.sout);
     free(ws.lora_offset), free(ws.lora_order), free(ws.lora_t);

@@ -1,9 +1,10 @@
 /* Part of decode.c, included by it once where the CPU has AVX2 but not AVX-512
  * (decode_avx512.h otherwise): the batched matmuls in 256-bit tiles. Builds on decode.c's
- * Linear, Work, Worker, FOR_ITEMS, put, CHUNK_ROWS and lowbit_row, and defines
+ * Linear, Work, Worker, FOR_ITEMS, put, CHUNK_ROWS, lowbit_row and row_layout, and defines
  * - matvec_f32_batch, the fp32 matmul for a batch (B >= 4);
  * - matvec_lowbit_batch (the int8/int4 matmul in tiles of two rows) and LOWBIT_TILE, which
- *   has decode.c's matvec take it;
+ *   has decode.c's matvec take it, and ROW_KERNEL_BELOW, the batch below which it takes the
+ *   row kernels instead;
  * - DECODE_ISA, the name decode_isa() reports.
  */
 #ifndef LMFORGE_DECODE_AVX2_H
@@ -182,14 +183,14 @@ static inline void lowbit_tile2(const Linear *L, const Work *ws, int n, int b, i
  * four sequences up. Fewer take the row kernels, whatever the model's size: with one or two
  * accumulators per row a tile of 256-bit products ran slower than kernels.h's rows, whose
  * two blocks per step keep more products in flight (benchmarks/quant_decode_sizes.py). */
-#define TILE_MIN_BATCH 4
+#define ROW_KERNEL_BELOW 4
 static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B, int accumulate, Worker *wk) {
     const int N = L->N, pairs = N / 2, items = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    if (B < TILE_MIN_BATCH) {
+    if (B < ROW_KERNEL_BELOW) {
         FOR_ITEMS(wk, item, items) {
             const int end = (item + 1) * CHUNK_ROWS < N ? (item + 1) * CHUNK_ROWS : N;
             for (int n = item * CHUNK_ROWS; n < end; n++)
-                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b), accumulate);
+                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b, row_layout(L)), accumulate);
         }
         return;
     }
@@ -204,7 +205,7 @@ static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B
                     for (int r = 0; r < 2; r++) put(L, y, N, b + s, 2 * p + r, o[2 * s + r], accumulate);
             }
         if (item == items - 1 && N % 2) /* an odd last row alone */
-            for (int b = 0; b < B; b++) put(L, y, N, b, N - 1, lowbit_row(L, ws, N - 1, b), accumulate);
+            for (int b = 0; b < B; b++) put(L, y, N, b, N - 1, lowbit_row(L, ws, N - 1, b, QK), accumulate);
     }
 }
 #endif

@@ -3,7 +3,8 @@
  * Worker, FOR_ITEMS, put, CHUNK_ROWS and lowbit_row, and defines
  * - matvec_f32_batch, the fp32 matmul for a batch (B >= 4);
  * - with AVX-512 VNNI and BW, matvec_lowbit_batch (the int8/int4 matmul in tiles of four
- *   rows) and LOWBIT_TILE, which has decode.c's matvec take it;
+ *   rows) and LOWBIT_TILE, which has decode.c's matvec take it (ROW_KERNEL_BELOW 0: at every
+ *   batch size where decode.c's lowbit_tiles says so);
  * - DECODE_ISA, the name decode_isa() reports.
  */
 #ifndef LMFORGE_DECODE_AVX512_H
@@ -83,6 +84,7 @@ static void matvec_f32_batch(const Linear *L, const float *x, float *y, int B, i
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DECODE_ISA "avx512-vnni"
 #define LOWBIT_TILE 1
+#define ROW_KERNEL_BELOW 0
 /* [x, y] as a 16-float vector: lanes 0-7 x, lanes 8-15 y (per-block values for two blocks). */
 static inline __m512 halves(float x, float y) { return _mm512_shuffle_f32x4(_mm512_set1_ps(x), _mm512_set1_ps(y), 0x00); }
 
@@ -209,7 +211,7 @@ static void matvec_lowbit_batch(const Linear *L, const Work *ws, float *y, int B
             }
         if (item == items - 1) /* N % 4 rows are left, one at a time (usually none) */
             for (int n = 4 * quads; n < N; n++)
-                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b), accumulate);
+                for (int b = 0; b < B; b++) put(L, y, N, b, n, lowbit_row(L, ws, n, b, QK), accumulate);
     }
 }
 #else

@@ -40,12 +40,25 @@ static inline int32_t bytes_sum(__m256i v) {
 }
 #endif
 
-/* x (M, K) fp32 -> xq (M, K) int8 and xs (M, K/32) fp32, symmetric per block. Every matmul
- * input of a decoding step passes through here, so it is vectorized where the matmuls are;
- * both versions round half to even (lrintf, vcvtps2dq) and give the same bytes. */
-static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
+/* The int4 row kernel reads its activations interleaved by units of U columns (64 or 128,
+ * the largest that divides the group size): a unit holds the first 16 values of each of its
+ * blocks of 32, then their last 16. The codes come in that order already (each block of 32 is
+ * 16 bytes, byte j = q[j] | q[j+16] << 4): a 32- or 64-byte load of codes, masked to its low
+ * nibbles, meets the unit's first half, shifted to its high nibbles the second, with no
+ * shuffle between them, and both products land in int32 lanes of the same blocks. U = QK is
+ * the blocks in order, what every other kernel reads. */
+static inline int q4_unit(int G) { return G % 128 == 0 ? 128 : G % 64 == 0 ? 64 : QK; }
+
+/* Where block b's first 16 values go in layout U (its last 16 follow U / 2 later). */
+static inline size_t unit_offset(int b, int U) { return (size_t)b * QK / U * U + (size_t)(b % (U / QK)) * (QK / 2); }
+
+/* x (M, K) fp32 -> xq (M, K) int8 in layout U and xs (M, K/32) fp32, symmetric per block.
+ * Every matmul input of a decoding step passes through here, so it is vectorized where the
+ * matmuls are; both versions round half to even (lrintf, vcvtps2dq) and give the same bytes. */
+static void quantize_rows(const float *x, int M, int K, int U, int8_t *xq, float *xs) {
     for (size_t b = 0; b < (size_t)M * K / QK; b++) {
         const float *v = x + b * QK;
+        int8_t *lo = xq + b / (K / QK) * K + unit_offset((int)(b % (K / QK)), U), *hi = lo + U / 2;
 #ifdef __AVX2__
         const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
         const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
@@ -58,30 +71,37 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
         const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, s)),
                       i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, s));
         /* the packs work within 128-bit lanes: a final permutation puts the 32 bytes in order */
-        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        _mm256_storeu_si256((__m256i *)(xq + b * QK), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm_storeu_si128((__m128i *)lo, _mm256_castsi256_si128(p));
+        _mm_storeu_si128((__m128i *)hi, _mm256_extracti128_si256(p, 1));
 #else
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         xs[b] = d;
-        for (int j = 0; j < QK; j++) xq[b * QK + j] = (int8_t)lrintf(v[j] * inv);
+        for (int j = 0; j < QK; j++) (j < QK / 2 ? lo : hi - QK / 2)[j] = (int8_t)lrintf(v[j] * inv);
 #endif
     }
 }
 
-/* Per int4 group g of one quantized row: sum_k x[k] over the group, in the quantized
- * activations' own values (what the zero-point correction multiplies). */
-static void group_sums(const int8_t *xq, const float *xs, int K, int G, float *gsum) {
+/* Per int4 group g of one quantized row (layout U): sum_k x[k] over the group, in the
+ * quantized activations' own values (what the zero-point correction multiplies); and, for
+ * the interleaved layouts, each block's scale once per int32 lane of its products (xw, K/8
+ * floats: block b's at 4b..4b+3), which the row kernel multiplies lane by lane. */
+static void group_sums(const int8_t *xq, const float *xs, int K, int G, int U, float *gsum, float *xw) {
     for (int g = 0; g < K / G; g++) gsum[g] = 0.0f;
     for (int b = 0; b < K / QK; b++) {
+        const int8_t *lo = xq + unit_offset(b, U), *hi = lo + U / 2;
 #ifdef __AVX2__
-        const int32_t s = bytes_sum(_mm256_loadu_si256((const __m256i *)(xq + b * QK)));
+        const int32_t s = bytes_sum(_mm256_loadu2_m128i((const __m128i *)hi, (const __m128i *)lo));
 #else
         int32_t s = 0;
-        for (int j = 0; j < QK; j++) s += xq[b * QK + j];
+        for (int j = 0; j < QK / 2; j++) s += lo[j] + hi[j];
 #endif
         gsum[b * QK / G] += xs[b] * (float)s;
+        if (U > QK)
+            for (int j = 0; j < 4; j++) xw[4 * b + j] = xs[b];
     }
 }
 
@@ -204,12 +224,13 @@ static inline float q8_row(const int8_t *xq, const float *xs, int K, const int8_
     return hsum(_mm256_add_ps(a0, a1));
 }
 
-/* One int4 row (codes q (K/2,), scale and zero (K/G,)), fully scaled. The codes are
- * unsigned, so the zero point leaves the inner loop: sum_k s*(q-z)*x = s*sum_k q*x -
- * s*z*sum_k x, the last sum being gsum[g] (group_sums). G is a multiple of 32; the inner
- * loop takes two runs of 32 codes (32 bytes) per load when G allows. */
-static inline float q4_row(const int8_t *xq, const float *xs, const float *gsum, int K, const uint8_t *q,
-                           const float *scale, const uint8_t *zero, int G) {
+/* One int4 row (codes q (K/2,), scale and zero (K/G,)) against activations in blocks of 32 in
+ * order (layout QK), fully scaled. The codes are unsigned, so the zero point leaves the inner
+ * loop: sum_k s*(q-z)*x = s*sum_k q*x - s*z*sum_k x, the last sum being gsum[g] (group_sums).
+ * G is a multiple of 32; the inner loop takes two runs of 32 codes (32 bytes) per load when G
+ * allows. What the interleaved layouts (q4_row) cannot take: groups of an odd number of blocks. */
+static inline float q4_row_blocks(const int8_t *xq, const float *xs, const float *gsum, int K, const uint8_t *q,
+                                  const float *scale, const uint8_t *zero, int G) {
     const int groups = K / G, per_group = G / QK;
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps();
@@ -236,6 +257,113 @@ static inline float q4_row(const int8_t *xq, const float *xs, const float *gsum,
         corr += scale[g] * (float)zero[g] * gsum[g];
     }
     return hsum(acc) - corr;
+}
+
+/* sum over the groups of scale[g] * zero[g] * gsum[g]: the zero points' share of an int4 row. */
+static inline float zero_share(const float *scale, const uint8_t *zero, const float *gsum, int groups) {
+    __m256 c = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zero + g))));
+        c = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale + g), z), _mm256_loadu_ps(gsum + g), c);
+    }
+    float s = hsum(c);
+    for (; g < groups; g++) s += scale[g] * (float)zero[g] * gsum[g];
+    return s;
+}
+
+/* Eight int32 lanes of lo . a + hi . c for unsigned codes (lo, hi <= 15) and signed bytes. */
+static inline __m256i udot2x32(__m256i lo, __m256i a, __m256i hi, __m256i c) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a), hi, c);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, a), hi, c);
+#else
+    /* a pair's sum is at most 2 * 15 * 127 in size: two of them add without leaving int16 */
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, a), _mm256_maddubs_epi16(hi, c)),
+                             _mm256_set1_epi16(1));
+#endif
+}
+
+/* q4_row on layout U (64 or 128) in 256-bit steps of 64 columns (two blocks, 32 bytes of
+ * codes): lanes 0-3 hold the first block's sums, 4-7 the second's, and xw scales them so. */
+static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq, const float *xw, const float *gsum,
+                                                                int K, const uint8_t *q, const float *scale,
+                                                                const uint8_t *zero, int G, int U) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const int groups = K / G, per_group = G / 64;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+#define PIECE(c, acc)                                                                                              \
+    do {                                                                                                           \
+        const int8_t *x = xq + (size_t)(c) * 64 / U * U + (size_t)((c) % (U / 64)) * 32;                           \
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + (size_t)(c) * 32));                            \
+        const __m256i d = udot2x32(_mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)x),              \
+                                   _mm256_and_si256(_mm256_srli_epi16(v, 4), low),                                 \
+                                   _mm256_loadu_si256((const __m256i *)(x + U / 2)));                              \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_loadu_ps(xw + (size_t)(c) * 8), sc), acc); \
+    } while (0)
+    for (int g = 0; g < groups; g++) {
+        const __m256 sc = _mm256_set1_ps(scale[g]);
+        int c = g * per_group;
+        for (; c + 2 <= (g + 1) * per_group; c += 2) {
+            PIECE(c, a0);
+            PIECE(c + 1, a1);
+        }
+        if (c < (g + 1) * per_group) PIECE(c, a0);
+    }
+#undef PIECE
+    return hsum(_mm256_add_ps(a0, a1)) - zero_share(scale, zero, gsum, groups);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* q4_row on layout 128 in 512-bit steps: 64 bytes of codes are one unit (four blocks), their
+ * low nibbles meet its first 64 activations and their high nibbles the next 64 through two
+ * vpdpbusd into the same lanes (block i in lanes 4i..4i+3). */
+static inline float q4_row_units512(const int8_t *xq, const float *xw, const float *gsum, int K, const uint8_t *q,
+                                    const float *scale, const uint8_t *zero, int G) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int groups = K / G, per_group = G / 128;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+#define UNIT(u, acc)                                                                                         \
+    do {                                                                                                     \
+        const __m512i v = _mm512_loadu_si512(q + (size_t)(u) * 64);                                          \
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low),                   \
+                                        _mm512_loadu_si512(xq + (size_t)(u) * 128));                         \
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),                           \
+                                _mm512_loadu_si512(xq + (size_t)(u) * 128 + 64));                            \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(xw + (size_t)(u) * 16), sc), acc); \
+    } while (0)
+    for (int g = 0; g < groups; g++) {
+        const __m512 sc = _mm512_set1_ps(scale[g]);
+        int u = g * per_group;
+        for (; u + 2 <= (g + 1) * per_group; u += 2) {
+            UNIT(u, a0);
+            UNIT(u + 1, a1);
+        }
+        if (u < (g + 1) * per_group) UNIT(u, a0);
+    }
+#undef UNIT
+    /* the zero points, 16 groups at a time, join the sum before its one reduction */
+    for (int g = 0; g < groups; g += 16) {
+        const __mmask16 m = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+        const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zero + g)));
+        a1 = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, scale + g), z), _mm512_maskz_loadu_ps(m, gsum + g), a1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+#endif
+
+/* One int4 row against the activations in layout U (q4_unit, or QK), fully scaled: xs the
+ * blocks' scales (layout QK), xw their lane scales (the others; group_sums). */
+static inline float q4_row(const int8_t *xq, const float *xs, const float *xw, const float *gsum, int K, const uint8_t *q,
+                           const float *scale, const uint8_t *zero, int G, int U) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (U == 128) return q4_row_units512(xq, xw, gsum, K, q, scale, zero, G);
+#else
+    if (U == 128) return q4_row_units(xq, xw, gsum, K, q, scale, zero, G, 128);
+#endif
+    if (U == 64) return q4_row_units(xq, xw, gsum, K, q, scale, zero, G, 64);
+    return q4_row_blocks(xq, xs, gsum, K, q, scale, zero, G);
 }
 #endif /* __AVX2__ */
 #endif

@@ -52,22 +52,28 @@ static inline __attribute__((always_inline)) void tile_MTx1(int bits, const int8
     for (int m = 0; m < MT; m++) out[m] = hsum(acc[m]);
 }
 
+/* The activations' layout (kernels.h) for `rows` rows: one int4 row takes the row kernel's. */
+static int layout(int bits, int rows, int G) { return bits == 4 && rows == 1 ? q4_unit(G) : QK; }
+
 static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, const void *q, const float *scale,
                 const uint8_t *zero, int G, int N, float *out /* (rows, N) */) {
     int parallel = (size_t)N * K >= PARALLEL_MIN;
     if (rows == 1) {
-        float *gsum = NULL;
+        float *gsum = NULL, *xw = NULL;
+        const int U = layout(bits, 1, G);
         if (bits == 4) {
             gsum = malloc(sizeof(float) * (K / G));
-            group_sums(xq, xs, K, G, gsum);
+            xw = malloc(sizeof(float) * (K / 8));
+            group_sums(xq, xs, K, G, U, gsum, xw);
         }
 #pragma omp parallel for schedule(dynamic, 32) if (parallel)
         for (int n = 0; n < N; n++) {
             if (bits == 8) out[n] = q8_row(xq, xs, K, (const int8_t *)q + (size_t)n * K);
-            else out[n] = q4_row(xq, xs, gsum, K, (const uint8_t *)q + (size_t)n * K / 2, scale + (size_t)n * (K / G),
-                                 zero + (size_t)n * (K / G), G);
+            else out[n] = q4_row(xq, xs, xw, gsum, K, (const uint8_t *)q + (size_t)n * K / 2, scale + (size_t)n * (K / G),
+                                 zero + (size_t)n * (K / G), G, U);
         }
         free(gsum);
+        free(xw);
         return;
     }
 #pragma omp parallel for schedule(dynamic, 8) if (parallel)
@@ -79,6 +85,8 @@ static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, co
     }
 }
 #else
+static int layout(int bits, int rows, int G) { return (void)bits, (void)rows, (void)G, QK; }
+
 static void run(int bits, const int8_t *xq, const float *xs, int rows, int K, const void *q, const float *scale,
                 const uint8_t *zero, int G, int N, float *out) {
     int blocks = K / QK;
@@ -112,7 +120,7 @@ void qlinear(int bits, const float *x, int M, int K, const void *q, const float 
     float *out = malloc(sizeof(float) * MT * N);
     for (int m0 = 0; m0 < M; m0 += MT) {
         int rows = M - m0 < MT ? M - m0 : MT;
-        quantize_rows(x + (size_t)m0 * K, rows, K, xq, xs);
+        quantize_rows(x + (size_t)m0 * K, rows, K, layout(bits, rows, G), xq, xs);
         run(bits, xq, xs, rows, K, q, scale, zero, G, N, out);
         for (int m = 0; m < rows; m++)
             for (int n = 0; n < N; n++)
