@@ -127,6 +127,25 @@ def test_peak_estimate_is_within_15_percent_of_the_measured_peak(train):
     assert abs(estimated - measured) / measured < 0.15, (estimated, measured)
 
 
+@pytest.mark.slow
+def test_pipeline_estimate_is_within_15_percent_of_both_stages_measured_peaks():
+    """The benchmark's pipeline row (2 gloo processes, 1F1B, activation checkpointing, bf16 where the
+    CPU has it): `lmforge train` under torchrun with the profiler on, each rank's peak inside its
+    training steps against the estimate of the busier stage."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "estimate_memory.py"
+    done = subprocess.run([sys.executable, str(bench), "--sizes", "small", "--layouts", "pp", "--checkpointing", "on"],
+                          capture_output=True, text=True, timeout=600, cwd=bench.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = Path(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    (row,) = json.loads(results.read_text())
+    assert len(row["peaks"]) == 2 and min(row["peaks"]) > 0
+    assert abs(row["error"]) < 0.15, row
+
+
 def test_suggested_batch_fits_the_budget_and_one_more_step_does_not():
     recipe = load_recipe("quickstart", {"train": {"grad_accum": 4}})
     est = Estimator(recipe, 2048, "cpu", "float32", native_ok=False)
