@@ -274,6 +274,7 @@ def serve(
     speculative: Annotated[Optional[str], typer.Option(help="Draft tokens for a lone request: 'ngram' (prompt lookup).")] = None,
     speculative_tokens: Annotated[int, typer.Option(help="Draft tokens checked per step (with --speculative or --draft).")] = 5,
     draft: Annotated[Optional[Path], typer.Option(help="A small model directory of the same tokenizer that drafts tokens.")] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Split the model over N processes on this machine (tensor parallel; launches torchrun).")] = 1,
     ray: Annotated[bool, typer.Option("--ray", help="Run as replicas on Ray Serve behind its HTTP proxy (needs Ray Serve: lmforge's cluster extra).", rich_help_panel="Replicas on Ray Serve")] = False,
     replicas: Annotated[Optional[int], typer.Option(help="Replicas to run (default 1; with --autoscale-max, to start with).", rich_help_panel="Replicas on Ray Serve")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster ('auto': the one `ray start` made on this machine); default: start a local Ray.", rich_help_panel="Replicas on Ray Serve")] = None,
@@ -291,7 +292,7 @@ def serve(
                           autoscale_max=autoscale_max, target_ongoing_requests=target_ongoing_requests,
                           upscale_delay=upscale_delay, downscale_delay=downscale_delay)
     run_server(model, host, port, api_key_file, allow_no_auth, ray=cluster, device=device, threads=threads, adapter=adapter,
-               adapter_root=adapter_root, settings={
+               adapter_root=adapter_root, tp=tp, settings={
         "model_name": served_model_name, "max_batch": max_batch, "max_queue": max_queue,
         "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
         "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "max_embedding_inputs": max_embedding_inputs, "cors_origins": cors_origin or [],

@@ -32,6 +32,9 @@ class SlotCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, slots: int, capacity: int | None = None) -> "SlotCache":
+        own = getattr(model, "new_slot_cache", None)
+        if own is not None:  # a model split over processes caches its own key/value heads (serve.tensor_parallel)
+            return own(slots, capacity)
         cfg = model.config
         p = model.tok_emb.weight
         return cls(cfg.n_layer, slots, cfg.kv_heads, cfg.dim_head, capacity or cfg.context, p.dtype, p.device)

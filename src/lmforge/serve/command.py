@@ -14,22 +14,25 @@ from lmforge.serve.settings import FLAGS, ServeSettings
 
 
 def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu", adapter: str | Path | None = None,
-              adapters: list[tuple[str, Path]] = (), adapter_root: Path | None = None):
+              adapters: list[tuple[str, Path]] = (), adapter_root: Path | None = None, loaded=None,
+              prefix_cache_type: type | None = None):
     """The app for `model_dir`: `adapter` is folded into its weights; `adapters` (name, directory)
     are served beside it, requests naming one decoding with it; POST /admin/adapters may load
-    more from under `adapter_root`."""
+    more from under `adapter_root`. `loaded`: the model, already loaded (split over processes
+    under --tp, with the `prefix_cache_type` that keeps their caches alike)."""
     import lmforge
     from lmforge.infer.engine import Engine
     from lmforge.infer.prefix_cache import PrefixCache
     from lmforge.serve.app import create_app
 
-    m = lmforge.load(model_dir, device=device)
+    m = loaded or lmforge.load(model_dir, device=device)
     m.check_generates()  # an encoder would start and then fail every request
     if adapter is not None:  # a LoRA adapter, folded into the weights: no cost per token
         from lmforge.adapters import apply_adapter
 
         apply_adapter(m, adapter, merge=True)
-    prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20)) if settings.prefix_cache_mb else None
+    prefix_cache = (prefix_cache_type or PrefixCache)(int(settings.prefix_cache_mb * 2**20)) \
+        if settings.prefix_cache_mb else None
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device),
                     prefill_chunk=settings.prefill_chunk or None)
@@ -70,6 +73,8 @@ def decode_path(engine) -> str:
 
     if engine.native is not None:
         return "native fast path (lmforge/native/decode.c)"
+    if hasattr(engine.model, "new_slot_cache"):
+        return "PyTorch, the model split over the --tp processes"
     reason = why_not(engine.model) or "--reference-path given"
     return f"PyTorch reference path ({reason})"
 
@@ -142,8 +147,9 @@ def ray_replica_app(model_dir: Path, settings: ServeSettings, device: str, adapt
 
 def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allow_no_auth: bool,
           settings: dict, device: str = "cpu", threads: int | None = None, log_level: str = "info",
-          adapter: Path | list[str] | None = None, ray=None, adapter_root: Path | None = None) -> None:
-    """Serve `model_dir` on host:port; with `ray` (a `ray_deploy.RayOptions`), as replicas on Ray Serve.
+          adapter: Path | list[str] | None = None, ray=None, adapter_root: Path | None = None, tp: int = 1) -> None:
+    """Serve `model_dir` on host:port; with `ray` (a `ray_deploy.RayOptions`), as replicas on Ray Serve;
+    with `tp` > 1, split over that many processes (`serve_split`).
     `adapter`: a LoRA adapter directory to fold in, or --adapter values (NAME=DIR: served beside the base)."""
     adapter, adapters = split_adapters(adapter)
     if threads is not None and threads < 1:
@@ -157,6 +163,11 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     if ray is not None and settings.get("draft"):  # replicas may start in another directory
         settings["draft"] = str(Path(settings["draft"]).resolve())
     config = from_flags(ServeSettings, FLAGS, api_keys=keys, **settings)
+    if tp != 1:
+        refuse_with_tp(tp, ray=ray is not None, speculative=config.speculative is not None,
+                       draft=config.draft is not None, adapter=adapter is not None or bool(adapters),
+                       adapter_root=adapter_root is not None)
+        return serve_split(model_dir, tp, config, host, port, device, threads, log_level)
     if ray is not None:
         from lmforge.serve.ray_deploy import run
 
@@ -166,13 +177,62 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
         return run(ray_replica_app(model_dir, config, device, adapter, adapters), config, ray, host, port, device,
                    threads)
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run_app(build_app(model_dir, config, device, adapter, adapters, adapter_root), config, host, port, log_level)
+
+
+def refuse_with_tp(tp: int, **given: bool) -> None:
+    """One line for --tp below 1 or with a flag the split model does not take (`given`: flag -> set)."""
+    if tp < 1:
+        raise LmforgeError("--tp must be at least 1")
+    for flag, present in given.items():
+        if present:
+            raise LmforgeError(f"--tp does not support --{flag.replace('_', '-')} yet")
+
+
+def serve_split(model_dir: Path, tp: int, config: ServeSettings, host: str, port: int, device: str,
+                threads: int | None, log_level: str) -> None:
+    """`serve --tp N`: re-run under torchrun with N processes (as generate --tp does); there, each
+    holds its part of the model (serve.tensor_parallel), rank 0 serves HTTP and runs the engine,
+    whose model calls it sends to the others, and they follow until it stops."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from lmforge.loaded import LoadedModel
+    from lmforge.serve import tensor_parallel
+
+    if "WORLD_SIZE" not in os.environ:
+        from lmforge.train.distributed import launch
+
+        raise SystemExit(launch(tp, sys.argv[1:]))
+    config = config.model_copy(update={"native_decode": False})  # the native decoder holds whole weights
+    here = tensor_parallel.join(tp, device, tensor_parallel.SERVE_TIMEOUT)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    loaded = tensor_parallel.load_split(model_dir, here)
+    if dist.get_rank() != 0:
+        tensor_parallel.follow(loaded.model)
+        return
+    split = tensor_parallel.SplitModel(loaded.model)
+    try:
+        served = LoadedModel(split, loaded.tokenizer, loaded.path, loaded.meta)
+        app = build_app(model_dir, config, str(here), loaded=served, prefix_cache_type=tensor_parallel.MirroredPrefixCache)
+        run_app(app, config, host, port, log_level)
+    finally:
+        split.close()
+
+
+def run_app(app, config: ServeSettings, host: str, port: int, log_level: str) -> None:
+    """Say what is served, then serve `app` on host:port until Ctrl-C or SIGTERM."""
     import uvicorn
 
     from lmforge.serve.connections import uvicorn_config
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    app = build_app(model_dir, config, device, adapter, adapters, adapter_root)
+    keys = config.api_keys
     log_access_to_stderr()
     auth = f"{'API keys required' if keys else 'no API keys (loopback only)'}"
     print(f"serving {config.model_name} on http://{host}:{port} ({auth}); chat page at /, API at /v1", file=sys.stderr)

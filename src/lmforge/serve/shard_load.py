@@ -93,6 +93,10 @@ class _SliceReader:
             self.files[path] = safe_open(str(path), framework="pt")
         return self.files[path].get_slice(name)[index]
 
+    def release(self) -> None:
+        """Unmap the files: the pages a column slice touched (all of its tensor's) leave the resident set."""
+        self.files.clear()
+
 
 def _runs(rows: list[int]) -> list[slice]:
     """Consecutive runs of `rows`, as slices."""
@@ -138,6 +142,7 @@ def _fill(model: Transformer, rules: list[Rule], reader: _SliceReader, dtype: to
             rows = tensor_parallel.shard_order(fused[rule.ours], tp)[rows[0]:rows[-1] + 1].tolist() if rows else []
         cols = slice(offsets[1], offsets[1] + sizes[1]) if p.dim() > 1 else None
         parts = [_block(rule, reader, run, cols) for run in _runs(rows)]
+        reader.release()
         local = (torch.cat(parts) if parts else torch.empty(sizes)).to(dtype=dtype, device=device).contiguous()
         whole = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                    stride=p.stride())

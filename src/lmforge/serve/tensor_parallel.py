@@ -7,7 +7,8 @@ heads. Rank 0 runs the ordinary code against `SplitModel`: the decoding loop of
 `infer.generate` (the PyTorch path) for generate, the server's continuous-batching engine for
 serve. `SplitModel` sends each call that touches the model or its caches (a new cache, a slot's
 binding or move, a prefix-cache copy, a forward pass) to the other ranks before taking part in
-it itself; they `follow` until rank 0 says stop. Sampling, stop strings, streaming and HTTP
+it itself (those without a collective travel with the next forward); they `follow` until rank 0
+says stop. Sampling, stop strings, streaming and HTTP
 happen on rank 0 only, so the ranks never need to agree on anything but the calls they are sent.
 The logits (and hidden states) come back whole on rank 0.
 
@@ -19,6 +20,7 @@ rank 0 before its first collective fails alike on the others, which log it and g
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from datetime import timedelta
@@ -38,22 +40,30 @@ from lmforge.model.kv_cache import KVCache
 SERVE_TIMEOUT = timedelta(days=365)
 
 _turn = threading.RLock()  # one call (its command and rank 0's part of it) at a time
+_held: list[tuple] = []  # calls without collectives (cache bindings, copies), sent with the next one that has
 
 
 def _send(command: tuple) -> None:
-    dist.broadcast_object_list([command], src=0)
+    global _held
+    commands, _held = [*_held, command], []
+    dist.broadcast_object_list([commands], src=0)
 
 
-def _receive() -> tuple:
+def _receive() -> list[tuple]:
     box = [None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _mirrored(command: tuple, run_here):
-    """Send `command` to the other ranks, then run rank 0's part of it."""
+def _mirrored(command: tuple, run_here, local_only: bool = False):
+    """Send `command` to the other ranks, then run rank 0's part of it. A `local_only` call (no
+    collective in it) waits to go with the next call that has one, in the same order: one
+    broadcast a decoding step instead of two."""
     with _turn:
-        _send(command)
+        if local_only:
+            _held.append(command)
+        else:
+            _send(command)
         return run_here()
 
 
@@ -74,17 +84,22 @@ class SplitModel:
     def parameters(self):
         return self.model.parameters()
 
+    def buffers(self):
+        return self.model.buffers()
+
     def __deepcopy__(self, memo) -> "SplitModel":
         # the serve app's shared copy (a module tree free of the engine's LoRA hooks): a split model
         # never gets those hooks (--tp refuses adapters), so it is its own copy
         return self
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
-        return _mirrored(("cache", batch, capacity), lambda: _local_cache(self.model, batch, capacity))
+        return _mirrored(("cache", batch, capacity), lambda: _local_cache(self.model, batch, capacity),
+                         local_only=True)
 
     def new_slot_cache(self, slots: int, capacity: int | None = None) -> "MirroredSlots":
         """The engine's slot cache: this rank's key/value heads, bound and moved alike on every rank."""
-        return _mirrored(("slots", slots, capacity), lambda: _local_slots(self.model, slots, capacity, MirroredSlots))
+        return _mirrored(("slots", slots, capacity), lambda: _local_slots(self.model, slots, capacity, MirroredSlots),
+                         local_only=True)
 
     def __call__(self, input_ids: torch.Tensor, kv_cache: KVCache | SlotCache | None = None,
                  pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -100,21 +115,26 @@ class SplitModel:
                          lambda: _hidden(self.model, input_ids, segment_ids))
 
     def close(self) -> None:
+        """Let the other ranks return (they may already be gone: stopped by torchrun with this one)."""
         with _turn:
-            _send(("stop",))
+            try:
+                _send(("stop",))
+            except RuntimeError:
+                pass
 
 
 class MirroredSlots(SlotCache):
-    """Rank 0's slot cache: each binding and move is sent to the other ranks' caches first."""
+    """Rank 0's slot cache: each binding and move reaches the other ranks' caches before the next forward."""
 
     def bind_prefill(self, slot: int, t: int, start: int = 0) -> None:
-        _mirrored(("slots.bind_prefill", slot, t, start), lambda: super(MirroredSlots, self).bind_prefill(slot, t, start))
+        _mirrored(("slots.bind_prefill", slot, t, start),
+                  lambda: super(MirroredSlots, self).bind_prefill(slot, t, start), local_only=True)
 
     def bind_decode(self, n: int) -> None:
-        _mirrored(("slots.bind_decode", n), lambda: super(MirroredSlots, self).bind_decode(n))
+        _mirrored(("slots.bind_decode", n), lambda: super(MirroredSlots, self).bind_decode(n), local_only=True)
 
     def move(self, src: int, dst: int) -> None:
-        _mirrored(("slots.move", src, dst), lambda: super(MirroredSlots, self).move(src, dst))
+        _mirrored(("slots.move", src, dst), lambda: super(MirroredSlots, self).move(src, dst), local_only=True)
 
 
 class MirroredPrefixCache(PrefixCache):
@@ -122,16 +142,16 @@ class MirroredPrefixCache(PrefixCache):
     lookup copies the same prefix into the same slot everywhere."""
 
     def __init__(self, budget_bytes: int):
-        _mirrored(("prefix", budget_bytes), lambda: None)
+        _mirrored(("prefix", budget_bytes), lambda: None, local_only=True)
         super().__init__(budget_bytes)
 
     def lookup(self, lane, tokens, keys, values, slot) -> int:
         return _mirrored(("prefix.lookup", lane, tokens, slot), lambda: super(MirroredPrefixCache, self).lookup(
-            lane, tokens, keys, values, slot))
+            lane, tokens, keys, values, slot), local_only=True)
 
     def store(self, lane, tokens, keys, values, slot) -> None:
         _mirrored(("prefix.store", lane, tokens, slot), lambda: super(MirroredPrefixCache, self).store(
-            lane, tokens, keys, values, slot))
+            lane, tokens, keys, values, slot), local_only=True)
 
 
 class _Follower:
@@ -169,16 +189,19 @@ class _Follower:
 
 
 def follow(model: Transformer) -> None:
-    """Ranks other than 0: run what rank 0's `SplitModel` is asked, until it closes."""
+    """Ranks other than 0: run what rank 0's `SplitModel` is asked, until it closes. Ctrl-C or
+    SIGTERM (torchrun passes them on) end the process at once: it holds nothing to save."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
     follower = _Follower(model)
     while True:
-        command = _receive()
-        if command[0] == "stop":
-            return
-        try:
-            follower.run(command)
-        except Exception as e:  # rank 0 met the same error and answered its request with it
-            print(f"lmforge rank {dist.get_rank()}: {command[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+        for command in _receive():
+            if command[0] == "stop":
+                return
+            try:
+                follower.run(command)
+            except Exception as e:  # rank 0 met the same error and answered its request with it
+                print(f"lmforge rank {dist.get_rank()}: {command[0]}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _local_cache(model: Transformer, batch: int, capacity: int | None) -> KVCache:

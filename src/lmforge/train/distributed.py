@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -278,7 +279,16 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise LmforgeError("--nproc must be at least 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lmforge", *argv]
-    return subprocess.call(cmd)
+    # torchrun in a session of its own gets Ctrl-C and SIGTERM once, from here, and stops its
+    # workers before it exits; this process waits for that instead of dying first.
+    child = subprocess.Popen(cmd, start_new_session=True)
+    forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
