@@ -1,8 +1,9 @@
 """The 2:4 kernel (native/sparse.h) in the native decoder, on the native build and the AVX2
 one forced with -march=haswell: a 2:4 model decodes from its compact form to the logits of
 the same dense pruned model on the PyTorch path, for input widths with and without a tail
-(K not a multiple of 32 or 64), batch 1 and a few rows; a layer that is no longer 2:4 is
-decoded dense."""
+(K not a multiple of 32 or 64), at batch 1 and 3 (the row kernel), 5 (AVX-512: rows expanded into
+the dense tiles; AVX2: rows) and 6 (AVX2: the layer's dense matrix), also where the rows are no
+whole number of tiles; a layer that is no longer 2:4 is decoded dense."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 import lmforge
 from lmforge import native
-from lmforge.compress.prune import prune_model, run_prune
+from lmforge.compress.prune import prune_mask, prune_model, run_prune
 from lmforge.compress.sparse import mark_two_four
 from lmforge.compress.sparse_format import SPARSE_ATTR
 from lmforge.infer.native_decode import NativeDecoder
@@ -55,11 +56,27 @@ def kinds(model) -> list[int]:
 def test_two_four_layers_decode_to_the_dense_pruned_logits(make_model, lib, d_model, d_ff):
     model = two_four_model(make_model, d_model, d_ff)
     assert kinds(model) == [abi.S24] * 4 + [abi.F32]  # the lm_head stays dense
-    for batch in (1, 3):
+    for batch in (1, 3, 5, 6):
         tokens = inputs(batch, 211)
         got = decode_logits(model, tokens, native_path=True)
         want = decode_logits(model, tokens, native_path=False)
         torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
+
+
+def test_a_row_count_that_is_no_whole_number_of_tiles_decodes_to_the_dense_pruned_logits(make_model, lib):
+    # gpt2's up projection has d_ff rows: 43 = 10 tiles of 4 (AVX-512) and 3 rows; its down
+    # projection (43 inputs) cannot be 2:4 and stays dense
+    model = make_model("gpt2", vocab_size=211, d_model=64, n_head=4, d_ff=43, context=32, init_std=0.1)
+    with torch.no_grad():
+        for block in model.blocks:
+            for layer in (block.attn.qkv, block.attn.proj, block.mlp.up):
+                layer.weight.mul_(prune_mask(layer.weight.abs(), 0.5, "2:4", per_row=False))
+    mark_two_four(model)
+    assert kinds(model) == [abi.S24] * 3 + [abi.F32] * 2
+    for batch in (1, 5, 7):
+        tokens = inputs(batch, 211)
+        want = decode_logits(model, tokens, native_path=False)
+        torch.testing.assert_close(decode_logits(model, tokens, True), want, rtol=0, atol=2e-5 * want.abs().max().item())
 
 
 def test_a_layer_no_longer_two_four_decodes_dense(make_model, lib):

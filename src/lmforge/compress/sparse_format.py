@@ -45,6 +45,25 @@ def pack_two_four(weight: torch.Tensor, name: str = "the matrix") -> tuple[torch
     return values, indices
 
 
+# The order native/sparse.h reads a row's values in: within each whole block of 32 inputs (16
+# values, one 32-bit index word), each 8 values as [0, 1, 4, 5, 2, 3, 6, 7]. The AVX2 kernel's
+# in-lane permutes pick from one 128-bit half (4 inputs, a group) per lane, so a 256-bit result
+# holds groups 0 and 2 in its low half and 1 and 3 in its high half; the values are stored that
+# way once rather than shuffled back on every read. The last K % 32 inputs stay in input order.
+KERNEL_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)
+
+
+def pack_two_four_for_kernels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_two_four`'s (values, indices) with the values in native/sparse.h's order
+    (KERNEL_ORDER); the indices, and so the positions, are the file's."""
+    values, indices = pack_two_four(weight)
+    N, K = weight.shape
+    whole = K // 32 * 16
+    order = torch.tensor(KERNEL_ORDER)
+    blocks = values[:, :whole].reshape(N, whole // 8, 8)[:, :, order].reshape(N, whole)
+    return torch.cat([blocks, values[:, whole:]], dim=1).contiguous(), indices
+
+
 def unpack_two_four(values: torch.Tensor, indices: torch.Tensor, K: int, name: str = "the matrix") -> torch.Tensor:
     """The dense (N, K) matrix of `pack_two_four`'s output; corrupt indices are one clear error."""
     N = values.shape[0]

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lmforge import native
 from lmforge.compress.qlinear import CHUNK, DynamicInt8Linear, QuantizedLinear, matmul_bytes
-from lmforge.compress.sparse_format import SPARSE_ATTR, is_two_four, pack_two_four
+from lmforge.compress.sparse_format import SPARSE_ATTR, is_two_four, pack_two_four_for_kernels
 from lmforge.infer.lora_batch import LoraUpdate
 from lmforge.model import Transformer
 from lmforge.model.kv_cache import KVCache
@@ -119,7 +119,7 @@ def _two_four(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
     stamp = (w.data_ptr(), w._version)
     held = _PACKED.get(m)
     if held is None or held[0] != stamp:
-        held = _PACKED[m] = (stamp, pack_two_four(w) if is_two_four(w) else None)
+        held = _PACKED[m] = (stamp, pack_two_four_for_kernels(w) if is_two_four(w) else None)
     return held[1]
 
 
@@ -128,7 +128,8 @@ def _linear(m: nn.Module, keep: list[torch.Tensor], dequantized: bool = False) -
     one's fp32 copy where `dequantized`, a 2:4 one's compact form)."""
     packed = _two_four(m) if type(m) is nn.Linear else None
     if packed is not None:
-        return abi.Linear(S24, m.out_features, m.in_features, 0, _tensor(packed[0], keep), None,
+        return abi.Linear(S24, m.out_features, m.in_features, 0, _tensor(packed[0], keep),
+                          _tensor(m.weight.detach(), keep),  # the dense matrix, for AVX2's batches (sparse.h)
                           _tensor(packed[1], keep), _tensor(None if m.bias is None else m.bias.detach(), keep))
     if type(m) is nn.Linear:
         return abi.Linear(F32, m.out_features, m.in_features, 0, _tensor(m.weight.detach(), keep), None, None,

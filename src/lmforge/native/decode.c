@@ -34,7 +34,6 @@
 
 #include "decode.h"
 #include "kernels.h"
-#include "sparse.h"
 
 #ifdef __AVX2__
 static inline size_t cache_base(const Rows *r, int b) {
@@ -167,6 +166,7 @@ static inline int row_layout(const Linear *L) { return L->kind == Q4 ? q4_unit(L
 #else
 #include "decode_avx2.h"
 #endif
+#include "sparse.h" /* the 2:4 matmul (matvec_s24), on the ISA's dense tiles */
 
 /* The layout of the activations that the int8/int4 matmul of B rows reads: the row kernels'
  * (an int4 one reads them interleaved), or the tiles' blocks of 32 in order. */
@@ -187,14 +187,7 @@ static inline int lowbit_layout(const Linear *L, const Work *ws, int B) {
 static void matvec(const Linear *L, const float *x, float *y, int B, int accumulate, Work *ws, Worker *wk) {
     const int N = L->N, K = L->K, groups = L->kind == Q4 ? K / L->G : 0;
     if (L->kind == S24) { /* fp32 activations, each weight row read once for all B */
-        const int row_bytes = s24_index_bytes(K);
-        FOR_ITEMS(wk, item, (N + CHUNK_ROWS - 1) / CHUNK_ROWS) {
-            const int end = (item + 1) * CHUNK_ROWS < N ? (item + 1) * CHUNK_ROWS : N;
-            for (int n = item * CHUNK_ROWS; n < end; n++)
-                for (int b = 0; b < B; b++)
-                    put(L, y, N, b, n, s24_row(x + (size_t)b * K, K, (const float *)L->w + (size_t)n * (K / 2),
-                                               L->zero + (size_t)n * row_bytes), accumulate);
-        }
+        matvec_s24(L, x, y, B, accumulate, wk);
         return;
     }
     if (L->kind == F32 && B >= 4) {

@@ -15,7 +15,7 @@ enum { F32 = 0, S24 = 2, Q4 = 4, Q8 = 8 }; /* Linear.kind: fp32, 2:4 sparse fp32
 typedef struct {
     int kind, N, K, G;   /* G: int4 group size */
     const void *w;       /* fp32 (N, K) | int8 (N, K) | packed int4 (N, K/2) */
-    const float *scale;  /* int8: (N,); int4: (N, K/G) */
+    const float *scale;  /* int8: (N,); int4: (N, K/G); 2:4: the dense fp32 (N, K) (sparse.h's batches) */
     const uint8_t *zero; /* int4: (N, K/G); 2:4: the positions (N, ceil(K/8)), w the kept (N, K/2) */
     const float *bias;   /* (N,) or NULL */
 } Linear;
