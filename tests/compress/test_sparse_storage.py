@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import lmforge
 from lmforge.compress.prune import block_linears, prune_mask, run_prune
 from lmforge.compress.sparse_format import (
-    check_two_four, pack_bitmap, pack_two_four, unpack_bitmap, unpack_two_four,
+    check_two_four, pack_bitmap, pack_two_four, pack_two_four_for_kernels, unpack_bitmap, unpack_two_four,
 )
 from lmforge.errors import LmforgeError
 from lmforge.model_files import WEIGHTS
@@ -34,6 +34,19 @@ def test_two_four_round_trip_is_exact(K, dtype):
     assert values.dtype == dtype and values.shape == (16, K // 2)
     assert indices.dtype == torch.uint8 and indices.shape == (16, (K // 4 + 1) // 2)
     assert torch.equal(unpack_two_four(values, indices, K), w)
+
+
+def test_the_kernels_order_permutes_each_whole_32_input_block_and_keeps_the_tail():
+    w = torch.zeros(2, 72)  # two whole blocks of 32 inputs and a tail of 8
+    w[:, 0::2] = torch.arange(1, 73, dtype=torch.float32).reshape(2, 36)  # values 1.., in input order
+    values, indices = pack_two_four(w)
+    kernel_values, kernel_indices = pack_two_four_for_kernels(w)
+    assert torch.equal(kernel_indices, indices)  # the positions are the file's
+    assert kernel_values[0, :8].tolist() == [1, 2, 5, 6, 3, 4, 7, 8]
+    assert kernel_values[0, 8:16].tolist() == [9, 10, 13, 14, 11, 12, 15, 16]
+    assert kernel_values[1, 16:24].tolist() == [53, 54, 57, 58, 55, 56, 59, 60]
+    assert torch.equal(kernel_values[:, 32:], values[:, 32:])  # the last 8 inputs' 4 values
+    assert sorted(kernel_values.flatten().tolist()) == sorted(values.flatten().tolist())
 
 
 def test_two_four_index_layout_is_two_positions_per_nibble():
