@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.model import fused
 from lmforge.model.activations import gelu_tanh
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.moe import MoE
@@ -139,6 +140,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x, self.weight):
+            return fused.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -148,6 +151,14 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.family == "gpt2":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
     return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + a, norm(x + a)): one pass for an RMSNorm where the fused kernels apply."""
+    if isinstance(norm, RMSNorm) and fused.enabled(x, a, norm.weight) and x.shape == a.shape:
+        return fused.add_rms_norm(x, a, norm.weight, norm.eps)
+    x = x + a
+    return x, norm(x)
 
 
 class Attention(nn.Module):
@@ -165,7 +176,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, mask, is_causal: bool):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
+        qkv = fused.linear(self.qkv, x)
+        if rope is not None and self.q_norm is None and fused.rope_applies(qkv, rope):
+            fused.rope_(qkv, self.n_head + self.n_kv, self.d, rope)  # queries and keys, in place
+            rope = None
+        q, k, v = qkv.split([self.n_head * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
         q, k = q.view(B, T, self.n_head, self.d), k.view(B, T, self.n_kv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -178,12 +193,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, fused.CausalAfter) and self.softcap is not None:
+            mask = mask.dense(T, x.device)
         if self.softcap is not None:
             y = eager_attention(q, k, v, mask, is_causal, self.scale or self.d ** -0.5, self.softcap, dropout)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
-                                               enable_gqa=self.n_kv != self.n_head, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d))
+            y = fused.attention(q, k, v, mask, is_causal, dropout, self.n_kv != self.n_head, self.scale)
+        return fused.linear(self.proj, y.transpose(1, 2).reshape(B, T, self.n_head * self.d))
 
 
 class MLP(nn.Module):
@@ -199,13 +215,15 @@ class MLP(nn.Module):
         self.down = nn.Linear(self.hidden, cfg.d_model, bias=cfg.uses_bias)
 
     def forward(self, x):
-        h = self.up(x)
-        if self.swiglu:
+        h = fused.linear(self.up, x)
+        if self.swiglu and self.gate_act is F.silu and fused.enabled(h):
+            h = fused.silu_mul(h, self.hidden)
+        elif self.swiglu:
             gate, up = h.split(self.hidden, dim=-1)
             h = self.gate_act(gate) * up
         else:
             h = gelu_tanh(h)
-        return self.down(h)
+        return fused.linear(self.down, h)
 
 
 class Block(nn.Module):
@@ -221,8 +239,9 @@ class Block(nn.Module):
         self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
 
     def forward(self, x, rope, cache, layer, mask, is_causal):
-        x = x + self.drop(self.post_attn_norm(self.attn(self.norm1(x), rope, cache, layer, mask, is_causal)))
-        return x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
+        a = self.attn(self.norm1(x), rope, cache, layer, mask, is_causal)
+        x, h = add_and_norm(self.norm2, x, self.drop(self.post_attn_norm(a)))
+        return x + self.drop(self.post_mlp_norm(self.mlp(h)))
 
 
 class Transformer(nn.Module):
@@ -312,7 +331,8 @@ class Transformer(nn.Module):
             mask = kv_cache.attention_mask(T, window)
             # Without a mask, SDPA's is_causal aligns queries to the first keys, which is only
             # right when nothing is cached yet; a single new token may see every slot.
-            return mask, mask is None and kv_cache.length == 0 and T > 1
+            is_causal = mask is None and kv_cache.length == 0 and T > 1
+            return fused.causal_after(mask, T) or mask, is_causal
         if segment_ids is not None:
             return segment_attention(segment_ids, cfg.causal, window)[1], False
         if window is not None and T > window:
@@ -360,7 +380,7 @@ class Transformer(nn.Module):
             return h
         if last_only:
             h = h[:, -1:]
-        return soft_cap(self.lm_head(h), self.config.logit_softcap)
+        return soft_cap(fused.linear(self.lm_head, h), self.config.logit_softcap)
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         cfg = self.config

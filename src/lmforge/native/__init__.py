@@ -6,6 +6,8 @@
   matmuls in one file per instruction set (`decode_avx512.h`, `decode_avx2.h`);
 - `elementwise.c`: the softmax cross-entropy with its gradient, and GELU with its derivative,
   for training steps (`lmforge.train.losses`, `lmforge.model.activations`);
+- `prefill.c`: a prefill's RMSNorm (residual add folded in), RoPE and SwiGLU, one pass each
+  (`lmforge.model.fused`);
 - `kernels.h`: the fp32/int8/int4 inner loops and the vectorized exponential they share.
 
 `gcc -O3 -march=native` builds them in a few seconds for the CPU at hand (AVX2 or AVX-512
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qmatmul.c", HERE / "decode.c", HERE / "elementwise.c"]
+SOURCES = [HERE / "qmatmul.c", HERE / "decode.c", HERE / "elementwise.c", HERE / "prefill.c"]
 HEADERS = sorted(HERE.glob("*.h"))
 _p, _i = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
