@@ -285,13 +285,17 @@ static inline __m256i udot2x32(__m256i lo, __m256i a, __m256i hi, __m256i c) {
 #endif
 }
 
+/* How far ahead of the codes being read the int4 row kernels fetch: they read row after row
+ * of one matrix, one stream, and the hardware prefetcher alone leaves the loads waiting. */
+#define ROW_PREFETCH 16384
+
 /* q4_row on layout U (64 or 128) in 256-bit steps of 64 columns (two blocks, 32 bytes of
  * codes): lanes 0-3 hold the first block's sums, 4-7 the second's, and xw scales them so. */
 static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq, const float *xw, const float *gsum,
                                                                 int K, const uint8_t *q, const float *scale,
                                                                 const uint8_t *zero, int G, int U) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    const int groups = K / G, per_group = G / 64;
+    const int pieces = K / 64, per_group = G / 64;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
 #define PIECE(c, acc)                                                                                              \
     do {                                                                                                           \
@@ -300,19 +304,18 @@ static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq
         const __m256i d = udot2x32(_mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)x),              \
                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low),                                 \
                                    _mm256_loadu_si256((const __m256i *)(x + U / 2)));                              \
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(_mm256_loadu_ps(xw + (size_t)(c) * 8), sc), acc); \
+        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xw + (size_t)(c) * 8), _mm256_set1_ps(scale[(c) / per_group])); \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);                                                      \
     } while (0)
-    for (int g = 0; g < groups; g++) {
-        const __m256 sc = _mm256_set1_ps(scale[g]);
-        int c = g * per_group;
-        for (; c + 2 <= (g + 1) * per_group; c += 2) {
-            PIECE(c, a0);
-            PIECE(c + 1, a1);
-        }
-        if (c < (g + 1) * per_group) PIECE(c, a0);
+    int c = 0;
+    for (; c + 2 <= pieces; c += 2) {
+        _mm_prefetch((const char *)(q + (size_t)c * 32 + ROW_PREFETCH), _MM_HINT_T0);
+        PIECE(c, a0);
+        PIECE(c + 1, a1);
     }
+    if (c < pieces) PIECE(c, a0);
 #undef PIECE
-    return hsum(_mm256_add_ps(a0, a1)) - zero_share(scale, zero, gsum, groups);
+    return hsum(_mm256_add_ps(a0, a1)) - zero_share(scale, zero, gsum, K / G);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -322,26 +325,25 @@ static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq
 static inline float q4_row_units512(const int8_t *xq, const float *xw, const float *gsum, int K, const uint8_t *q,
                                     const float *scale, const uint8_t *zero, int G) {
     const __m512i low = _mm512_set1_epi8(0x0F);
-    const int groups = K / G, per_group = G / 128;
+    const int groups = K / G, per_group = G / 128, units = K / 128;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
 #define UNIT(u, acc)                                                                                         \
     do {                                                                                                     \
+        _mm_prefetch((const char *)(q + (size_t)(u) * 64 + ROW_PREFETCH), _MM_HINT_T0);                      \
         const __m512i v = _mm512_loadu_si512(q + (size_t)(u) * 64);                                          \
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low),                   \
                                         _mm512_loadu_si512(xq + (size_t)(u) * 128));                         \
         d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),                           \
                                 _mm512_loadu_si512(xq + (size_t)(u) * 128 + 64));                            \
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_loadu_ps(xw + (size_t)(u) * 16), sc), acc); \
+        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(xw + (size_t)(u) * 16), _mm512_set1_ps(scale[(u) / per_group])); \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);                                                \
     } while (0)
-    for (int g = 0; g < groups; g++) {
-        const __m512 sc = _mm512_set1_ps(scale[g]);
-        int u = g * per_group;
-        for (; u + 2 <= (g + 1) * per_group; u += 2) {
-            UNIT(u, a0);
-            UNIT(u + 1, a1);
-        }
-        if (u < (g + 1) * per_group) UNIT(u, a0);
+    int u = 0;
+    for (; u + 2 <= units; u += 2) {
+        UNIT(u, a0);
+        UNIT(u + 1, a1);
     }
+    if (u < units) UNIT(u, a0);
 #undef UNIT
     /* the zero points, 16 groups at a time, join the sum before its one reduction */
     for (int g = 0; g < groups; g += 16) {
