@@ -176,7 +176,7 @@ def generate(
         if "WORLD_SIZE" not in os.environ:
             from lmforge.train.distributed import launch
 
-            raise typer.Exit(launch(tp, sys.argv[1:]))
+            raise typer.Exit(launch(tp, sys.argv[1:], signal_ranks=True))
         from lmforge.serve.tensor_parallel import generate_split
 
         def complete(prompts, on_text=None):  # None on ranks other than 0, which print nothing

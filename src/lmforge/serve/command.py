@@ -198,6 +198,7 @@ def serve_split(model_dir: Path, tp: int, config: ServeSettings, host: str, port
     holds its part of the model (serve.tensor_parallel), rank 0 serves HTTP and runs the engine,
     whose model calls it sends to the others, and they follow until it stops."""
     import os
+    import signal
 
     import torch
     import torch.distributed as dist
@@ -208,7 +209,7 @@ def serve_split(model_dir: Path, tp: int, config: ServeSettings, host: str, port
     if "WORLD_SIZE" not in os.environ:
         from lmforge.train.distributed import launch
 
-        raise SystemExit(launch(tp, sys.argv[1:]))
+        raise SystemExit(launch(tp, sys.argv[1:], signal_ranks=True))
     config = config.model_copy(update={"native_decode": False})  # the native decoder holds whole weights
     here = tensor_parallel.join(tp, device, tensor_parallel.SERVE_TIMEOUT)
     if threads is not None:
@@ -218,6 +219,8 @@ def serve_split(model_dir: Path, tp: int, config: ServeSettings, host: str, port
         tensor_parallel.follow(loaded.model)
         return
     split = tensor_parallel.SplitModel(loaded.model)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn raises the signal again once it has stopped:
+        signal.signal(sig, lambda signum, frame: sys.exit(0))  # a stop asked for, after which the others stop
     try:
         served = LoadedModel(split, loaded.tokenizer, loaded.path, loaded.meta)
         app = build_app(model_dir, config, str(here), loaded=served, prefix_cache_type=tensor_parallel.MirroredPrefixCache)
@@ -243,7 +246,7 @@ def run_app(app, config: ServeSettings, host: str, port: int, log_level: str) ->
     print(f"embeddings: {app.state.embeddings.embedder.pooling} pooling at /v1/embeddings"
           + (f"; a {heads.task} head at /v1/{heads.task}" if heads.task else ""), file=sys.stderr)
     cache = app.state.engine.prefix_cache
-    print(f"prefix cache: {f'{config.prefix_cache_mb:g} MiB' if cache else 'off'}", file=sys.stderr)
+    print(f"prefix cache: {f'{config.prefix_cache_mb:g} MiB' if cache is not None else 'off'}", file=sys.stderr)
     if app.state.engine.speculator is not None:
         how = "prompt lookup" if config.speculative else f"draft model {config.draft}"
         print(f"speculative decoding: {how}, {config.speculative_tokens} tokens (for lone requests)", file=sys.stderr)

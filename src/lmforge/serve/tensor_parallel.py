@@ -189,13 +189,18 @@ class _Follower:
 
 
 def follow(model: Transformer) -> None:
-    """Ranks other than 0: run what rank 0's `SplitModel` is asked, until it closes. Ctrl-C or
-    SIGTERM (torchrun passes them on) end the process at once: it holds nothing to save."""
+    """Ranks other than 0: run what rank 0's `SplitModel` is asked, until it closes. Ctrl-C and
+    SIGTERM are rank 0's to act on: it stops, then tells these to (should it die instead, the
+    next receive fails and they end)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN)
     follower = _Follower(model)
     while True:
-        for command in _receive():
+        try:
+            commands = _receive()
+        except RuntimeError as e:
+            raise LmforgeError(f"rank {dist.get_rank()}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
+        for command in commands:
             if command[0] == "stop":
                 return
             try:

@@ -273,22 +273,48 @@ def load_full_state(model: Transformer, optimizer: torch.optim.Optimizer, model_
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run `lmforge <argv>` under torchrun with `nproc` local processes."""
+def launch(nproc: int, argv: list[str], signal_ranks: bool = False) -> int:
+    """Re-run `lmforge <argv>` under torchrun with `nproc` local processes.
+
+    torchrun runs in a session of its own, so Ctrl-C and SIGTERM reach it once, from here, and
+    this process waits for it to stop its ranks instead of dying first. With `signal_ranks`, the
+    first such signal goes to the ranks themselves instead (their command stops them in order,
+    rank 0 telling the others, and all exit cleanly; torchrun, signalled, would report a failure);
+    a second one goes to torchrun."""
     if nproc < 1:
         raise LmforgeError("--nproc must be at least 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lmforge", *argv]
-    # torchrun in a session of its own gets Ctrl-C and SIGTERM once, from here, and stops its
-    # workers before it exits; this process waits for that instead of dying first.
     child = subprocess.Popen(cmd, start_new_session=True)
-    forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
-               for sig in (signal.SIGINT, signal.SIGTERM)}
+    signalled = []
+
+    def forward(signum, frame) -> None:
+        ranks = child_processes(child.pid) if signal_ranks and not signalled else []
+        signalled.append(signum)
+        for pid in ranks or [child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return child.wait()
     finally:
-        for sig, handler in forward.items():
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc; none elsewhere)."""
+    found = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
