@@ -10,6 +10,7 @@ FILE` scores a text through an fp32 and an int8 KV cache (windows of the model's
 
     python benchmarks/long_prompt.py                                  # TTFT at 4,096 tokens (~5 min)
     python benchmarks/long_prompt.py --threads 1 --cpu-time          # CPU seconds: for a shared, loaded machine
+    python benchmarks/long_prompt.py --emulate-avx2 /work/llama_avx2/lib   # both sides as on an AVX2-only CPU
     python benchmarks/long_prompt.py --layers 2 --prompt 512 --rounds 1 --chunks 128,512   # smoke run
     python benchmarks/long_prompt.py --no-ttft --ppl-model runs/quickstart/model --ppl-text text.txt
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import interleaved, kernels_build, llama_cpp_decoder, machine
+from common import (add_emulation_option, emulate_avx2, emulation_report, interleaved, kernels_build,
+                    llama_cpp_build, llama_cpp_decoder, machine)
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.infer.chunked_prefill import DEFAULT_PREFILL_CHUNK, prefill
@@ -102,7 +104,9 @@ def main() -> None:
     ap.add_argument("--no-ttft", action="store_true", help="skip the llama.cpp comparison")
     ap.add_argument("--ppl-model", type=Path, help="a model directory to score --ppl-text with fp32 and int8 caches")
     ap.add_argument("--ppl-text", type=Path)
+    add_emulation_option(ap)
     args = ap.parse_args()
+    emulate_avx2(args.emulate_avx2)
     if args.cpu_time and args.threads != 1:
         raise SystemExit("--cpu-time needs --threads 1 (a second thread's spinning would count as work)")
     torch.set_num_threads(args.threads)
@@ -124,7 +128,7 @@ def main() -> None:
                       tie_embeddings=False)
     model = Transformer(cfg).eval()
     prompt = torch.randint(0, args.vocab, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
-    print(kernels_build())
+    print(emulation_report() if args.emulate_avx2 else kernels_build())
     print(f"model: llama {args.layers} x {args.d_model}, {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, "
           f"context {context}, {model.num_params() / 1e6:.1f}M parameters; {args.prompt}-token prompt, batch 1, "
           f"{args.threads} threads, median of {args.rounds} alternating rounds"
@@ -139,9 +143,8 @@ def main() -> None:
         path = export_gguf(LoadedModel(model, tokenizer), Path(tmp.name) / "model-f32.gguf", "f32")
         llama = llama_cpp_decoder(path, args.threads, context, args.vocab)
         runs["llama.cpp f32"] = lambda p: llama(p, 1)[0]
-        import llama_cpp
-
-        print(f"llama.cpp ({llama_cpp.__version__}) built with: {llama_cpp.llama_print_system_info().decode().strip()}")
+        if not args.emulate_avx2:  # the emulation's report printed it
+            print(llama_cpp_build())
     firsts = {name: fn(prompt) for name, fn in runs.items()}  # warm-up, and the first tokens compared
     clock = time.process_time if args.cpu_time else time.perf_counter
     rates = interleaved({name: rate(fn, prompt, clock) for name, fn in runs.items()}, args.rounds)

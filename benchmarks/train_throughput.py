@@ -15,6 +15,7 @@ gives tokens/s; theirs through an equivalent plain PyTorch loop.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=0, help="our train.loss_chunk (0: logits in one piece)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="precision of both: fp32, or bf16 autocast")
+    ap.add_argument("--threads", type=int, help="PyTorch's CPU threads for both (default: torch's choice)")
     add_emulation_option(ap)
     args = ap.parse_args()
     if args.emulate_avx2 and args.dtype == "bfloat16":
@@ -102,6 +104,8 @@ def main() -> None:
     emulate_avx2(args.emulate_avx2)
     if args.emulate_avx2:
         print(emulation_report(), flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -111,7 +115,7 @@ def main() -> None:
             ours.append(ours_rate(args, out, i))
             theirs.append(theirs_rate(args, out))
     o, t = statistics.median(ours), statistics.median(theirs)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"model: gpt2 family, {args.layers} layers x {args.d_model}, vocab {args.vocab}, "
           f"batch {args.batch} x {args.seq}, AdamW, "
           f"{'fp32' if args.dtype == 'float32' else 'bf16 autocast'}{', compiled' if args.compile else ''}; "
