@@ -79,6 +79,16 @@ def test_two_process_pipeline_equals_one_process(single, schedule):
     assert "model.lm_head.weight" not in files and "optimizer.state.lm_head.weight.exp_avg" not in files
 
 
+def test_compiled_stages_train_to_one_process(single, monkeypatch):
+    """train.compile under pp: each stage runs compiled (inductor writes its kernels to the cache
+    directory the test gives it) and the run still equals one uncompiled process."""
+    cache = single / "inductor-cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    torchrun(single, overrides(single, "pp-compiled", "pp", compile=True))
+    assert_same_training(single, "pp-compiled")
+    assert any(cache.rglob("*.py")), "nothing was compiled"
+
+
 def test_fsdp_plus_pipeline_on_four_processes_equals_one(single):
     torchrun(single, overrides(single, "fsdp-pp", "fsdp+pp", pp_size=2), nproc=4)
     assert_same_training(single, "fsdp-pp")
@@ -230,7 +240,7 @@ def test_a_process_makes_only_its_stages_with_the_weights_one_process_draws(fami
 def test_trainers_that_cannot_run_a_model_parallel_layout_refuse_it_at_start(layout, cli, tmp_path, monkeypatch):
     """Fine-tuning (every task) refuses the layout when its config is read, before torchrun is
     launched or a model loaded; distillation refuses torchrun and a student recipe that asks for
-    the layout; a pipeline refuses train.compile (its stages are not compiled)."""
+    the layout; fsdp+pp refuses train.compile (compiling FSDP2-sharded stages is not tried)."""
     from lmforge.compress.distill import build_student
     from lmforge.train.finetune import load_finetune_config
 
@@ -252,6 +262,6 @@ def test_trainers_that_cannot_run_a_model_parallel_layout_refuse_it_at_start(lay
     lines = (done.stderr + done.stdout).strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "not under torchrun" in lines[0], lines
     assert not (tmp_path / "out").exists()
-    if layout.endswith("pp"):
-        assert "train.compile is not applied to pipeline stages" in refusal(
-            lambda: context(4, parallel=layout, compile=True, **({"pp_size": 2} if layout == "fsdp+pp" else {})))
+    if layout == "fsdp+pp":
+        assert "train.compile compiles pipeline stages under train.parallel pp only, not fsdp+pp" in refusal(
+            lambda: context(4, parallel=layout, compile=True, pp_size=2))

@@ -79,9 +79,9 @@ def pipeline_context(ctx: DistContext, tc: TrainConfig) -> DistContext:
     processes, the batch and the microbatches divide as the layout needs."""
     if not ctx.active:
         return ctx
-    if tc.compile:
-        raise LmforgeError(f"train.compile is not applied to pipeline stages (train.parallel {tc.parallel}); "
-                           "use --train.compile false, or a layout without pp")
+    if tc.compile and tc.parallel != "pp":
+        raise LmforgeError("train.compile compiles pipeline stages under train.parallel pp only, not "
+                           f"{tc.parallel}; use --train.compile false")
     if tc.pp_schedule == "interleaved" and tc.parallel != "pp":
         raise LmforgeError(f"train.pp_schedule interleaved runs under train.parallel pp only; use 1f1b or gpipe "
                            f"with {tc.parallel}")
@@ -262,8 +262,10 @@ class Pipeline:
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
         self.pp_group = mesh["pp"].get_group()
+        # train.compile: the schedule runs each stage compiled (validation runs them as they are)
+        runs = [torch.compile(part) for part in self.parts] if tc.compile else self.parts
         stages = [pipelining.PipelineStage(part, s, self.n_stages, device, group=self.pp_group)
-                  for part, s in zip(self.parts, self.stages)]
+                  for part, s in zip(runs, self.stages)]
         schedule = getattr(pipelining, SCHEDULES[tc.pp_schedule])
         self.schedule = schedule(stages if per_process > 1 else stages[0], ctx.microbatches, loss_fn=self._loss,
                                  scale_grads=False)
