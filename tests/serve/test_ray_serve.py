@@ -21,6 +21,7 @@ from ray import serve
 from serve_helpers import KEY, Server
 
 from lmforge.errors import LmforgeError
+from lmforge.interop.crypto import read_key
 from lmforge.infer.engine import Engine, EngineOverloaded, Request
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.app import create_app
@@ -312,21 +313,30 @@ def test_serve_ray_flags_are_checked_before_ray_starts(cli, tiny_model_dir, monk
     assert not ray.is_initialized()
 
 
-def test_serve_ray_checks_the_model_key_and_refuses_run_time_adapters_before_ray_starts(cli, tiny_model_dir, tmp_path,
+def test_serve_ray_checks_the_model_key_and_refuses_run_time_adapters_before_ray_starts(tiny_model_dir, tmp_path,
                                                                                       monkeypatch):
-    from lmforge.interop.crypto import encrypt_model_dir, new_key_file
+    from lmforge.interop.crypto import command_key, encrypt_model_dir, new_key_file
+    from lmforge.serve.command import serve
 
     sealed = shutil.copytree(tiny_model_dir, tmp_path / "sealed")
     encrypt_model_dir(sealed, new_key_file(tmp_path / "model.key"))
-    new_key_file(tmp_path / "other.key")
+    other = tmp_path / "other.key"
+    new_key_file(other)
     monkeypatch.delenv("LMFORGE_MODEL_KEY", raising=False)
-    for flags, message in [((), "is encrypted: give its key"), (("--key-file", tmp_path / "other.key"), "wrong key"),
-                           (("--key-file", tmp_path / "model.key", "--adapter-root", tmp_path),
-                            "--adapter-root cannot be used with --ray: an adapter loaded at run time would reach "
-                            "one replica only; give each adapter at start as --adapter NAME=DIR")]:
-        done = cli("serve", sealed, "--ray", "--replicas", "2", *flags, timeout=120)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and "Ray instance" not in done.stderr
+    cluster = ray_options(True, replicas=2)
+
+    def deploy(**flags):
+        serve(sealed, "127.0.0.1", 0, None, allow_no_auth=False, settings={}, ray=cluster, **flags)
+
+    with pytest.raises(LmforgeError, match="is encrypted: give its key"):
+        deploy()
+    with command_key(read_key(other), (other, None)), pytest.raises(LmforgeError, match="wrong key"):
+        deploy()
+    with pytest.raises(LmforgeError, match="^--adapter-root cannot be used with --ray: an adapter loaded at run "
+                                           "time would reach one replica only; give each adapter at start as "
+                                           "--adapter NAME=DIR$"):
+        deploy(adapter_root=tmp_path)
+    assert not ray.is_initialized()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death on purpose
