@@ -38,8 +38,15 @@ else:
             worst = max(worst, (a - b).abs().max().item())
             nxt = a[:, -1].argmax(-1)[:, None]
             a, b = whole(nxt, c1, last_only=True), split(nxt, c2, last_only=True)
+        try:  # longer than the context: refused on every rank before any collective; the next call goes on
+            split(torch.zeros(1, 100, dtype=torch.long))
+            refused = False
+        except ValueError:
+            refused = True
+        nxt = a[:, -1].argmax(-1)[:, None]
+        after = (whole(nxt, c1, last_only=True) - split(nxt, c2, last_only=True)).abs().max().item()
     split.close()
-    print(json.dumps({"worst": worst, "scale": a.abs().max().item(),
+    print(json.dumps({"worst": worst, "scale": a.abs().max().item(), "refused": refused, "after": after,
                       "kv_heads": [c1.k[0].shape[1], c2.k[0].shape[1]]}))  # (batch, heads, capacity, dim)
 dist.destroy_process_group()
 """
@@ -54,6 +61,8 @@ def test_split_logits_equal_one_process(tiny_model_dir, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
     assert result["worst"] < 1e-5 and result["scale"] > 0.01
+    assert result["refused"] and result["after"] < 1e-5  # an error on every rank leaves them in step
+    assert "rank 1: forward: ValueError" in proc.stderr  # the follower logged it and went on
     assert result["kv_heads"] == [2, 1]  # each rank caches its own key/value head
 
 
