@@ -285,6 +285,12 @@ static inline __m256i udot2x32(__m256i lo, __m256i a, __m256i hi, __m256i c) {
 #endif
 }
 
+/* c / d for the blocks' group index in the row kernels' loops, d = per group (> 0): a shift
+ * where d is a power of two (every usual group size), as a division would take longer than the
+ * block's products. */
+static inline int group_shift(int d) { return d & (d - 1) ? -1 : __builtin_ctz((unsigned)d); }
+static inline int group_of(int c, int d, int shift) { return shift >= 0 ? c >> shift : c / d; }
+
 /* How far ahead of the codes being read the int4 row kernels fetch: they read row after row
  * of one matrix, one stream, and the hardware prefetcher alone leaves the loads waiting. */
 #define ROW_PREFETCH 16384
@@ -295,7 +301,7 @@ static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq
                                                                 int K, const uint8_t *q, const float *scale,
                                                                 const uint8_t *zero, int G, int U) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    const int pieces = K / 64, per_group = G / 64;
+    const int pieces = K / 64, per_group = G / 64, shift = group_shift(per_group);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
 #define PIECE(c, acc)                                                                                              \
     do {                                                                                                           \
@@ -304,7 +310,7 @@ static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq
         const __m256i d = udot2x32(_mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)x),              \
                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low),                                 \
                                    _mm256_loadu_si256((const __m256i *)(x + U / 2)));                              \
-        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xw + (size_t)(c) * 8), _mm256_set1_ps(scale[(c) / per_group])); \
+        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xw + (size_t)(c) * 8), _mm256_set1_ps(scale[group_of(c, per_group, shift)])); \
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);                                                      \
     } while (0)
     int c = 0;
@@ -325,7 +331,7 @@ static inline __attribute__((always_inline)) float q4_row_units(const int8_t *xq
 static inline float q4_row_units512(const int8_t *xq, const float *xw, const float *gsum, int K, const uint8_t *q,
                                     const float *scale, const uint8_t *zero, int G) {
     const __m512i low = _mm512_set1_epi8(0x0F);
-    const int groups = K / G, per_group = G / 128, units = K / 128;
+    const int groups = K / G, per_group = G / 128, units = K / 128, shift = group_shift(per_group);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
 #define UNIT(u, acc)                                                                                         \
     do {                                                                                                     \
@@ -335,7 +341,7 @@ static inline float q4_row_units512(const int8_t *xq, const float *xw, const flo
                                         _mm512_loadu_si512(xq + (size_t)(u) * 128));                         \
         d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),                           \
                                 _mm512_loadu_si512(xq + (size_t)(u) * 128 + 64));                            \
-        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(xw + (size_t)(u) * 16), _mm512_set1_ps(scale[(u) / per_group])); \
+        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(xw + (size_t)(u) * 16), _mm512_set1_ps(scale[group_of(u, per_group, shift)])); \
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);                                                \
     } while (0)
     int u = 0;
