@@ -210,14 +210,15 @@ def test_each_process_keeps_only_its_stages_and_they_compose_to_the_model(make_m
                                               ("qwen3", {}), ("mixtral", {}), ("gemma3", {})],
                          ids=["llama-tied", "llama-untied", "gpt2", "qwen3", "mixtral", "gemma3"])
 def test_a_process_makes_only_its_stages_with_the_weights_one_process_draws(family, overrides):
-    """build_stage_model on every process of 2 (and of 2 interleaved): its own parameters equal
-    the whole model's from the same seed, the others stay on the meta device (no memory), and
-    the generator ends where building the whole model leaves it."""
+    """build_stage_model on every process of 2 (and of 2 interleaved): its own parameters (and the
+    RoPE tables) equal the whole model's from the same seed, the others stay on the meta device
+    (no memory), and the generator ends where building the whole model leaves it."""
     from tests.conftest import tiny_config
 
     cfg = tiny_config(family, n_layer=4, **overrides)
     torch.manual_seed(7)
-    whole = dict(Transformer(cfg).named_parameters())
+    reference = Transformer(cfg)
+    whole, tables = dict(reference.named_parameters()), dict(reference.named_buffers())
     after = torch.get_rng_state()
     for schedule in ("1f1b", "interleaved"):
         tc = TrainConfig(batch_size=8, parallel="pp", pp_schedule=schedule)
@@ -229,6 +230,8 @@ def test_a_process_makes_only_its_stages_with_the_weights_one_process_draws(fami
             assert torch.equal(torch.get_rng_state(), after)
             mine = {n: p for n, p in model.named_parameters() if not p.is_meta}
             assert mine and all(torch.equal(p, whole[n]) for n, p in mine.items())
+            assert bool(tables) == cfg.uses_rope  # RoPE's tables, where the family has them
+            assert all(torch.equal(b, tables[n]) for n, b in model.named_buffers())
             stages, n_stages = pipeline_parallel.process_stages(tc, ctx)
             pipeline_parallel.keep_stages(model, stages, n_stages)
             assert not any(p.is_meta for p in model.parameters())  # what the stages keep is all real

@@ -155,6 +155,9 @@ def build_stage_model(cfg: ModelConfig, tc: TrainConfig, ctx: PipelineContext, d
     stages, n_stages = process_stages(tc, ctx)
     with torch.device("meta"), _DrawOnScratch():
         model = Transformer(cfg)
+    model.init_rope()  # on the CPU, as one process computes the tables before moving them
+    for name, table in list(model.named_buffers(recurse=False)):
+        setattr(model, name, table.to(device))
     # a tied parameter is made once, under all its names, when any of them is this process's
     mine = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
             if stage_parameter(name, cfg.n_layer, stages, n_stages)}
@@ -166,8 +169,6 @@ def build_stage_model(cfg: ModelConfig, tc: TrainConfig, ctx: PipelineContext, d
                     made[id(param)] = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
                 setattr(module, name, made[id(param)])
     model.reset_parameters()
-    with torch.device(device):
-        model.init_rope()
     return model
 
 
