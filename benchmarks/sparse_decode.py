@@ -15,6 +15,7 @@ file <= 0.6x dense, batch-1 decode >= 1.4x dense, logits equal within float tole
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,26 @@ def cpu_tokens_per_s(model: Transformer, tokens: int, batch: int = 1) -> float:
     for t in range(tokens):
         step_cache(decoder, cache, [(t + 7 * b) % model.config.vocab for b in range(batch)])
     return tokens * batch / (time.thread_time() - start)
+
+
+EMBEDDINGS = ("tok_emb", "embed_tokens")  # lmforge's and the Hugging Face Llama names
+
+
+def file_parts_mb(path: Path) -> dict[str, float]:
+    """MB of a weights file's tensors by part: 2:4 values and indices, the embedding, the lm_head
+    (none where it is tied to the embedding), the rest."""
+    from safetensors import safe_open
+
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
+    parts = dict.fromkeys(("2:4 values", "2:4 indices", "embedding", "lm_head", "dense rest"), 0.0)
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            t = f.get_slice(name)
+            part = ("2:4 values" if name.endswith(".values") else "2:4 indices" if name.endswith(".indices")
+                    else "embedding" if name.split(".")[-2] in EMBEDDINGS else "lm_head" if name.startswith("lm_head")
+                    else "dense rest")
+            parts[part] += math.prod(t.get_shape()) * itemsize[t.get_dtype()] / 1e6
+    return parts
 
 
 @torch.inference_mode()
@@ -103,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         sparse.save(tmp / "dense")
         dense = lmforge.load(tmp / "dense")
         sizes = {name: (tmp / name / WEIGHTS).stat().st_size for name in ("dense", "sparse")}
+        parts = {name: file_parts_mb(tmp / name / WEIGHTS) for name in ("dense", "sparse")}
         print(f"# shape {args.shape}: {params / 1e6:.1f}M parameters ({cfg.n_layer} x {cfg.d_model}, d_ff {cfg.ffn_dim}, "
               f"vocab {cfg.vocab}); batch {args.batch}, {args.tokens} new tokens per sequence per run, median of {args.repeats} interleaved, "
               f"{'CPU time of 1 thread' if args.cpu_time else f'wall time, {torch.get_num_threads()} threads'}")
@@ -119,6 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     print(f"file     dense {sizes['dense'] / 1e6:8.1f} MB  2:4 {sizes['sparse'] / 1e6:8.1f} MB  ratio {file_ratio:.3f}x  "
           f"target <= {TARGETS['file']}x {verdict(file_ratio <= TARGETS['file'])}")
+    d, sp = parts["dense"], parts["sparse"]
+    linears_dense = d["dense rest"] - sp["dense rest"]  # the block linears (the rest: norms)
+    linears_sparse = sp["2:4 values"] + sp["2:4 indices"]
+    print(f"  block linears dense {linears_dense:.1f} MB -> 2:4 {linears_sparse:.1f} MB (values {sp['2:4 values']:.1f}, "
+          f"indices {sp['2:4 indices']:.1f}): {linears_sparse / linears_dense:.3f}x; embedding {d['embedding']:.1f} MB "
+          f"dense in both ({d['embedding'] / (sizes['dense'] / 1e6):.1%} of the dense file), lm_head {d['lm_head']:.1f} / "
+          f"{sp['lm_head']:.1f} MB; "
+          f"rest {sp['dense rest']:.1f} MB")
     print(f"decode   dense {speeds['dense']:8.2f} tok/s  2:4 {speeds['sparse']:8.2f} tok/s  ratio {speed_ratio:.2f}x  "
           f"target >= {speed_target}x {verdict(speed_ratio >= speed_target)}")
     print("where a batch-1 token's time goes (ms per token, one profiled run each):")

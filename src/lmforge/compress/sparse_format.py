@@ -46,7 +46,7 @@ def pack_two_four(weight: torch.Tensor, name: str = "the matrix") -> tuple[torch
 
 
 # The order native/sparse.h reads a row's values in: within each whole block of 32 inputs (16
-# values, one 32-bit index word), each 8 values as [0, 1, 4, 5, 2, 3, 6, 7]. The AVX2 kernel's
+# values, one 32-bit index word), each 8 values as [0, 1, 4, 5, 2, 3, 6, 7]. The row kernel's
 # in-lane permutes pick from one 128-bit half (4 inputs, a group) per lane, so a 256-bit result
 # holds groups 0 and 2 in its low half and 1 and 3 in its high half; the values are stored that
 # way once rather than shuffled back on every read. The last K % 32 inputs stay in input order.

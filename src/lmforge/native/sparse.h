@@ -8,10 +8,10 @@
  * lets AVX2 pick them with in-lane permutes; the last K % 32 inputs' values stay in input order.
  *
  * At batch 1 a matmul streams its weights from memory: 2:4 reads half the values plus an
- * eighth of a byte per input. The positions select the inputs with a permute from the
- * registers that hold the block's inputs (AVX-512: two registers, one permutex2var per 16
- * values; AVX2: two in-lane permutes and a blend per 8), not a gather from memory. The rows'
- * values are prefetched S24_PREFETCH floats ahead: without it the 2:4 rows stream well below
+ * eighth of a byte per input. The positions select the inputs with two in-lane permutes and
+ * a blend per 8 values from the registers that hold the inputs, not a gather from memory.
+ * AVX-512 builds run the same 256-bit row kernel: one 512-bit permutex2var per 16 values
+ * decoded the base shape slower (benchmarks/sparse_decode.py). The rows' values are prefetched S24_PREFETCH floats ahead: without it the 2:4 rows stream well below
  * the bandwidth the dense rows reach (benchmarks/sparse_decode.py).
  *
  * Part of decode.c, included after its batched matmuls (decode_avx512.h or decode_avx2.h): the
@@ -48,40 +48,6 @@ static inline float s24_tail(const float *x, int k, int K, const float *v, const
     return s;
 }
 
-#ifdef __AVX512F__
-/* The 16 inputs (as indices into the 32 at x) that a 32-bit index word selects. */
-static inline __m512i s24_select16(uint32_t word) {
-    /* lane e holds value j = KERNEL_ORDER's e-th of its 8: field j (bits 2j) in group j / 2 */
-    const __m512i shifts = _mm512_set_epi32(30, 28, 22, 20, 26, 24, 18, 16, 14, 12, 6, 4, 10, 8, 2, 0);
-    const __m512i base = _mm512_set_epi32(28, 28, 20, 20, 24, 24, 16, 16, 12, 12, 4, 4, 8, 8, 0, 0);
-    /* (field & 3) | base in one ternary-logic op (base is a multiple of 4: | is +) */
-    return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), shifts), _mm512_set1_epi32(3),
-                                     base, 0xEA);
-}
-
-/* W[n] . x for one 2:4 row (K % 4 == 0). */
-static inline float s24_row(const float *x, int K, const float *v, const uint8_t *idx) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    int k = 0;
-    for (; k + 64 <= K; k += 64) {
-        s24_prefetch(v + k / 2);
-        uint32_t w0, w1;
-        memcpy(&w0, idx + k / 8, 4);
-        memcpy(&w1, idx + k / 8 + 4, 4);
-        __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + k), s24_select16(w0), _mm512_loadu_ps(x + k + 16));
-        __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + k + 32), s24_select16(w1), _mm512_loadu_ps(x + k + 48));
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k / 2), x0, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k / 2 + 16), x1, a1);
-    }
-    for (; k + 32 <= K; k += 32) {
-        uint32_t w0;
-        memcpy(&w0, idx + k / 8, 4);
-        __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + k), s24_select16(w0), _mm512_loadu_ps(x + k + 16));
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k / 2), x0, a0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + s24_tail(x, k, K, v, idx);
-}
-#else
 /* The 8 values' inputs of 16 (x, groups 0-3) whose fields are the ones `fields` has at bits
  * [1:0] of each lane (in KERNEL_ORDER: lanes 0, 1 and 4, 5 from groups 0 and 1 in x's low and
  * high halves, lanes 2, 3 and 6, 7 from groups 2 and 3 in x + 8's). vpermilps reads only those
@@ -119,7 +85,6 @@ static inline float s24_row(const float *x, int K, const float *v, const uint8_t
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + s24_tail(x, k, K, v, idx);
 }
-#endif
 
 /* Batches. At 4 sequences or fewer the row kernel above runs once per (row, sequence): each
  * sequence redoes a row's permutes, which still beats the dense tiles' FMAs on the zeros. From
