@@ -78,8 +78,9 @@ def test_the_llama_forward_runs_the_kernels_and_they_change_rounding_only(make_m
     monkeypatch.setattr(fused, "kernels", lambda: Counting())
     with torch.inference_mode():
         chunked = prefill(model, ids, model.new_cache(1, 64), chunk=16, all_logits=True)
-    n = model.config.n_layer
-    assert calls == {"rmsnorm_rows": 3 * (2 * n + 1), "rope_rows": 3 * n, "silu_mul_rows": 3 * n}
+    n, kv = model.config.n_layer, model.config.kv_heads
+    assert calls == {"rmsnorm_rows": 3 * (2 * n + 1), "rope_rows": 3 * n, "silu_mul_rows": 3 * n,
+                     "causal_softmax_rows": 3 * n * kv}  # one block of 16 queries per KV head
     torch.testing.assert_close(chunked, plain, atol=2e-5, rtol=1e-4)
     monkeypatch.setattr(fused, "kernels", lambda: None)
     with torch.inference_mode():
@@ -187,7 +188,8 @@ def test_a_chunk_mask_after_a_cached_prefix_becomes_causal_after(make_model):
 
 
 @pytest.mark.parametrize("scale", [None, 0.2])
-def test_causal_after_attention_equals_sdpa_with_the_mask(scale):
+def test_causal_after_attention_without_the_kernels_equals_sdpa_with_the_mask(monkeypatch, scale):
+    monkeypatch.setattr(fused, "kernels", lambda: None)  # the two flash calls merged
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(2, 6, 9, 16, generator=g), torch.randn(2, 2, 30, 16, generator=g), torch.randn(2, 2, 30, 16, generator=g)
     shape = fused.CausalAfter(21)
@@ -214,3 +216,19 @@ def test_linear_through_onednn_equals_the_layer_and_keeps_hooks():
         out = fused.linear(layer, x)
         out.sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("start,T", [(0, 45), (21, 30), (40, 1)])
+@pytest.mark.parametrize("scale", [None, 0.2])
+def test_blocked_causal_attention_equals_sdpa(lib, monkeypatch, start, T, scale):
+    """Blocks of 16 queries (a last one short), 6 query heads over 2 KV heads, two rows."""
+    monkeypatch.setattr(fused, "ATTENTION_BLOCK", 16)
+    g = torch.Generator().manual_seed(start + T)
+    q = torch.randn(2, 6, T, 24, generator=g) * 2
+    k, v = torch.randn(2, 2, start + T, 24, generator=g) * 2, torch.randn(2, 2, start + T, 24, generator=g)
+    mask = fused.CausalAfter(start).dense(T, "cpu")
+    with torch.inference_mode():
+        y = fused.attention(q, k, v, fused.CausalAfter(start) if start else None, start == 0, 0.0, True, scale)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=scale)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert y.transpose(1, 2).is_contiguous()  # (B, T, h, d) in memory: the output projection's input as it is

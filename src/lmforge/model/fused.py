@@ -16,10 +16,12 @@ throughput on this project's AVX-512 machine).
 `enabled(x)` says where they apply; elsewhere (training, a GPU, bf16, tracing for export,
 no C compiler) the model runs PyTorch's ops, which the kernels equal to fp32 rounding.
 
-Attention for a chunk of a prompt after the chunks before it (`CausalAfter`) needs a mask
-for SDPA, which then computes every query against every key; here it is two calls of the
-flash kernel instead, the earlier keys unmasked and the chunk's own keys causal, merged by
-their log-sum-exps, so the masked half is skipped as in a single causal forward.
+Causal attention (a whole prompt, or a chunk of one after the chunks before it:
+`CausalAfter`, which SDPA would need a dense mask for, and then compute every query against
+every key) runs per block of queries as two oneDNN matmuls around the causal softmax kernel,
+each block against the keys up to its last query only. Without the kernels a `CausalAfter`
+chunk is two calls of PyTorch's flash kernel, the earlier keys unmasked and the chunk's own
+keys causal, merged by their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ SIGNATURES = {
     "rmsnorm_rows": ([_p, _p, _p, _p, _p, _i64, _i, _f, _i], None),
     "rope_rows": ([_p, _i64, _i64, _i64, _i64, _i, _i, _p, _p, _i64, _i], None),
     "silu_mul_rows": ([_p, _p, _i64, _i, _i], None),
+    "causal_softmax_rows": ([_p, _i64, _i64, _i64, _i64, _i64, _f, _i], None),
 }
+ATTENTION_BLOCK = 128  # queries per block: a block's scores against all keys stay in the cache
 
 
 def kernels() -> ctypes.CDLL | None:
@@ -164,7 +168,11 @@ def causal_after(mask: torch.Tensor | None, T: int) -> CausalAfter | None:
 
 
 def attention(q, k, v, mask, is_causal: bool, dropout: float, enable_gqa: bool, scale: float | None) -> torch.Tensor:
-    """SDPA, with a `CausalAfter` mask as two flash calls merged by their log-sum-exps."""
+    """SDPA; causal attention in blocks through oneDNN where it applies, a `CausalAfter` mask
+    otherwise as two flash calls merged by their log-sum-exps."""
+    start = mask.start if isinstance(mask, CausalAfter) else 0 if is_causal and mask is None else None
+    if start is not None and dropout == 0.0 and ONEDNN_LINEAR and enabled(q, k, v) and (scale is None or scale > 0):
+        return blocked_causal_attention(q, k, v, start, scale)
     if not isinstance(mask, CausalAfter):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                               enable_gqa=enable_gqa, scale=scale)
@@ -175,3 +183,32 @@ def attention(q, k, v, mask, is_causal: bool, dropout: float, enable_gqa: bool, 
     lse = torch.logaddexp(lse_before, lse_own)
     weight_before, weight_own = (lse_before - lse).exp_().unsqueeze(-1), (lse_own - lse).exp_().unsqueeze(-1)
     return before.mul_(weight_before.to(before.dtype)).addcmul_(own, weight_own.to(own.dtype))
+
+
+def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                             scale: float | None) -> torch.Tensor:
+    """Attention of queries (B, h, T, d) placed after `start` cached tokens to keys and values
+    (B, kv, start + T, d), query i seeing keys 0..start+i; (B, h, T, d), laid out as (B, T, h, d)
+    in memory (what the output projection reads). Per batch row, KV head and block of queries,
+    the group's query heads together: scores by one matmul, the causal softmax in place, one
+    matmul with the values."""
+    B, h, T, d = q.shape
+    kv = k.shape[1]
+    group = h // kv
+    scale = scale if scale is not None else d ** -0.5
+    lib = kernels()
+    onednn = torch.ops.mkldnn._linear_pointwise
+    y = q.new_empty(B, T, h, d).transpose(1, 2)
+    for b in range(B):
+        for g in range(kv):
+            keys, values = k[b, g].contiguous(), v[b, g]
+            heads = slice(g * group, (g + 1) * group)
+            for i in range(0, T, ATTENTION_BLOCK):
+                n = min(ATTENTION_BLOCK, T - i)
+                cols = start + i + n  # the keys this block's last query sees
+                scores = onednn(q[b, heads, i:i + n].reshape(group * n, d), keys[:cols], None, "none", [], "")
+                lib.causal_softmax_rows(scores.data_ptr(), group * n, n, cols, cols, start + i, scale,
+                                        _threads(scores.numel()))
+                out = onednn(scores, values[:cols].T.contiguous(), None, "none", [], "")
+                y[b, heads, i:i + n] = out.view(group, n, d)
+    return y

@@ -34,6 +34,8 @@ static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 static inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vfmsub(vec a, vec b, vec c) { return _mm512_fmsub_ps(a, b, c); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline float vmaxall(vec v) { return _mm512_reduce_max_ps(v); }
 /* e^x: x = n ln2 + r, e^r by a degree-6 polynomial, times 2^n by scalef (inputs clamped to
  * +-88, where fp32 ends). */
 static inline vec vexp(vec x) {
@@ -67,6 +69,13 @@ static inline float vsum(vec v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline float vmaxall(vec v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
 }
 static inline vec vexp(vec x) {
     x = _mm256_min_ps(_mm256_max_ps(x, vset1(-87.0f)), vset1(88.0f));
@@ -153,6 +162,42 @@ void rope_rows(float *x, int64_t batch, int64_t tokens, int64_t x_batch, int64_t
                 }
             }
         }
+    }
+}
+
+/* Causal softmax over query blocks of attention scores (rows, cols), row stride `ld`: the
+ * rows are `heads` runs of n queries; query i of a run sees its first first_limit + i + 1
+ * columns, whose scaled scores become their softmax in place; the columns after are zeroed
+ * (the matmul with the values that follows reads whole rows). */
+void causal_softmax_rows(float *scores, int64_t rows, int64_t n, int64_t ld, int64_t cols, int64_t first_limit,
+                         float scale, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = scores + r * ld;
+        int64_t limit = first_limit + r % n + 1;
+        if (limit > cols) limit = cols;
+        vec m8 = vset1(-INFINITY);
+        int64_t j = 0;
+        for (; j + VW <= limit; j += VW) m8 = vmax(m8, vload(x + j));
+        float top = vmaxall(m8);
+        for (; j < limit; j++) top = x[j] > top ? x[j] : top;
+        const vec shift = vset1(top * scale), sc = vset1(scale);
+        vec s8 = vzero();
+        for (j = 0; j + VW <= limit; j += VW) {
+            const vec e = vexp(vfmsub(vload(x + j), sc, shift));
+            vstore(x + j, e);
+            s8 = vadd(s8, e);
+        }
+        float sum = vsum(s8);
+        for (; j < limit; j++) {
+            const float e = expf(x[j] * scale - top * scale);
+            x[j] = e;
+            sum += e;
+        }
+        const vec inv = vset1(1.0f / sum);
+        for (j = 0; j + VW <= limit; j += VW) vstore(x + j, vmul(vload(x + j), inv));
+        for (; j < limit; j++) x[j] *= 1.0f / sum;
+        for (; j < cols; j++) x[j] = 0.0f;
     }
 }
 
