@@ -175,19 +175,20 @@ def test_the_batched_tiles_give_the_reference_logits_for_every_batch_size(make_m
             assert rel(got, want) <= max(1.5 * rel(ref, want), 0.01), batch
 
 
-@pytest.mark.parametrize("group", [64, 128])
-def test_batch_one_int4_decode_stays_within_the_reference_paths_error(make_model, lib, group):
+@pytest.mark.parametrize(("group", "d_model", "vocab"), [(64, 256, 331), (128, 256, 331), (128, 512, 32000)])
+def test_batch_one_int4_decode_stays_within_the_reference_paths_error(make_model, lib, group, d_model, vocab):
     """At batch 1 the AVX2 and AVX-512-without-VNNI builds decode int4 with the row kernel, which
-    reads the activations interleaved by 64 or 128 columns (the VNNI build takes its tiles for a
-    model this small; its row kernel runs in the reference path's one-row matmuls, checked
-    exactly above): the logits are as close to the fp32 model with the dequantized weights as
-    the reference path's, which quantizes the activations the same way (one rounding that
-    differs in an early layer moves the logits of a random model by ~2%, so not equal ones)."""
-    base = make_model("llama", vocab_size=331, d_model=256, n_head=4, n_kv_head=2, d_ff=384, context=32,
+    reads the activations interleaved by 64 or 128 columns; the VNNI build takes its tiles for the
+    smallest models and the row kernel above 8 MiB of int4 weights (512 x 32000 vocabulary: 9.1 MiB).
+    The logits are as close to the fp32 model with the dequantized weights as the reference
+    path's, which quantizes the activations the same way (one rounding that differs in an early
+    layer moves the logits of a random model by ~2%, so not equal ones)."""
+    base = make_model("llama", vocab_size=vocab, d_model=d_model, n_head=4, n_kv_head=2, d_ff=384, context=32,
                       init_std=0.1)
     model = quantize_model(copy.deepcopy(base), "int4", group, log=lambda *a: None)
-    tokens = inputs(1, 331, steps=4)
+    tokens = inputs(1, vocab, steps=4)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     want = decode_logits(dequantized(base, model), tokens, native_path=False)
     got = decode_logits(model, tokens, native_path=True)
-    assert rel(got, want) <= 1.5 * rel(decode_logits(model, tokens, native_path=False), want)
+    # the reference path's one-row matmuls run the same row kernel: a bound of its own as well
+    assert rel(got, want) <= min(1.5 * rel(decode_logits(model, tokens, native_path=False), want), 0.05)

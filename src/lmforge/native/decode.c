@@ -463,7 +463,8 @@ static void rope_and_cache(const Model *m, const Layer *L, const Rows *r, Work *
     }
 }
 
-static size_t lowbit_bytes(const Linear *L) { return L->kind == F32 || L->kind == S24 ? 0 : (size_t)L->N * L->K * L->kind / 8; }
+/* Bytes of L's weights where it is of `kind` (Q8 or Q4), else 0. */
+static size_t lowbit_bytes(const Linear *L, int kind) { return L->kind == kind ? (size_t)L->N * L->K * kind / 8 : 0; }
 
 /* Each row's experts: a softmax over its router logits, the top_k most probable (renormalized
  * to sum to 1 with norm_topk), then the (row, choice) pairs grouped by expert, rows in order
@@ -542,24 +543,35 @@ static long cache_bytes(void) {
     return largest > 0 ? largest : 32L << 20;
 }
 
+/* Bytes of the model's weights of `kind` (Q8 or Q4). */
+static size_t model_bytes(const Model *m, int kind) {
+    size_t total = lowbit_bytes(&m->lm_head, kind);
+    for (int l = 0; l < m->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        total += lowbit_bytes(&L->qkv, kind) + lowbit_bytes(&L->proj, kind) + lowbit_bytes(&L->up, kind) +
+                 lowbit_bytes(&L->down, kind);
+        if (L->experts)
+            for (int e = 0; e < 2 * m->n_experts; e++) total += lowbit_bytes(&L->experts[e], kind);
+        total += lowbit_bytes(&L->shared_up, kind) + lowbit_bytes(&L->shared_down, kind);
+    }
+    return total;
+}
+
 /* Whether the int8/int4 matmuls take the four-row tiles. A batch does: each weight row then
- * serves several sequences. At batch 1 the tile's 512-bit products beat the row kernel
- * (lowbit_row) while the quantized weights stay in the last-level cache, where a small model's
- * row-kernel int4 step was slower than its fp32 one; once they stream from memory the row
- * kernel's one sequential stream reads faster (benchmarks/quant_decode_sizes.py). */
+ * serves several sequences. At batch 1 the tile's 512-bit products beat the int8 row kernel
+ * (lowbit_row) while the quantized weights stay in the last-level cache; once they stream
+ * from memory the row kernel's one sequential stream reads faster. The int4 row kernel, on
+ * its interleaved activations, beats the tile in the cache too, except on the smallest models
+ * (up to INT4_TILE_MAX_BYTES of int4 weights), where a step is short enough for the per-row
+ * work (a reduction and the zero points per row, against one per four in the tile) to weigh
+ * (benchmarks/quant_decode_sizes.py measures the sizes). */
+#define INT4_TILE_MAX_BYTES ((size_t)8 << 20)
 static int lowbit_tiles_pay(const Model *m, int B) {
     static long cache = 0; /* the same for every caller: a racing first write is harmless */
     if (B >= 4) return 1;
     if (cache == 0) cache = cache_bytes();
-    size_t total = lowbit_bytes(&m->lm_head);
-    for (int l = 0; l < m->n_layer; l++) {
-        const Layer *L = &m->layers[l];
-        total += lowbit_bytes(&L->qkv) + lowbit_bytes(&L->proj) + lowbit_bytes(&L->up) + lowbit_bytes(&L->down);
-        if (L->experts)
-            for (int e = 0; e < 2 * m->n_experts; e++) total += lowbit_bytes(&L->experts[e]);
-        total += lowbit_bytes(&L->shared_up) + lowbit_bytes(&L->shared_down);
-    }
-    return total <= (size_t)cache;
+    const size_t q4 = model_bytes(m, Q4);
+    return model_bytes(m, Q8) + q4 <= (size_t)cache && q4 <= INT4_TILE_MAX_BYTES;
 }
 
 /* One step for the B rows described by `r`: logits (B, vocab). `threads` <= 0: OpenMP's default. */
