@@ -190,6 +190,7 @@ def load_quantized(folder: Path, hf_config: dict[str, Any], device: str | torch.
     tensors = read_sealed_tensors(folder, key) if (folder / ENCRYPTION_FILE).is_file() else read_tensors(weight_files(folder))
     reader = compressed_tensors_state if qconfig.get("quant_method") == ecosystem.QUANT_METHOD else native_state
     cfg, qcfg, state, plain = reader(folder, hf_config, tensors)
+    del tensors  # the file's own tensors (packed words, a tied embedding's stored copy) go before the model is built
     model = build_quantized(cfg, qcfg, plain)
     expected = model.state_dict()
     if cfg.tie_embeddings and "lm_head" not in plain:

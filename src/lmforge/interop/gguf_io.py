@@ -235,7 +235,7 @@ def _encode(data: np.ndarray, kind: str):
     from lmforge.interop.gguf_quants import quantize_q4_k, quantize_q6_k
 
     if kind == "f32":
-        return data.astype(np.float32), None
+        return np.asarray(data, dtype=np.float32), None  # the model's own tensor where it is f32 already
     if kind == "f16":
         return data.astype(np.float16), None
     ggml = gguf.GGMLQuantizationType[kind.upper()]
