@@ -68,10 +68,15 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
 
 
+def _tracing() -> bool:
+    """Whether the model is being traced, compiled or exported (its graph must stay PyTorch's ops)."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 def inference(*tensors: torch.Tensor) -> bool:
     """Plain fp32 CPU tensors, autograd off, nothing tracing or compiling the model."""
-    return (not torch.is_grad_enabled() and all(_plain(t) for t in tensors)
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()))
+    return not torch.is_grad_enabled() and all(_plain(t) for t in tensors) and not _tracing()
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
@@ -159,8 +164,9 @@ class CausalAfter:
 
 def causal_after(mask: torch.Tensor | None, T: int) -> CausalAfter | None:
     """`mask` (b, 1, T, S) as a `CausalAfter` when that is exactly what it says and the flash
-    kernel can take it (autograd off, CPU); None otherwise."""
+    kernel can take it (autograd off, CPU, nothing tracing); None otherwise."""
     if (mask is None or T < 2 or mask.dtype != torch.bool or mask.device.type != "cpu" or torch.is_grad_enabled()
+            or _tracing()
             or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != T or mask.shape[3] <= T):
         return None
     shape = CausalAfter(mask.shape[3] - T)
