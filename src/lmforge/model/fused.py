@@ -1,17 +1,16 @@
-"""The forward without autograd, with the elementwise work around the matmuls fused.
+"""The forward without autograd on the CPU in fp32 (a prefill, scoring): faster ops, same math.
 
-A long prompt's prefill spends most of its time in matmuls and attention; what PyTorch runs
+A long prompt's prefill spends its time in matmuls and attention, and what PyTorch runs
 between them (RMSNorm, RoPE, SwiGLU, residual adds) streams each (tokens, width) tensor
-several times over. With autograd off, on the CPU, in fp32, `model.transformer` hands that work
-to the one-pass kernels of `lmforge/native/prefill.c`:
+several times over. With autograd off, on the CPU, in fp32, `lmforge.model.transformer` hands
+that work to the one-pass kernels of `lmforge/native/prefill.c`:
 
 - `rms_norm` and `add_rms_norm` (the residual add folded into the norm after it);
 - `rope_` rotates the queries and keys in place inside the fused qkv projection's output;
 - `silu_mul`: SwiGLU's silu(gate) * up from the fused gate/up projection's output.
 
 `linear` runs a plain `nn.Linear` through oneDNN rather than the BLAS PyTorch calls for
-fp32 (MKL, which on AMD CPUs runs its AVX2 code where oneDNN uses AVX-512: about twice the
-throughput on this project's AVX-512 machine).
+fp32 (MKL, which on AMD CPUs runs its AVX2 code where oneDNN runs AVX-512).
 
 `enabled(x)` says where they apply; elsewhere (training, a GPU, bf16, tracing for export,
 no C compiler) the model runs PyTorch's ops, which the kernels equal to fp32 rounding.

@@ -8,7 +8,9 @@
  * - rmsnorm_rows: y = w * (s / rms(s)), with s = x, or s = x + res written out too (the
  *   residual add folded into the norm that follows it);
  * - rope_rows: queries and keys rotated in place inside the fused qkv projection's output;
- * - silu_mul_rows: silu(gate) * up from the fused gate/up projection's output.
+ * - silu_mul_rows: silu(gate) * up from the fused gate/up projection's output;
+ * - causal_softmax_rows: the softmax of a block of attention scores, each query's row up to
+ *   its own position, between the two matmuls of blocked causal attention.
  *
  * fp32 only. The same code is 16 floats wide where the build targets AVX-512 and 8 wide
  * where it targets AVX2 (LMFORGE_NATIVE_ARCH=haswell builds that one anywhere); without
