@@ -19,9 +19,7 @@
 #include <omp.h>
 #include <stdint.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "kernels.h"
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -66,34 +64,10 @@ static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 static inline vec vfmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vfmsub(vec a, vec b, vec c) { return _mm256_fmsub_ps(a, b, c); }
-static inline float vsum(vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static inline float vsum(vec v) { return hsum(v); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-static inline float vmaxall(vec v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-static inline vec vexp(vec x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, vset1(-87.0f)), vset1(88.0f));
-    const vec n = _mm256_round_ps(vmul(x, vset1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    vec p = vset1(1.0f / 720);
-    p = vfmadd(p, r, vset1(1.0f / 120));
-    p = vfmadd(p, r, vset1(1.0f / 24));
-    p = vfmadd(p, r, vset1(1.0f / 6));
-    p = vfmadd(p, r, vset1(0.5f));
-    p = vfmadd(p, r, vset1(1.0f));
-    p = vfmadd(p, r, vset1(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return vmul(p, _mm256_castsi256_ps(e));
-}
+static inline float vmaxall(vec v) { return hmax(v); }
+static inline vec vexp(vec x) { return exp8(x); }
 #endif
 
 /* 512 (AVX-512), 256 (AVX2) or 0: the vector width in bits this build runs, 0 for none. */
