@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge import native
 from lmforge.config import MOE_FAMILIES, DataConfig, ModelConfig, TokenizerConfig, deep_merge, load_recipe
 from lmforge.data.prepare import prepare
 from lmforge.data.tokenizer import TextTokenizer
@@ -146,3 +147,20 @@ def cli(tmp_path):
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """`use_kernels(arch)`: the native kernels built for -march=arch, in place of the default ones
+    for this test (how the tests run the AVX2 build on an AVX-512 machine)."""
+
+    def use(arch: str):
+        if "avx2" not in open("/proc/cpuinfo").read():
+            pytest.fail("the native kernels need an x86 CPU with AVX2")
+        path = native.build(arch)
+        assert path is not None, f"the kernels did not build for -march={arch}"
+        loaded = native.load(path)
+        monkeypatch.setattr(native, "kernels", lambda: loaded)
+        return loaded
+
+    return use

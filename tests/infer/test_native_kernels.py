@@ -30,14 +30,9 @@ def build(request) -> str:
 
 
 @pytest.fixture
-def lib(build, monkeypatch):
+def lib(build, use_kernels, monkeypatch):
     """The kernels built for `build`, in place of the default ones for this test."""
-    if "avx2" not in open("/proc/cpuinfo").read():
-        pytest.fail("the native kernels need an x86 CPU with AVX2")
-    path = native.build(build)
-    assert path is not None, f"the kernels did not build for -march={build}"
-    loaded = native.load(path)
-    monkeypatch.setattr(native, "kernels", lambda: loaded)
+    loaded = use_kernels(build)
     # the integer kernels at every batch size (a small model's batches otherwise run on fp32 copies)
     monkeypatch.setattr("lmforge.infer.native_decode.DEQUANTIZE_MAX_MIB", {})
     return loaded

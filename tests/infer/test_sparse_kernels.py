@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import native
 from lmforge.compress.prune import prune_mask, prune_model, run_prune
 from lmforge.compress.sparse import mark_two_four
 from lmforge.compress.sparse_format import SPARSE_ATTR
@@ -24,13 +23,8 @@ BUILDS = ["native", "haswell"]
 
 
 @pytest.fixture(params=BUILDS)
-def lib(request, monkeypatch):
-    if "avx2" not in open("/proc/cpuinfo").read():
-        pytest.fail("the native kernels need an x86 CPU with AVX2")
-    path = native.build(request.param)
-    assert path is not None, f"the kernels did not build for -march={request.param}"
-    loaded = native.load(path)
-    monkeypatch.setattr(native, "kernels", lambda: loaded)
+def lib(request, use_kernels):
+    loaded = use_kernels(request.param)
     if request.param == "haswell":
         assert abi.isa(loaded) == "avx2"
     return loaded

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge import native
 from lmforge.config import Family
 from lmforge.infer.chunked_prefill import prefill
 from lmforge.model import fused
@@ -33,14 +32,9 @@ def plain_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(params=["native", "haswell"])
-def lib(request, monkeypatch):
+def lib(request, use_kernels):
     """The kernels built for -march=<param>, in place of the default ones for this test."""
-    if "avx2" not in open("/proc/cpuinfo").read():
-        pytest.fail("the native kernels need an x86 CPU with AVX2")
-    path = native.build(request.param)
-    assert path is not None, f"the kernels did not build for -march={request.param}"
-    loaded = native.load(path)
-    monkeypatch.setattr(native, "kernels", lambda: loaded)
+    loaded = use_kernels(request.param)
     assert fused.kernels() is loaded
     assert loaded.prefill_supported() == (256 if request.param == "haswell" else
                                           512 if "avx512f" in open("/proc/cpuinfo").read() else 256)
