@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import lmforge
 from lmforge import native
+from lmforge.compress import qlinear
 from lmforge.compress.qlinear import (
     DynamicInt8Linear, QuantizedLinear, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
     unpack_int4,
@@ -79,6 +80,30 @@ def test_kernel_matches_matmul_on_the_dequantized_weight(bits, rows, inputs, gro
     assert got.shape == (2, rows, 37)
     # The decode kernel quantizes activations in blocks of 32: about 0.5% relative error.
     assert ((got - expected).norm() / expected.norm()).item() < 0.02
+
+
+def test_many_rows_in_inference_share_one_dequantization_buffer_and_keep_their_outputs(monkeypatch):
+    """Above DEQUANT_ROWS rows with autograd off, each layer dequantizes into one reused buffer:
+    layers of different shapes in turn give what their own dequantized weights give, an earlier
+    output is not changed by a later layer, and a weight above the cap takes its own allocation."""
+    torch.manual_seed(0)
+    layers = [QuantizedLinear.from_float(nn.Linear(k, n), bits, 64) for k, n, bits in
+              [(256, 96, 8), (128, 300, 4), (256, 96, 4), (384, 40, 8)]]
+    xs = [torch.randn(3, 9, layer.in_features) for layer in layers]  # 27 rows: the dequantized path
+    expected = [F.linear(x, layer.dequantize(), layer.bias) for layer, x in zip(layers, xs)]
+    with torch.no_grad():
+        got = [layer(x) for layer, x in zip(layers, xs)]
+        buffer = qlinear._reused.buffer
+        assert buffer.numel() == max(layer.in_features * layer.out_features for layer in layers)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            assert g.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        monkeypatch.setattr(qlinear, "REUSED_BUFFER_MAX_BYTES", 4 * 96 * 256 - 1)
+        torch.testing.assert_close(layers[0](xs[0]), expected[0], rtol=1e-5, atol=1e-5)
+    # with autograd on, the weight the matmul saves for backward is the layer's own
+    x = xs[1].clone().requires_grad_()
+    layers[1](x).sum().backward()
+    torch.testing.assert_close(x.grad, layers[1].dequantize().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
 
 
 def test_without_the_native_kernels_the_layer_falls_back_to_a_plain_matmul(monkeypatch):

@@ -16,6 +16,7 @@ dequantized weight, so `int8`/`int4` switch to that above `DEQUANT_ROWS` rows.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from lmforge import native
 from lmforge.errors import LmforgeError
+from lmforge.native import onednn
 
 STORED_METHODS = ("int8", "int4", "w8a8")  # gptq is stored as int4
 DEQUANT_ROWS = 16  # above this many rows a BLAS matmul on the dequantized weight wins (lowbit_kernels.py)
@@ -183,7 +185,7 @@ class QuantizedLinear(nn.Module):
         if (lib is None or rows.shape[0] > DEQUANT_ROWS or self.in_features % CHUNK
                 or x.dtype != torch.float32 or x.device.type != "cpu"
                 or (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
-            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return self._dequantized_forward(x, lib)
         rows = rows.contiguous()
         M, K, N = rows.shape[0], self.in_features, self.out_features
         y = torch.empty(M, N)
@@ -191,9 +193,38 @@ class QuantizedLinear(nn.Module):
                     native.ptr(self.zeros), self.group_size, N, native.ptr(self.bias), native.ptr(y))
         return y.reshape(*lead, N)
 
+    def _dequantized_forward(self, x: torch.Tensor, lib) -> torch.Tensor:
+        """`x` through the dequantized weight. In inference the weight is dequantized into a
+        buffer reused from layer to layer (a fresh allocation of its size costs the kernel's page
+        faults and zeroing, several times the dequantization itself), which nothing can keep:
+        autograd is off, and the matmul's output is a new tensor."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if lib is not None and onednn.inference(x, self.scales) and self.qweight.device.type == "cpu":
+            w = _reused_weight_buffer(self.out_features, self.in_features)
+            if w is not None:
+                lib.dequant(self.bits, native.ptr(self.qweight), native.ptr(self.scales), native.ptr(self.zeros),
+                            self.group_size, self.out_features, self.in_features, native.ptr(w))
+                return onednn.matmul(x, w, bias)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+REUSED_BUFFER_MAX_BYTES = 256 << 20  # larger weights (a quantized output layer) take a fresh allocation
+_reused = threading.local()
+
+
+def _reused_weight_buffer(rows: int, cols: int) -> torch.Tensor | None:
+    """This thread's fp32 scratch matrix (rows, cols), grown as needed; None above the cap."""
+    need = rows * cols
+    if 4 * need > REUSED_BUFFER_MAX_BYTES:
+        return None
+    buffer = getattr(_reused, "buffer", None)
+    if buffer is None or buffer.numel() < need:
+        buffer = _reused.buffer = torch.empty(need)
+    return buffer[:need].view(rows, cols)
 
 
 class DynamicInt8Linear(nn.Module):

@@ -9,8 +9,7 @@ that work to the one-pass kernels of `lmforge/native/prefill.c`:
 - `rope_` rotates the queries and keys in place inside the fused qkv projection's output;
 - `silu_mul`: SwiGLU's silu(gate) * up from the fused gate/up projection's output.
 
-`linear` runs a plain `nn.Linear` through oneDNN rather than the BLAS PyTorch calls for
-fp32 (MKL, which on AMD CPUs runs its AVX2 code where oneDNN runs AVX-512).
+`linear` runs a plain `nn.Linear` through oneDNN's matmul (`lmforge.native.onednn`).
 
 `enabled(x)` says where they apply; elsewhere (training, a GPU, bf16, tracing for export,
 no C compiler) the model runs PyTorch's ops, which the kernels equal to fp32 rounding.
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
 from lmforge import native
+from lmforge.native import onednn
 
 PARALLEL_MIN = 1 << 16  # elements below which one thread beats starting the team
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -63,41 +63,18 @@ def kernels() -> ctypes.CDLL | None:
     return lib if lib._prefill_width else None
 
 
-def _plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-
-
-def _tracing() -> bool:
-    """Whether the model is being traced, compiled or exported (its graph must stay PyTorch's ops)."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
-
-
-def inference(*tensors: torch.Tensor) -> bool:
-    """Plain fp32 CPU tensors, autograd off, nothing tracing or compiling the model."""
-    return not torch.is_grad_enabled() and all(_plain(t) for t in tensors) and not _tracing()
-
-
 def enabled(*tensors: torch.Tensor) -> bool:
-    """Whether the native kernels apply to these tensors (`inference`, and the kernels built)."""
-    return inference(*tensors) and kernels() is not None
-
-
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-ONEDNN_LINEAR = _onednn_linear_available()
+    """Whether the native kernels apply to these tensors (`onednn.inference`: autograd off, plain fp32 CPU tensors, nothing tracing; and the kernels built)."""
+    return onednn.inference(*tensors) and kernels() is not None
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; for a plain `nn.Linear` without hooks (a LoRA or calibration hook, a
     quantized or sharded layer all keep their own forward) through oneDNN's matmul."""
-    if (ONEDNN_LINEAR and type(layer) is nn.Linear and inference(x, layer.weight)
+    if (type(layer) is nn.Linear
             and not (layer._forward_hooks or layer._forward_pre_hooks
-                     or _module._global_forward_hooks or _module._global_forward_pre_hooks)
-            and (layer.bias is None or _plain(layer.bias))):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+                     or _module._global_forward_hooks or _module._global_forward_pre_hooks)):
+        return onednn.matmul(x, layer.weight, layer.bias)
     return layer(x)
 
 
@@ -165,7 +142,7 @@ def causal_after(mask: torch.Tensor | None, T: int) -> CausalAfter | None:
     """`mask` (b, 1, T, S) as a `CausalAfter` when that is exactly what it says and the flash
     kernel can take it (autograd off, CPU, nothing tracing); None otherwise."""
     if (mask is None or T < 2 or mask.dtype != torch.bool or mask.device.type != "cpu" or torch.is_grad_enabled()
-            or _tracing()
+            or onednn.tracing()
             or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != T or mask.shape[3] <= T):
         return None
     shape = CausalAfter(mask.shape[3] - T)
@@ -176,7 +153,7 @@ def attention(q, k, v, mask, is_causal: bool, dropout: float, enable_gqa: bool, 
     """SDPA; causal attention in blocks through oneDNN where it applies, a `CausalAfter` mask
     otherwise as two flash calls merged by their log-sum-exps."""
     start = mask.start if isinstance(mask, CausalAfter) else 0 if is_causal and mask is None else None
-    if start is not None and dropout == 0.0 and ONEDNN_LINEAR and enabled(q, k, v) and (scale is None or scale > 0):
+    if start is not None and dropout == 0.0 and onednn.AVAILABLE and enabled(q, k, v) and (scale is None or scale > 0):
         return blocked_causal_attention(q, k, v, start, scale)
     if not isinstance(mask, CausalAfter):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
@@ -202,7 +179,7 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     group = h // kv
     scale = scale if scale is not None else d ** -0.5
     lib = kernels()
-    onednn = torch.ops.mkldnn._linear_pointwise
+    mm = torch.ops.mkldnn._linear_pointwise
     y = q.new_empty(B, T, h, d).transpose(1, 2)
     for b in range(B):
         for g in range(kv):
@@ -211,9 +188,9 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             for i in range(0, T, ATTENTION_BLOCK):
                 n = min(ATTENTION_BLOCK, T - i)
                 cols = start + i + n  # the keys this block's last query sees
-                scores = onednn(q[b, heads, i:i + n].reshape(group * n, d), keys[:cols], None, "none", [], "")
+                scores = mm(q[b, heads, i:i + n].reshape(group * n, d), keys[:cols], None, "none", [], "")
                 lib.causal_softmax_rows(scores.data_ptr(), group * n, n, cols, cols, start + i, scale,
                                         _threads(scores.numel()))
-                out = onednn(scores, values[:cols].T.contiguous(), None, "none", [], "")
+                out = mm(scores, values[:cols].T.contiguous(), None, "none", [], "")
                 y[b, heads, i:i + n] = out.view(group, n, d)
     return y
