@@ -65,14 +65,17 @@ def wait_for_replicas(check, what: str, seconds: float = 180) -> set[str]:
     return ids
 
 
-def stop_engine_thread(_replica_actor=None, before_it_wakes=lambda engine: None) -> bool:
-    """Runs inside a replica's process (through Ray's `__ray_call__`): the engine's thread dies of an
-    exception its error handler does not catch, as a thread does of a fatal error. True once it is dead."""
+def stop_engine_thread(_replica_actor=None, before_it_wakes=lambda engine: None, engine=None) -> bool:
+    """Runs inside a replica's process (through Ray's `__ray_call__`; its one engine) or in this one
+    (`engine`'s, beside other tests' engines): the engine's thread dies of an exception its error
+    handler does not catch, as a thread does of a fatal error. True once it is dead."""
     import ctypes
     import threading
 
-    (thread,) = [t for t in threading.enumerate() if t.name == "lmforge-engine"]
-    engine = thread._target.__self__
+    if engine is None:
+        (thread,) = [t for t in threading.enumerate() if t.name == "lmforge-engine"]
+        engine = thread._target.__self__
+    thread = engine._thread
     with engine._wake:  # an idle engine waits on this: wake it so that it runs into the exception
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit))
         before_it_wakes(engine)
@@ -360,7 +363,7 @@ def test_the_replica_health_check_asks_the_apps_own_health_route(tiny):
     def queue_one(engine):
         engine.submit_many([Request(prompt=[1, 2, 3], params=SamplingParams(max_new_tokens=2))], [events.append])
 
-    assert stop_engine_thread(None, queue_one)
+    assert stop_engine_thread(None, queue_one, engine)
     assert [(e.finish_reason, e.error) for e in events] == [("error", "the engine's thread died")]
     assert asyncio.run(get_status(app, "/health")) == 503  # /health says so, and new requests are refused
     with pytest.raises(EngineOverloaded, match="not running"):
