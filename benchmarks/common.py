@@ -39,6 +39,56 @@ import torch  # noqa: E402
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rank_memory_parser(doc: str, layers: int, d_model: int, heads: int, vocab: int) -> argparse.ArgumentParser:
+    """The options of a per-rank memory benchmark (see `rank_memory_table`): the llama model's size,
+    and the hidden `--worker WAY ARG OUT` under which torchrun runs the script's ranks."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--d-model", type=int, default=d_model)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--vocab", type=int, default=vocab)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # way, its argument, out dir
+    return ap
+
+
+def write_rank_memory(out: Path, way: str, rank: int, before: int, kept: int) -> None:
+    """A worker's figures: its resident set `before` the way ran, its peak, and the bytes it kept."""
+    import json
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    (out / f"{way}-{rank}.json").write_text(json.dumps({"before": before, "peak": peak, "kept": kept}))
+
+
+def rank_memory_table(script: str, title: str, ways: dict[str, int], arg: str, out: Path) -> None:
+    """Prints `title`, the machine and load, then runs each way under torchrun (`ways`: its number
+    of processes) as `script --worker WAY ARG OUT` and prints every rank's figures in MiB."""
+    import json
+    import subprocess
+
+    width = max(map(len, ways)) + 1
+    print(f"# {title}")
+    print(f"# {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'way':{width}} {'rank':>4} {'before MiB':>10} {'peak MiB':>9} {'peak - before':>13} {'kept MiB':>9}")
+    for way, nproc in ways.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(script).resolve()), "--worker", way, arg, str(out)]
+        done = subprocess.run(cmd, env=WORKER_ENV, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{way}: failed (exit {done.returncode}): {done.stderr[-2000:]}")
+            continue
+        for rank in range(nproc):
+            r = json.loads((out / f"{way}-{rank}.json").read_text())
+            mib = {k: r[k] / 2**20 for k in ("before", "peak", "kept")}
+            print(f"{way:{width}} {rank:>4} {mib['before']:>10.0f} {mib['peak']:>9.0f} "
+                  f"{mib['peak'] - mib['before']:>13.0f} {mib['kept']:>9.0f}", flush=True)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -14,23 +14,12 @@ and the bytes of the parameters it keeps. The ways give the same logits
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import WORKER_ENV, machine
+from common import rank_memory_parser, rank_memory_table, rss_bytes, write_rank_memory
 
 WAYS = {"tp1-whole": 1, "tp2-whole-then-cut": 2, "tp2-shards": 2}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def worker(way: str, model_dir: str, out: Path) -> None:
@@ -48,8 +37,7 @@ def worker(way: str, model_dir: str, out: Path) -> None:
         if way == "tp2-whole-then-cut":
             model = shard_load.split(model, device)
     kept = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    (out / f"{way}-{dist.get_rank()}.json").write_text(json.dumps({"before": before, "peak": peak, "kept": kept}))
+    write_rank_memory(out, way, dist.get_rank(), before, kept)
     dist.destroy_process_group()
 
 
@@ -67,13 +55,8 @@ def make_model_dir(model: dict, out: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--d-model", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=16)
+    ap = rank_memory_parser(__doc__, layers=12, d_model=1024, heads=16, vocab=32000)
     ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # way, model dir, out dir
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker[:2], Path(args.worker[2]))
@@ -83,22 +66,9 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="lmforge-tp-load-"))
     folder = make_model_dir(model, out)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    print(f"# peak resident memory per rank loading a model for --tp, llama {args.layers} x {args.d_model} "
-          f"({args.heads} heads, {args.kv_heads} key/value), vocabulary {args.vocab}: weights {size / 2**20:.0f} MiB fp32")
-    print(f"# {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'way':19} {'rank':>4} {'before MiB':>10} {'peak MiB':>9} {'peak - before':>13} {'kept MiB':>9}")
-    for way, nproc in WAYS.items():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(Path(__file__).resolve()), "--worker", way, str(folder), str(out)]
-        done = subprocess.run(cmd, env=WORKER_ENV, capture_output=True, text=True)
-        if done.returncode:
-            print(f"{way}: failed (exit {done.returncode}): {done.stderr[-2000:]}")
-            continue
-        for rank in range(nproc):
-            r = json.loads((out / f"{way}-{rank}.json").read_text())
-            mib = {k: r[k] / 2**20 for k in ("before", "peak", "kept")}
-            print(f"{way:19} {rank:>4} {mib['before']:>10.0f} {mib['peak']:>9.0f} {mib['peak'] - mib['before']:>13.0f} "
-                  f"{mib['kept']:>9.0f}", flush=True)
+    rank_memory_table(__file__, f"peak resident memory per rank loading a model for --tp, llama {args.layers} x "
+                      f"{args.d_model} ({args.heads} heads, {args.kv_heads} key/value), vocabulary {args.vocab}: "
+                      f"weights {size / 2**20:.0f} MiB fp32", WAYS, str(folder), out)
 
 
 if __name__ == "__main__":
