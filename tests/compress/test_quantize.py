@@ -83,12 +83,13 @@ def test_kernel_matches_matmul_on_the_dequantized_weight(bits, rows, inputs, gro
 
 
 def test_many_rows_in_inference_share_one_dequantization_buffer_and_keep_their_outputs(monkeypatch):
-    """Above DEQUANT_ROWS rows with autograd off, each layer dequantizes into one reused buffer:
-    layers of different shapes in turn give what their own dequantized weights give, an earlier
-    output is not changed by a later layer, and a weight above the cap takes its own allocation."""
+    """Above DEQUANT_ROWS rows with autograd off, a layer the integer GEMM does not take (widths
+    off its 64/128-column steps) dequantizes into one reused buffer: layers of different shapes in
+    turn give what their own dequantized weights give, an earlier output is not changed by a later
+    layer, and a weight above the cap takes its own allocation."""
     torch.manual_seed(0)
-    layers = [QuantizedLinear.from_float(nn.Linear(k, n), bits, 64) for k, n, bits in
-              [(256, 96, 8), (128, 300, 4), (256, 96, 4), (384, 40, 8)]]
+    layers = [QuantizedLinear.from_float(nn.Linear(k, n), bits, 32) for k, n, bits in
+              [(224, 96, 8), (96, 300, 4), (224, 96, 4), (352, 40, 8)]]
     xs = [torch.randn(3, 9, layer.in_features) for layer in layers]  # 27 rows: the dequantized path
     expected = [F.linear(x, layer.dequantize(), layer.bias) for layer, x in zip(layers, xs)]
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_many_rows_in_inference_share_one_dequantization_buffer_and_keep_their_o
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
             assert g.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
-        monkeypatch.setattr(qlinear, "REUSED_BUFFER_MAX_BYTES", 4 * 96 * 256 - 1)
+        monkeypatch.setattr(qlinear, "REUSED_BUFFER_MAX_BYTES", 4 * 96 * 224 - 1)
         torch.testing.assert_close(layers[0](xs[0]), expected[0], rtol=1e-5, atol=1e-5)
     # with autograd on, the weight the matmul saves for backward is the layer's own
     x = xs[1].clone().requires_grad_()

@@ -10,8 +10,10 @@ Three formats, chosen by measurement (benchmarks/lowbit_kernels.py, docs/compres
 - `w8a8`  int8 weights per channel and int8 activations quantized per call (fbgemm's
           dynamic quantized linear): the fastest for batch work, slightly less accurate.
 
-Many rows at once (a prompt, an evaluation batch) are faster as one BLAS matmul on the
-dequantized weight, so `int8`/`int4` switch to that above `DEQUANT_ROWS` rows.
+Many rows at once (a prompt, an evaluation batch), above `DEQUANT_ROWS`, take the same
+kernels' integer GEMM in inference (`qgemm`: the same int8-activation math, the weight read
+once for all the rows); where it does not apply (autograd on, a width it does not take, a CPU
+without VNNI that multiplies fp32 faster) the weight is dequantized and multiplied in fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lmforge.errors import LmforgeError
 from lmforge.native import onednn
 
 STORED_METHODS = ("int8", "int4", "w8a8")  # gptq is stored as int4
-DEQUANT_ROWS = 16  # above this many rows a BLAS matmul on the dequantized weight wins (lowbit_kernels.py)
+DEQUANT_ROWS = 16  # above this many rows the GEMM (or a BLAS matmul on the dequantized weight) wins
 CHUNK = 32  # int4 weights are packed in runs of 32
 
 
@@ -182,16 +184,30 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         lib = native.kernels()
-        if (lib is None or rows.shape[0] > DEQUANT_ROWS or self.in_features % CHUNK
-                or x.dtype != torch.float32 or x.device.type != "cpu"
-                or (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
+        kernel = self._kernel(lib, rows)
+        if kernel is None:
             return self._dequantized_forward(x, lib)
         rows = rows.contiguous()
         M, K, N = rows.shape[0], self.in_features, self.out_features
         y = torch.empty(M, N)
-        lib.qlinear(self.bits, native.ptr(rows), M, K, native.ptr(self.qweight), native.ptr(self.scales),
-                    native.ptr(self.zeros), self.group_size, N, native.ptr(self.bias), native.ptr(y))
+        failed = kernel(self.bits, native.ptr(rows), M, K, native.ptr(self.qweight), native.ptr(self.scales),
+                        native.ptr(self.zeros), self.group_size, N, native.ptr(self.bias), native.ptr(y))
+        if failed:  # the GEMM's scratch could not be allocated
+            return self._dequantized_forward(x, lib)
         return y.reshape(*lead, N)
+
+    def _kernel(self, lib, rows: torch.Tensor):
+        """The native matmul for these rows: the row kernel for a few, the GEMM for many (in
+        inference, for the widths and CPUs it takes); None for the dequantized matmul."""
+        if (lib is None or self.in_features % CHUNK or rows.dtype != torch.float32 or rows.device.type != "cpu"
+                or (rows.requires_grad and torch.is_grad_enabled())):  # the kernels have no backward
+            return None
+        if rows.shape[0] <= DEQUANT_ROWS:
+            return lib.qlinear
+        if (onednn.inference(rows, self.scales) and self.qweight.device.type == "cpu"
+                and lib.qgemm_supported(self.bits, self.in_features, self.group_size)):
+            return lib.qgemm
+        return None
 
     def _dequantized_forward(self, x: torch.Tensor, lib) -> torch.Tensor:
         """`x` through the dequantized weight. In inference the weight is dequantized into a

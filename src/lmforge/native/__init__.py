@@ -1,6 +1,7 @@
 """lmforge's C kernels, compiled on first use: one shared library from the sources here.
 
-- `qmatmul.c`: weight-only int8/int4 matmuls for a few rows (what `QuantizedLinear` calls);
+- `qmatmul.c`: weight-only int8/int4 matmuls, for a few rows and (`qgemm`) for many (what
+  `QuantizedLinear` calls);
 - `decode.c`: a whole decoding step (what `lmforge.infer.native_decode` calls), its interface
   in `decode.h` (mirrored in ctypes by `decode_abi.py`, checked at load time) and its batched
   matmuls in one file per instruction set (`decode_avx512.h`, `decode_avx2.h`);
@@ -45,6 +46,8 @@ _p, _i = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
     "qlinear": ([_i, _p, _i, _i, _p, _p, _p, _i, _i, _p, _p], None),
     "dequant": ([_i, _p, _p, _p, _i, _i, _i, _p], None),
+    "qgemm_supported": ([_i, _i, _i], _i),
+    "qgemm": ([_i, _p, _i, _i, _p, _p, _p, _i, _i, _p, _p], _i),
     "decode_supported": ([], _i),
     "decode_step": ([_p, _p, _i, _p], None),
     "elementwise_supported": ([], _i),

@@ -152,3 +152,312 @@ void dequant(int bits, const void *q, const float *scale, const uint8_t *zero, i
         }
     }
 }
+
+/* ----------------------------------------------------------------------------------------
+ * Many rows (a prompt): the integer GEMM.
+ *
+ * The same math as qlinear (activations quantized per block of 32, int8 products, per-block
+ * scales), arranged so that the weight is read once per call instead of once per MT rows:
+ * a tile of RN weight rows stays in L1 while every row of x passes over it, RM rows at a
+ * time, and each loaded weight vector meets RM activation vectors (each activation vector RN
+ * weight vectors). K is cut into chunks of GEMM_KC columns, and the rows into chunks whose
+ * quantized activations fit GEMM_L2 bytes, so that the activations come from L2 whatever M.
+ *
+ * int8: the activations go in as unsigned bytes (x + 128), what vpdpbusd multiplies by the
+ * signed weights; each 32-bit lane then starts from -128 * (its four weights' sum), which
+ * takes the offset back out exactly. AVX2 (vpmaddubsw saturates at int16 with x + 128) uses the
+ * row kernels' sign trick instead. int4: the codes are the unsigned operand already, and the
+ * activations come in layout 128 (kernels.h: a 64-byte load of codes meets a unit of 128
+ * columns through its low and its high nibbles); the zero points leave the loop as in
+ * q4_row (scale * zero * the group's activation sum, subtracted once).
+ * ---------------------------------------------------------------------------------------- */
+
+#define GEMM_KC 2048           /* columns of K per pass: a multiple of 128 */
+#define GEMM_L2 (384 << 10)    /* bytes of prepared activations per chunk of rows */
+
+/* Tiles: rows of x (GEMM_RM) by weight rows (RN8, RN4 for int8, int4), as many as the
+ * accumulators and the weight registers leave room for (32 zmm, 16 ymm). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GEMM_RM 4
+#define GEMM_RN 4
+#define RN8 4
+#define RN4 3
+#elif defined(__AVX2__)
+#define GEMM_RM 4
+#define GEMM_RN 2
+#define RN8 2
+#define RN4 2
+#endif
+
+/* Whether qgemm takes this layer: int8 with K % 64 == 0; int4 with K % 128 == 0 and groups
+ * that tile the 128-column units (G a multiple of 128, or 32 or 64). Not on AVX-512 without
+ * VNNI, where an fp32 matmul in 512-bit registers outruns the 256-bit integer tiles. */
+int qgemm_supported(int bits, int K, int G) {
+#if defined(GEMM_RM) && !(defined(__AVX512F__) && !defined(__AVX512VNNI__))
+    if (bits == 8) return K > 0 && K % 64 == 0;
+    if (bits == 4) return K > 0 && K % 128 == 0 && G > 0 && (G % 128 == 0 || G == 32 || G == 64) && K % G == 0;
+#endif
+    (void)bits, (void)K, (void)G;
+    return 0;
+}
+
+#ifdef GEMM_RM
+/* The activations of a chunk of rows, ready for the tiles. */
+typedef struct {
+    int8_t *xq;  /* (rows, K): int8 layout QK (int4: layout 128); AVX-512 int8: x + 128 */
+    float *xs;   /* (rows, K/32) block scales */
+    float *xw;   /* per-lane block scales: AVX-512 int8 (rows, K/4); int4 (rows, K/8) (group_sums) */
+    float *gsum; /* int4: (rows, K/G) group sums of the quantized activations */
+} gemm_rows;
+
+static void gemm_prepare(int bits, const float *x, int rows, int K, int G, gemm_rows *a) {
+    quantize_rows(x, rows, K, bits == 4 ? 128 : QK, a->xq, a->xs);
+    for (int m = 0; m < rows; m++) {
+        if (bits == 4) {
+            group_sums(a->xq + (size_t)m * K, a->xs + (size_t)m * (K / QK), K, G, 128, a->gsum + (size_t)m * (K / G),
+                       a->xw + (size_t)m * (K / 8));
+            continue;
+        }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        uint8_t *u = (uint8_t *)a->xq + (size_t)m * K;
+        for (int k = 0; k < K; k += 64)
+            _mm512_storeu_si512(u + k, _mm512_xor_si512(_mm512_loadu_si512(u + k), _mm512_set1_epi8((char)0x80)));
+        float *w = a->xw + (size_t)m * (K / 4);
+        for (int b = 0; b < K / QK; b++) _mm256_storeu_ps(w + 8 * b, _mm256_set1_ps(a->xs[(size_t)m * (K / QK) + b]));
+#endif
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* The weight scales of the four blocks of unit u, lane by lane (block i in lanes 4i..4i+3). */
+static inline __m512 unit_scales(const float *scale, int u, int G, int group) {
+    if (G >= 128) return _mm512_set1_ps(scale[group]);
+    if (G == 64)
+        return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(scale[2 * u])), _mm256_set1_ps(scale[2 * u + 1]), 1);
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(_mm_loadu_ps(scale + 4 * u)));
+}
+
+typedef __m512 gemm_acc;
+static inline float gemm_sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* acc[i][j] over columns [k0, k1) of rows a[i] against weight rows w[j]. */
+static inline __attribute__((always_inline)) void q8_tile(int RM, int RN, const gemm_rows *x, const size_t *m, int K, const int8_t *q,
+                                                          const size_t *n, int k0, int k1, __m512 acc[GEMM_RM][GEMM_RN]) {
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    for (int k = k0; k < k1; k += 64) {
+        __m512i w[GEMM_RN], c[GEMM_RN];
+        for (int j = 0; j < RN; j++) {
+            w[j] = _mm512_loadu_si512(q + n[j] * K + k);
+            c[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, w[j]));
+        }
+        for (int i = 0; i < RM; i++) {
+            const __m512i a = _mm512_loadu_si512(x->xq + m[i] * K + k);
+            const __m512 s = _mm512_loadu_ps(x->xw + m[i] * (K / 4) + k / 4);
+            for (int j = 0; j < RN; j++)
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[j], a, w[j])), s, acc[i][j]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void q4_tile(int RM, int RN, const gemm_rows *x, const size_t *m, int K, const uint8_t *q,
+                                                          const float *scale, int G, const size_t *n, int k0, int k1,
+                                                          __m512 acc[GEMM_RM][GEMM_RN]) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int per_group = G >= 128 ? G / 128 : 1, shift = group_shift(per_group);
+    for (int u = k0 / 128; u < k1 / 128; u++) {
+        const int group = group_of(u, per_group, shift); /* G >= 128: the unit's group */
+        __m512i lo[GEMM_RN], hi[GEMM_RN];
+        __m512 sw[GEMM_RN];
+        for (int j = 0; j < RN; j++) {
+            const __m512i v = _mm512_loadu_si512(q + n[j] * (K / 2) + (size_t)u * 64);
+            lo[j] = _mm512_and_si512(v, low);
+            hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            sw[j] = unit_scales(scale + n[j] * (K / G), u, G, group);
+        }
+        for (int i = 0; i < RM; i++) {
+            const int8_t *a = x->xq + m[i] * K + (size_t)u * 128;
+            const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 64);
+            const __m512 s = _mm512_loadu_ps(x->xw + m[i] * (K / 8) + (size_t)u * 16);
+            for (int j = 0; j < RN; j++) {
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], a0), hi[j], a1);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, sw[j]), acc[i][j]);
+            }
+        }
+    }
+}
+
+/* acc[i][j] -= sum_g scale * zero * gsum: the zero points, sixteen groups at a time. */
+static inline __attribute__((always_inline)) void q4_zero_points(int RM, int RN, const gemm_rows *x, const size_t *m, int K,
+                                                                 const float *scale, const uint8_t *zero, int G,
+                                                                 const size_t *n, __m512 acc[GEMM_RM][GEMM_RN]) {
+    const int groups = K / G;
+    for (int g = 0; g < groups; g += 16) {
+        const __mmask16 k = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+        __m512 sz[GEMM_RN];
+        for (int j = 0; j < RN; j++) {
+            const size_t row = n[j] * (size_t)groups + g;
+            sz[j] = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scale + row),
+                                  _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zero + row))));
+        }
+        for (int i = 0; i < RM; i++) {
+            const __m512 s = _mm512_maskz_loadu_ps(k, x->gsum + m[i] * groups + g);
+            for (int j = 0; j < RN; j++) acc[i][j] = _mm512_fnmadd_ps(sz[j], s, acc[i][j]);
+        }
+    }
+}
+#define GEMM_ZERO _mm512_setzero_ps()
+#else /* AVX2 */
+typedef __m256 gemm_acc;
+static inline float gemm_sum(__m256 v) { return hsum(v); }
+
+/* dot32 with the weights' signs already moved onto the activations: |w| . sign(a, w). */
+static inline __m256i sdot32(__m256i aw, __m256i sa) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sa);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline __attribute__((always_inline)) void q8_tile(int RM, int RN, const gemm_rows *x, const size_t *m, int K, const int8_t *q,
+                                                          const size_t *n, int k0, int k1, __m256 acc[GEMM_RM][GEMM_RN]) {
+    for (int b = k0 / QK; b < k1 / QK; b++) {
+        __m256i w[GEMM_RN], aw[GEMM_RN];
+        for (int j = 0; j < RN; j++) {
+            w[j] = _mm256_loadu_si256((const __m256i *)(q + n[j] * K + (size_t)b * QK));
+            aw[j] = _mm256_sign_epi8(w[j], w[j]);
+        }
+        for (int i = 0; i < RM; i++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(x->xq + m[i] * K + (size_t)b * QK));
+            const __m256 s = _mm256_broadcast_ss(x->xs + m[i] * (K / QK) + b);
+            for (int j = 0; j < RN; j++)
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sdot32(aw[j], _mm256_sign_epi8(a, w[j]))), s, acc[i][j]);
+        }
+    }
+}
+
+/* The weight scales of blocks 2h, 2h+1 of unit u (block in lanes 0-3, the next in 4-7). */
+static inline __m256 half_unit_scales(const float *scale, int u, int h, int G, int group) {
+    if (G >= 128) return _mm256_set1_ps(scale[group]);
+    if (G == 64) return _mm256_set1_ps(scale[2 * u + h]);
+    return _mm256_set_m128(_mm_set1_ps(scale[4 * u + 2 * h + 1]), _mm_set1_ps(scale[4 * u + 2 * h]));
+}
+
+static inline __attribute__((always_inline)) void q4_tile(int RM, int RN, const gemm_rows *x, const size_t *m, int K, const uint8_t *q,
+                                                          const float *scale, int G, const size_t *n, int k0, int k1,
+                                                          __m256 acc[GEMM_RM][GEMM_RN]) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const int per_group = G >= 128 ? G / 128 : 1, shift = group_shift(per_group);
+    for (int u = k0 / 128; u < k1 / 128; u++)
+        for (int h = 0; h < 2; h++) {
+            const int group = group_of(u, per_group, shift); /* G >= 128: the unit's group */
+            __m256i lo[GEMM_RN], hi[GEMM_RN];
+            __m256 sw[GEMM_RN];
+            for (int j = 0; j < RN; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(q + n[j] * (K / 2) + (size_t)u * 64 + 32 * h));
+                lo[j] = _mm256_and_si256(v, low);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                sw[j] = half_unit_scales(scale + n[j] * (K / G), u, h, G, group);
+            }
+            for (int i = 0; i < RM; i++) {
+                const int8_t *a = x->xq + m[i] * K + (size_t)u * 128 + 32 * h;
+                const __m256i a0 = _mm256_loadu_si256((const __m256i *)a), a1 = _mm256_loadu_si256((const __m256i *)(a + 64));
+                const __m256 s = _mm256_loadu_ps(x->xw + m[i] * (K / 8) + (size_t)u * 16 + 8 * h);
+                for (int j = 0; j < RN; j++)
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(udot2x32(lo[j], a0, hi[j], a1)), _mm256_mul_ps(s, sw[j]),
+                                                acc[i][j]);
+            }
+        }
+}
+
+static inline __attribute__((always_inline)) void q4_zero_points(int RM, int RN, const gemm_rows *x, const size_t *m, int K,
+                                                                 const float *scale, const uint8_t *zero, int G,
+                                                                 const size_t *n, __m256 acc[GEMM_RM][GEMM_RN]) {
+    const int groups = K / G;
+    for (int j = 0; j < RN; j++) {
+        const float *sc = scale + n[j] * groups;
+        const uint8_t *z = zero + n[j] * groups;
+        for (int i = 0; i < RM; i++) {
+            /* into lane 0: the accumulator's lanes are summed in the end */
+            const float c = zero_share(sc, z, x->gsum + m[i] * groups, groups);
+            acc[i][j] = _mm256_sub_ps(acc[i][j], _mm256_setr_ps(c, 0, 0, 0, 0, 0, 0, 0));
+        }
+    }
+}
+#define GEMM_ZERO _mm256_setzero_ps()
+#endif
+
+/* One tile: rows m0.. (clamped to M-1: the repeated rows are computed and not stored) of the
+ * chunk against weight rows n0.., columns [k0, k1); the first pass over K stores (with the
+ * bias and the int4 zero points), the later ones add. */
+static inline __attribute__((always_inline)) void gemm_tile(int bits, int RM, int RN, const gemm_rows *x, int rows, int m0, int K,
+                                                            const void *q, const float *scale, const uint8_t *zero,
+                                                            int G, int N, int n0, int k0, int k1, const float *bias,
+                                                            float *y) {
+    size_t m[GEMM_RM], n[GEMM_RN];
+    for (int i = 0; i < RM; i++) m[i] = (size_t)(m0 + i < rows ? m0 + i : rows - 1);
+    for (int j = 0; j < RN; j++) n[j] = (size_t)(n0 + j < N ? n0 + j : N - 1);
+    gemm_acc acc[GEMM_RM][GEMM_RN];
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) acc[i][j] = GEMM_ZERO;
+    if (bits == 8) {
+        q8_tile(RM, RN, x, m, K, (const int8_t *)q, n, k0, k1, acc);
+    } else {
+        q4_tile(RM, RN, x, m, K, (const uint8_t *)q, scale, G, n, k0, k1, acc);
+        if (k0 == 0) q4_zero_points(RM, RN, x, m, K, scale, zero, G, n, acc);
+    }
+    for (int i = 0; i < RM && m0 + i < rows; i++)
+        for (int j = 0; j < RN && n0 + j < N; j++) {
+            float v = gemm_sum(acc[i][j]) * (bits == 8 ? scale[n0 + j] : 1.0f), *out = y + (size_t)(m0 + i) * N + n0 + j;
+            *out = k0 == 0 ? v + (bias ? bias[n0 + j] : 0.0f) : *out + v;
+        }
+}
+
+static void gemm_chunk(int bits, const gemm_rows *x, int rows, int K, const void *q, const float *scale,
+                       const uint8_t *zero, int G, int N, const float *bias, float *y, int parallel) {
+    const int rn = bits == 8 ? RN8 : RN4, tiles = (N + rn - 1) / rn;
+    for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const int k1 = K - k0 < GEMM_KC ? K : k0 + GEMM_KC;
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int t = 0; t < tiles; t++)
+            for (int m0 = 0; m0 < rows; m0 += GEMM_RM) {
+                if (bits == 8) gemm_tile(8, GEMM_RM, RN8, x, rows, m0, K, q, scale, zero, G, N, t * RN8, k0, k1, bias, y);
+                else gemm_tile(4, GEMM_RM, RN4, x, rows, m0, K, q, scale, zero, G, N, t * RN4, k0, k1, bias, y);
+            }
+    }
+}
+#endif
+
+/* y (M, N) = x (M, K) @ W^T (+ bias) for many rows, W as in qlinear; qgemm_supported(bits, K, G)
+ * must hold. Returns 0, or -1 where memory ran out (y then unwritten). */
+int qgemm(int bits, const float *x, int M, int K, const void *q, const float *scale, const uint8_t *zero, int G,
+          int N, const float *bias, float *y) {
+    if (!qgemm_supported(bits, K, G)) return -1;
+#ifdef GEMM_RM
+    const size_t per_row = (size_t)K * 2 + (size_t)(K / QK) * sizeof(float);
+    int chunk = (int)(GEMM_L2 / per_row) / GEMM_RM * GEMM_RM;
+    chunk = chunk < 4 * GEMM_RM ? 4 * GEMM_RM : chunk > M ? M : chunk;
+    /* 64-byte aligned, so that no 512-bit load of a row splits across two cache lines */
+    gemm_rows a = {aligned_alloc(64, (size_t)chunk * K), malloc(sizeof(float) * chunk * (K / QK)),
+                   aligned_alloc(64, sizeof(float) * chunk * (K / 4)),
+                   bits == 4 ? malloc(sizeof(float) * chunk * (K / G)) : NULL};
+    int ok = a.xq && a.xs && a.xw && (bits == 8 || a.gsum);
+    if (ok) {
+        const int parallel = (size_t)N * K >= PARALLEL_MIN;
+        for (int m0 = 0; m0 < M; m0 += chunk) {
+            const int rows = M - m0 < chunk ? M - m0 : chunk;
+            gemm_prepare(bits, x + (size_t)m0 * K, rows, K, G, &a);
+            gemm_chunk(bits, &a, rows, K, q, scale, zero, G, N, bias, y + (size_t)m0 * N, parallel);
+        }
+    }
+    free(a.xq);
+    free(a.xs);
+    free(a.xw);
+    free(a.gsum);
+    return ok ? 0 : -1;
+#else
+    (void)x, (void)M, (void)q, (void)scale, (void)zero, (void)N, (void)bias, (void)y;
+    return -1;
+#endif
+}
