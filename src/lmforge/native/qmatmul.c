@@ -175,17 +175,21 @@ void dequant(int bits, const void *q, const float *scale, const uint8_t *zero, i
 #define GEMM_KC 2048           /* columns of K per pass: a multiple of 128 */
 #define GEMM_L2 (384 << 10)    /* bytes of prepared activations per chunk of rows */
 
-/* Tiles: rows of x (GEMM_RM) by weight rows (RN8, RN4 for int8, int4), as many as the
+/* Tiles: rows of x by weight rows (RM8 x RN8 for int8, RM4 x RN4 for int4), as many as the
  * accumulators and the weight registers leave room for (32 zmm, 16 ymm). */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define GEMM_RM 4
+#define GEMM_RM 8 /* the largest tile, for the arrays */
 #define GEMM_RN 4
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GEMM 1
+#define RM8 4
 #define RN8 4
-#define RN4 3
+#define RM4 4
+#define RN4 4
 #elif defined(__AVX2__)
-#define GEMM_RM 4
-#define GEMM_RN 2
+#define GEMM 1
+#define RM8 4
 #define RN8 2
+#define RM4 4
 #define RN4 2
 #endif
 
@@ -193,7 +197,7 @@ void dequant(int bits, const void *q, const float *scale, const uint8_t *zero, i
  * that tile the 128-column units (G a multiple of 128, or 32 or 64). Not on AVX-512 without
  * VNNI, where an fp32 matmul in 512-bit registers outruns the 256-bit integer tiles. */
 int qgemm_supported(int bits, int K, int G) {
-#if defined(GEMM_RM) && !(defined(__AVX512F__) && !defined(__AVX512VNNI__))
+#if defined(GEMM) && !(defined(__AVX512F__) && !defined(__AVX512VNNI__))
     if (bits == 8) return K > 0 && K % 64 == 0;
     if (bits == 4) return K > 0 && K % 128 == 0 && G > 0 && (G % 128 == 0 || G == 32 || G == 64) && K % G == 0;
 #endif
@@ -201,7 +205,7 @@ int qgemm_supported(int bits, int K, int G) {
     return 0;
 }
 
-#ifdef GEMM_RM
+#ifdef GEMM
 /* The activations of a chunk of rows, ready for the tiles. */
 typedef struct {
     int8_t *xq;  /* (rows, K): int8 layout QK (int4: layout 128); AVX-512 int8: x + 128 */
@@ -229,6 +233,10 @@ static void gemm_prepare(int bits, const float *x, int rows, int K, int G, gemm_
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* Loads an activation vector once: left alone, the compiler folds it into every product's
+ * memory operand, RN loads instead of one, and the tiles wait on the load ports. */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+
 /* The weight scales of the four blocks of unit u, lane by lane (block i in lanes 4i..4i+3). */
 static inline __m512 unit_scales(const float *scale, int u, int G, int group) {
     if (G >= 128) return _mm512_set1_ps(scale[group]);
@@ -252,8 +260,10 @@ static inline __attribute__((always_inline)) void q8_tile(int RM, int RN, const 
             c[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, w[j]));
         }
         for (int i = 0; i < RM; i++) {
-            const __m512i a = _mm512_loadu_si512(x->xq + m[i] * K + k);
-            const __m512 s = _mm512_loadu_ps(x->xw + m[i] * (K / 4) + k / 4);
+            __m512i a = _mm512_loadu_si512(x->xq + m[i] * K + k);
+            __m512 s = _mm512_loadu_ps(x->xw + m[i] * (K / 4) + k / 4);
+            IN_REGISTER(a);
+            IN_REGISTER(s);
             for (int j = 0; j < RN; j++)
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[j], a, w[j])), s, acc[i][j]);
         }
@@ -277,8 +287,11 @@ static inline __attribute__((always_inline)) void q4_tile(int RM, int RN, const 
         }
         for (int i = 0; i < RM; i++) {
             const int8_t *a = x->xq + m[i] * K + (size_t)u * 128;
-            const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 64);
-            const __m512 s = _mm512_loadu_ps(x->xw + m[i] * (K / 8) + (size_t)u * 16);
+            __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 64);
+            __m512 s = _mm512_loadu_ps(x->xw + m[i] * (K / 8) + (size_t)u * 16);
+            IN_REGISTER(a0);
+            IN_REGISTER(a1);
+            IN_REGISTER(s);
             for (int j = 0; j < RN; j++) {
                 const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], a0), hi[j], a1);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, sw[j]), acc[i][j]);
@@ -421,10 +434,12 @@ static void gemm_chunk(int bits, const gemm_rows *x, int rows, int K, const void
         const int k1 = K - k0 < GEMM_KC ? K : k0 + GEMM_KC;
 #pragma omp parallel for schedule(static) if (parallel)
         for (int t = 0; t < tiles; t++)
-            for (int m0 = 0; m0 < rows; m0 += GEMM_RM) {
-                if (bits == 8) gemm_tile(8, GEMM_RM, RN8, x, rows, m0, K, q, scale, zero, G, N, t * RN8, k0, k1, bias, y);
-                else gemm_tile(4, GEMM_RM, RN4, x, rows, m0, K, q, scale, zero, G, N, t * RN4, k0, k1, bias, y);
-            }
+            if (bits == 8)
+                for (int m0 = 0; m0 < rows; m0 += RM8)
+                    gemm_tile(8, RM8, RN8, x, rows, m0, K, q, scale, zero, G, N, t * RN8, k0, k1, bias, y);
+            else
+                for (int m0 = 0; m0 < rows; m0 += RM4)
+                    gemm_tile(4, RM4, RN4, x, rows, m0, K, q, scale, zero, G, N, t * RN4, k0, k1, bias, y);
     }
 }
 #endif
@@ -434,10 +449,11 @@ static void gemm_chunk(int bits, const gemm_rows *x, int rows, int K, const void
 int qgemm(int bits, const float *x, int M, int K, const void *q, const float *scale, const uint8_t *zero, int G,
           int N, const float *bias, float *y) {
     if (!qgemm_supported(bits, K, G)) return -1;
-#ifdef GEMM_RM
-    const size_t per_row = (size_t)K * 2 + (size_t)(K / QK) * sizeof(float);
-    int chunk = (int)(GEMM_L2 / per_row) / GEMM_RM * GEMM_RM;
-    chunk = chunk < 4 * GEMM_RM ? 4 * GEMM_RM : chunk > M ? M : chunk;
+#ifdef GEMM
+    /* what one pass over GEMM_KC columns reads of a row's prepared activations */
+    const size_t per_row = (size_t)(K < GEMM_KC ? K : GEMM_KC) * 2 + (size_t)(GEMM_KC / QK) * sizeof(float);
+    int chunk = (int)(GEMM_L2 / per_row) / 8 * 8;
+    chunk = chunk < 32 ? 32 : chunk > M ? M : chunk;
     /* 64-byte aligned, so that no 512-bit load of a row splits across two cache lines */
     gemm_rows a = {aligned_alloc(64, (size_t)chunk * K), malloc(sizeof(float) * chunk * (K / QK)),
                    aligned_alloc(64, sizeof(float) * chunk * (K / 4)),
