@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,43 @@ def cli(tmp_path):
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Returns once the server `proc` started answers 200 on `url`/health. Fails with the server's
+    output if it exits first, or if it does not answer within `timeout` seconds (then stopped with
+    SIGTERM, which `lmforge serve` passes on to torchrun's ranks, to read that output)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}) before answering /health:\n{process_output(proc)}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            pytest.fail(f"the server did not answer /health within {timeout:.0f} s:\n{process_output(proc)}")
+        time.sleep(0.1)
+
+
+def process_output(proc: subprocess.Popen, tail: int = 3000) -> str:
+    """The last `tail` characters of what a finished (or stopping) process wrote."""
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return ((out or "") + (err or ""))[-tail:]
+
+
+@pytest.fixture(scope="session", name="wait_healthy")
+def wait_healthy_fixture():
+    """wait_healthy(url, proc, timeout=120): returns once the server `proc` answers /health (see above)."""
+    return wait_healthy
 
 
 @pytest.fixture

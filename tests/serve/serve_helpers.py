@@ -20,6 +20,13 @@ TEXT = ["To be, or not to be, that is the question.", "ROMEO: But soft, what lig
         "The king is dead; long live the king!", "Now is the winter of our discontent. Héllo, 世界 ✓"] * 20
 
 
+def free_port() -> int:
+    """A loopback port free now, for a server started in another process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     def __init__(self, app):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -3,41 +3,24 @@
 from __future__ import annotations
 
 import signal
-import socket
-import time
 
 import httpx
 import openai
 import pytest
-from serve_helpers import KEY
+from serve_helpers import KEY, free_port
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.command import serve
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_serve_command(cli, tiny_model_dir, tmp_path):
+def test_serve_command(cli, tiny_model_dir, tmp_path, wait_healthy):
     keys = tmp_path / "keys.txt"
     keys.write_text(f"# one key a line\n{KEY}\n")
     port = free_port()
     proc = cli("serve", tiny_model_dir, "--port", port, "--api-key-file", keys, popen=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         model = client.models.list().data[0].id
         assert model == tiny_model_dir.name

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import KEY, Server
-from test_cli_serve import free_port
+from serve_helpers import KEY, Server, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +61,7 @@ def stop(proc: subprocess.Popen) -> str:
 
 
 @pytest.fixture(scope="module")
-def split_server(tiny_model_dir, tmp_path_factory):
+def split_server(tiny_model_dir, tmp_path_factory, wait_healthy):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(KEY + "\n")
     port = free_port()
@@ -72,16 +71,7 @@ def split_server(tiny_model_dir, tmp_path_factory):
                              "--api-key-file", str(keys), "--tp", "2", "--max-batch", "4"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the --tp 2 server did not come up: {stop(proc)[-3000:]}")
-        time.sleep(0.2)
+    wait_healthy(url, proc, timeout=180)
     yield proc, url
     if proc.poll() is None:
         stop(proc)
