@@ -15,13 +15,16 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-LOGITS = """
+# One torchrun job (2 gloo ranks) runs both checks below, as starting one costs seconds:
+# sys.argv[1] is the tiny llama of the decoding check, the rest are the models of the shard check.
+SCRIPT = """
 import json, sys, torch
 import torch.distributed as dist
 import lmforge
 from lmforge.serve import tensor_parallel as tpg
 
 device = tpg.join(2)
+results = {}
 whole = lmforge.load(sys.argv[1]).model.eval()
 model = tpg.load_split(sys.argv[1], device).model  # this rank's rows alone, read from the files
 if dist.get_rank() != 0:
@@ -46,23 +49,60 @@ else:
         nxt = a[:, -1].argmax(-1)[:, None]
         after = (whole(nxt, c1, last_only=True) - split(nxt, c2, last_only=True)).abs().max().item()
     split.close()
-    print(json.dumps({"worst": worst, "scale": a.abs().max().item(), "refused": refused, "after": after,
-                      "kv_heads": [c1.k[0].shape[1], c2.k[0].shape[1]]}))  # (batch, heads, capacity, dim)
+    results["decoding"] = {"worst": worst, "scale": a.abs().max().item(), "refused": refused, "after": after,
+                           "kv_heads": [c1.k[0].shape[1], c2.k[0].shape[1]]}  # (batch, heads, capacity, dim)
+
+ids = torch.tensor([[3, 9, 17, 4, 11, 6, 2, 8]])
+for folder in sys.argv[2:]:
+    whole = lmforge.load(folder).model.eval()
+    part = tpg.load_split(folder, device).model
+    local = {n: tuple(p.to_local().shape) for n, p in part.named_parameters()}
+    with torch.inference_mode():
+        worst = (whole(ids) - part(ids).full_tensor()).abs().max().item()
+    held = sum(p.to_local().numel() for p in part.parameters())
+    results[folder] = {"worst": worst, "held": held, "whole": sum(p.numel() for p in whole.parameters()),
+                       "qkv": local["blocks.0.attn.qkv.weight"], "emb": local["tok_emb.weight"]}
+if dist.get_rank() == 0:
+    print(json.dumps(results))
 dist.destroy_process_group()
 """
 
 
-def test_split_logits_equal_one_process(tiny_model_dir, tmp_path):
-    script = tmp_path / "logits.py"
-    script.write_text(LOGITS)
+@pytest.fixture(scope="module")
+def split_run(tiny_model_dir, tokenizer, make_config, tmp_path_factory):
+    """The script's run: (its stderr, its results, the shard check's model folders, their vocabulary).
+
+    The shard check's models: gpt2 (Conv1D weights stored transposed, learned positions, biases,
+    tied embeddings), qwen3 (q/k norms) and gemma3 ((1 + w) norms), with a vocabulary that does
+    not split evenly."""
+    import torch
+
+    from lmforge.model import Transformer
+    from lmforge.model_dir import save_model_dir
+
+    tmp_path = tmp_path_factory.mktemp("tp")
+    vocab = tokenizer.vocab_size + (1 - tokenizer.vocab_size % 2)  # odd: rank 0 holds one more row
+    folders = []
+    for family in ("gpt2", "qwen3", "gemma3"):
+        torch.manual_seed(0)
+        model = Transformer(make_config(family, vocab_size=vocab, context=64))
+        folders.append(str(save_model_dir(model, tokenizer, tmp_path / family)))
+    script = tmp_path / "split.py"
+    script.write_text(SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tiny_model_dir)], capture_output=True, text=True, timeout=600)
+                           str(script), str(tiny_model_dir), *folders], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(result)
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(results)
+    return proc.stderr, results, folders, vocab
+
+
+def test_split_logits_equal_one_process(split_run):
+    stderr, results = split_run[:2]
+    result = results["decoding"]
     assert result["worst"] < 1e-5 and result["scale"] > 0.01
     assert result["refused"] and result["after"] < 1e-5  # an error on every rank leaves them in step
-    assert "rank 1: forward: ValueError" in proc.stderr  # the follower logged it and went on
+    assert "rank 1: forward: ValueError" in stderr  # the follower logged it and went on
     assert result["kv_heads"] == [2, 1]  # each rank caches its own key/value head
 
 
@@ -93,52 +133,9 @@ def test_bad_tp_is_one_line(tiny_model_dir, monkeypatch, capsys, args, message):
     assert info.value.code == 2 and message in err and "\n" not in err
 
 
-SHARDS = """
-import json, sys, torch
-import torch.distributed as dist
-import lmforge
-from lmforge.serve import tensor_parallel as tpg
-
-device = tpg.join(2)
-ids = torch.tensor([[3, 9, 17, 4, 11, 6, 2, 8]])
-results = {}
-for folder in sys.argv[1:]:
-    whole = lmforge.load(folder).model.eval()
-    part = tpg.load_split(folder, device).model
-    local = {n: tuple(p.to_local().shape) for n, p in part.named_parameters()}
-    with torch.inference_mode():
-        worst = (whole(ids) - part(ids).full_tensor()).abs().max().item()
-    held = sum(p.to_local().numel() for p in part.parameters())
-    results[folder] = {"worst": worst, "held": held, "whole": sum(p.numel() for p in whole.parameters()),
-                       "qkv": local["blocks.0.attn.qkv.weight"], "emb": local["tok_emb.weight"]}
-if dist.get_rank() == 0:
-    print(json.dumps(results))
-dist.destroy_process_group()
-"""
-
-
-def test_each_rank_reads_its_shard_and_logits_equal_one_process(tokenizer, make_config, tmp_path):
-    """gpt2 (Conv1D weights stored transposed, learned positions, biases, tied embeddings), qwen3
-    (q/k norms) and gemma3 ((1 + w) norms) with a vocabulary that does not split evenly: each rank
-    holds only its rows, and the split model's logits equal the whole model's."""
-    import torch
-
-    from lmforge.model import Transformer
-    from lmforge.model_dir import save_model_dir
-
-    vocab = tokenizer.vocab_size + (1 - tokenizer.vocab_size % 2)  # odd: rank 0 holds one more row
-    folders = []
-    for family in ("gpt2", "qwen3", "gemma3"):
-        torch.manual_seed(0)
-        model = Transformer(make_config(family, vocab_size=vocab, context=64))
-        folders.append(str(save_model_dir(model, tokenizer, tmp_path / family)))
-    script = tmp_path / "shards.py"
-    script.write_text(SHARDS)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *folders], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(results)
+def test_each_rank_reads_its_shard_and_logits_equal_one_process(split_run):
+    """Each rank holds only its rows of every model, and the split model's logits equal the whole model's."""
+    _, results, folders, vocab = split_run
     for folder in folders:
         r = results[folder]
         assert r["worst"] < 1e-5, (folder, r)
