@@ -9,7 +9,8 @@ that work to the one-pass kernels of `lmforge/native/prefill.c`:
 - `rope_` rotates the queries and keys in place inside the fused qkv projection's output;
 - `silu_mul`: SwiGLU's silu(gate) * up from the fused gate/up projection's output.
 
-`linear` runs a plain `nn.Linear` through oneDNN's matmul (`lmforge.native.onednn`).
+`linear` runs a plain `nn.Linear` through oneDNN's matmul (`lmforge.native.onednn`), in
+training too (its gradients as well), from a few rows on.
 
 `enabled(x)` says where they apply; elsewhere (training, a GPU, bf16, tracing for export,
 no C compiler) the model runs PyTorch's ops, which the kernels equal to fp32 rounding.
@@ -70,11 +71,11 @@ def enabled(*tensors: torch.Tensor) -> bool:
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; for a plain `nn.Linear` without hooks (a LoRA or calibration hook, a
-    quantized or sharded layer all keep their own forward) through oneDNN's matmul."""
+    quantized or sharded layer all keep their own forward) through `onednn.linear`."""
     if (type(layer) is nn.Linear
             and not (layer._forward_hooks or layer._forward_pre_hooks
                      or _module._global_forward_hooks or _module._global_forward_pre_hooks)):
-        return onednn.matmul(x, layer.weight, layer.bias)
+        return onednn.linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
