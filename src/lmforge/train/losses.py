@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lmforge import native
 from lmforge.data.sft import IGNORE
+from lmforge.native import onednn
 
 
 def _native_cross_entropy():
@@ -69,7 +70,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight)  # (c, vocab); under autocast the matmul is in its dtype
+            logits = onednn.matmul(h, weight)  # (c, vocab); under autocast the matmul is in its dtype
             if not (logits.dtype == torch.bfloat16 and _native_takes(logits)):
                 logits = logits.float()  # the C kernel reads bf16 (autocast) as it is; the rest wants fp32
             want = grad_hidden is not None or grad_weight is not None
@@ -78,9 +79,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             grad_logits = logits  # now d(summed loss)/d(logits), (c, vocab)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = grad_logits @ weight.to(grad_logits.dtype)
+                grad_hidden[start:start + chunk] = onednn.grad_input(grad_logits, weight.to(grad_logits.dtype))
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+                grad_weight += onednn.grad_weight(grad_logits, h.to(grad_logits.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
