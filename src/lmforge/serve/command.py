@@ -218,7 +218,8 @@ def serve_split(model_dir: Path, tp: int, config: ServeSettings, host: str, port
     if dist.get_rank() != 0:
         tensor_parallel.follow(loaded.model)
         return
-    split = tensor_parallel.SplitModel(loaded.model)
+    # a call that fails on this rank alone leaves the others out of step: the server stops, as on SIGTERM
+    split = tensor_parallel.SplitModel(loaded.model, on_broken=lambda: os.kill(os.getpid(), signal.SIGTERM))
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn raises the signal again once it has stopped:
         signal.signal(sig, lambda signum, frame: sys.exit(0))  # a stop asked for, after which the others stop
     try:

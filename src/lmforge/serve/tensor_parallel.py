@@ -13,8 +13,17 @@ happen on rank 0 only, so the ranks never need to agree on anything but the call
 The logits (and hidden states) come back whole on rank 0.
 
 The calls reach the other ranks in the order rank 0 makes them, one at a time (`_turn`): the
-engine's thread and the embeddings' worker threads both call the model. A call that fails on
-rank 0 before its first collective fails alike on the others, which log it and go on.
+engine's thread and the embeddings' worker threads both call the model. A call whose input
+the model refuses (a ValueError, before its first collective) fails alike on the others, which
+log it and go on.
+
+Any other failure on rank 0 (out of memory in its forward, say) may come in the middle of the
+call's collectives: the others would wait in one it never joins, and the next call would pair
+with that one. So such a failure of a call with collectives ends the split model: rank 0 notes why in
+the process group's store (`ABORT_KEY`), refuses every later call, asks its server to stop
+(`on_broken`) and exits with that one line; its exit breaks the others' collectives, and they,
+finding the note, exit without a word of their own (one line "rank 0 is gone" if there is none:
+rank 0 was killed).
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ SERVE_TIMEOUT = timedelta(days=365)
 
 _turn = threading.RLock()  # one call (its command and rank 0's part of it) at a time
 _held: list[tuple] = []  # calls without collectives (cache bindings, copies), sent with the next one that has
+_broken: list[str] = []  # why the ranks are out of step, once rank 0 failed in a call they were all in
+_on_broken: list = []  # what rank 0 calls then (its server's stop)
+ABORT_KEY = "lmforge/tp/rank0_failed"
 
 
 def _send(command: tuple) -> None:
@@ -60,11 +72,40 @@ def _mirrored(command: tuple, run_here, local_only: bool = False):
     collective in it) waits to go with the next call that has one, in the same order: one
     broadcast a decoding step instead of two."""
     with _turn:
+        if _broken:
+            raise LmforgeError(_broken[0])
         if local_only:
             _held.append(command)
-        else:
-            _send(command)
-        return run_here()
+            return run_here()
+        _send(command)
+        try:
+            return run_here()
+        except ValueError:  # the input refused, on every rank, before any collective
+            raise
+        except Exception as e:
+            _break(command[0], e)
+            raise
+
+
+def _break(call: str, error: Exception) -> None:
+    """Rank 0 failed in `call`, which the other ranks took part in: no call may follow it."""
+    why = str(error).splitlines()[0][:300] if str(error) else ""
+    _broken.append(f"rank 0 failed in a {call} call the other --tp ranks took part in ({type(error).__name__}: "
+                   f"{why}); the ranks are out of step, so every one stops")
+    try:
+        dist.distributed_c10d._get_default_store().set(ABORT_KEY, _broken[0])
+    except Exception:  # no store to note it in: the others each say that rank 0 is gone
+        pass
+    for stop in _on_broken:
+        stop()
+
+
+def _rank0_failed() -> bool:
+    """Whether rank 0 noted in the store that it failed (and so said why itself)."""
+    try:
+        return dist.distributed_c10d._get_default_store().check([ABORT_KEY])
+    except Exception:  # the store went with rank 0
+        return False
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -75,8 +116,12 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
 class SplitModel:
     """Rank 0's handle on the split model: what the decoding loop and the engine call."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, on_broken=None):
+        """`on_broken`: called (from the thread whose call failed) when a call with collectives
+        fails on rank 0 and the split model is unusable: a server stops on it."""
         self.model, self.config, self.tok_emb = model, model.config, model.tok_emb
+        if on_broken is not None:
+            _on_broken.append(on_broken)
 
     def eval(self) -> "SplitModel":
         return self
@@ -115,8 +160,12 @@ class SplitModel:
                          lambda: _hidden(self.model, input_ids, segment_ids))
 
     def close(self) -> None:
-        """Let the other ranks return (they may already be gone: stopped by torchrun with this one)."""
+        """Let the other ranks return (they may already be gone: stopped by torchrun with this one).
+        If a call failed on rank 0 in the middle of theirs, nothing more can be sent: say why in
+        one line (the failure itself, raised where it happened, was answered as an error)."""
         with _turn:
+            if _broken:
+                raise LmforgeError(_broken[0])
             try:
                 _send(("stop",))
             except RuntimeError:
@@ -199,14 +248,23 @@ def follow(model: Transformer) -> None:
         try:
             commands = _receive()
         except RuntimeError as e:
-            raise LmforgeError(f"rank {dist.get_rank()}: rank 0 is gone ({str(e).splitlines()[0][:200]})") from None
+            _lost(e)
         for command in commands:
             if command[0] == "stop":
                 return
             try:
                 follower.run(command)
-            except Exception as e:  # rank 0 met the same error and answered its request with it
+            except Exception as e:  # rank 0 met the same error and answered its request with it, or is gone
+                if isinstance(e, dist.DistError) or _rank0_failed():
+                    _lost(e)
                 print(f"lmforge rank {dist.get_rank()}: {command[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _lost(error: Exception):
+    """A rank other than 0 lost rank 0: it ends, silently if rank 0 said why, else in one line."""
+    if _rank0_failed():
+        raise SystemExit(1)
+    raise LmforgeError(f"rank {dist.get_rank()}: rank 0 is gone ({str(error).splitlines()[0][:200]})") from None
 
 
 def _local_cache(model: Transformer, batch: int, capacity: int | None) -> KVCache:

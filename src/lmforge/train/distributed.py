@@ -283,7 +283,7 @@ def launch(nproc: int, argv: list[str], signal_ranks: bool = False) -> int:
     a second one goes to torchrun."""
     if nproc < 1:
         raise LmforgeError("--nproc must be at least 1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "lmforge.train.torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lmforge", *argv]
     child = subprocess.Popen(cmd, start_new_session=True)
     signalled = []
