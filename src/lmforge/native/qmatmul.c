@@ -189,7 +189,7 @@ void dequant(int bits, const void *q, const float *scale, const uint8_t *zero, i
 #define GEMM 1
 #define RM8 4
 #define RN8 2
-#define RM4 4
+#define RM4 3
 #define RN4 2
 #endif
 
