@@ -150,6 +150,22 @@ def cli(tmp_path):
     return run
 
 
+@pytest.fixture
+def lmforge_main(monkeypatch, capsys):
+    """lmforge_main(*args) -> (exit code, stdout, stderr), running `main()` as the console script would,
+    in this process (a refusal through the console script costs seconds of start-up)."""
+    from lmforge.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["lmforge", *map(str, args)])
+        with pytest.raises(SystemExit) as info:
+            main()
+        out = capsys.readouterr()
+        return info.value.code, out.out, out.err
+
+    return run
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Returns once the server `proc` started answers 200 on `url`/health. Fails with the server's
     output if it exits first, or if it does not answer within `timeout` seconds (then stopped with

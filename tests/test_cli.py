@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.cli import main
 
 
 def words(text: str) -> str:
@@ -78,20 +77,6 @@ def test_console_script_errors_are_one_line_and_exit_2(cli):
 
 
 # ----------------------------------------------------------------------------- mistakes, in-process
-
-@pytest.fixture
-def lmforge_main(monkeypatch, capsys):
-    """lmforge_main(*args) -> (exit code, stdout, stderr), running `main()` as the console script would."""
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["lmforge", *map(str, args)])
-        with pytest.raises(SystemExit) as info:
-            main()
-        out = capsys.readouterr()
-        return info.value.code, out.out, out.err
-
-    return run
-
 
 def test_verb_help_lists_options(lmforge_main):
     code, out, _ = lmforge_main("generate", "--help")

@@ -334,9 +334,9 @@ def test_without_an_adapter_root_run_time_loading_is_refused(dirs):
                      "--adapter-root")
 
 
-def test_bad_adapter_flags_are_one_line(cli, dirs, tmp_path):
+def test_bad_adapter_flags_are_one_line(lmforge_main, dirs, tmp_path):
     base_dir, adapters = dirs
-    r = cli("serve", base_dir, "--adapter", "=nothing", "--port", "0")
-    assert r.returncode == 2 and "NAME=DIR" in r.stderr and "Traceback" not in r.stderr
-    r = cli("serve", base_dir, "--adapter", f"a={tmp_path}", "--port", "0")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, _, err = lmforge_main("serve", base_dir, "--adapter", "=nothing", "--port", "0")
+    assert code == 2 and "NAME=DIR" in err and "Traceback" not in err
+    code, _, err = lmforge_main("serve", base_dir, "--adapter", f"a={tmp_path}", "--port", "0")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -101,10 +101,10 @@ def test_a_tiny_budget_evicts_and_stays_the_same(model_dir):
     _same(on, off)
 
 
-def test_bad_prefix_cache_budget_is_one_line(cli, model_dir):
-    r = cli("serve", model_dir, "--prefix-cache-mb", "-1")
-    assert r.returncode == 2
-    assert "--prefix-cache-mb must be 0 or more" in r.stderr and "Traceback" not in r.stderr
+def test_bad_prefix_cache_budget_is_one_line(lmforge_main, model_dir):
+    code, _, err = lmforge_main("serve", model_dir, "--prefix-cache-mb", "-1")
+    assert code == 2
+    assert "--prefix-cache-mb must be 0 or more" in err and "Traceback" not in err
 
 
 def test_prompt_lookup_server_gives_the_same_greedy_completions(model_dir):
@@ -132,15 +132,15 @@ def test_prompt_lookup_server_gives_the_same_greedy_completions(model_dir):
     (["--speculative", "ngram", "--speculative-tokens", "0"], "--speculative-tokens must be at least 1"),
     (["--speculative", "ngram", "--draft", "."], "not both"),
 ])
-def test_bad_speculative_flags_are_one_line(cli, model_dir, args, message):
-    r = cli("serve", model_dir, *args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+def test_bad_speculative_flags_are_one_line(lmforge_main, model_dir, args, message):
+    code, _, err = lmforge_main("serve", model_dir, *args)
+    assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_a_draft_with_another_tokenizer_is_refused(cli, model_dir, tmp_path):
+def test_a_draft_with_another_tokenizer_is_refused(lmforge_main, model_dir, tmp_path):
     tokenizer = train_tokenizer(["a different corpus of words entirely"] * 20, vocab_size=300)
     cfg = ModelConfig(family="llama", n_layer=1, n_head=2, n_kv_head=1, d_model=32, context=128,
                       vocab_size=tokenizer.vocab_size)
     draft = save_model_dir(Transformer(cfg), tokenizer, tmp_path / "draft")
-    r = cli("serve", model_dir, "--draft", draft)
-    assert r.returncode == 2 and "another tokenizer" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = lmforge_main("serve", model_dir, "--draft", draft)
+    assert code == 2 and "another tokenizer" in err and "Traceback" not in err
