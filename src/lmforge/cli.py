@@ -271,6 +271,7 @@ def serve(
     prefix_cache_mb: Annotated[float, typer.Option(help="Memory for the keys and values of shared prompt prefixes (MiB).")] = 256.0,
     prefix_cache: Annotated[bool, typer.Option(help="Reuse shared prompt prefixes (--no-prefix-cache: compute every prompt whole).")] = True,
     prefill_chunk: Annotated[int, typer.Option(help="Prefill long prompts this many tokens at a time, bounding their memory (0: whole).")] = 512,
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's dtype) or int8 (the batch slots' keys/values int8 with per-vector scales, about a quarter of fp32's memory; decodes through PyTorch).")] = "auto",
     speculative: Annotated[Optional[str], typer.Option(help="Draft tokens for a lone request: 'ngram' (prompt lookup).")] = None,
     speculative_tokens: Annotated[int, typer.Option(help="Draft tokens checked per step (with --speculative or --draft).")] = 5,
     draft: Annotated[Optional[Path], typer.Option(help="A small model directory of the same tokenizer that drafts tokens.")] = None,
@@ -299,7 +300,7 @@ def serve(
         "allowed_hosts": allowed_hosts or [], "header_timeout": header_timeout, "body_timeout": body_timeout,
         "keep_alive_timeout": keep_alive_timeout, "max_connections": max_connections,
         "native_decode": not reference_path, "prefix_cache_mb": prefix_cache_mb if prefix_cache else 0.0,
-        "prefill_chunk": prefill_chunk,
+        "prefill_chunk": prefill_chunk, "kv_cache_dtype": kv_cache_dtype,
         "speculative": speculative, "speculative_tokens": speculative_tokens, "draft": str(draft) if draft else None})
 
 

@@ -37,7 +37,7 @@ from lmforge.infer.native_decode import NativeDecoder
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.speculative import Speculator, target_probs, verify
 from lmforge.infer.sampling import GREEDY_BELOW, SamplingParams, apply_repetition_penalty, sample
-from lmforge.infer.slots import SlotCache
+from lmforge.infer.slots import new_slot_cache
 from lmforge.model import Transformer
 
 
@@ -218,14 +218,19 @@ def _lane(in_step: bool, adapter: LoraAdapter | None) -> str:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, max_batch: int = 16, max_queue: int = 256,
                  native: bool = True, prefix_cache: PrefixCache | None = None,
-                 speculator: Speculator | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 speculator: Speculator | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 kv_cache_dtype: str = "auto"):
+        """`kv_cache_dtype="int8"`: keys and values stored as int8 (`slots.Int8SlotCache`); such a
+        cache decodes through the PyTorch model (the native decoder reads fp32 caches)."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.context = model.config.context
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = SlotCache.for_model(model, max_batch)
+        self.cache = new_slot_cache(model, max_batch, kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
         # Decoding steps run through the native decoder where it covers the model.
+        native = native and kv_cache_dtype == "auto"
         self.native = NativeDecoder.create(model, self.cache.k, self.cache.v) if native else None
         self.device = model.tok_emb.weight.device
         self.prefix_cache = prefix_cache  # None: every prompt is computed whole

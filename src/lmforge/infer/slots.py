@@ -10,19 +10,25 @@ The object speaks the interface `Transformer.hidden_states` expects of a cache
 (`length`, `positions`, `attention_mask`, `update`, `advance`); before each forward the
 engine says which rows it runs: `bind_prefill(slot, t)` for one new sequence's prompt,
 `bind_decode(n)` for one token in each of slots 0..n-1.
+
+`Int8SlotCache` stores keys and values as int8 (`serve --kv-cache-dtype int8`), as
+model/kv_int8.py does for `generate`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lmforge.errors import LmforgeError
+from lmforge.model.kv_int8 import KV_CACHE_DTYPES, quantize_rows
+
 
 class SlotCache:
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (slots, n_kv_head, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = [self._allocate(shape, dtype, device) for _ in range(n_layer)]
+        self.v = [self._allocate(shape, dtype, device) for _ in range(n_layer)]
         self.capacity = capacity
         self.device = torch.device(device)
         self.lengths = [0] * slots
@@ -38,6 +44,22 @@ class SlotCache:
         cfg = model.config
         p = model.tok_emb.weight
         return cls(cfg.n_layer, slots, cfg.kv_heads, cfg.dim_head, capacity or cfg.context, p.dtype, p.device)
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """One layer's keys (or values)."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, h, t, d) keys or values as this cache stores them."""
+        return x
+
+    def _read(self, stored: torch.Tensor) -> torch.Tensor:
+        """The keys or values that stored rows hold."""
+        return stored
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds (as `KVCache.nbytes`)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     @property
     def slots(self) -> int:
@@ -104,6 +126,7 @@ class SlotCache:
         """Write this step's (n, h, t, d) keys/values and return views over every filled slot."""
         rows, t = self._rows, self._t
         end = max(self._starts) + t
+        k, v = self._stored(k), self._stored(v)
         K, V = self.k[layer], self.v[layer]
         if t > 1 or len(set(self._starts)) == 1:
             s = self._starts[0]
@@ -114,8 +137,39 @@ class SlotCache:
             col_idx = torch.tensor(self._starts, device=self.device)
             K[row_idx, :, col_idx] = k[:, :, 0]
             V[row_idx, :, col_idx] = v[:, :, 0]
-        return K[rows, :, :end], V[rows, :, :end]
+        return self._read(K[rows, :, :end]), self._read(V[rows, :, :end])
 
     def advance(self, t: int) -> None:
         for i in range(self._rows.start, self._rows.stop):
             self.lengths[i] += t
+
+
+class Int8SlotCache(SlotCache):
+    """Keys and values as int8, one scale per (token, head) vector (`kv_int8.quantize_rows`),
+    in the model's dtype. The scale's bytes are stored after its vector's, in the same int8
+    row, so what copies rows (a slot's move, the prefix cache's blocks) copies the scales
+    with them. Attention reads the filled slots dequantized, one layer at a time."""
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        self.dtype, self.head_dim = dtype, shape[-1]
+        return torch.zeros((*shape[:-1], shape[-1] + dtype.itemsize), dtype=torch.int8, device=device)
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_rows(x)
+        return torch.cat((q, scale.view(torch.int8)), dim=-1)
+
+    def _read(self, stored: torch.Tensor) -> torch.Tensor:
+        scale = stored[..., self.head_dim:].contiguous().view(self.dtype)
+        return stored[..., :self.head_dim].to(self.dtype) * scale
+
+
+def new_slot_cache(model: torch.nn.Module, slots: int, kv_cache_dtype: str = "auto") -> SlotCache:
+    """The engine's slot cache for `model`: `SlotCache.for_model`, or with `kv_cache_dtype="int8"`
+    an `Int8SlotCache`."""
+    if kv_cache_dtype == "auto":
+        return SlotCache.for_model(model, slots)
+    if kv_cache_dtype != "int8":
+        raise LmforgeError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+    if hasattr(model, "new_slot_cache"):
+        raise LmforgeError("--tp does not support --kv-cache-dtype int8 yet")
+    return Int8SlotCache.for_model(model, slots)

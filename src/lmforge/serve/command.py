@@ -35,7 +35,7 @@ def build_app(model_dir: str | Path, settings: ServeSettings, device: str = "cpu
         if settings.prefix_cache_mb else None
     engine = Engine(m.model, m.tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                     native=settings.native_decode, prefix_cache=prefix_cache, speculator=speculator(m, settings, device),
-                    prefill_chunk=settings.prefill_chunk or None)
+                    prefill_chunk=settings.prefill_chunk or None, kv_cache_dtype=settings.kv_cache_dtype)
     app = create_app(engine, settings, [Path(model_dir)] + ([Path(adapter)] if adapter is not None else []))
     app.state.engine = engine
     registry = app.state.adapters
@@ -75,6 +75,8 @@ def decode_path(engine) -> str:
         return "native fast path (lmforge/native/decode.c)"
     if hasattr(engine.model, "new_slot_cache"):
         return "PyTorch, the model split over the --tp processes"
+    if engine.kv_cache_dtype != "auto":
+        return f"PyTorch ({engine.kv_cache_dtype} KV cache: the native decoder reads fp32 caches)"
     reason = why_not(engine.model) or "--reference-path given"
     return f"PyTorch reference path ({reason})"
 
@@ -166,7 +168,7 @@ def serve(model_dir: Path, host: str, port: int, api_key_file: Path | None, allo
     if tp != 1:
         refuse_with_tp(tp, ray=ray is not None, speculative=config.speculative is not None,
                        draft=config.draft is not None, adapter=adapter is not None or bool(adapters),
-                       adapter_root=adapter_root is not None)
+                       adapter_root=adapter_root is not None, kv_cache_dtype=config.kv_cache_dtype != "auto")
         return serve_split(model_dir, tp, config, host, port, device, threads, log_level)
     if ray is not None:
         from lmforge.serve.ray_deploy import run

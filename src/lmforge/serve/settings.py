@@ -5,6 +5,8 @@ Field names are the `lmforge serve` flags' (`header_timeout` is `--header-timeou
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lmforge.config import Section
@@ -38,6 +40,7 @@ class ServeSettings(Section):
     max_queue: int = 256  # requests waiting beyond that, then 503
     native_decode: bool = True  # decoding steps run through lmforge.infer.native_decode
     prefill_chunk: int = Field(512, ge=0)  # long prompts prefilled this many tokens at a time (infer.chunked_prefill); 0: whole
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"  # "int8": the batch slots' keys and values (infer.slots.Int8SlotCache)
     prefix_cache_mb: float = 256.0  # keys and values of shared prompt prefixes (infer.prefix_cache); 0: off
     speculative: str | None = None  # "ngram": prompt-lookup drafts (infer.speculative)
     speculative_tokens: int = 5  # drafts checked per step
