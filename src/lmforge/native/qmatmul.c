@@ -1,11 +1,12 @@
-/* Low-bit matmuls for CPU decoding: y = x @ W^T (+ bias), x fp32 (M, K), M small.
+/* Low-bit matmuls: y = x @ W^T (+ bias), x fp32 (M, K): `qlinear` for a few rows (decoding),
+ * `qgemm` for many (a prompt; below).
  *
  * Batch-1 decoding reads every weight once per token, so its speed is the memory
  * bandwidth divided by the bytes per weight, provided the arithmetic keeps up. Widening
  * each weight to fp32 does not keep up on two cores (benchmarks/lowbit_kernels.py),
  * so the inner loops (kernels.h) multiply int8 weights (or int4 codes) by activations
  * quantized to int8 per block of 32. This file is the per-layer entry point that
- * `QuantizedLinear` calls for a few rows at a time; decode.c runs a whole decoding step.
+ * `QuantizedLinear` calls; decode.c runs a whole decoding step.
  *
  * Built by lmforge.native with `gcc -O3 -march=native -fopenmp`; loaded with ctypes.
  */
