@@ -15,15 +15,19 @@ import torch.nn.functional as F
 from test_native_kernels import reference_qlinear
 
 from lmforge import native
+from lmforge.compress import qlinear
 from lmforge.compress.qlinear import QuantizedLinear
 
 GEMM_BUILDS = ["native", "haswell"]
 
 
 @pytest.fixture(params=GEMM_BUILDS)
-def lib(request, use_kernels):
+def lib(request, use_kernels, monkeypatch):
+    """The kernels of one build, the GEMM taken at every width it supports (narrow layers
+    otherwise take the dequantized matmul: a speed choice, tested below)."""
     loaded = use_kernels(request.param)
     assert loaded.qgemm_supported(8, 2048, 0) and loaded.qgemm_supported(4, 2048, 128)
+    monkeypatch.setattr(qlinear, "GEMM_MIN_IN_FEATURES", {8: 0, 4: 0})
     return loaded
 
 
@@ -36,10 +40,12 @@ def layer_and_rows(bits: int, K: int, N: int, group: int, M: int, seed: int):
     return layer, x
 
 
-# (bits, K, N, group): N 7/13/33 (not a multiple of 4 or 3), K 2176 (two passes over K and,
-# int8, two chunks of rows at 129), groups that divide the 128-column units and that span several
-CASES = [(8, 64, 7, 0), (8, 320, 13, 0), (8, 2176, 33, 0),
-         (4, 128, 7, 32), (4, 384, 13, 64), (4, 640, 33, 128), (4, 2176, 13, 128), (4, 1024, 9, 256)]
+# (bits, K, N, group): N 7/13/33/301 (not a multiple of 4, 3 or 2), K 2176 (two passes over K
+# and, int8, two chunks of rows at 129), 1024 x 301 (enough work for the OpenMP threads), groups
+# that divide the 128-column units and that span several
+CASES = [(8, 64, 7, 0), (8, 320, 13, 0), (8, 2176, 33, 0), (8, 1024, 301, 0),
+         (4, 128, 7, 32), (4, 384, 13, 64), (4, 640, 33, 128), (4, 2176, 13, 128), (4, 1024, 9, 256),
+         (4, 1024, 301, 64)]
 
 
 @pytest.mark.parametrize(("bits", "K", "N", "group"), CASES)
@@ -101,6 +107,16 @@ def test_what_the_gemm_does_not_take_is_the_dequantized_matmul(lib):
     torch.testing.assert_close(y, F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
     y.sum().backward()
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_layers_take_the_dequantized_matmul_by_default(use_kernels):
+    loaded = use_kernels("haswell")  # the GEMM on every AVX2 CPU
+    for bits, group in ((8, 0), (4, 128)):
+        narrow = qlinear.GEMM_MIN_IN_FEATURES[bits] // 2
+        for K, kernel in ((narrow, None), (2 * narrow, loaded.qgemm)):
+            layer, x = layer_and_rows(bits, K, 21, group, 40, 7)
+            with torch.no_grad():
+                assert layer._kernel(loaded, x) is kernel
 
 
 def test_avx512_without_vnni_leaves_many_rows_to_the_fp32_matmul(use_kernels):

@@ -32,6 +32,9 @@ from lmforge.native import onednn
 STORED_METHODS = ("int8", "int4", "w8a8")  # gptq is stored as int4
 DEQUANT_ROWS = 16  # above this many rows the GEMM (or a BLAS matmul on the dequantized weight) wins
 CHUNK = 32  # int4 weights are packed in runs of 32
+# Narrower layers leave the GEMM's fixed cost per tile (its reductions, the int4 zero points) a
+# large share, and at a few hundred rows the dequantized matmul is faster (benchmarks/RESULTS.md)
+GEMM_MIN_IN_FEATURES = {8: 256, 4: 512}
 
 
 # ----------------------------------------------------------------------------- quantizers
@@ -205,6 +208,7 @@ class QuantizedLinear(nn.Module):
         if rows.shape[0] <= DEQUANT_ROWS:
             return lib.qlinear
         if (onednn.inference(rows, self.scales) and self.qweight.device.type == "cpu"
+                and self.in_features >= GEMM_MIN_IN_FEATURES[self.bits]
                 and lib.qgemm_supported(self.bits, self.in_features, self.group_size)):
             return lib.qgemm
         return None

@@ -250,6 +250,14 @@ static inline __m512 unit_scales(const float *scale, int u, int G, int group) {
 typedef __m512 gemm_acc;
 static inline float gemm_sum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+/* [sum a, sum b, sum c, sum d] of four 16-float vectors. */
+#define GEMM_SUM4
+static inline __m128 gemm_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    return hsum4x8(HALVES(a), HALVES(b), HALVES(c), HALVES(d));
+#undef HALVES
+}
+
 /* acc[i][j] over columns [k0, k1) of rows a[i] against weight rows w[j]. */
 static inline __attribute__((always_inline)) void q8_tile(int RM, int RN, const gemm_rows *x, const size_t *m, int K, const int8_t *q,
                                                           const size_t *n, int k0, int k1, __m512 acc[GEMM_RM][GEMM_RN]) {
@@ -421,6 +429,18 @@ static inline __attribute__((always_inline)) void gemm_tile(int bits, int RM, in
         q4_tile(RM, RN, x, m, K, (const uint8_t *)q, scale, G, n, k0, k1, acc);
         if (k0 == 0) q4_zero_points(RM, RN, x, m, K, scale, zero, G, n, acc);
     }
+#ifdef GEMM_SUM4
+    if (RN == 4 && n0 + 4 <= N) { /* four sums at once: a short K leaves the reductions a large share */
+        const __m128 s = bits == 8 ? _mm_loadu_ps(scale + n0) : _mm_set1_ps(1.0f);
+        const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
+        for (int i = 0; i < RM && m0 + i < rows; i++) {
+            float *out = y + (size_t)(m0 + i) * N + n0;
+            const __m128 v = _mm_mul_ps(gemm_sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), s);
+            _mm_storeu_ps(out, _mm_add_ps(v, k0 == 0 ? b : _mm_loadu_ps(out)));
+        }
+        return;
+    }
+#endif
     for (int i = 0; i < RM && m0 + i < rows; i++)
         for (int j = 0; j < RN && n0 + j < N; j++) {
             float v = gemm_sum(acc[i][j]) * (bits == 8 ? scale[n0 + j] : 1.0f), *out = y + (size_t)(m0 + i) * N + n0 + j;
