@@ -82,6 +82,7 @@ def test_the_engine_batches_moves_and_reuses_prefixes_on_int8_slots(model, web_t
 @pytest.mark.parametrize("flags,message", [
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
     (["--tp", "2", "--kv-cache-dtype", "int8"], "--tp does not support --kv-cache-dtype yet"),
+    (["--kv-cache-dtype", "int8", "--speculative", "ngram"], "without --kv-cache-dtype int8"),
 ])
 def test_what_the_int8_cache_refuses_is_one_line(tiny_model_dir, monkeypatch, capsys, flags, message):
     from lmforge.cli import main

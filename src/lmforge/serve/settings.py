@@ -79,4 +79,7 @@ class ServeSettings(Section):
     def _one_drafter(self) -> "ServeSettings":
         if self.speculative and self.draft:
             raise ValueError("give --speculative ngram or --draft MODEL, not both")
+        if (self.speculative or self.draft) and self.kv_cache_dtype != "auto":
+            raise ValueError(f"drafts are checked by the native decoder, which reads fp32 caches: give --speculative "
+                             f"or --draft without --kv-cache-dtype {self.kv_cache_dtype}")
         return self
