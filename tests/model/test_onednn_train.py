@@ -49,7 +49,7 @@ SHAPES = [  # (input shape, out features, bias, weight trained)
     ((2, 33, 65), 1001, False, True),  # 3-D input, output wider than input: the transposed weight gradient
     ((3, 40, 300), 20, True, True),  # output narrower than input
     ((5, 7, 9), 11, True, False),  # frozen weight (a base under LoRA)
-    ((4, 384), 1152, True, True),  # exactly MIN_ROWS rows
+    ((32, 384), 1152, True, True),  # as many rows as min_rows() asks on AVX2
 ]
 
 
@@ -86,15 +86,25 @@ def test_a_strided_input_and_an_upstream_gradient_that_is_not_contiguous(calls):
 
 def test_decode_size_calls_keep_f_linear(calls):
     layer = torch.nn.Linear(768, 768)
-    for rows in (1, onednn.MIN_ROWS - 1):
+    for rows in (1, onednn.min_rows() - 1):
         x = torch.randn(1, rows, 768)
         with torch.inference_mode():
             torch.testing.assert_close(fused.linear(layer, x), layer(x), atol=0, rtol=0)
         fused.linear(layer, x).sum().backward()
     assert calls[0] == 0
     with torch.inference_mode():
-        fused.linear(layer, torch.randn(1, onednn.MIN_ROWS, 768))
+        fused.linear(layer, torch.randn(1, onednn.min_rows(), 768))
     assert calls[0] == 1
+
+
+def test_the_row_threshold_follows_the_instruction_set(monkeypatch):
+    """Measured crossovers: ~4 rows against MKL's AVX-512 code, ~32 against its AVX2 code."""
+    for capability, rows in (("AVX512", 4), ("AVX2", 32)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        onednn.min_rows.cache_clear()
+        assert onednn.min_rows() == rows
+    monkeypatch.undo()
+    onednn.min_rows.cache_clear()
 
 
 def test_the_switch_turns_every_onednn_matmul_off(calls, monkeypatch):
@@ -132,7 +142,7 @@ def test_autocast_keeps_f_linear_in_bf16(calls):
 
 def test_compiling_and_tracing_keep_f_linear(calls):
     torch._dynamo.reset()
-    x, weight, bias = torch.randn(16, 32), torch.randn(24, 32), torch.randn(24)
+    x, weight, bias = torch.randn(64, 32), torch.randn(24, 32), torch.randn(24)
     compiled = torch.compile(lambda x, w, b: onednn.linear(x, w, b), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, weight, bias), F.linear(x, weight, bias))
     traced = torch.jit.trace(lambda x: onednn.linear(x, weight, bias), (x,), check_trace=False)

@@ -12,6 +12,7 @@ LMFORGE_ONEDNN=0 in the environment turns these off: every matmul here is then `
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -20,9 +21,14 @@ from torch.autograd.function import once_differentiable
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 SWITCH = "LMFORGE_ONEDNN"
-# Below this many rows a oneDNN call's fixed cost outweighs its faster arithmetic (decode-size
-# calls); benchmarks/RESULTS.md has the crossover.
-MIN_ROWS = 4
+
+
+@functools.cache
+def min_rows() -> int:
+    """The fewest rows `linear` sends to oneDNN: below them a oneDNN call's fixed cost outweighs
+    its faster arithmetic (decode-size calls). MKL's AVX2 code does well on few rows, so the
+    crossover lies further out where PyTorch runs AVX2 (benchmarks/RESULTS.md)."""
+    return 4 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32
 
 
 def switched_on() -> bool:
@@ -114,9 +120,10 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through oneDNN where that is safe and faster: from MIN_ROWS
+    """`F.linear(x, weight, bias)` through oneDNN where that is safe and faster: from `min_rows()`
     rows on, in inference (`matmul`) and in training (`_Linear`)."""
-    if not _applies(x, weight, bias) or x.dim() == 0 or x.numel() == 0 or x.numel() < MIN_ROWS * x.shape[-1]:
+    if (not _applies(x, weight, bias) or x.dim() == 0 or x.numel() == 0
+            or x.numel() < min_rows() * x.shape[-1]):
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():
         return _mm(x, weight, bias)
