@@ -159,10 +159,10 @@ void dequant(int bits, const void *q, const float *scale, const uint8_t *zero, i
  *
  * The same math as qlinear (activations quantized per block of 32, int8 products, per-block
  * scales), arranged so that the weight is read once per call instead of once per MT rows:
- * a tile of RN weight rows stays in L1 while every row of x passes over it, RM rows at a
- * time, and each loaded weight vector meets RM activation vectors (each activation vector RN
- * weight vectors). K is cut into chunks of GEMM_KC columns, and the rows into chunks whose
- * quantized activations fit GEMM_L2 bytes, so that the activations come from L2 whatever M.
+ * a panel of weight rows stays in L2 while every row of x passes over it, RM rows at a time,
+ * in register tiles where each loaded weight vector meets RM activation vectors (each
+ * activation vector RN weight vectors). K is cut into passes of GEMM_KC columns, and the rows
+ * into chunks whose quantized activations for one pass fit GEMM_L2 bytes.
  *
  * int8: the activations go in as unsigned bytes (x + 128), what vpdpbusd multiplies by the
  * signed weights; each 32-bit lane then starts from -128 * (its four weights' sum), which
@@ -448,21 +448,29 @@ static inline __attribute__((always_inline)) void gemm_tile(int bits, int RM, in
         }
 }
 
+/* The tiles of one pass over columns [k0, k1): a panel of GEMM_PANEL weight rows (in L2)
+ * meets one row tile at a time (its activations stay in L1), so that neither operand streams
+ * from farther out once per tile. */
+#define GEMM_PANEL 64
+#define GEMM_PASS(bits, RM, RN)                                                                           \
+    for (int m0 = 0; m0 < rows; m0 += (RM))                                                                \
+        for (int n0 = p0; n0 < p1; n0 += (RN))                                                             \
+            gemm_tile(bits, RM, RN, x, rows, m0, K, q, scale, zero, G, N, n0, k0, k1, bias, y)
+
 static void gemm_chunk(int bits, const gemm_rows *x, int rows, int K, const void *q, const float *scale,
                        const uint8_t *zero, int G, int N, const float *bias, float *y, int parallel) {
-    const int rn = bits == 8 ? RN8 : RN4, tiles = (N + rn - 1) / rn;
+    const int panels = (N + GEMM_PANEL - 1) / GEMM_PANEL;
     for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
         const int k1 = K - k0 < GEMM_KC ? K : k0 + GEMM_KC;
 #pragma omp parallel for schedule(static) if (parallel)
-        for (int t = 0; t < tiles; t++)
-            if (bits == 8)
-                for (int m0 = 0; m0 < rows; m0 += RM8)
-                    gemm_tile(8, RM8, RN8, x, rows, m0, K, q, scale, zero, G, N, t * RN8, k0, k1, bias, y);
-            else
-                for (int m0 = 0; m0 < rows; m0 += RM4)
-                    gemm_tile(4, RM4, RN4, x, rows, m0, K, q, scale, zero, G, N, t * RN4, k0, k1, bias, y);
+        for (int p = 0; p < panels; p++) {
+            const int p0 = p * GEMM_PANEL, p1 = p0 + GEMM_PANEL < N ? p0 + GEMM_PANEL : N;
+            if (bits == 8) GEMM_PASS(8, RM8, RN8);
+            else GEMM_PASS(4, RM4, RN4);
+        }
     }
 }
+#undef GEMM_PASS
 #endif
 
 /* y (M, N) = x (M, K) @ W^T (+ bias) for many rows, W as in qlinear; qgemm_supported(bits, K, G)
