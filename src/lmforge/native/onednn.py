@@ -24,11 +24,16 @@ SWITCH = "LMFORGE_ONEDNN"
 
 
 @functools.cache
+def _avx512() -> bool:
+    """Whether PyTorch (and so MKL and oneDNN beside it) runs AVX-512 code on this CPU."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def min_rows() -> int:
     """The fewest rows `linear` sends to oneDNN: below them a oneDNN call's fixed cost outweighs
     its faster arithmetic (decode-size calls). MKL's AVX2 code does well on few rows, so the
     crossover lies further out where PyTorch runs AVX2 (benchmarks/RESULTS.md)."""
-    return 4 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32
+    return 4 if _avx512() else 32
 
 
 def switched_on() -> bool:
@@ -88,6 +93,9 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not _avx512():  # capped at AVX2, oneDNN's weight gradient is no faster than MKL's
+        with torch.autocast("cpu", enabled=False):
+            return grad.t() @ x
     # oneDNN copies a strided input but not a strided weight (it reorders weights anyway), so the
     # transposed operand taken as input is the narrower one: a transpose copy of a wide gradient
     # (the output layer's) costs more than the matmul gains. The result is transposed back.
