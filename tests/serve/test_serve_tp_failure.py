@@ -83,27 +83,19 @@ def assert_one_error_line(err: str, wanted: str) -> None:
     assert len(errors) == 1 and wanted in errors[0], err[-3000:]
 
 
-def test_rank0_out_of_memory_in_a_forward_stops_every_rank_with_one_line(tiny_model_dir, tmp_path):
+def test_rank0_out_of_memory_in_a_forward_stops_every_rank_with_one_line(tiny_model_dir, tmp_path, wait_healthy):
     (tmp_path / "sitecustomize.py").write_text(RANK0_OUT_OF_MEMORY)
     port = free_port()
     proc = start(tiny_model_dir, port, {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    url = f"http://127.0.0.1:{port}"
     try:
-        check_rank0_out_of_memory(proc, f"http://127.0.0.1:{port}", tiny_model_dir.name)
+        wait_healthy(url, proc, timeout=180)
+        check_rank0_out_of_memory(proc, url, tiny_model_dir.name)
     finally:
         kill(proc)
 
 
 def check_rank0_out_of_memory(proc: subprocess.Popen, url: str, model: str) -> None:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail("the --tp 2 server did not come up")
-        time.sleep(0.2)
     processes = tree(proc.pid)
     assert len(processes) >= 4, processes  # this command, torchrun and its two ranks
 
