@@ -229,9 +229,11 @@ def test_workers_share_one_sqlite_storage_without_duplicates(base, tmp_path):
 def test_killed_study_resumes_and_its_lost_trial_is_failed(base, tmp_path):
     recipe = write_inputs(base, tmp_path)
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
-    # Trials long enough (a few seconds even on a fast, idle machine) to be caught mid-way.
+    # Trials long enough to be caught mid-way by the 0.1 s polling below (a second or more even on a
+    # fast, idle machine; the kill follows the poll that saw the trial running within milliseconds);
+    # each of the four and a half trials costs its steps again, so no longer than that.
     cmd = hpo_cli(tmp_path, recipe, storage, 4, "--heartbeat", "1", "--pruner", "none",
-                  "--train.max_steps", "400")
+                  "--train.max_steps", "100")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     try:
