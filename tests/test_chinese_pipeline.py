@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def post(url: str, body: dict, stream: bool = False):
 
 
 @pytest.mark.slow
-def test_chinese_pipeline_end_to_end(tmp_path):
+def test_chinese_pipeline_end_to_end(tmp_path, wait_healthy):
     from lmforge.data.tokenizer import TextTokenizer
 
     work = tmp_path
@@ -98,7 +97,7 @@ def test_chinese_pipeline_end_to_end(tmp_path):
                               cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         body = {"model": "zh-int8", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 40,
                 "temperature": 0}
         whole = post(url + "/v1/chat/completions", body)
@@ -119,15 +118,3 @@ def _lines(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [line for line in f if line.strip()]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, f"the server exited:\n{server.stdout.read()}"
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.5)

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -110,20 +109,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_serve(command: str, work: Path, env: dict) -> None:
+def run_serve(command: str, work: Path, env: dict, wait_healthy) -> None:
     port = free_port()
     proc = subprocess.Popen(["bash", "-c", f"exec {command} --port {port}"], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"{command} exited early:\n{proc.stdout.read()}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"{command} never became healthy"
-                time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         key = (work / "keys.txt").read_text().split()[0]
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions", method="POST",
@@ -138,7 +129,7 @@ def run_serve(command: str, work: Path, env: dict) -> None:
 
 
 @pytest.mark.slow
-def test_readme_tour_runs_as_written(tmp_path):
+def test_readme_tour_runs_as_written(tmp_path, wait_healthy):
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     make_user_files(work, home)
@@ -148,7 +139,7 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert len(commands) >= 20, commands  # the tour was found and read
     for command in map(scaled, commands):
         if command.startswith("lmforge serve "):
-            run_serve(command, work, env)
+            run_serve(command, work, env, wait_healthy)
             continue
         stdin = "学习率预热是什么？\n" if command.startswith("lmforge chat ") else ""
         proc = subprocess.run(["bash", "-c", command], cwd=work, env=env, input=stdin, capture_output=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 import ray
 import torch
 from ray import serve
-from serve_helpers import KEY, Server
+from serve_helpers import KEY, Server, free_port
 
 from lmforge.errors import LmforgeError
 from lmforge.interop.crypto import read_key
@@ -32,12 +31,6 @@ from lmforge.serve.settings import ServeSettings
 
 REPLICA = REPLICA_HEADER.decode()
 QUESTIONS = ["Who is Romeo?", "什么是 KV cache？", "<nav>Home | About</nav> The king is dead!", "ROMEO: But soft"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ask(client: openai.OpenAI, question: str, model: str = "tiny") -> tuple[str, str]:
@@ -141,31 +134,16 @@ def expected_answers(model_dir, adapter) -> dict[str, list[str]]:
 
 
 def start_cli_deployment(cli, model_dir, keys, port: int, *flags):
-    """`lmforge serve --ray` joining this process's Ray instance (started, not yet up: see `wait_until_up`)."""
+    """`lmforge serve --ray` joining this process's Ray instance (started, not yet up)."""
     address = ray.get_runtime_context().gcs_address
     return cli("serve", model_dir, "--ray", "--ray-address", address, "--threads", "1", "--port", port,
                "--api-key-file", keys, "--served-model-name", "tiny", "--max-batch", "4", "--max-queue", "16", *flags,
                popen=True)
 
 
-def wait_until_up(proc, port: int) -> None:
-    """Returns once the deployment's replicas run and its proxy answers /health."""
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if running_replicas() and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return
-        except (httpx.TransportError, KeyError):  # KeyError: the application is not there yet
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"lmforge serve --ray did not come up: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_replicas_autoscale_share_requests_and_are_replaced_when_killed_or_unhealthy(cli, encrypted_model_and_adapter,
-                                                                                      tmp_path):
+                                                                                      tmp_path, wait_healthy):
     """One deployment through the real CLI, of an encrypted model with a LoRA adapter, autoscaling 1..2."""
     sealed, key_file, adapter, plain = encrypted_model_and_adapter
     started = time.monotonic()
@@ -182,7 +160,8 @@ def test_replicas_autoscale_share_requests_and_are_replaced_when_killed_or_unhea
         assert KEY not in " ".join(map(str, proc.args))  # keys come from the file, never the command line
         expected = expected_answers(plain, adapter)  # while the replica starts
         assert expected["support"] != expected["tiny"]  # the adapter changes the answers
-        wait_until_up(proc, port)
+        wait_healthy(url, proc, timeout=180)  # the proxy reaches a running replica's app
+        wait_for_replicas(bool, "not every replica runs")
         (first,) = running_replicas()
         deployed = time.monotonic()
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
