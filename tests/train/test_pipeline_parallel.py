@@ -240,7 +240,8 @@ def test_a_process_makes_only_its_stages_with_the_weights_one_process_draws(fami
 
 
 @pytest.mark.parametrize("layout", ["tp", "fsdp+tp", "pp", "fsdp+pp"])
-def test_trainers_that_cannot_run_a_model_parallel_layout_refuse_it_at_start(layout, cli, tmp_path, monkeypatch):
+def test_trainers_that_cannot_run_a_model_parallel_layout_refuse_it_at_start(layout, lmforge_main, tmp_path,
+                                                                           monkeypatch):
     """Fine-tuning (every task) refuses the layout when its config is read, before torchrun is
     launched or a model loaded; distillation refuses torchrun and a student recipe that asks for
     the layout; fsdp+pp refuses train.compile (compiling FSDP2-sharded stages is not tried)."""
@@ -251,19 +252,22 @@ def test_trainers_that_cannot_run_a_model_parallel_layout_refuse_it_at_start(lay
            "train": {"parallel": layout}}
     splits = "pipelines" if layout.endswith("pp") else "shards"
     assert f"train.parallel {layout} {splits} pretraining only" in refusal(lambda: load_finetune_config(None, raw))
-    # the command line: one line, exit 2, nothing launched
-    done = cli("finetune", "lora-sft", "--data", "chat.jsonl", "--train.parallel", layout, "--nproc", "2")
-    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
-    assert f"train.parallel {layout} {splits} pretraining only" in done.stderr + done.stdout
+    # the command line (in this process, from tmp_path): one line, exit 2, nothing launched
+    monkeypatch.chdir(tmp_path)
+    code, out, err = lmforge_main("finetune", "lora-sft", "--data", "chat.jsonl", "--train.parallel", layout,
+                                  "--nproc", "2")
+    assert code == 2 and "Traceback" not in err + out
+    assert f"train.parallel {layout} {splits} pretraining only" in err + out
 
     student = tmp_path / "student.yaml"
     student.write_text(f"model: {{family: llama, n_layer: 2, d_model: 32, n_head: 4}}\ntrain: {{parallel: {layout}}}\n")
     assert f"sets train.parallel {layout}, but lmforge distill trains on one process" in refusal(
         lambda: build_student(str(student), 300))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    done = cli("distill", "--teacher", "teacher", "--student", str(student), "--data", "data", "--out", "out")
-    lines = (done.stderr + done.stdout).strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "not under torchrun" in lines[0], lines
+    code, out, err = lmforge_main("distill", "--teacher", "teacher", "--student", str(student), "--data", "data",
+                                  "--out", "out")
+    lines = (err + out).strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "not under torchrun" in lines[0], lines
     assert not (tmp_path / "out").exists()
     if layout == "fsdp+pp":
         assert "train.compile compiles pipeline stages under train.parallel pp only, not fsdp+pp" in refusal(
