@@ -146,20 +146,22 @@ def test_sft_resume_matches_an_uninterrupted_run(tmp_path, tok):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_finetune_cli_and_config_errors(tmp_path, tok, cli):
+def test_finetune_cli_and_config_errors(tmp_path, tok, cli, lmforge_main, monkeypatch):
     base = save_random_model(tmp_path / "base", "llama", tokenizer=tok, vocab_size=tok.vocab_size)
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
     r = cli("finetune", base, "--data", train, "--method", "lora", "--name", "cli", "--train.max_steps", "4",
             "--train.device", "cpu", "--lora.r", "4", "--no-progress", "--run.out", tmp_path / "runs")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "cli" / "adapter" / "adapter_config.json").is_file()
-    r = cli("finetune", base, "--data", train, "--lora.rank", "4")
-    assert r.returncode == 2 and "lora.rank: unknown key" in r.stderr
-    r = cli("finetune", base, "--data", train, "--method", "lora", "--lora.targets", "[c_attn]",
-            "--run.out", tmp_path / "runs2")
-    assert r.returncode == 2 and "not a module of this llama model" in r.stderr
-    r = cli("finetune", base)
-    assert r.returncode == 2 and "data.train is required" in r.stderr
+    # the refusals in this process (from tmp_path, as `cli` runs): a console script each costs seconds
+    monkeypatch.chdir(tmp_path)
+    code, _, err = lmforge_main("finetune", base, "--data", train, "--lora.rank", "4")
+    assert code == 2 and "lora.rank: unknown key" in err
+    code, _, err = lmforge_main("finetune", base, "--data", train, "--method", "lora", "--lora.targets", "[c_attn]",
+                                "--run.out", tmp_path / "runs2")
+    assert code == 2 and "not a module of this llama model" in err
+    code, _, err = lmforge_main("finetune", base)
+    assert code == 2 and "data.train is required" in err
 
 
 def test_sft_with_loss_chunk_ends_where_it_would_without(tmp_path, tok, monkeypatch):

@@ -216,12 +216,13 @@ def test_cli_table_for_quickstart(cli):
     (("tiny", "--nproc", "0"), "--nproc must be at least 1"),
     (("tiny", "--train.batch_siz", "4"), "batch_siz"),
 ])
-def test_cli_refuses_bad_input_with_one_line(cli, args, message):
-    proc = cli("estimate", *args, "--no-probe")
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert proc.stdout == ""
+def test_cli_refuses_bad_input_with_one_line(lmforge_main, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = lmforge_main("estimate", *args, "--no-probe")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert out == ""
 
 
 def test_a_layout_without_its_module_is_still_estimated_and_marked(monkeypatch):
