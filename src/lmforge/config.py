@@ -169,6 +169,9 @@ class ModelConfig(Section):
             raise ValueError("router_aux_coef must be >= 0")
         if self.moe_shared_d_ff is not None and (self.n_experts == 0 or self.moe_shared_d_ff <= 0):
             raise ValueError("moe_shared_d_ff is a positive size, for a mixture-of-experts family")
+        if self.uses_rope and self.dim_head % 2:
+            raise ValueError(f"RoPE turns pairs of dimensions: the {self.family} family needs an even head_dim, "
+                             f"not {self.dim_head} (set head_dim, or d_model and n_head)")
         if self.rope_scaling is not None and not self.uses_rope:
             raise ValueError("rope_scaling needs a RoPE family (llama, qwen2, mistral)")
         if not 0.0 <= self.dropout < 1.0:

@@ -159,10 +159,6 @@ class NativeDecoder:
             raise Unsupported("a bidirectional encoder does not decode")
         if model.training and cfg.dropout > 0:
             raise Unsupported("the model is in training mode with dropout")
-        if cfg.uses_rope and cfg.dim_head % 2:
-            # RoPE turns pairs (i, i + head_dim/2): at an odd head_dim one dimension has no
-            # partner and the model's angle tables (head_dim + 1 columns) do not fit its heads
-            raise Unsupported(f"RoPE at an odd head_dim ({cfg.dim_head}) is not defined")
         if cfg.n_experts and cfg.experts_per_token > MAX_EXPERTS_PER_TOKEN:
             raise Unsupported(f"more than {MAX_EXPERTS_PER_TOKEN} experts per token")
         self.rows, _, self.capacity, _ = keys[0].shape
