@@ -2,7 +2,7 @@
 
 PyTorch multiplies fp32 matrices with the BLAS it was built with (MKL), which on AMD CPUs runs
 its AVX2 code where oneDNN, also in PyTorch, runs AVX-512 (and, capped at AVX2, still beats
-it). On plain fp32 CPU tensors, nothing tracing the model and autocast off, `linear` takes
+it but at the weight gradient). On plain fp32 CPU tensors, nothing tracing the model and autocast off, `linear` takes
 oneDNN's: `matmul` with autograd off, `_Linear` (forward and both gradients through oneDNN)
 with it on; elsewhere `F.linear` (a GPU, bf16 or autocast, a DTensor or other subclass,
 export). `matmul` is also the many-row path of quantized layers (`lmforge.compress.qlinear`).
