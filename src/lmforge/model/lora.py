@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import field_validator
 
 from lmforge.config import Section
 from lmforge.errors import LmforgeError
+from lmforge.model import fused
+from lmforge.native import onednn
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 
@@ -90,11 +91,11 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return F.linear(x, layer.dequantize().to(x.dtype))
+        return onednn.matmul(x, layer.dequantize().to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+        return onednn.grad_input(grad, ctx.layer.dequantize().to(grad.dtype)), None
 
 
 class LoraLinear(nn.Module):
@@ -137,7 +138,7 @@ class LoraLinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_quantized(self.base) or not torch.is_grad_enabled():
-            return self.base(x)
+            return fused.linear(self.base, x)
         y = _DequantizedMatmul.apply(x, self.base)
         return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
 
