@@ -114,6 +114,14 @@ def eager_attention(q, k, v, mask, is_causal: bool, scale: float, softcap: float
     return p @ v
 
 
+def last_query_mask(mask, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for the last of a chunk's queries alone: the last row of a dense mask;
+    under a causal shape (`is_causal`, a `fused.CausalAfter`) it sees every key, so no mask."""
+    if isinstance(mask, torch.Tensor):
+        return mask[..., -1:, :], False
+    return None, False
+
+
 def segment_attention(segment_ids: torch.Tensor, causal: bool,
                       sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (B, T) restarting at each segment, and the boolean attention mask (B, 1, T, T)
@@ -174,7 +182,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.norm_eps) if cfg.has_qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.norm_eps) if cfg.has_qk_norm else None
 
-    def forward(self, x, rope, cache: KVCache | None, layer: int, mask, is_causal: bool):
+    def forward(self, x, rope, cache: KVCache | None, layer: int, mask, is_causal: bool, last_only: bool = False):
+        """Every token's keys and values go to `cache`; with `last_only` only the last token's
+        output (B, 1, d_model) is computed."""
         B, T, _ = x.shape
         qkv = fused.linear(self.qkv, x)
         if rope is not None and self.q_norm is None and fused.rope_applies(qkv, rope):
@@ -192,6 +202,9 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if last_only and T > 1:
+            q, T = q[:, :, -1:], 1
+            mask, is_causal = last_query_mask(mask, is_causal)
         dropout = self.dropout if self.training else 0.0
         if isinstance(mask, fused.CausalAfter) and self.softcap is not None:
             mask = mask.dense(T, x.device)
@@ -238,8 +251,12 @@ class Block(nn.Module):
         self.post_attn_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
         self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
 
-    def forward(self, x, rope, cache, layer, mask, is_causal):
-        a = self.attn(self.norm1(x), rope, cache, layer, mask, is_causal)
+    def forward(self, x, rope, cache, layer, mask, is_causal, last_only: bool = False):
+        """The block's output (B, T, d_model); (B, 1, d_model), the last token's, with `last_only`
+        (every token's keys and values still go to `cache`)."""
+        a = self.attn(self.norm1(x), rope, cache, layer, mask, is_causal, last_only)
+        if last_only:
+            x = x[:, -1:]
         x, h = add_and_norm(self.norm2, x, self.drop(self.post_attn_norm(a)))
         return x + self.drop(self.post_mlp_norm(self.mlp(h)))
 
@@ -341,8 +358,11 @@ class Transformer(nn.Module):
         return None, cfg.causal
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
-                      pad_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalized hidden states (B, T, d_model); task heads read these.
+                      pad_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                      last_only: bool = False) -> torch.Tensor:
+        """Final normalized hidden states (B, T, d_model); task heads read these. `last_only`:
+        the last position's (B, 1, d_model), the last block run for it alone after writing every
+        token's keys and values (a prompt's other positions feed nothing after that block).
 
         `segment_ids` (B, T): tokens attend only within their own segment, and positions restart
         at each segment (packed sequences; padding as a segment of its own)."""
@@ -364,7 +384,7 @@ class Transformer(nn.Module):
         ropes = {local: self._rope(positions, T, x.dtype, local) for local in {False, cfg.rope_local_theta is not None}}
         for i, block in enumerate(self.blocks):
             local = cfg.rope_local_theta is not None and windows[i] is not None
-            x = block(x, ropes[local], kv_cache, i, *masks[windows[i]])
+            x = block(x, ropes[local], kv_cache, i, *masks[windows[i]], last_only=last_only and i == cfg.n_layer - 1)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm_f(x)
@@ -375,11 +395,9 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab); (B, 1, vocab) with `last_only` (what decoding needs).
         `return_hidden`: the final hidden states (B, T, d_model) instead, through whatever wraps
         the model (DDP, FSDP), for a loss that applies `lm_head` itself, chunk by chunk."""
-        h = self.hidden_states(input_ids, kv_cache, pad_mask, segment_ids)
         if return_hidden:
-            return h
-        if last_only:
-            h = h[:, -1:]
+            return self.hidden_states(input_ids, kv_cache, pad_mask, segment_ids)
+        h = self.hidden_states(input_ids, kv_cache, pad_mask, segment_ids, last_only)
         return soft_cap(fused.linear(self.lm_head, h), self.config.logit_softcap)
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
