@@ -254,7 +254,7 @@ class Block(nn.Module):
     def forward(self, x, rope, cache, layer, mask, is_causal, last_only: bool = False):
         """The block's output (B, T, d_model); (B, 1, d_model), the last token's, with `last_only`
         (every token's keys and values still go to `cache`)."""
-        a = self.attn(self.norm1(x), rope, cache, layer, mask, is_causal, last_only)
+        a = self.attn(self.norm1(x), rope, cache, layer, mask, is_causal, last_only=last_only)
         if last_only:
             x = x[:, -1:]
         x, h = add_and_norm(self.norm2, x, self.drop(self.post_attn_norm(a)))
