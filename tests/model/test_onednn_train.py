@@ -109,6 +109,15 @@ def test_decode_size_calls_keep_f_linear(calls):
     assert calls[0] == 1
 
 
+def test_one_row_through_a_large_weight_takes_onednn(calls):
+    """A weight read from memory (a last token's output layer) streams faster through oneDNN."""
+    layer = torch.nn.Linear(2048, onednn.ONE_ROW_MIN_WEIGHT // 2048, bias=False)
+    x = torch.randn(1, 1, 2048)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.linear(layer, x), layer(x), atol=1e-4, rtol=1e-5)
+    assert calls[0] == 1
+
+
 def test_the_row_threshold_follows_the_instruction_set(monkeypatch):
     """Measured crossovers: ~4 rows against MKL's AVX-512 code, ~32 against its AVX2 code."""
     for capability, rows in (("AVX512", 4), ("AVX2", 32)):

@@ -36,6 +36,11 @@ def min_rows() -> int:
     return 4 if _avx512() else 32
 
 
+# A weight this large is read from memory, not cache, and oneDNN streams it faster than MKL
+# even for one row (a last token's output layer; benchmarks/RESULTS.md).
+ONE_ROW_MIN_WEIGHT = 1 << 21
+
+
 def switched_on() -> bool:
     """oneDNN is available and not turned off by LMFORGE_ONEDNN=0."""
     return AVAILABLE and os.environ.get(SWITCH, "1") != "0"
@@ -129,9 +134,10 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through oneDNN where that is safe and faster: from `min_rows()`
-    rows on, in inference (`matmul`) and in training (`_Linear`)."""
+    rows on, or any rows for a weight of `ONE_ROW_MIN_WEIGHT` elements or more; in inference
+    (`matmul`) and in training (`_Linear`)."""
     if (not _applies(x, weight, bias) or x.dim() == 0 or x.numel() == 0
-            or x.numel() < min_rows() * x.shape[-1]):
+            or (x.numel() < min_rows() * x.shape[-1] and weight.numel() < ONE_ROW_MIN_WEIGHT)):
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():
         return _mm(x, weight, bias)
