@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmforge.compress import command as compress
-from lmforge.console_text import console, err_console, print_model_text
+from lmforge.console_text import console, err_console, print_line, print_model_text
 from lmforge.data.clean.command import clean_command
 from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.interop import commands as interop
@@ -105,7 +105,7 @@ def train(
         flags = (["--resume"] if resume else []) + (["--resume-from", resume_from] if resume_from else []) + \
             ([] if progress else ["--no-progress"])
         raise typer.Exit(launch(nproc, ["train", recipe, *flags, *args]))
-    result = run_training(cfg, resume=resume, progress=progress, log=console.print, resume_from=resume_from)
+    result = run_training(cfg, resume=resume, progress=progress, log=print_line, resume_from=resume_from)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     val = result.val

@@ -20,6 +20,12 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def print_line(message: str) -> None:
+    """A progress or warning line of a long command on stdout, unwrapped: a wrap at the console's
+    width would cut the paths it names in two."""
+    console.print(message, soft_wrap=True)
+
+
 def print_model_text(console: Console, *parts: str | tuple[str, str], end: str = "\n") -> None:
     """Print `parts` (plain strings, or (text, style) pairs) unwrapped, without markup or highlighting."""
     console.print(Text.assemble(*parts), end=end, soft_wrap=True, highlight=False)

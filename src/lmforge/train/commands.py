@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmforge.console_text import console
+from lmforge.console_text import console, print_line
 
 
 def merge(
@@ -74,7 +74,7 @@ def finetune(
         from lmforge.train.distributed import launch, without_option
 
         raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
-    result = run_finetune(cfg, resume=resume, progress=progress, log=console.print, resume_from=resume_from)
+    result = run_finetune(cfg, resume=resume, progress=progress, log=print_line, resume_from=resume_from)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
@@ -93,7 +93,7 @@ def export_checkpoint(
     one process, whatever the number of processes that wrote them."""
     from lmforge.train.checkpoint import export_checkpoint as run_export
 
-    written = run_export(checkpoint, out, log=console.print)
+    written = run_export(checkpoint, out, log=print_line)
     console.print(f"exported {checkpoint} to {written}")
 
 
